@@ -1,0 +1,297 @@
+//! `Dispatcher`: moves one sink's records from the WAL to its `SinkActor`.
+//!
+//! Role: the delivery loop of one sink — fetch a batch (marks it InFlight),
+//! hand it to the sink, ack it in the WAL on success; on a retryable error
+//! wait with exponential backoff and jitter and try the same batch again; after
+//! `retry_budget` attempts, or at once on a permanent error, dead-letter the
+//! batch for this sink only. One batch is in flight at a time, so records
+//! reach the sink in seq order (and so in order per device).
+//!
+//! Handles: [`SetPaused`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
+//!
+//! Restart policy: supervised. On restart it first asks the WAL to release
+//! whatever it had InFlight, then starts fetching again. Lost on restart: the
+//! attempt count of the current batch (the batch itself is redelivered).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::metrics::Metrics;
+use crate::sink::{PublishBatch, SinkActor, SinkError};
+use crate::wal::{now_ms, AckBatch, Batch, FetchBatch, MarkDead, ReleaseSink, WalStore};
+
+/// Delivery settings of one sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchConfig {
+    /// The sink's name.
+    pub sink: String,
+    /// Most records per batch.
+    pub batch_max_records: usize,
+    /// How long a partial batch may wait to fill up.
+    pub batch_max_wait: Duration,
+    /// Attempts per batch before it goes Dead for this sink (>= 1).
+    pub retry_budget: u32,
+    /// First backoff delay.
+    pub retry_base: Duration,
+    /// Largest backoff delay.
+    pub retry_max: Duration,
+    /// A publish taking longer counts as a retryable failure.
+    pub publish_timeout: Duration,
+    /// Start paused.
+    pub paused: bool,
+}
+
+impl DispatchConfig {
+    /// Defaults for `sink`.
+    pub fn new(sink: &str) -> Self {
+        Self {
+            sink: sink.to_string(),
+            batch_max_records: 500,
+            batch_max_wait: Duration::from_millis(200),
+            retry_budget: 10,
+            retry_base: Duration::from_millis(200),
+            retry_max: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(30),
+            paused: false,
+        }
+    }
+
+    /// The wait before attempt `attempt + 1` after `attempt` failed:
+    /// exponential, capped, with "equal jitter" (half fixed, half random) so
+    /// that many gateways do not retry in lockstep yet never spin.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self.retry_base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let d = exp.min(self.retry_max).max(Duration::from_millis(1));
+        let half = d / 2;
+        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    }
+
+    fn idle_poll(&self) -> Duration {
+        (self.batch_max_wait / 2).clamp(Duration::from_millis(5), Duration::from_millis(100))
+    }
+}
+
+/// The delivery loop of one sink.
+pub struct Dispatcher {
+    cfg: DispatchConfig,
+    wal: Addr<WalStore>,
+    sink: Addr<SinkActor>,
+    metrics: Metrics,
+    paused: bool,
+    busy: bool,
+}
+
+impl Dispatcher {
+    /// A dispatcher delivering from `wal` to `sink`.
+    pub fn new(cfg: DispatchConfig, wal: Addr<WalStore>, sink: Addr<SinkActor>, metrics: Metrics) -> Self {
+        let paused = cfg.paused;
+        Self { cfg, wal, sink, metrics, paused, busy: false }
+    }
+
+    fn step(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        if self.paused {
+            return;
+        }
+        self.busy = true;
+        let fetch = self.wal.send(FetchBatch {
+            sink: self.cfg.sink.clone(),
+            max_records: self.cfg.batch_max_records,
+            max_wait: self.cfg.batch_max_wait,
+        });
+        ctx.spawn(fetch.into_actor(self).map(|res, act, ctx| match res {
+            Ok(Ok(Some(batch))) => act.publish(Arc::new(batch), 1, ctx),
+            Ok(Ok(None)) => act.idle(act.cfg.idle_poll(), ctx),
+            Ok(Err(e)) => {
+                tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
+                act.idle(Duration::from_secs(1), ctx);
+            }
+            Err(e) => {
+                tracing::warn!(sink = %act.cfg.sink, error = %e, "WAL mailbox unavailable");
+                act.idle(Duration::from_secs(1), ctx);
+            }
+        }));
+    }
+
+    fn idle(&mut self, after: Duration, ctx: &mut Context<Self>) {
+        self.busy = false;
+        ctx.run_later(after, |act, ctx| act.step(ctx));
+    }
+
+    fn publish(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
+        let started = Instant::now();
+        let send = self.sink.send(PublishBatch { batch: batch.clone() }).timeout(self.cfg.publish_timeout);
+        ctx.spawn(send.into_actor(self).map(move |res, act, ctx| {
+            let sink = act.cfg.sink.clone();
+            act.metrics.sink_publish_seconds.with_label_values(&[&sink]).observe(started.elapsed().as_secs_f64());
+            let res = match res {
+                Ok(r) => r,
+                Err(MailboxError::Timeout) => {
+                    Err(SinkError::Retryable(format!("publish timed out after {:?}", act.cfg.publish_timeout)))
+                }
+                Err(MailboxError::Closed) => Err(SinkError::Retryable("sink actor unavailable".into())),
+            };
+            match res {
+                Ok(()) => {
+                    act.metrics.sink_up.with_label_values(&[&sink]).set(1);
+                    act.ack(batch, attempt, ctx);
+                }
+                Err(e) if e.is_retryable() && attempt < act.cfg.retry_budget => {
+                    let delay = act.cfg.backoff(attempt);
+                    act.metrics.sink_up.with_label_values(&[&sink]).set(0);
+                    act.metrics.sink_publish.with_label_values(&[&sink, "retry"]).inc();
+                    tracing::warn!(
+                        sink = %sink,
+                        first_seq = batch.first_seq(),
+                        last_seq = batch.last_seq(),
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %e,
+                        "sink publish failed; will retry"
+                    );
+                    ctx.run_later(delay, move |act, ctx| act.publish(batch, attempt + 1, ctx));
+                }
+                Err(e) => {
+                    act.metrics.sink_up.with_label_values(&[&sink]).set(0);
+                    act.dead(batch, attempt, e.to_string(), ctx);
+                }
+            }
+        }));
+    }
+
+    fn ack(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
+        let msg = AckBatch { sink: self.cfg.sink.clone(), ranges: batch.ranges.clone() };
+        ctx.spawn(self.wal.send(msg).into_actor(self).map(move |res, act, ctx| match res {
+            Ok(Ok(())) => {
+                let sink = act.cfg.sink.as_str();
+                let now = now_ms();
+                let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
+                for r in &batch.records {
+                    e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
+                }
+                act.metrics.sink_publish.with_label_values(&[sink, "ok"]).inc();
+                act.metrics.sink_records.with_label_values(&[sink, "ok"]).inc_by(batch.records.len() as u64);
+                tracing::debug!(sink, first_seq = batch.first_seq(), last_seq = batch.last_seq(), attempt, "batch delivered");
+                act.busy = false;
+                act.step(ctx);
+            }
+            other => {
+                let err = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => String::new(),
+                };
+                // The batch was delivered; only its ack is missing. Acks are
+                // idempotent, so keep trying (a restart would redeliver it).
+                tracing::warn!(sink = %act.cfg.sink, error = %err, "cannot ack a delivered batch; retrying");
+                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.ack(batch, attempt, ctx));
+            }
+        }));
+    }
+
+    fn dead(&mut self, batch: Arc<Batch>, attempts: u32, error: String, ctx: &mut Context<Self>) {
+        let msg = MarkDead { sink: self.cfg.sink.clone(), ranges: batch.ranges.clone(), error: error.clone(), attempts };
+        ctx.spawn(self.wal.send(msg).into_actor(self).map(move |res, act, ctx| match res {
+            Ok(Ok(())) => {
+                let sink = act.cfg.sink.as_str();
+                act.metrics.sink_publish.with_label_values(&[sink, "dead"]).inc();
+                act.metrics.sink_records.with_label_values(&[sink, "dead"]).inc_by(batch.records.len() as u64);
+                tracing::error!(
+                    sink,
+                    first_seq = batch.first_seq(),
+                    last_seq = batch.last_seq(),
+                    records = batch.records.len(),
+                    attempts,
+                    error = %error,
+                    "batch dead-lettered for this sink"
+                );
+                act.busy = false;
+                act.step(ctx);
+            }
+            _ => {
+                tracing::warn!(sink = %act.cfg.sink, "cannot record dead letters; retrying");
+                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.dead(batch, attempts, error, ctx));
+            }
+        }));
+    }
+}
+
+impl Actor for Dispatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.busy = false;
+        let sink = self.cfg.sink.as_str();
+        self.metrics.sink_paused.with_label_values(&[sink]).set(self.paused as i64);
+        self.metrics.sink_up.with_label_values(&[sink]).set(1);
+        for outcome in ["ok", "retry", "dead"] {
+            self.metrics.sink_publish.with_label_values(&[sink, outcome]);
+        }
+        self.step(ctx);
+    }
+}
+
+impl Supervised for Dispatcher {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.metrics.actor_restarts.with_label_values(&["Dispatcher"]).inc();
+        tracing::warn!(actor = "Dispatcher", sink = %self.cfg.sink, "restarting; releasing its in-flight batch");
+        self.wal.do_send(ReleaseSink { sink: self.cfg.sink.clone() });
+    }
+}
+
+/// Pauses (`true`) or resumes (`false`) delivery; a batch already being
+/// published finishes first.
+pub struct SetPaused(pub bool);
+impl Message for SetPaused {
+    type Result = ();
+}
+impl Handler<SetPaused> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetPaused, ctx: &mut Context<Self>) {
+        if self.paused != msg.0 {
+            tracing::info!(sink = %self.cfg.sink, paused = msg.0, "sink delivery {}", if msg.0 { "paused" } else { "resumed" });
+        }
+        self.paused = msg.0;
+        self.metrics.sink_paused.with_label_values(&[&self.cfg.sink]).set(msg.0 as i64);
+        if !msg.0 {
+            self.step(ctx);
+        }
+    }
+}
+
+/// Asks whether the loop is running (for `/readyz`).
+pub struct IsRunning;
+impl Message for IsRunning {
+    type Result = bool;
+}
+impl Handler<IsRunning> for Dispatcher {
+    type Result = bool;
+    fn handle(&mut self, _: IsRunning, _: &mut Context<Self>) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_is_capped() {
+        let mut c = DispatchConfig::new("s");
+        c.retry_base = Duration::from_millis(100);
+        c.retry_max = Duration::from_secs(1);
+        for _ in 0..50 {
+            let d1 = c.backoff(1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            let d3 = c.backoff(3);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            let d30 = c.backoff(30);
+            assert!(d30 >= Duration::from_millis(500) && d30 <= Duration::from_secs(1), "{d30:?}");
+        }
+    }
+}

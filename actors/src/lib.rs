@@ -1,0 +1,30 @@
+//! The gateway's actors and their messages.
+//!
+//! # Layout
+//!
+//! - [`ingest`]: payload validation (`validate`) and the `IngestRouter`
+//!   actor, the one door into the WAL for HTTP and MQTT.
+//! - [`wal`]: the SQLite write-ahead-log queue — the `Wal` engine (format,
+//!   invariants and recovery are documented there) and the `WalStore` actor
+//!   that group-commits on its own thread.
+//! - [`dispatcher`]: one `Dispatcher` per sink: fetch, publish, ack, retry
+//!   with backoff, dead-letter.
+//! - [`sink`]: the `Sink` trait, the `SinkActor` that runs one, and one
+//!   folder per sink kind.
+//! - [`metrics`]: the Prometheus metrics every actor moves.
+//!
+//! Every guarantee comes from the WAL: actor mailboxes are not durable, so an
+//! ingest is answered only after `WalStore` committed it, and a batch is
+//! finished for a sink only after the sink acknowledged it.
+//!
+//! This crate never depends on actix-web: HTTP lives in the `gateway` crate.
+
+#![deny(missing_docs)]
+
+pub mod dispatcher;
+pub mod ingest;
+pub mod metrics;
+pub mod sink;
+pub mod wal;
+
+pub use metrics::Metrics;

@@ -1,0 +1,152 @@
+//! The gateway's own Prometheus metrics (prefix `gateway_`).
+//!
+//! One [`Metrics`] value is built at start-up against the registry that the
+//! HTTP layer serves on `/metrics`, and cloned into every actor (each
+//! collector is an `Arc` inside, so clones share the same series).
+
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+/// Every metric the actors move. Field names follow the metric names.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `gateway_ingest_records_total{source,outcome}`: records by outcome (accepted, duplicate, rejected).
+    pub ingest_records: IntCounterVec,
+    /// `gateway_ingest_rejected_total{source,reason}`: rejected messages by reason.
+    pub ingest_rejected: IntCounterVec,
+    /// `gateway_wal_append_seconds`: time from a group's first append request to its commit.
+    pub wal_append_seconds: Histogram,
+    /// `gateway_wal_group_size`: records committed per group commit (one fsync).
+    pub wal_group_size: Histogram,
+    /// `gateway_wal_commits_total`: group commits (each one fsync).
+    pub wal_commits: IntCounter,
+    /// `gateway_wal_records{sink,state}`: records per sink in state enqueued, inflight, dead.
+    pub wal_records: IntGaugeVec,
+    /// `gateway_wal_stored_records`: records stored in the WAL (all sinks, before compaction).
+    pub wal_stored_records: IntGauge,
+    /// `gateway_wal_bytes`: bytes of live data in the WAL database.
+    pub wal_bytes: IntGauge,
+    /// `gateway_wal_disk_free_bytes`: free bytes on the WAL's file system.
+    pub wal_disk_free_bytes: IntGauge,
+    /// `gateway_wal_oldest_pending_age_seconds{sink}`: age of the oldest record not yet delivered.
+    pub wal_oldest_pending_age: IntGaugeVec,
+    /// `gateway_wal_compacted_records_total`: acked records removed after retention.
+    pub wal_compacted: IntCounter,
+    /// `gateway_wal_dropped_records_total`: records dropped by the `drop_oldest` policy.
+    pub wal_dropped: IntCounter,
+    /// `gateway_backpressure_active`: 1 while ingest is refused to protect the disk.
+    pub backpressure_active: IntGauge,
+    /// `gateway_sink_publish_total{sink,outcome}`: batches by outcome (ok, retry, dead).
+    pub sink_publish: IntCounterVec,
+    /// `gateway_sink_publish_seconds{sink}`: time one publish attempt of a batch took.
+    pub sink_publish_seconds: HistogramVec,
+    /// `gateway_sink_records_total{sink,outcome}`: records delivered (ok) or dead-lettered (dead).
+    pub sink_records: IntCounterVec,
+    /// `gateway_sink_up{sink}`: 1 when the last publish succeeded, 0 after a failure.
+    pub sink_up: IntGaugeVec,
+    /// `gateway_sink_paused{sink}`: 1 while the sink is paused.
+    pub sink_paused: IntGaugeVec,
+    /// `gateway_e2e_latency_seconds{sink}`: receive → sink acknowledgement, per record.
+    pub e2e_latency_seconds: HistogramVec,
+    /// `gateway_actor_restarts_total{actor}`: supervised restarts.
+    pub actor_restarts: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates every metric and registers it in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let latency = exponential_buckets(0.0005, 2.0, 16)?;
+        let m = Self {
+            ingest_records: IntCounterVec::new(
+                Opts::new("gateway_ingest_records_total", "Telemetry records received, by source and outcome (accepted, duplicate, rejected)."),
+                &["source", "outcome"],
+            )?,
+            ingest_rejected: IntCounterVec::new(
+                Opts::new("gateway_ingest_rejected_total", "Telemetry messages rejected, by source and reason."),
+                &["source", "reason"],
+            )?,
+            wal_append_seconds: Histogram::with_opts(
+                HistogramOpts::new("gateway_wal_append_seconds", "Time from receiving a group of appends to its durable commit (fsync).")
+                    .buckets(latency.clone()),
+            )?,
+            wal_group_size: Histogram::with_opts(
+                HistogramOpts::new("gateway_wal_group_size", "Records committed per WAL group commit.")
+                    .buckets(exponential_buckets(1.0, 4.0, 8)?),
+            )?,
+            wal_commits: IntCounter::new("gateway_wal_commits_total", "WAL group commits (one fsync each).")?,
+            wal_records: IntGaugeVec::new(
+                Opts::new("gateway_wal_records", "Records in the WAL per sink and delivery state (enqueued, inflight, dead)."),
+                &["sink", "state"],
+            )?,
+            wal_stored_records: IntGauge::new("gateway_wal_stored_records", "Records stored in the WAL, delivered or not, before compaction.")?,
+            wal_bytes: IntGauge::new("gateway_wal_bytes", "Bytes of live data in the WAL database.")?,
+            wal_disk_free_bytes: IntGauge::new("gateway_wal_disk_free_bytes", "Free bytes on the file system that holds the WAL.")?,
+            wal_oldest_pending_age: IntGaugeVec::new(
+                Opts::new("gateway_wal_oldest_pending_age_seconds", "Age of the oldest record not yet delivered to the sink."),
+                &["sink"],
+            )?,
+            wal_compacted: IntCounter::new("gateway_wal_compacted_records_total", "Delivered records removed from the WAL after retention.")?,
+            wal_dropped: IntCounter::new("gateway_wal_dropped_records_total", "Records dropped by the drop_oldest backpressure policy.")?,
+            backpressure_active: IntGauge::new("gateway_backpressure_active", "1 while ingest is refused because the WAL is full or the disk is low.")?,
+            sink_publish: IntCounterVec::new(
+                Opts::new("gateway_sink_publish_total", "Batch publish attempts per sink, by outcome (ok, retry, dead)."),
+                &["sink", "outcome"],
+            )?,
+            sink_publish_seconds: HistogramVec::new(
+                HistogramOpts::new("gateway_sink_publish_seconds", "Duration of one publish attempt of a batch.").buckets(latency.clone()),
+                &["sink"],
+            )?,
+            sink_records: IntCounterVec::new(
+                Opts::new("gateway_sink_records_total", "Records per sink by final outcome (ok = delivered, dead = dead-lettered)."),
+                &["sink", "outcome"],
+            )?,
+            sink_up: IntGaugeVec::new(
+                Opts::new("gateway_sink_up", "1 when the sink's last publish succeeded, 0 after a failure."),
+                &["sink"],
+            )?,
+            sink_paused: IntGaugeVec::new(Opts::new("gateway_sink_paused", "1 while the sink is paused."), &["sink"])?,
+            e2e_latency_seconds: HistogramVec::new(
+                HistogramOpts::new("gateway_e2e_latency_seconds", "Per record time from receipt by the gateway to the sink's acknowledgement.")
+                    .buckets(exponential_buckets(0.001, 2.0, 20)?),
+                &["sink"],
+            )?,
+            actor_restarts: IntCounterVec::new(
+                Opts::new("gateway_actor_restarts_total", "Supervised actor restarts, by actor."),
+                &["actor"],
+            )?,
+        };
+        registry.register(Box::new(m.ingest_records.clone()))?;
+        registry.register(Box::new(m.ingest_rejected.clone()))?;
+        registry.register(Box::new(m.wal_append_seconds.clone()))?;
+        registry.register(Box::new(m.wal_group_size.clone()))?;
+        registry.register(Box::new(m.wal_commits.clone()))?;
+        registry.register(Box::new(m.wal_records.clone()))?;
+        registry.register(Box::new(m.wal_stored_records.clone()))?;
+        registry.register(Box::new(m.wal_bytes.clone()))?;
+        registry.register(Box::new(m.wal_disk_free_bytes.clone()))?;
+        registry.register(Box::new(m.wal_oldest_pending_age.clone()))?;
+        registry.register(Box::new(m.wal_compacted.clone()))?;
+        registry.register(Box::new(m.wal_dropped.clone()))?;
+        registry.register(Box::new(m.backpressure_active.clone()))?;
+        registry.register(Box::new(m.sink_publish.clone()))?;
+        registry.register(Box::new(m.sink_publish_seconds.clone()))?;
+        registry.register(Box::new(m.sink_records.clone()))?;
+        registry.register(Box::new(m.sink_up.clone()))?;
+        registry.register(Box::new(m.sink_paused.clone()))?;
+        registry.register(Box::new(m.e2e_latency_seconds.clone()))?;
+        registry.register(Box::new(m.actor_restarts.clone()))?;
+        // Pre-create the restart series so a dashboard sees 0, not "no data".
+        for actor in ["WalStore", "IngestRouter", "Dispatcher", "SinkActor"] {
+            m.actor_restarts.with_label_values(&[actor]);
+        }
+        Ok(m)
+    }
+
+    /// Metrics registered in a private registry: for tests and tools.
+    pub fn unregistered() -> Self {
+        // Registration into a fresh registry cannot collide.
+        Self::new(&Registry::new()).expect("fresh registry")
+    }
+}

@@ -1,0 +1,106 @@
+//! `SinkActor`: one per configured sink; owns the sink's client.
+//!
+//! Role: runs [`Sink::publish`] for the batches its `Dispatcher` hands it.
+//! A panic inside a publish is caught, answered as a retryable error, and the
+//! actor stops itself so its supervisor builds a fresh client.
+//!
+//! Handles: [`PublishBatch`]. Sends nothing.
+//!
+//! Restart policy: supervised, rebuilt from its [`SinkFactory`]; each restart
+//! moves `gateway_actor_restarts_total{actor="SinkActor"}`. Lost on restart:
+//! the client and its connections. Nothing durable: the batch being
+//! published stays InFlight in the WAL and the dispatcher retries it.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures_util::FutureExt;
+
+use super::{Sink, SinkError};
+use crate::metrics::Metrics;
+use crate::wal::Batch;
+
+/// Builds the sink's client; called at start and on every restart.
+pub type SinkFactory = Arc<dyn Fn() -> Result<Box<dyn Sink>, SinkError> + Send + Sync>;
+
+/// The actor around one sink.
+pub struct SinkActor {
+    name: String,
+    factory: SinkFactory,
+    sink: Option<Box<dyn Sink>>,
+    metrics: Metrics,
+}
+
+impl SinkActor {
+    /// A sink actor named `name` whose client comes from `factory`.
+    pub fn new(name: &str, factory: SinkFactory, metrics: Metrics) -> Self {
+        Self { name: name.to_string(), factory, sink: None, metrics }
+    }
+
+    fn ensure_sink(&mut self) -> Result<&mut Box<dyn Sink>, SinkError> {
+        if self.sink.is_none() {
+            self.sink = Some((self.factory)()?);
+        }
+        self.sink.as_mut().ok_or_else(|| SinkError::Config("sink not built".into()))
+    }
+}
+
+impl Actor for SinkActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        if let Err(e) = self.ensure_sink() {
+            tracing::error!(sink = %self.name, error = %e, "sink client cannot be built; will retry on the next batch");
+        }
+    }
+}
+
+impl Supervised for SinkActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.metrics.actor_restarts.with_label_values(&["SinkActor"]).inc();
+        tracing::warn!(actor = "SinkActor", sink = %self.name, "restarting sink");
+        self.sink = None;
+    }
+}
+
+/// Delivers one batch to the sink's target.
+pub struct PublishBatch {
+    /// The batch (shared with the dispatcher, which may retry it).
+    pub batch: Arc<Batch>,
+}
+impl Message for PublishBatch {
+    type Result = Result<(), SinkError>;
+}
+impl Handler<PublishBatch> for SinkActor {
+    type Result = ResponseActFuture<Self, Result<(), SinkError>>;
+
+    fn handle(&mut self, msg: PublishBatch, _: &mut Context<Self>) -> Self::Result {
+        let fut = match self.ensure_sink() {
+            Ok(sink) => {
+                let batch = msg.batch;
+                match std::panic::catch_unwind(AssertUnwindSafe(|| sink.publish(batch))) {
+                    Ok(f) => AssertUnwindSafe(f).catch_unwind().boxed_local(),
+                    Err(p) => async move { Err(p) }.boxed_local(),
+                }
+            }
+            Err(e) => {
+                let err = SinkError::Retryable(e.to_string());
+                async move { Ok(Err(err)) }.boxed_local()
+            }
+        };
+        Box::pin(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(sink = %act.name, panic = %what, "sink panicked; restarting it");
+                ctx.stop();
+                Err(SinkError::Retryable(format!("sink panicked: {what}")))
+            }
+        }))
+    }
+}

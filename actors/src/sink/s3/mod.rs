@@ -1,0 +1,8 @@
+//! Kind `s3`: gzip NDJSON objects through `object_store`, to an S3 bucket or
+//! a local directory (`file://`) by the same code path.
+
+mod config;
+mod sink;
+
+pub use config::{S3SinkConfig, Target};
+pub use sink::{encode_batch, object_key, ObjectStoreSink};

@@ -1,0 +1,89 @@
+//! The write-ahead-log queue: every record the gateway acknowledges lives here
+//! until every sink has it.
+//!
+//! # On-disk format
+//!
+//! One SQLite database, `{data_dir}/wal.db`, in WAL journal mode with
+//! `synchronous=FULL`: a commit returns only after the WAL file is fsync'd.
+//!
+//! ```sql
+//! records(seq INTEGER PRIMARY KEY,      -- assigned by the writer, strictly increasing, never reused
+//!         idem_key TEXT,                -- "{device_id}:{msg_id}" or a payload hash; indexed (dedup)
+//!         correlation_id TEXT, device_id TEXT,
+//!         receive_ms INTEGER,           -- gateway receive time, epoch ms
+//!         body TEXT)                    -- canonical record JSON without "v" and "seq" (spliced in on read)
+//! sinks(name TEXT PRIMARY KEY, cursor INTEGER)      -- every seq <= cursor is finished for the sink
+//! sink_done(sink, first, last)          -- finished ranges above the cursor (out-of-order completions)
+//! dead(sink, seq, attempts, error, dead_ms)         -- dead letters, kept until requeued or purged
+//! meta(key TEXT PRIMARY KEY, value INTEGER)          -- schema_version, seq_floor (highest compacted seq)
+//! ```
+//!
+//! # Delivery state per sink
+//!
+//! A record is, for each configured sink, in exactly one state:
+//! - **Acked** or **Dead** ("finished"): `seq <= cursor`, or inside a
+//!   `sink_done` range; Dead ones also have a `dead` row.
+//! - **InFlight**: handed to the sink by [`Wal::fetch`] and not yet finished.
+//!   InFlight is held in memory only: a restart turns every InFlight record
+//!   back into Enqueued, which is exactly the crash recovery step — nothing
+//!   needs rewriting at start-up.
+//! - **Enqueued**: everything else above the cursor.
+//!
+//! The stored form is two integers per sink plus one row per out-of-order
+//! range, so the cost of delivery state does not grow with the ingest rate.
+//! A sink that appears in the configuration for the first time starts at the
+//! current head: it receives records appended from then on.
+//!
+//! # Invariants (checked by the model test in `tests/wal_model.rs`)
+//!
+//! 1. An append that returned `Ok` survives a crash (kill -9, power loss) and
+//!    is fetched by every sink until that sink acks it or marks it dead.
+//! 2. `fetch` returns records in `seq` order, never a record that is finished
+//!    or InFlight for that sink, and never more than asked for.
+//! 3. `ack` and `dead` are idempotent; finished is final for a sink (until a
+//!    dead letter is requeued).
+//! 4. After a restart no record is InFlight.
+//! 5. An idempotency key seen within the dedup window yields the original
+//!    `seq` and correlation id and stores nothing.
+//! 6. `seq` never goes backwards, even after every record was compacted
+//!    (`meta.seq_floor`), and a failed group commit does not consume seqs.
+//! 7. Compaction removes a record only when every configured sink finished
+//!    it, it is older than `max(retention, dedup_window)`, and it is no sink's
+//!    dead letter.
+//!
+//! # Group commit
+//!
+//! [`WalStore`] runs the [`Wal`] on a dedicated thread. The thread takes every
+//! request waiting in its queue, applies all writes (appends, acks, dead
+//! letters) in one transaction, commits once (one fsync), then answers the
+//! waiting callers and serves reads (fetches, stats). Under load the queue
+//! fills while the previous commit is in fsync, so group size grows with
+//! concurrency and the fsync cost is shared.
+//!
+//! # Recovery
+//!
+//! Opening the database recovers it (SQLite replays or discards its own WAL
+//! file); the [`Wal`] then reloads cursors and done ranges, sets the next seq
+//! above both the highest stored record and `seq_floor`, and starts with
+//! nothing InFlight.
+//!
+//! # Backpressure and retention
+//!
+//! Live data above `max_bytes` or free disk below `min_free_disk_bytes`
+//! turns backpressure on: with policy `block` appends are refused until
+//! compaction or delivery frees space; with `drop_oldest` the oldest records
+//! are deleted (counted) and every sink's cursor moves past them.
+
+mod engine;
+mod ranges;
+mod store;
+
+pub use engine::{now_ms, splice_record, 
+    AppendOutcome, Batch, BackpressurePolicy, NewRecord, SinkStats, StoredRecord, Wal, WalConfig,
+    WalError, WalStats, WriteOp, WriteResult,
+};
+pub use ranges::RangeSet;
+pub use store::{
+    AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch, ReleaseSink,
+    WalHealth, WalStore,
+};

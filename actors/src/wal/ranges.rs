@@ -1,0 +1,152 @@
+//! A sorted set of disjoint, inclusive `u64` ranges.
+//!
+//! The WAL keeps per-sink state as ranges rather than one row or entry per
+//! record: a batch of a thousand records in flight is one range, and a sink
+//! that acknowledges in order never holds more than one.
+
+/// Disjoint inclusive ranges `(first, last)`, sorted, never adjacent (adjacent
+/// ranges are merged on insert).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl RangeSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The ranges in ascending order.
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
+    /// True when no value is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// How many values the set holds.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|(a, b)| b - a + 1).sum()
+    }
+
+    /// True when `v` is in the set.
+    pub fn contains(&self, v: u64) -> bool {
+        self.ranges.iter().any(|&(a, b)| a <= v && v <= b)
+    }
+
+    /// Adds `first..=last`, merging with overlapping or adjacent ranges.
+    pub fn insert(&mut self, first: u64, last: u64) {
+        debug_assert!(first <= last);
+        let (mut a, mut b) = (first, last);
+        let mut out = Vec::with_capacity(self.ranges.len() + 1);
+        let mut placed = false;
+        for &(x, y) in &self.ranges {
+            if y.saturating_add(1) < a {
+                out.push((x, y));
+            } else if b.saturating_add(1) < x {
+                if !placed {
+                    out.push((a, b));
+                    placed = true;
+                }
+                out.push((x, y));
+            } else {
+                a = a.min(x);
+                b = b.max(y);
+            }
+        }
+        if !placed {
+            out.push((a, b));
+        }
+        out.sort_unstable();
+        self.ranges = out;
+    }
+
+    /// Removes `first..=last` from the set.
+    pub fn remove(&mut self, first: u64, last: u64) {
+        let mut out = Vec::with_capacity(self.ranges.len() + 1);
+        for &(x, y) in &self.ranges {
+            if y < first || x > last {
+                out.push((x, y));
+                continue;
+            }
+            if x < first {
+                out.push((x, first - 1));
+            }
+            if y > last {
+                out.push((last + 1, y));
+            }
+        }
+        self.ranges = out;
+    }
+
+    /// Removes every value `<= upto`.
+    pub fn remove_upto(&mut self, upto: u64) {
+        if upto > 0 {
+            self.remove(0, upto);
+        } else {
+            self.remove(0, 0);
+        }
+    }
+
+    /// If the lowest range starts at `next`, removes it and returns its end:
+    /// the new cursor after merging contiguous completions.
+    pub fn pop_contiguous(&mut self, next: u64) -> Option<u64> {
+        match self.ranges.first() {
+            Some(&(a, b)) if a <= next => {
+                self.ranges.remove(0);
+                Some(b)
+            }
+            _ => None,
+        }
+    }
+
+    /// The union of two sets.
+    pub fn union(&self, other: &RangeSet) -> RangeSet {
+        let mut out = self.clone();
+        for &(a, b) in &other.ranges {
+            out.insert(a, b);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_merges_overlapping_and_adjacent_ranges() {
+        let mut s = RangeSet::new();
+        s.insert(5, 7);
+        s.insert(1, 2);
+        s.insert(3, 4);
+        assert_eq!(s.ranges(), &[(1, 7)]);
+        s.insert(10, 12);
+        s.insert(9, 9);
+        assert_eq!(s.ranges(), &[(1, 7), (9, 12)]);
+        assert_eq!(s.len(), 11);
+    }
+
+    #[test]
+    fn remove_splits_ranges() {
+        let mut s = RangeSet::new();
+        s.insert(1, 10);
+        s.remove(4, 6);
+        assert_eq!(s.ranges(), &[(1, 3), (7, 10)]);
+        s.remove_upto(8);
+        assert_eq!(s.ranges(), &[(9, 10)]);
+        assert!(s.contains(9) && !s.contains(8));
+    }
+
+    #[test]
+    fn pop_contiguous_only_takes_a_range_touching_the_cursor() {
+        let mut s = RangeSet::new();
+        s.insert(5, 9);
+        assert_eq!(s.pop_contiguous(4), None);
+        assert_eq!(s.pop_contiguous(5), Some(9));
+        assert!(s.is_empty());
+    }
+}

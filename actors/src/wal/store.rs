@@ -1,0 +1,452 @@
+//! `WalStore`: the actor in front of the [`Wal`] engine.
+//!
+//! Role: owns the WAL's writer thread and turns typed messages into requests
+//! for it. SQLite never runs on an async arbiter: the engine lives on its own
+//! OS thread, which group-commits every write waiting in its queue (one
+//! transaction, one fsync) before it answers.
+//!
+//! Handles: [`AppendRecords`], [`FetchBatch`], [`AckBatch`], [`ReleaseBatch`],
+//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`]. Sends nothing.
+//!
+//! Restart policy: supervised. If the writer thread dies (a panic, a lost
+//! database handle) the next message notices, the actor stops itself, and the
+//! supervisor starts it again, which re-opens the database on a new thread.
+//! Lost on restart: the InFlight marks (by design: they become Enqueued
+//! again) and requests queued to the dead thread (their callers get an
+//! error; nothing they asked for was acknowledged).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::engine::{
+    now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
+};
+use crate::metrics::Metrics;
+
+/// How often the writer thread refreshes space, stats and compaction.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(500);
+/// Upper bound of requests taken into one group commit.
+const MAX_GROUP_REQUESTS: usize = 4096;
+/// Records compacted per housekeeping step (keeps commit latency low).
+const COMPACT_CHUNK: usize = 5000;
+/// How often a passive checkpoint runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// Health of the WAL, shared with `/readyz`.
+#[derive(Debug, Default)]
+pub struct WalHealth {
+    /// The writer thread is running.
+    pub alive: AtomicBool,
+    /// The last commit succeeded.
+    pub writable: AtomicBool,
+    /// Appends are being refused.
+    pub backpressure: AtomicBool,
+    /// Last storage error or backpressure reason, for `/readyz`.
+    pub last_problem: Mutex<Option<String>>,
+}
+
+impl WalHealth {
+    fn set_problem(&self, p: Option<String>) {
+        if let Ok(mut g) = self.last_problem.lock() {
+            *g = p;
+        }
+    }
+}
+
+enum Request {
+    Write(WriteOp, Instant, oneshot::Sender<Result<WriteResult, WalError>>),
+    Fetch(FetchBatch, oneshot::Sender<Result<Option<Batch>, WalError>>),
+    Release(ReleaseBatch, oneshot::Sender<Result<(), WalError>>),
+    ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
+    Stats(oneshot::Sender<Result<WalStats, WalError>>),
+}
+
+/// The WAL actor. Build it with [`WalStore::new`] and start it under a
+/// `Supervisor`.
+pub struct WalStore {
+    cfg: WalConfig,
+    metrics: Metrics,
+    health: Arc<WalHealth>,
+    /// The engine opened by the caller (so start-up errors surface early);
+    /// used for the first thread, later threads open their own.
+    first: Option<Wal>,
+    tx: Option<mpsc::Sender<Request>>,
+}
+
+impl WalStore {
+    /// Wraps an opened engine.
+    pub fn new(wal: Wal, metrics: Metrics, health: Arc<WalHealth>) -> Self {
+        Self { cfg: wal.config().clone(), metrics, health, first: Some(wal), tx: None }
+    }
+
+    fn spawn_writer(&mut self) {
+        let (tx, rx) = mpsc::channel();
+        let cfg = self.cfg.clone();
+        let first = self.first.take();
+        let metrics = self.metrics.clone();
+        let health = self.health.clone();
+        let spawned = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
+            let wal = match first {
+                Some(w) => Ok(w),
+                None => Wal::open(cfg),
+            };
+            match wal {
+                Ok(wal) => writer_loop(wal, rx, metrics, health),
+                Err(e) => {
+                    tracing::error!(error = %e, "WAL cannot be opened");
+                    health.alive.store(false, Ordering::SeqCst);
+                    health.set_problem(Some(e.to_string()));
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot spawn the WAL writer thread");
+        }
+        self.tx = Some(tx);
+    }
+
+    fn submit<T: Send + 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
+    ) -> ResponseFuture<Result<T, WalError>> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.as_ref().map(|tx| tx.send(make(reply)).is_ok()).unwrap_or(false);
+        if !sent {
+            // The writer thread is gone: restart through the supervisor.
+            ctx.stop();
+            return Box::pin(async { Err(WalError::Unavailable("WAL writer is restarting".into())) });
+        }
+        let addr = ctx.address();
+        Box::pin(async move {
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => {
+                    // The thread died with our request: have it restarted.
+                    addr.do_send(WriterDied);
+                    Err(WalError::Unavailable("WAL writer stopped".into()))
+                }
+            }
+        })
+    }
+}
+
+impl Actor for WalStore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Writes wait on fsync; keep a deep mailbox so bursts queue, not fail.
+        ctx.set_mailbox_capacity(65_536);
+        self.spawn_writer();
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Dropping the sender ends the writer thread after its current group.
+        self.tx = None;
+    }
+}
+
+impl Supervised for WalStore {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.metrics.actor_restarts.with_label_values(&["WalStore"]).inc();
+        tracing::warn!(actor = "WalStore", "restarting the WAL writer");
+        self.tx = None;
+    }
+}
+
+struct WriterDied;
+impl Message for WriterDied {
+    type Result = ();
+}
+impl Handler<WriterDied> for WalStore {
+    type Result = ();
+    fn handle(&mut self, _: WriterDied, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// Appends one request's records durably, all or nothing.
+pub struct AppendRecords {
+    /// The records.
+    pub records: Vec<NewRecord>,
+}
+impl Message for AppendRecords {
+    type Result = Result<Vec<AppendOutcome>, WalError>;
+}
+impl Handler<AppendRecords> for WalStore {
+    type Result = ResponseFuture<Result<Vec<AppendOutcome>, WalError>>;
+    fn handle(&mut self, msg: AppendRecords, ctx: &mut Context<Self>) -> Self::Result {
+        let fut = self.submit(ctx, |tx| Request::Write(WriteOp::Append(msg.records), Instant::now(), tx));
+        Box::pin(async move {
+            match fut.await? {
+                WriteResult::Appended(o) => Ok(o),
+                WriteResult::Done => Ok(Vec::new()),
+            }
+        })
+    }
+}
+
+/// Takes the next batch for a sink and marks it InFlight.
+#[derive(Debug, Clone)]
+pub struct FetchBatch {
+    /// The sink.
+    pub sink: String,
+    /// At most this many records.
+    pub max_records: usize,
+    /// Wait this long for a full batch (see [`Wal::fetch`]).
+    pub max_wait: Duration,
+}
+impl Message for FetchBatch {
+    type Result = Result<Option<Batch>, WalError>;
+}
+impl Handler<FetchBatch> for WalStore {
+    type Result = ResponseFuture<Result<Option<Batch>, WalError>>;
+    fn handle(&mut self, msg: FetchBatch, ctx: &mut Context<Self>) -> Self::Result {
+        self.submit(ctx, |tx| Request::Fetch(msg, tx))
+    }
+}
+
+/// Marks a batch delivered for its sink.
+pub struct AckBatch {
+    /// The sink.
+    pub sink: String,
+    /// The batch's ranges.
+    pub ranges: Vec<(u64, u64)>,
+}
+impl Message for AckBatch {
+    type Result = Result<(), WalError>;
+}
+impl Handler<AckBatch> for WalStore {
+    type Result = ResponseFuture<Result<(), WalError>>;
+    fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) -> Self::Result {
+        let op = WriteOp::Ack { sink: msg.sink, ranges: msg.ranges };
+        let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+}
+
+/// Dead-letters a batch for its sink after the retry budget.
+pub struct MarkDead {
+    /// The sink.
+    pub sink: String,
+    /// The batch's ranges.
+    pub ranges: Vec<(u64, u64)>,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+impl Message for MarkDead {
+    type Result = Result<(), WalError>;
+}
+impl Handler<MarkDead> for WalStore {
+    type Result = ResponseFuture<Result<(), WalError>>;
+    fn handle(&mut self, msg: MarkDead, ctx: &mut Context<Self>) -> Self::Result {
+        let op = WriteOp::Dead { sink: msg.sink, ranges: msg.ranges, error: msg.error, attempts: msg.attempts };
+        let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+}
+
+/// Puts an InFlight batch back to Enqueued (it will be fetched again).
+#[derive(Debug, Clone)]
+pub struct ReleaseBatch {
+    /// The sink.
+    pub sink: String,
+    /// The batch's ranges.
+    pub ranges: Vec<(u64, u64)>,
+}
+impl Message for ReleaseBatch {
+    type Result = Result<(), WalError>;
+}
+impl Handler<ReleaseBatch> for WalStore {
+    type Result = ResponseFuture<Result<(), WalError>>;
+    fn handle(&mut self, msg: ReleaseBatch, ctx: &mut Context<Self>) -> Self::Result {
+        self.submit(ctx, |tx| Request::Release(msg, tx))
+    }
+}
+
+/// Puts everything InFlight for a sink back to Enqueued (its dispatcher restarted).
+pub struct ReleaseSink {
+    /// The sink.
+    pub sink: String,
+}
+impl Message for ReleaseSink {
+    type Result = Result<(), WalError>;
+}
+impl Handler<ReleaseSink> for WalStore {
+    type Result = ResponseFuture<Result<(), WalError>>;
+    fn handle(&mut self, msg: ReleaseSink, ctx: &mut Context<Self>) -> Self::Result {
+        self.submit(ctx, |tx| Request::ReleaseSink(msg.sink, tx))
+    }
+}
+
+/// Reads the WAL's counts per sink.
+pub struct GetWalStats;
+impl Message for GetWalStats {
+    type Result = Result<WalStats, WalError>;
+}
+impl Handler<GetWalStats> for WalStore {
+    type Result = ResponseFuture<Result<WalStats, WalError>>;
+    fn handle(&mut self, _: GetWalStats, ctx: &mut Context<Self>) -> Self::Result {
+        self.submit(ctx, Request::Stats)
+    }
+}
+
+fn writer_loop(mut wal: Wal, rx: mpsc::Receiver<Request>, metrics: Metrics, health: Arc<WalHealth>) {
+    health.alive.store(true, Ordering::SeqCst);
+    health.writable.store(true, Ordering::SeqCst);
+    let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
+    let mut last_checkpoint = Instant::now();
+    publish_stats(&wal, &metrics, &health);
+    loop {
+        let first = match rx.recv_timeout(HOUSEKEEPING_EVERY) {
+            Ok(r) => Some(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        if let Some(r) = first {
+            let mut next = Some(r);
+            while let Some(r) = next {
+                match r {
+                    Request::Write(op, t, tx) => writes.push((op, t, tx)),
+                    other => reads.push(other),
+                }
+                if writes.len() + reads.len() >= MAX_GROUP_REQUESTS {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+        }
+        if !writes.is_empty() {
+            commit_group(&mut wal, writes, &metrics, &health);
+        }
+        for r in reads {
+            serve_read(&mut wal, r);
+        }
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            last_housekeeping = Instant::now();
+            housekeeping(&mut wal, &metrics, &health);
+            if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                last_checkpoint = Instant::now();
+                if let Err(e) = wal.checkpoint() {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        }
+    }
+    health.alive.store(false, Ordering::SeqCst);
+    tracing::info!("WAL writer stopped");
+}
+
+type WriteReply = oneshot::Sender<Result<WriteResult, WalError>>;
+
+fn commit_group(wal: &mut Wal, writes: Vec<(WriteOp, Instant, WriteReply)>, metrics: &Metrics, health: &WalHealth) {
+    let oldest = writes.iter().map(|(_, t, _)| *t).min().unwrap_or_else(Instant::now);
+    let (ops, replies): (Vec<WriteOp>, Vec<(Instant, WriteReply)>) =
+        writes.into_iter().map(|(op, t, tx)| (op, (t, tx))).unzip();
+    let appended: usize = ops
+        .iter()
+        .map(|op| match op {
+            WriteOp::Append(r) => r.len(),
+            _ => 0,
+        })
+        .sum();
+    match wal.write(&ops) {
+        Ok(results) => {
+            metrics.wal_commits.inc();
+            if appended > 0 {
+                metrics.wal_group_size.observe(appended as f64);
+                metrics.wal_append_seconds.observe(oldest.elapsed().as_secs_f64());
+            }
+            if !health.writable.swap(true, Ordering::SeqCst) {
+                tracing::info!("WAL writable again");
+                health.set_problem(wal.backpressure().map(str::to_string));
+            }
+            for (res, (_, tx)) in results.into_iter().zip(replies) {
+                let _ = tx.send(res);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, ops = ops.len(), "WAL group commit failed; nothing of it was stored");
+            health.writable.store(false, Ordering::SeqCst);
+            health.set_problem(Some(e.to_string()));
+            for (_, tx) in replies {
+                let _ = tx.send(Err(WalError::Unavailable(e.to_string())));
+            }
+        }
+    }
+}
+
+fn serve_read(wal: &mut Wal, r: Request) {
+    match r {
+        Request::Fetch(f, tx) => {
+            let _ = tx.send(wal.fetch(&f.sink, f.max_records, f.max_wait));
+        }
+        Request::Release(rel, tx) => {
+            let _ = tx.send(wal.release(&rel.sink, &rel.ranges));
+        }
+        Request::ReleaseSink(sink, tx) => {
+            let _ = tx.send(wal.release_all(&sink));
+        }
+        Request::Stats(tx) => {
+            let _ = tx.send(wal.stats());
+        }
+        Request::Write(..) => {}
+    }
+}
+
+fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
+    match wal.compact(now_ms(), COMPACT_CHUNK) {
+        Ok((compacted, dropped)) => {
+            if compacted > 0 {
+                metrics.wal_compacted.inc_by(compacted);
+                tracing::debug!(compacted, "WAL compacted delivered records past retention");
+            }
+            if dropped > 0 {
+                metrics.wal_dropped.inc_by(dropped);
+                tracing::warn!(dropped, "WAL over wal.max_bytes: dropped the oldest records (policy drop_oldest)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "WAL compaction failed"),
+    }
+    let was = health.backpressure.load(Ordering::SeqCst);
+    if let Err(e) = wal.refresh_space() {
+        tracing::warn!(error = %e, "cannot read WAL size");
+    }
+    let now = wal.backpressure().map(str::to_string);
+    if now.is_some() != was {
+        match &now {
+            Some(why) => tracing::warn!(reason = %why, "backpressure on: refusing ingest"),
+            None => tracing::info!("backpressure off: accepting ingest"),
+        }
+    }
+    health.backpressure.store(now.is_some(), Ordering::SeqCst);
+    if health.writable.load(Ordering::SeqCst) {
+        health.set_problem(now);
+    }
+    publish_stats(wal, metrics, health);
+}
+
+fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
+    let Ok(stats) = wal.stats() else { return };
+    metrics.wal_bytes.set(stats.live_bytes as i64);
+    metrics.wal_disk_free_bytes.set(stats.disk_free_bytes.min(i64::MAX as u64) as i64);
+    metrics.wal_stored_records.set(stats.stored_records as i64);
+    metrics.backpressure_active.set(stats.backpressure as i64);
+    health.backpressure.store(stats.backpressure, Ordering::SeqCst);
+    let now = now_ms();
+    for (sink, s) in &stats.sinks {
+        metrics.wal_records.with_label_values(&[sink, "enqueued"]).set(s.enqueued as i64);
+        metrics.wal_records.with_label_values(&[sink, "inflight"]).set(s.inflight as i64);
+        metrics.wal_records.with_label_values(&[sink, "dead"]).set(s.dead as i64);
+        let age = s.oldest_pending_ms.map_or(0, |ms| ((now - ms).max(0) / 1000) as i64);
+        metrics.wal_oldest_pending_age.with_label_values(&[sink]).set(age);
+    }
+}
