@@ -1,1 +1,27 @@
-//! placeholder
+//! The `gateway` binary's library: configuration, CLI, HTTP API, start-up
+//! and logging. The actors live in the `gateway-actors` crate.
+//!
+//! # Layout
+//!
+//! - [`config`]: layered configuration validated into `Settings`.
+//! - [`auth`]: device tokens and protected mode.
+//! - [`http`]: ingest, health, version and metrics endpoints.
+//! - [`startup`]: wiring the supervised actors and the HTTP server.
+//! - [`telemetry`]: JSON logging.
+//! - [`cli`]: the `gateway` subcommands.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod startup;
+pub mod telemetry;
+
+/// Version, git commit and build time, as served on `/version`.
+pub fn version_info() -> serde_json::Value {
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "git_commit": env!("GATEWAY_GIT_COMMIT"),
+        "build_time": env!("GATEWAY_BUILD_TIME"),
+    })
+}

@@ -1,1 +1,82 @@
-fn main() {}
+//! `gateway`: see `gateway --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gateway::cli::{Cli, Command, ConfigCommand, TokenCommand};
+use gateway::config::{FlagLayer, Loaded};
+use gateway::startup::Application;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let flags = cli.flags();
+    match cli.command {
+        None | Some(Command::Run) => run(&cli, &flags),
+        Some(Command::Config(ConfigCommand::Print)) => {
+            match Loaded::load(cli.config.as_deref(), true, &flags).and_then(|l| l.settings().map(|s| (l, s))) {
+                Ok((loaded, settings)) => {
+                    print!("{}", loaded.render(&settings));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(e),
+            }
+        }
+        Some(Command::Config(ConfigCommand::Check { ref file })) => {
+            match Loaded::load(Some(file), false, &FlagLayer::default()).and_then(|l| l.settings()) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(e),
+            }
+        }
+        Some(Command::Token(TokenCommand::New { ref device })) => {
+            if !gateway_actors::ingest::validate::is_valid_device_id(device) {
+                eprintln!("error: device id {device:?} must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$");
+                return ExitCode::from(2);
+            }
+            match gateway::auth::new_token(device) {
+                Ok((token, line)) => {
+                    println!("token: {token}");
+                    println!("tokens-file line: {line}");
+                    eprintln!("Give the token to the device (Authorization: Bearer <token>); append the line to http.device_tokens_file.");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: no randomness available: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn config_error(e: gateway::config::ConfigError) -> ExitCode {
+    eprintln!("error: configuration: {e}");
+    ExitCode::from(2)
+}
+
+fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
+    let settings = match Loaded::load(cli.config.as_deref(), true, flags).and_then(|l| l.settings()) {
+        Ok(s) => s,
+        Err(e) => return config_error(e),
+    };
+    gateway::telemetry::init_logging(&settings.log_level);
+    let system = actix::System::new();
+    let result = system.block_on(async move {
+        let app = Application::build(settings).await?;
+        app.run_until_stopped().await?;
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("gateway stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "gateway failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! Layered configuration: compiled defaults < TOML file < `GATEWAY_*`
+//! environment < command-line flags, validated into one [`Settings`].
+//!
+//! Each layer is parsed on its own (so a type error names the layer), the
+//! layers are merged key by key while remembering which layer set each key,
+//! and validation errors name the key and that layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gateway_actors::dispatcher::DispatchConfig;
+use gateway_actors::ingest::{IngestLimits, RateLimit};
+use gateway_actors::sink::s3::S3SinkConfig;
+use gateway_actors::wal::{BackpressurePolicy, WalConfig};
+use serde::{Deserialize, Serialize};
+use toml::Value;
+
+/// The compiled-in defaults (also what `gateway config print` starts from).
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration error that names the key and the layer it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be parsed.
+    #[error("{layer}: {message}")]
+    Layer {
+        /// Which layer.
+        layer: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("invalid `{key}` (set by {layer}): {message}")]
+    Invalid {
+        /// Dotted key.
+        key: String,
+        /// Which layer set it.
+        layer: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------- raw layers
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    wal: RawWal,
+    #[serde(default)]
+    sinks: BTreeMap<String, RawSink>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    addr: Option<String>,
+    workers: Option<usize>,
+    device_tokens_file: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    max_payload_bytes: Option<usize>,
+    max_batch_records: Option<usize>,
+    rate_limit_per_device: Option<f64>,
+    rate_limit_burst: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: Option<String>,
+    embedded_addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawWal {
+    max_bytes: Option<u64>,
+    min_free_disk_bytes: Option<u64>,
+    retention: Option<String>,
+    dedup_window: Option<String>,
+    policy: Option<String>,
+}
+
+/// One `[sinks.NAME]` table as written; fields by kind are checked in validation.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    kind: Option<String>,
+    url: Option<String>,
+    batch_max_records: Option<usize>,
+    batch_max_wait_ms: Option<u64>,
+    retry_budget: Option<u32>,
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    publish_timeout_ms: Option<u64>,
+    paused: Option<bool>,
+    gzip_level: Option<u32>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    topic_prefix: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+/// `GATEWAY_*` variables (read with envy). `GATEWAY_ID` is `gateway_id`;
+/// every other name is `GATEWAY_{SECTION}_{KEY}` or `GATEWAY_{KEY}`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+struct EnvLayer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_workers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_device_tokens_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_admin_token_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_tls_cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_tls_key_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_client_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingest_max_payload_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingest_max_batch_records: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingest_rate_limit_per_device: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingest_rate_limit_burst: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_embedded_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wal_max_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wal_min_free_disk_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wal_retention: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wal_dedup_window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wal_policy: Option<String>,
+}
+
+const SECTIONS: [&str; 5] = ["log", "http", "ingest", "mqtt", "wal"];
+
+fn env_key_path(field: &str) -> Vec<String> {
+    if field == "id" {
+        return vec!["gateway_id".into()];
+    }
+    for s in SECTIONS {
+        if let Some(rest) = field.strip_prefix(s).and_then(|r| r.strip_prefix('_')) {
+            return vec![s.into(), rest.into()];
+        }
+    }
+    vec![field.into()]
+}
+
+/// Values from command-line flags (the top layer).
+#[derive(Debug, Default, Clone)]
+pub struct FlagLayer {
+    /// `--gateway-id`
+    pub gateway_id: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--http-addr`
+    pub http_addr: Option<String>,
+    /// `--mqtt-url`
+    pub mqtt_url: Option<String>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+}
+
+// ------------------------------------------------------------------- merging
+
+/// The layers, read and merged; [`Loaded::settings`] validates them.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    merged: Value,
+    origin: HashMap<String, String>,
+}
+
+fn set_path(tree: &mut Value, path: &[String], v: Value) {
+    let mut cur = tree;
+    for (i, k) in path.iter().enumerate() {
+        let Value::Table(t) = cur else { return };
+        if i + 1 == path.len() {
+            t.insert(k.clone(), v);
+            return;
+        }
+        cur = t.entry(k.clone()).or_insert_with(|| Value::Table(Default::default()));
+    }
+}
+
+fn merge_into(base: &mut Value, top: Value, prefix: &str, layer: &str, origin: &mut HashMap<String, String>) {
+    match (base, top) {
+        (Value::Table(b), Value::Table(t)) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match b.get_mut(&k) {
+                    Some(existing @ Value::Table(_)) if v.is_table() => merge_into(existing, v, &key, layer, origin),
+                    _ => {
+                        record_origin(&v, &key, layer, origin);
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, t) => {
+            record_origin(&t, prefix, layer, origin);
+            *b = t;
+        }
+    }
+}
+
+fn record_origin(v: &Value, key: &str, layer: &str, origin: &mut HashMap<String, String>) {
+    if let Value::Table(t) = v {
+        for (k, v) in t {
+            record_origin(v, &format!("{key}.{k}"), layer, origin);
+        }
+    }
+    origin.insert(key.to_string(), layer.to_string());
+}
+
+fn check_layer(tree: &Value, layer: &str) -> Result<(), ConfigError> {
+    tree.clone()
+        .try_into::<RawConfig>()
+        .map(|_| ())
+        .map_err(|e| ConfigError::Layer { layer: layer.to_string(), message: e.to_string() })
+}
+
+impl Loaded {
+    /// Reads every layer. `file` is the `--config`/`GATEWAY_CONFIG` path;
+    /// `use_env` is false for `config check`, which judges a file alone.
+    pub fn load(file: Option<&Path>, use_env: bool, flags: &FlagLayer) -> Result<Self, ConfigError> {
+        let mut origin = HashMap::new();
+        let defaults: Value = toml::from_str(DEFAULTS_TOML)
+            .map_err(|e| ConfigError::Layer { layer: "compiled defaults".into(), message: e.to_string() })?;
+        let mut merged = Value::Table(Default::default());
+        merge_into(&mut merged, defaults, "", "default", &mut origin);
+
+        if let Some(path) = file {
+            let layer = format!("file {}", path.display());
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Layer { layer: layer.clone(), message: format!("cannot read: {e}") })?;
+            let tree: Value = toml::from_str(&text)
+                .map_err(|e| ConfigError::Layer { layer: layer.clone(), message: e.to_string() })?;
+            check_layer(&tree, &layer)?;
+            merge_into(&mut merged, tree, "", &layer, &mut origin);
+        }
+
+        if use_env {
+            let env: EnvLayer = envy::prefixed("GATEWAY_")
+                .from_env()
+                .map_err(|e| ConfigError::Layer { layer: "environment".into(), message: e.to_string() })?;
+            let flat = Value::try_from(&env)
+                .map_err(|e| ConfigError::Layer { layer: "environment".into(), message: e.to_string() })?;
+            if let Value::Table(t) = flat {
+                for (field, v) in t {
+                    let path = env_key_path(&field);
+                    let mut tree = Value::Table(Default::default());
+                    set_path(&mut tree, &path, v);
+                    let var = format!("env GATEWAY_{}", field.to_uppercase());
+                    check_layer(&tree, &var)?;
+                    merge_into(&mut merged, tree, "", &var, &mut origin);
+                }
+            }
+        }
+
+        let flag_values: [(&str, Option<Value>, &[&str]); 5] = [
+            ("--gateway-id", flags.gateway_id.clone().map(Value::String), &["gateway_id"]),
+            (
+                "--data-dir",
+                flags.data_dir.as_ref().map(|p| Value::String(p.display().to_string())),
+                &["data_dir"],
+            ),
+            ("--http-addr", flags.http_addr.clone().map(Value::String), &["http", "addr"]),
+            ("--mqtt-url", flags.mqtt_url.clone().map(Value::String), &["mqtt", "url"]),
+            ("--log-level", flags.log_level.clone().map(Value::String), &["log", "level"]),
+        ];
+        for (flag, v, path) in flag_values {
+            if let Some(v) = v {
+                let mut tree = Value::Table(Default::default());
+                set_path(&mut tree, &path.iter().map(|s| s.to_string()).collect::<Vec<_>>(), v);
+                merge_into(&mut merged, tree, "", &format!("flag {flag}"), &mut origin);
+            }
+        }
+        Ok(Self { merged, origin })
+    }
+
+    fn layer_of(&self, key: &str) -> String {
+        let mut k = key;
+        loop {
+            if let Some(l) = self.origin.get(k) {
+                return l.clone();
+            }
+            match k.rfind('.') {
+                Some(i) => k = &k[..i],
+                None => return "default".into(),
+            }
+        }
+    }
+
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { key: key.to_string(), layer: self.layer_of(key), message: message.into() }
+    }
+
+    /// Validates the merged layers into [`Settings`].
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let raw: RawConfig = self
+            .merged
+            .clone()
+            .try_into()
+            .map_err(|e| ConfigError::Layer { layer: "merged configuration".into(), message: e.to_string() })?;
+        let gateway_id = raw.gateway_id.clone().unwrap_or_else(default_gateway_id);
+        if !gateway_actors::ingest::validate::is_valid_device_id(&gateway_id) {
+            return Err(self.invalid("gateway_id", "must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"));
+        }
+        let data_dir = raw.data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(self.invalid("data_dir", "must not be empty"));
+        }
+        let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(self.invalid("log.level", format!("{log_level:?} is not a level or filter directive")));
+        }
+
+        let addr_text = raw.http.addr.clone().unwrap_or_default();
+        let addr: SocketAddr = addr_text
+            .parse()
+            .map_err(|e| self.invalid("http.addr", format!("{addr_text:?} is not host:port ({e})")))?;
+        let tls = match (&raw.http.tls_cert_file, &raw.http.tls_key_file) {
+            (Some(c), Some(k)) => Some(TlsSettings {
+                cert_file: c.clone(),
+                key_file: k.clone(),
+                client_ca_file: raw.http.client_ca_file.clone(),
+            }),
+            (None, None) => {
+                if raw.http.client_ca_file.is_some() {
+                    return Err(self.invalid("http.client_ca_file", "client certificates need HTTPS: set http.tls_cert_file and http.tls_key_file"));
+                }
+                None
+            }
+            (Some(_), None) => return Err(self.invalid("http.tls_cert_file", "http.tls_key_file must be set too")),
+            (None, Some(_)) => return Err(self.invalid("http.tls_key_file", "http.tls_cert_file must be set too")),
+        };
+        for (key, p) in [
+            ("http.device_tokens_file", &raw.http.device_tokens_file),
+            ("http.admin_token_file", &raw.http.admin_token_file),
+        ] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    return Err(self.invalid(key, format!("{} is not a readable file", p.display())));
+                }
+            }
+        }
+        let http = HttpSettings {
+            addr,
+            workers: raw.http.workers.unwrap_or(0),
+            device_tokens_file: raw.http.device_tokens_file.clone(),
+            admin_token_file: raw.http.admin_token_file.clone(),
+            tls,
+        };
+
+        let max_payload_bytes = raw.ingest.max_payload_bytes.unwrap_or(65536);
+        if !(64..=16 << 20).contains(&max_payload_bytes) {
+            return Err(self.invalid("ingest.max_payload_bytes", "must be between 64 and 16777216"));
+        }
+        let max_batch_records = raw.ingest.max_batch_records.unwrap_or(1000);
+        if !(1..=100_000).contains(&max_batch_records) {
+            return Err(self.invalid("ingest.max_batch_records", "must be between 1 and 100000"));
+        }
+        let per_second = raw.ingest.rate_limit_per_device.unwrap_or(0.0);
+        if !per_second.is_finite() || per_second < 0.0 {
+            return Err(self.invalid("ingest.rate_limit_per_device", "must be >= 0 (0 = unlimited)"));
+        }
+        let burst = raw.ingest.rate_limit_burst.unwrap_or(0.0);
+        if !burst.is_finite() || burst < 0.0 {
+            return Err(self.invalid("ingest.rate_limit_burst", "must be >= 0"));
+        }
+        let rate = if per_second == 0.0 {
+            RateLimit::OFF
+        } else {
+            RateLimit { per_second, burst: if burst == 0.0 { (per_second * 2.0).max(1.0) } else { burst } }
+        };
+
+        let mqtt_url = raw.mqtt.url.clone().unwrap_or_else(|| "off".into());
+        let mqtt = match mqtt_url.as_str() {
+            "off" => MqttMode::Off,
+            "embedded" | "mqtt" => {
+                return Err(self.invalid(
+                    "mqtt.url",
+                    "MQTT ingest is not part of this build yet; use \"off\" (HTTP ingest only)",
+                ))
+            }
+            u if u.starts_with("mqtt://") || u.starts_with("mqtts://") => {
+                return Err(self.invalid(
+                    "mqtt.url",
+                    format!("{u}: MQTT ingest is not part of this build yet; use \"off\" (HTTP ingest only)"),
+                ))
+            }
+            other => return Err(self.invalid("mqtt.url", format!("{other:?}: expected off, embedded, mqtt:// or mqtts://"))),
+        };
+
+        let retention = self.duration("wal.retention", raw.wal.retention.as_deref().unwrap_or("24h"))?;
+        let dedup_window = self.duration("wal.dedup_window", raw.wal.dedup_window.as_deref().unwrap_or("24h"))?;
+        let policy = match raw.wal.policy.as_deref().unwrap_or("block") {
+            "block" => BackpressurePolicy::Block,
+            "drop_oldest" => BackpressurePolicy::DropOldest,
+            other => return Err(self.invalid("wal.policy", format!("{other:?}: expected block or drop_oldest"))),
+        };
+        let max_bytes = raw.wal.max_bytes.unwrap_or(4 << 30);
+        if max_bytes < 1 << 20 {
+            return Err(self.invalid("wal.max_bytes", "must be at least 1048576 (1 MiB)"));
+        }
+        let wal = WalSettings {
+            max_bytes,
+            min_free_disk_bytes: raw.wal.min_free_disk_bytes.unwrap_or(256 << 20),
+            retention,
+            dedup_window,
+            policy,
+        };
+
+        let mut raw_sinks = raw.sinks.clone();
+        if raw_sinks.is_empty() {
+            raw_sinks.insert(
+                "archive".into(),
+                RawSink {
+                    kind: Some("s3".into()),
+                    url: Some(format!("file://{}", data_dir.join("archive").display())),
+                    ..RawSink::default()
+                },
+            );
+        }
+        let mut sinks = BTreeMap::new();
+        for (name, s) in raw_sinks {
+            sinks.insert(name.clone(), self.sink(&name, &s, &gateway_id)?);
+        }
+
+        Ok(Settings { gateway_id, data_dir, log_level, http, ingest: IngestSettings {
+            limits: IngestLimits { max_payload_bytes, max_batch_records },
+            rate,
+        }, mqtt, wal, sinks })
+    }
+
+    fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(text).map_err(|e| self.invalid(key, format!("{text:?} is not a duration like \"24h\" or \"90s\" ({e})")))
+    }
+
+    fn sink(&self, name: &str, s: &RawSink, gateway_id: &str) -> Result<SinkSettings, ConfigError> {
+        let key = |k: &str| format!("sinks.{name}.{k}");
+        if !gateway_actors::ingest::validate::is_valid_device_id(name) {
+            return Err(self.invalid(&format!("sinks.{name}"), "sink names must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"));
+        }
+        let mut d = DispatchConfig::new(name);
+        if let Some(v) = s.batch_max_records {
+            if !(1..=100_000).contains(&v) {
+                return Err(self.invalid(&key("batch_max_records"), "must be between 1 and 100000"));
+            }
+            d.batch_max_records = v;
+        }
+        if let Some(v) = s.batch_max_wait_ms {
+            d.batch_max_wait = Duration::from_millis(v);
+        }
+        if let Some(v) = s.retry_budget {
+            if v == 0 {
+                return Err(self.invalid(&key("retry_budget"), "must be at least 1 (attempts before Dead)"));
+            }
+            d.retry_budget = v;
+        }
+        if let Some(v) = s.retry_base_ms {
+            d.retry_base = Duration::from_millis(v.max(1));
+        }
+        if let Some(v) = s.retry_max_ms {
+            d.retry_max = Duration::from_millis(v.max(1));
+        }
+        if d.retry_max < d.retry_base {
+            return Err(self.invalid(&key("retry_max_ms"), "must be >= retry_base_ms"));
+        }
+        if let Some(v) = s.publish_timeout_ms {
+            if v == 0 {
+                return Err(self.invalid(&key("publish_timeout_ms"), "must be > 0"));
+            }
+            d.publish_timeout = Duration::from_millis(v);
+        }
+        d.paused = s.paused.unwrap_or(false);
+        let kind = s.kind.as_deref().ok_or_else(|| self.invalid(&key("kind"), "is required (s3, kafka, mqtt or http)"))?;
+        let target = match kind {
+            "s3" => {
+                let url = s.url.clone().ok_or_else(|| self.invalid(&key("url"), "is required for kind s3 (file:///dir or s3://bucket/prefix)"))?;
+                let cfg = S3SinkConfig { url, gateway_id: gateway_id.to_string(), gzip_level: s.gzip_level.unwrap_or(1) };
+                if cfg.gzip_level > 9 {
+                    return Err(self.invalid(&key("gzip_level"), "must be 0 to 9"));
+                }
+                cfg.target().map_err(|e| self.invalid(&key("url"), e.to_string()))?;
+                SinkTarget::S3(cfg)
+            }
+            "kafka" | "mqtt" | "http" => {
+                return Err(self.invalid(&key("kind"), format!("sink kind {kind:?} is not part of this build yet (available: s3)")))
+            }
+            other => return Err(self.invalid(&key("kind"), format!("{other:?}: expected s3, kafka, mqtt or http"))),
+        };
+        Ok(SinkSettings { dispatch: d, target })
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn render(&self, settings: &Settings) -> String {
+        let mut tree = self.merged.clone();
+        set_path(&mut tree, &["gateway_id".into()], Value::String(settings.gateway_id.clone()));
+        if let Value::Table(t) = &mut tree {
+            if !t.contains_key("sinks") {
+                let mut sinks = toml::map::Map::new();
+                for (name, s) in &settings.sinks {
+                    let mut m = toml::map::Map::new();
+                    match &s.target {
+                        SinkTarget::S3(c) => {
+                            m.insert("kind".into(), Value::String("s3".into()));
+                            m.insert("url".into(), Value::String(c.url.clone()));
+                        }
+                    }
+                    sinks.insert(name.clone(), Value::Table(m));
+                }
+                t.insert("sinks".into(), Value::Table(sinks));
+            }
+        }
+        redact(&mut tree);
+        toml::to_string_pretty(&tree).unwrap_or_default()
+    }
+}
+
+fn redact(v: &mut Value) {
+    if let Value::Table(t) = v {
+        for (k, v) in t.iter_mut() {
+            let secret = ["secret", "password", "token"].iter().any(|s| k.contains(s)) && !k.ends_with("_file");
+            if secret && !v.is_table() {
+                *v = Value::String("<redacted>".into());
+            } else {
+                redact(v);
+            }
+        }
+    }
+}
+
+/// The host name made into a valid gateway id.
+pub fn default_gateway_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+        .take(64)
+        .collect();
+    if gateway_actors::ingest::validate::is_valid_device_id(&id) {
+        id
+    } else {
+        "gateway".into()
+    }
+}
+
+// ------------------------------------------------------------------ settings
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This gateway's id (in every record and object name).
+    pub gateway_id: String,
+    /// Where the WAL and the default archive live.
+    pub data_dir: PathBuf,
+    /// tracing EnvFilter directive.
+    pub log_level: String,
+    /// HTTP server.
+    pub http: HttpSettings,
+    /// Ingest limits.
+    pub ingest: IngestSettings,
+    /// MQTT ingest.
+    pub mqtt: MqttMode,
+    /// WAL limits.
+    pub wal: WalSettings,
+    /// Sinks by name.
+    pub sinks: BTreeMap<String, SinkSettings>,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Listen address (port 0 picks a free port).
+    pub addr: SocketAddr,
+    /// Worker threads (0 = one per core).
+    pub workers: usize,
+    /// Device tokens file (`device_id:sha256hex` lines).
+    pub device_tokens_file: Option<PathBuf>,
+    /// Admin token file.
+    pub admin_token_file: Option<PathBuf>,
+    /// HTTPS.
+    pub tls: Option<TlsSettings>,
+}
+
+/// HTTPS settings.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// CA that client certificates must chain to (mTLS) when set.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Ingest settings.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Size limits.
+    pub limits: IngestLimits,
+    /// Per-device rate limit.
+    pub rate: RateLimit,
+}
+
+/// MQTT ingest mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttMode {
+    /// No MQTT ingest.
+    Off,
+}
+
+/// WAL settings.
+#[derive(Debug, Clone)]
+pub struct WalSettings {
+    /// Backpressure above this.
+    pub max_bytes: u64,
+    /// Backpressure below this much free disk.
+    pub min_free_disk_bytes: u64,
+    /// Delivered records kept this long.
+    pub retention: Duration,
+    /// Dedup window.
+    pub dedup_window: Duration,
+    /// What backpressure does.
+    pub policy: BackpressurePolicy,
+}
+
+/// One sink.
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    /// Batching, retries, pause.
+    pub dispatch: DispatchConfig,
+    /// Kind-specific target.
+    pub target: SinkTarget,
+}
+
+/// Kind-specific sink settings.
+#[derive(Debug, Clone)]
+pub enum SinkTarget {
+    /// `kind = "s3"`.
+    S3(S3SinkConfig),
+}
+
+impl Settings {
+    /// The WAL engine configuration.
+    pub fn wal_config(&self) -> WalConfig {
+        WalConfig {
+            path: self.data_dir.join("wal.db"),
+            sinks: self.sinks.keys().cloned().collect(),
+            retention: self.wal.retention,
+            dedup_window: self.wal.dedup_window,
+            max_bytes: self.wal.max_bytes,
+            min_free_disk_bytes: self.wal.min_free_disk_bytes,
+            policy: self.wal.policy,
+        }
+    }
+
+    /// Defaults plus `overrides` (a TOML snippet), without environment: for tests.
+    pub fn from_toml(overrides: &str) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("gateway-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Layer { layer: "test".into(), message: e.to_string() })?;
+        let file = dir.join("gateway.toml");
+        std::fs::write(&file, overrides).map_err(|e| ConfigError::Layer { layer: "test".into(), message: e.to_string() })?;
+        let loaded = Loaded::load(Some(&file), false, &FlagLayer::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        loaded?.settings()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_alone_give_one_archive_sink_on_loopback() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.http.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.sinks.len(), 1);
+        match &s.sinks["archive"].target {
+            SinkTarget::S3(c) => assert_eq!(c.url, "file://./data/archive"),
+        }
+        assert_eq!(s.mqtt, MqttMode::Off);
+        assert_eq!(s.wal.retention, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn an_invalid_file_value_names_the_key_and_the_file() {
+        let err = Settings::from_toml("[http]\naddr = \"nonsense\"\n").unwrap_err().to_string();
+        assert!(err.contains("`http.addr`") && err.contains("file "), "{err}");
+        let err = Settings::from_toml("[wal]\npolicy = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(err.contains("`wal.policy`"), "{err}");
+        let err = Settings::from_toml("[http]\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus") && err.contains("file "), "{err}");
+        let err = Settings::from_toml("[sinks.x]\nkind = \"s3\"\n").unwrap_err().to_string();
+        assert!(err.contains("`sinks.x.url`"), "{err}");
+    }
+
+    #[test]
+    fn later_layers_override_earlier_ones_and_are_named_in_errors() {
+        let flags = FlagLayer { http_addr: Some("bad".into()), ..FlagLayer::default() };
+        let err = Loaded::load(None, false, &flags).unwrap().settings().unwrap_err().to_string();
+        assert!(err.contains("flag --http-addr"), "{err}");
+        let flags = FlagLayer { http_addr: Some("127.0.0.1:9999".into()), ..FlagLayer::default() };
+        let s = Loaded::load(None, false, &flags).unwrap().settings().unwrap();
+        assert_eq!(s.http.addr.port(), 9999);
+    }
+
+    #[test]
+    fn env_names_map_to_sections() {
+        assert_eq!(env_key_path("http_device_tokens_file"), vec!["http", "device_tokens_file"]);
+        assert_eq!(env_key_path("id"), vec!["gateway_id"]);
+        assert_eq!(env_key_path("data_dir"), vec!["data_dir"]);
+        assert_eq!(env_key_path("wal_max_bytes"), vec!["wal", "max_bytes"]);
+    }
+
+    #[test]
+    fn printing_redacts_secrets() {
+        let mut v: Value = toml::from_str("[sinks.h]\ntoken = \"s3cr3t\"\ntoken_file = \"/x\"\n").unwrap();
+        redact(&mut v);
+        let out = toml::to_string(&v).unwrap();
+        assert!(!out.contains("s3cr3t") && out.contains("/x"), "{out}");
+    }
+}

@@ -1,0 +1,149 @@
+//! `POST /ingest/{device_id}` (DESIGN §4 I1b): 202 only after the WAL commit.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use gateway_actors::ingest::validate::{check_device_id, check_idempotency_header};
+use gateway_actors::ingest::{IngestError, IngestTelemetry, Source};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{AppState, CorrelationId};
+use crate::auth::AuthDecision;
+
+fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn is_json(req: &HttpRequest) -> bool {
+    header_str(req, header::CONTENT_TYPE.as_str())
+        .and_then(|ct| ct.split(';').next())
+        .map(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        .unwrap_or(false)
+}
+
+/// Accepts one telemetry object or a JSON array of them for `device_id`.
+pub async fn ingest(
+    req: HttpRequest,
+    path: web::Path<String>,
+    mut payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let device_id = path.into_inner();
+    let correlation_id = req
+        .extensions()
+        .get::<CorrelationId>()
+        .map(|c| c.0.clone())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let reject = |status, code, message: String| {
+        state.metrics.ingest_rejected.with_label_values(&["http", code]).inc();
+        state.metrics.ingest_records.with_label_values(&["http", "rejected"]).inc();
+        tracing::info!(source = "http", device_id = %device_id, correlation_id = %correlation_id, reason = code, error = %message, "telemetry rejected");
+        ApiError::new(status, code, message)
+    };
+
+    if let Err(r) = check_device_id(&device_id) {
+        return Err(reject(StatusCode::BAD_REQUEST, r.reason, r.message));
+    }
+    match state.auth.check(header_str(&req, header::AUTHORIZATION.as_str()), &device_id) {
+        AuthDecision::Allow => {}
+        AuthDecision::Unauthenticated(why) => return Err(reject(StatusCode::UNAUTHORIZED, "unauthorized", why.into())),
+        AuthDecision::Forbidden => {
+            return Err(reject(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("these credentials may not publish as device {device_id}"),
+            ))
+        }
+    }
+    if !is_json(&req) {
+        return Err(reject(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json".into(),
+        ));
+    }
+    let limit = state.limits.max_payload_bytes;
+    let too_large = || format!("payload exceeds the limit of {limit} bytes");
+    if let Some(len) = header_str(&req, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > limit {
+            return Err(reject(StatusCode::PAYLOAD_TOO_LARGE, "too_large", too_large()));
+        }
+    }
+    let idempotency_key = match header_str(&req, "Idempotency-Key") {
+        Some(k) => match check_idempotency_header(k) {
+            Ok(()) => Some(k.to_string()),
+            Err(r) => return Err(reject(StatusCode::BAD_REQUEST, r.reason, r.message)),
+        },
+        None => None,
+    };
+    let traceparent = header_str(&req, "traceparent").filter(|t| is_traceparent(t)).map(str::to_string);
+
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(reject(StatusCode::PAYLOAD_TOO_LARGE, "too_large", too_large()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+
+    let msg = IngestTelemetry {
+        source: Source::Http,
+        device_id: device_id.clone(),
+        payload: body.freeze(),
+        correlation_id: correlation_id.clone(),
+        idempotency_key,
+        traceparent,
+    };
+    let receipt = match state.router.send(msg).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(IngestError::Rejected(r))) => {
+            let status = if r.reason == "too_large" { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+            return Err(ApiError::new(status, r.reason, r.message));
+        }
+        Ok(Err(IngestError::RateLimited { retry_after, .. })) => {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "device is over its rate limit")
+                .retry_after(retry_after.as_secs_f64().ceil() as u64));
+        }
+        Ok(Err(IngestError::Backpressure(why))) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backpressure", why).retry_after(5));
+        }
+        Ok(Err(IngestError::Unavailable(why))) => {
+            tracing::warn!(device_id = %device_id, correlation_id = %correlation_id, error = %why, "ingest not stored");
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", why).retry_after(1));
+        }
+        Err(e) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).retry_after(1));
+        }
+    };
+
+    let all_dup = receipt.records.iter().all(|r| r.duplicate);
+    let status = if all_dup { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let body = if receipt.batch {
+        let dups = receipt.records.iter().filter(|r| r.duplicate).count();
+        json!({
+            "status": "accepted",
+            "correlation_id": correlation_id,
+            "count": receipt.records.len(),
+            "duplicates": dups,
+            "duplicate": all_dup,
+            "records": receipt.records,
+        })
+    } else {
+        let r = &receipt.records[0];
+        if r.duplicate {
+            json!({"status": "accepted", "correlation_id": r.correlation_id, "seq": r.seq, "duplicate": true})
+        } else {
+            json!({"status": "accepted", "correlation_id": r.correlation_id, "seq": r.seq})
+        }
+    };
+    Ok(HttpResponse::build(status).json(body))
+}
+
+/// `00-{32 hex}-{16 hex}-{2 hex}` (W3C Trace Context, version 00).
+fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|c| c.is_ascii_hexdigit()))
+}

@@ -1,0 +1,78 @@
+//! The HTTP server: ingest, health, metrics (DESIGN §4 I1b, I2).
+
+mod error;
+mod health;
+mod ingest;
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage};
+use gateway_actors::dispatcher::Dispatcher;
+use gateway_actors::ingest::{IngestLimits, IngestRouter};
+use gateway_actors::wal::WalHealth;
+use gateway_actors::Metrics;
+
+pub use error::ApiError;
+
+use crate::auth::DeviceAuth;
+
+/// What every handler can reach.
+pub struct AppState {
+    /// Ingest door.
+    pub router: Addr<IngestRouter>,
+    /// Device credentials.
+    pub auth: DeviceAuth,
+    /// Payload limits (checked before reading the body).
+    pub limits: IngestLimits,
+    /// WAL health for `/readyz`.
+    pub wal_health: Arc<WalHealth>,
+    /// Dispatchers by sink, for `/readyz`.
+    pub dispatchers: Vec<(String, Addr<Dispatcher>)>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// The request's correlation id (from `X-Correlation-Id` or new).
+#[derive(Clone, Debug)]
+pub struct CorrelationId(pub String);
+
+const CORRELATION_HEADER: &str = "x-correlation-id";
+
+fn valid_correlation(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// Gives every request a correlation id and puts it on every response.
+pub async fn correlation(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let id = req
+        .headers()
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_correlation(v))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(CorrelationId(id.clone()));
+    let mut res = next.call(req).await?;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(HeaderName::from_static(CORRELATION_HEADER), v);
+    }
+    Ok(res)
+}
+
+/// Registers the routes (used by the server and by tests).
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ingest/{device_id}", web::post().to(ingest::ingest))
+        .route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/version", web::get().to(health::version))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::new(actix_web::http::StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", req.method(), req.path())))
+}

@@ -1,0 +1,202 @@
+//! Start-up and wiring: opens the WAL, starts the supervised actors, binds
+//! the HTTP server. Tests build an [`Application`] on port 0 exactly as the
+//! binary does.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix::{Addr, Supervisor};
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use actix_web_prom::PrometheusMetricsBuilder;
+use anyhow::{bail, Context as _};
+use gateway_actors::dispatcher::Dispatcher;
+use gateway_actors::ingest::IngestRouter;
+use gateway_actors::sink::s3::ObjectStoreSink;
+use gateway_actors::sink::{Sink, SinkActor, SinkFactory};
+use gateway_actors::wal::{Wal, WalHealth, WalStore};
+use gateway_actors::Metrics;
+use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
+use prometheus::Registry;
+
+use crate::auth::DeviceAuth;
+use crate::config::{Settings, SinkTarget};
+use crate::http::{self, AppState};
+
+/// A running gateway: actors started, HTTP bound.
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    /// Supervised actors, exposed for tests and the admin layer.
+    pub handles: Handles,
+}
+
+/// Addresses of the running actors.
+#[derive(Clone)]
+pub struct Handles {
+    /// The WAL actor.
+    pub wal: Addr<WalStore>,
+    /// The ingest router.
+    pub router: Addr<IngestRouter>,
+    /// Dispatchers by sink name.
+    pub dispatchers: Vec<(String, Addr<Dispatcher>)>,
+    /// Sink actors by sink name.
+    pub sinks: Vec<(String, Addr<SinkActor>)>,
+    /// WAL health.
+    pub wal_health: Arc<WalHealth>,
+    /// The metrics registry served on /metrics.
+    pub registry: Registry,
+}
+
+/// Builds the client factory of a configured sink.
+pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
+    match target {
+        SinkTarget::S3(cfg) => {
+            let cfg = cfg.clone();
+            Arc::new(move || ObjectStoreSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
+        }
+    }
+}
+
+impl Application {
+    /// Builds everything; must run inside an actix `System`.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with(settings, |_, t| sink_factory(t)).await
+    }
+
+    /// Like [`Application::build`] with a custom sink factory (fault injection in tests).
+    pub async fn build_with(
+        settings: Settings,
+        make_sink: impl Fn(&str, &SinkTarget) -> SinkFactory,
+    ) -> anyhow::Result<Self> {
+        let auth = match &settings.http.device_tokens_file {
+            Some(path) => DeviceAuth::load(path)?,
+            None => {
+                if !settings.http.addr.ip().is_loopback() {
+                    bail!(
+                        "refusing to start: no device credentials are configured (http.device_tokens_file) \
+                         and http.addr {} is not a loopback address. Create tokens with `gateway token new DEVICE` \
+                         or bind to 127.0.0.1",
+                        settings.http.addr
+                    );
+                }
+                tracing::warn!(
+                    addr = %settings.http.addr,
+                    "protected mode: no device credentials configured; accepting unauthenticated ingest on loopback only"
+                );
+                DeviceAuth::Protected
+            }
+        };
+
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).context("registering metrics")?;
+        let wal_health = Arc::new(WalHealth::default());
+        let wal = Wal::open(settings.wal_config())
+            .with_context(|| format!("opening the WAL in {}", settings.data_dir.display()))?;
+        let wal = {
+            let (m, h) = (metrics.clone(), wal_health.clone());
+            Supervisor::start(move |_| WalStore::new(wal, m, h))
+        };
+        let router = {
+            let (w, h, m) = (wal.clone(), wal_health.clone(), metrics.clone());
+            let (id, limits, rate) = (settings.gateway_id.clone(), settings.ingest.limits.clone(), settings.ingest.rate);
+            Supervisor::start(move |_| IngestRouter::new(w, h, &id, limits, rate, m))
+        };
+        let mut dispatchers = Vec::new();
+        let mut sinks = Vec::new();
+        for (name, s) in &settings.sinks {
+            let factory = make_sink(name, &s.target);
+            let sink = {
+                let (n, m) = (name.clone(), metrics.clone());
+                Supervisor::start(move |_| SinkActor::new(&n, factory, m))
+            };
+            let disp = {
+                let (cfg, w, sk, m) = (s.dispatch.clone(), wal.clone(), sink.clone(), metrics.clone());
+                Supervisor::start(move |_| Dispatcher::new(cfg, w, sk, m))
+            };
+            sinks.push((name.clone(), sink));
+            dispatchers.push((name.clone(), disp));
+        }
+
+        let prometheus = PrometheusMetricsBuilder::new("gateway")
+            .registry(registry.clone())
+            .endpoint("/metrics")
+            .mask_unmatched_patterns("UNKNOWN")
+            .build()
+            .map_err(|e| anyhow::anyhow!("building HTTP metrics: {e}"))?;
+        let state = web::Data::new(AppState {
+            router: router.clone(),
+            auth,
+            limits: settings.ingest.limits.clone(),
+            wal_health: wal_health.clone(),
+            dispatchers: dispatchers.clone(),
+            metrics: metrics.clone(),
+        });
+
+        let listener = TcpListener::bind(settings.http.addr)
+            .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
+        let port = listener.local_addr()?.port();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(http::correlation))
+                .wrap(prometheus.clone())
+                .wrap(tracing_actix_web::TracingLogger::default())
+                .app_data(state.clone())
+                .configure(http::configure)
+        })
+        .backlog(4096)
+        .max_connections(100_000);
+        if settings.http.workers > 0 {
+            server = server.workers(settings.http.workers);
+        }
+        let server = match &settings.http.tls {
+            Some(tls) => server.listen_openssl(listener, tls_acceptor(tls)?)?,
+            None => server.listen(listener)?,
+        }
+        .run();
+        tracing::info!(
+            gateway_id = %settings.gateway_id,
+            addr = %settings.http.addr,
+            port,
+            tls = settings.http.tls.is_some(),
+            sinks = ?settings.sinks.keys().collect::<Vec<_>>(),
+            data_dir = %settings.data_dir.display(),
+            version = env!("CARGO_PKG_VERSION"),
+            "gateway started"
+        );
+        Ok(Self {
+            port,
+            server,
+            handles: Handles { wal, router, dispatchers, sinks, wal_health, registry },
+        })
+    }
+
+    /// The bound HTTP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle that stops the HTTP server.
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until the server stops (SIGINT/SIGTERM or a handle).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn tls_acceptor(tls: &crate::config::TlsSettings) -> anyhow::Result<SslAcceptorBuilder> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+    b.set_private_key_file(&tls.key_file, SslFiletype::PEM)
+        .with_context(|| format!("http.tls_key_file {}", tls.key_file.display()))?;
+    b.set_certificate_chain_file(&tls.cert_file)
+        .with_context(|| format!("http.tls_cert_file {}", tls.cert_file.display()))?;
+    b.check_private_key().context("http.tls_key_file does not match http.tls_cert_file")?;
+    if let Some(ca) = &tls.client_ca_file {
+        b.set_ca_file(ca).with_context(|| format!("http.client_ca_file {}", ca.display()))?;
+        b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    }
+    Ok(b)
+}

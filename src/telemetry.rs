@@ -1,0 +1,37 @@
+//! Logs: JSON lines on stdout, one event per line, level changeable at run time.
+
+use std::sync::OnceLock;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+static FILTER: OnceLock<FilterHandle> = OnceLock::new();
+
+/// Installs the global JSON logger with `level` (an EnvFilter directive).
+/// A second call is a no-op (tests build several applications).
+pub fn init_logging(level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_target(true)
+        .with_writer(std::io::stdout);
+    if tracing_subscriber::registry().with(filter).with(fmt).try_init().is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Changes the log level at run time.
+pub fn set_log_level(level: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    match FILTER.get() {
+        Some(h) => h.reload(filter).map_err(|e| e.to_string()),
+        None => Err("logging is not initialised".into()),
+    }
+}
