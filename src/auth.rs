@@ -62,20 +62,32 @@ impl DeviceAuth {
     /// Loads a tokens file.
     pub fn load(path: &Path) -> Result<Self, TokensError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         let mut map = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let err = |message: &str| TokensError::Line { path: shown.clone(), line: i + 1, message: message.into() };
-            let (device, hash) = line.split_once(':').ok_or_else(|| err("expected device_id:sha256-hex"))?;
+            let err = |message: &str| TokensError::Line {
+                path: shown.clone(),
+                line: i + 1,
+                message: message.into(),
+            };
+            let (device, hash) = line
+                .split_once(':')
+                .ok_or_else(|| err("expected device_id:sha256-hex"))?;
             if !gateway_actors::ingest::validate::is_valid_device_id(device) {
-                return Err(err("device id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"));
+                return Err(err(
+                    "device id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                ));
             }
             let mut h = [0u8; 32];
-            hex::decode_to_slice(hash.trim(), &mut h).map_err(|_| err("hash must be 64 hex characters (sha256)"))?;
+            hex::decode_to_slice(hash.trim(), &mut h)
+                .map_err(|_| err("hash must be 64 hex characters (sha256)"))?;
             map.insert(h, device.to_string());
         }
         Ok(DeviceAuth::Tokens(map))
@@ -90,8 +102,14 @@ impl DeviceAuth {
         let Some(value) = authorization else {
             return AuthDecision::Unauthenticated("missing Authorization: Bearer <device token>");
         };
-        let Some(token) = value.strip_prefix("Bearer ").map(str::trim).filter(|t| !t.is_empty()) else {
-            return AuthDecision::Unauthenticated("Authorization must be \"Bearer <device token>\"");
+        let Some(token) = value
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        else {
+            return AuthDecision::Unauthenticated(
+                "Authorization must be \"Bearer <device token>\"",
+            );
         };
         // The map is keyed by a hash: lookup time does not depend on how much
         // of a guessed token is right.
@@ -126,9 +144,18 @@ mod tests {
         let bearer = format!("Bearer {token}");
         assert_eq!(auth.check(Some(&bearer), "dev-1"), AuthDecision::Allow);
         assert_eq!(auth.check(Some(&bearer), "dev-2"), AuthDecision::Forbidden);
-        assert!(matches!(auth.check(None, "dev-1"), AuthDecision::Unauthenticated(_)));
-        assert!(matches!(auth.check(Some("Bearer nope"), "dev-1"), AuthDecision::Unauthenticated(_)));
-        assert!(matches!(auth.check(Some(&token), "dev-1"), AuthDecision::Unauthenticated(_)));
+        assert!(matches!(
+            auth.check(None, "dev-1"),
+            AuthDecision::Unauthenticated(_)
+        ));
+        assert!(matches!(
+            auth.check(Some("Bearer nope"), "dev-1"),
+            AuthDecision::Unauthenticated(_)
+        ));
+        assert!(matches!(
+            auth.check(Some(&token), "dev-1"),
+            AuthDecision::Unauthenticated(_)
+        ));
     }
 
     #[test]

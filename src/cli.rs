@@ -82,5 +82,12 @@ impl Cli {
 }
 
 fn crate_version() -> &'static str {
-    concat!(env!("CARGO_PKG_VERSION"), " (", env!("GATEWAY_GIT_COMMIT"), ", built ", env!("GATEWAY_BUILD_TIME"), ")")
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (",
+        env!("GATEWAY_GIT_COMMIT"),
+        ", built ",
+        env!("GATEWAY_BUILD_TIME"),
+        ")"
+    )
 }

@@ -224,17 +224,31 @@ fn set_path(tree: &mut Value, path: &[String], v: Value) {
             t.insert(k.clone(), v);
             return;
         }
-        cur = t.entry(k.clone()).or_insert_with(|| Value::Table(Default::default()));
+        cur = t
+            .entry(k.clone())
+            .or_insert_with(|| Value::Table(Default::default()));
     }
 }
 
-fn merge_into(base: &mut Value, top: Value, prefix: &str, layer: &str, origin: &mut HashMap<String, String>) {
+fn merge_into(
+    base: &mut Value,
+    top: Value,
+    prefix: &str,
+    layer: &str,
+    origin: &mut HashMap<String, String>,
+) {
     match (base, top) {
         (Value::Table(b), Value::Table(t)) => {
             for (k, v) in t {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match b.get_mut(&k) {
-                    Some(existing @ Value::Table(_)) if v.is_table() => merge_into(existing, v, &key, layer, origin),
+                    Some(existing @ Value::Table(_)) if v.is_table() => {
+                        merge_into(existing, v, &key, layer, origin)
+                    }
                     _ => {
                         record_origin(&v, &key, layer, origin);
                         b.insert(k, v);
@@ -262,35 +276,54 @@ fn check_layer(tree: &Value, layer: &str) -> Result<(), ConfigError> {
     tree.clone()
         .try_into::<RawConfig>()
         .map(|_| ())
-        .map_err(|e| ConfigError::Layer { layer: layer.to_string(), message: e.to_string() })
+        .map_err(|e| ConfigError::Layer {
+            layer: layer.to_string(),
+            message: e.to_string(),
+        })
 }
 
 impl Loaded {
     /// Reads every layer. `file` is the `--config`/`GATEWAY_CONFIG` path;
     /// `use_env` is false for `config check`, which judges a file alone.
-    pub fn load(file: Option<&Path>, use_env: bool, flags: &FlagLayer) -> Result<Self, ConfigError> {
+    pub fn load(
+        file: Option<&Path>,
+        use_env: bool,
+        flags: &FlagLayer,
+    ) -> Result<Self, ConfigError> {
         let mut origin = HashMap::new();
-        let defaults: Value = toml::from_str(DEFAULTS_TOML)
-            .map_err(|e| ConfigError::Layer { layer: "compiled defaults".into(), message: e.to_string() })?;
+        let defaults: Value = toml::from_str(DEFAULTS_TOML).map_err(|e| ConfigError::Layer {
+            layer: "compiled defaults".into(),
+            message: e.to_string(),
+        })?;
         let mut merged = Value::Table(Default::default());
         merge_into(&mut merged, defaults, "", "default", &mut origin);
 
         if let Some(path) = file {
             let layer = format!("file {}", path.display());
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::Layer { layer: layer.clone(), message: format!("cannot read: {e}") })?;
-            let tree: Value = toml::from_str(&text)
-                .map_err(|e| ConfigError::Layer { layer: layer.clone(), message: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Layer {
+                layer: layer.clone(),
+                message: format!("cannot read: {e}"),
+            })?;
+            let tree: Value = toml::from_str(&text).map_err(|e| ConfigError::Layer {
+                layer: layer.clone(),
+                message: e.to_string(),
+            })?;
             check_layer(&tree, &layer)?;
             merge_into(&mut merged, tree, "", &layer, &mut origin);
         }
 
         if use_env {
-            let env: EnvLayer = envy::prefixed("GATEWAY_")
-                .from_env()
-                .map_err(|e| ConfigError::Layer { layer: "environment".into(), message: e.to_string() })?;
-            let flat = Value::try_from(&env)
-                .map_err(|e| ConfigError::Layer { layer: "environment".into(), message: e.to_string() })?;
+            let env: EnvLayer =
+                envy::prefixed("GATEWAY_")
+                    .from_env()
+                    .map_err(|e| ConfigError::Layer {
+                        layer: "environment".into(),
+                        message: e.to_string(),
+                    })?;
+            let flat = Value::try_from(&env).map_err(|e| ConfigError::Layer {
+                layer: "environment".into(),
+                message: e.to_string(),
+            })?;
             if let Value::Table(t) = flat {
                 for (field, v) in t {
                     let path = env_key_path(&field);
@@ -304,20 +337,43 @@ impl Loaded {
         }
 
         let flag_values: [(&str, Option<Value>, &[&str]); 5] = [
-            ("--gateway-id", flags.gateway_id.clone().map(Value::String), &["gateway_id"]),
+            (
+                "--gateway-id",
+                flags.gateway_id.clone().map(Value::String),
+                &["gateway_id"],
+            ),
             (
                 "--data-dir",
-                flags.data_dir.as_ref().map(|p| Value::String(p.display().to_string())),
+                flags
+                    .data_dir
+                    .as_ref()
+                    .map(|p| Value::String(p.display().to_string())),
                 &["data_dir"],
             ),
-            ("--http-addr", flags.http_addr.clone().map(Value::String), &["http", "addr"]),
-            ("--mqtt-url", flags.mqtt_url.clone().map(Value::String), &["mqtt", "url"]),
-            ("--log-level", flags.log_level.clone().map(Value::String), &["log", "level"]),
+            (
+                "--http-addr",
+                flags.http_addr.clone().map(Value::String),
+                &["http", "addr"],
+            ),
+            (
+                "--mqtt-url",
+                flags.mqtt_url.clone().map(Value::String),
+                &["mqtt", "url"],
+            ),
+            (
+                "--log-level",
+                flags.log_level.clone().map(Value::String),
+                &["log", "level"],
+            ),
         ];
         for (flag, v, path) in flag_values {
             if let Some(v) = v {
                 let mut tree = Value::Table(Default::default());
-                set_path(&mut tree, &path.iter().map(|s| s.to_string()).collect::<Vec<_>>(), v);
+                set_path(
+                    &mut tree,
+                    &path.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                    v,
+                );
                 merge_into(&mut merged, tree, "", &format!("flag {flag}"), &mut origin);
             }
         }
@@ -338,7 +394,11 @@ impl Loaded {
     }
 
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { key: key.to_string(), layer: self.layer_of(key), message: message.into() }
+        ConfigError::Invalid {
+            key: key.to_string(),
+            layer: self.layer_of(key),
+            message: message.into(),
+        }
     }
 
     /// Validates the merged layers into [`Settings`].
@@ -347,24 +407,33 @@ impl Loaded {
             .merged
             .clone()
             .try_into()
-            .map_err(|e| ConfigError::Layer { layer: "merged configuration".into(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Layer {
+                layer: "merged configuration".into(),
+                message: e.to_string(),
+            })?;
         let gateway_id = raw.gateway_id.clone().unwrap_or_else(default_gateway_id);
         if !gateway_actors::ingest::validate::is_valid_device_id(&gateway_id) {
             return Err(self.invalid("gateway_id", "must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"));
         }
-        let data_dir = raw.data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
+        let data_dir = raw
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./data"));
         if data_dir.as_os_str().is_empty() {
             return Err(self.invalid("data_dir", "must not be empty"));
         }
         let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(self.invalid("log.level", format!("{log_level:?} is not a level or filter directive")));
+            return Err(self.invalid(
+                "log.level",
+                format!("{log_level:?} is not a level or filter directive"),
+            ));
         }
 
         let addr_text = raw.http.addr.clone().unwrap_or_default();
-        let addr: SocketAddr = addr_text
-            .parse()
-            .map_err(|e| self.invalid("http.addr", format!("{addr_text:?} is not host:port ({e})")))?;
+        let addr: SocketAddr = addr_text.parse().map_err(|e| {
+            self.invalid("http.addr", format!("{addr_text:?} is not host:port ({e})"))
+        })?;
         let tls = match (&raw.http.tls_cert_file, &raw.http.tls_key_file) {
             (Some(c), Some(k)) => Some(TlsSettings {
                 cert_file: c.clone(),
@@ -377,8 +446,12 @@ impl Loaded {
                 }
                 None
             }
-            (Some(_), None) => return Err(self.invalid("http.tls_cert_file", "http.tls_key_file must be set too")),
-            (None, Some(_)) => return Err(self.invalid("http.tls_key_file", "http.tls_cert_file must be set too")),
+            (Some(_), None) => {
+                return Err(self.invalid("http.tls_cert_file", "http.tls_key_file must be set too"))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid("http.tls_key_file", "http.tls_cert_file must be set too"))
+            }
         };
         for (key, p) in [
             ("http.device_tokens_file", &raw.http.device_tokens_file),
@@ -386,7 +459,9 @@ impl Loaded {
         ] {
             if let Some(p) = p {
                 if !p.is_file() {
-                    return Err(self.invalid(key, format!("{} is not a readable file", p.display())));
+                    return Err(
+                        self.invalid(key, format!("{} is not a readable file", p.display()))
+                    );
                 }
             }
         }
@@ -400,7 +475,10 @@ impl Loaded {
 
         let max_payload_bytes = raw.ingest.max_payload_bytes.unwrap_or(65536);
         if !(64..=16 << 20).contains(&max_payload_bytes) {
-            return Err(self.invalid("ingest.max_payload_bytes", "must be between 64 and 16777216"));
+            return Err(self.invalid(
+                "ingest.max_payload_bytes",
+                "must be between 64 and 16777216",
+            ));
         }
         let max_batch_records = raw.ingest.max_batch_records.unwrap_or(1000);
         if !(1..=100_000).contains(&max_batch_records) {
@@ -408,7 +486,10 @@ impl Loaded {
         }
         let per_second = raw.ingest.rate_limit_per_device.unwrap_or(0.0);
         if !per_second.is_finite() || per_second < 0.0 {
-            return Err(self.invalid("ingest.rate_limit_per_device", "must be >= 0 (0 = unlimited)"));
+            return Err(self.invalid(
+                "ingest.rate_limit_per_device",
+                "must be >= 0 (0 = unlimited)",
+            ));
         }
         let burst = raw.ingest.rate_limit_burst.unwrap_or(0.0);
         if !burst.is_finite() || burst < 0.0 {
@@ -417,7 +498,14 @@ impl Loaded {
         let rate = if per_second == 0.0 {
             RateLimit::OFF
         } else {
-            RateLimit { per_second, burst: if burst == 0.0 { (per_second * 2.0).max(1.0) } else { burst } }
+            RateLimit {
+                per_second,
+                burst: if burst == 0.0 {
+                    (per_second * 2.0).max(1.0)
+                } else {
+                    burst
+                },
+            }
         };
 
         let mqtt_url = raw.mqtt.url.clone().unwrap_or_else(|| "off".into());
@@ -438,12 +526,23 @@ impl Loaded {
             other => return Err(self.invalid("mqtt.url", format!("{other:?}: expected off, embedded, mqtt:// or mqtts://"))),
         };
 
-        let retention = self.duration("wal.retention", raw.wal.retention.as_deref().unwrap_or("24h"))?;
-        let dedup_window = self.duration("wal.dedup_window", raw.wal.dedup_window.as_deref().unwrap_or("24h"))?;
+        let retention = self.duration(
+            "wal.retention",
+            raw.wal.retention.as_deref().unwrap_or("24h"),
+        )?;
+        let dedup_window = self.duration(
+            "wal.dedup_window",
+            raw.wal.dedup_window.as_deref().unwrap_or("24h"),
+        )?;
         let policy = match raw.wal.policy.as_deref().unwrap_or("block") {
             "block" => BackpressurePolicy::Block,
             "drop_oldest" => BackpressurePolicy::DropOldest,
-            other => return Err(self.invalid("wal.policy", format!("{other:?}: expected block or drop_oldest"))),
+            other => {
+                return Err(self.invalid(
+                    "wal.policy",
+                    format!("{other:?}: expected block or drop_oldest"),
+                ))
+            }
         };
         let max_bytes = raw.wal.max_bytes.unwrap_or(4 << 30);
         if max_bytes < 1 << 20 {
@@ -473,20 +572,40 @@ impl Loaded {
             sinks.insert(name.clone(), self.sink(&name, &s, &gateway_id)?);
         }
 
-        Ok(Settings { gateway_id, data_dir, log_level, http, ingest: IngestSettings {
-            limits: IngestLimits { max_payload_bytes, max_batch_records },
-            rate,
-        }, mqtt, wal, sinks })
+        Ok(Settings {
+            gateway_id,
+            data_dir,
+            log_level,
+            http,
+            ingest: IngestSettings {
+                limits: IngestLimits {
+                    max_payload_bytes,
+                    max_batch_records,
+                },
+                rate,
+            },
+            mqtt,
+            wal,
+            sinks,
+        })
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(text).map_err(|e| self.invalid(key, format!("{text:?} is not a duration like \"24h\" or \"90s\" ({e})")))
+        humantime::parse_duration(text).map_err(|e| {
+            self.invalid(
+                key,
+                format!("{text:?} is not a duration like \"24h\" or \"90s\" ({e})"),
+            )
+        })
     }
 
     fn sink(&self, name: &str, s: &RawSink, gateway_id: &str) -> Result<SinkSettings, ConfigError> {
         let key = |k: &str| format!("sinks.{name}.{k}");
         if !gateway_actors::ingest::validate::is_valid_device_id(name) {
-            return Err(self.invalid(&format!("sinks.{name}"), "sink names must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"));
+            return Err(self.invalid(
+                &format!("sinks.{name}"),
+                "sink names must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+            ));
         }
         let mut d = DispatchConfig::new(name);
         if let Some(v) = s.batch_max_records {
@@ -500,7 +619,10 @@ impl Loaded {
         }
         if let Some(v) = s.retry_budget {
             if v == 0 {
-                return Err(self.invalid(&key("retry_budget"), "must be at least 1 (attempts before Dead)"));
+                return Err(self.invalid(
+                    &key("retry_budget"),
+                    "must be at least 1 (attempts before Dead)",
+                ));
             }
             d.retry_budget = v;
         }
@@ -520,29 +642,57 @@ impl Loaded {
             d.publish_timeout = Duration::from_millis(v);
         }
         d.paused = s.paused.unwrap_or(false);
-        let kind = s.kind.as_deref().ok_or_else(|| self.invalid(&key("kind"), "is required (s3, kafka, mqtt or http)"))?;
+        let kind = s
+            .kind
+            .as_deref()
+            .ok_or_else(|| self.invalid(&key("kind"), "is required (s3, kafka, mqtt or http)"))?;
         let target = match kind {
             "s3" => {
-                let url = s.url.clone().ok_or_else(|| self.invalid(&key("url"), "is required for kind s3 (file:///dir or s3://bucket/prefix)"))?;
-                let cfg = S3SinkConfig { url, gateway_id: gateway_id.to_string(), gzip_level: s.gzip_level.unwrap_or(1) };
+                let url = s.url.clone().ok_or_else(|| {
+                    self.invalid(
+                        &key("url"),
+                        "is required for kind s3 (file:///dir or s3://bucket/prefix)",
+                    )
+                })?;
+                let cfg = S3SinkConfig {
+                    url,
+                    gateway_id: gateway_id.to_string(),
+                    gzip_level: s.gzip_level.unwrap_or(1),
+                };
                 if cfg.gzip_level > 9 {
                     return Err(self.invalid(&key("gzip_level"), "must be 0 to 9"));
                 }
-                cfg.target().map_err(|e| self.invalid(&key("url"), e.to_string()))?;
+                cfg.target()
+                    .map_err(|e| self.invalid(&key("url"), e.to_string()))?;
                 SinkTarget::S3(cfg)
             }
             "kafka" | "mqtt" | "http" => {
-                return Err(self.invalid(&key("kind"), format!("sink kind {kind:?} is not part of this build yet (available: s3)")))
+                return Err(self.invalid(
+                    &key("kind"),
+                    format!("sink kind {kind:?} is not part of this build yet (available: s3)"),
+                ))
             }
-            other => return Err(self.invalid(&key("kind"), format!("{other:?}: expected s3, kafka, mqtt or http"))),
+            other => {
+                return Err(self.invalid(
+                    &key("kind"),
+                    format!("{other:?}: expected s3, kafka, mqtt or http"),
+                ))
+            }
         };
-        Ok(SinkSettings { dispatch: d, target })
+        Ok(SinkSettings {
+            dispatch: d,
+            target,
+        })
     }
 
     /// The effective configuration as TOML, secrets redacted.
     pub fn render(&self, settings: &Settings) -> String {
         let mut tree = self.merged.clone();
-        set_path(&mut tree, &["gateway_id".into()], Value::String(settings.gateway_id.clone()));
+        set_path(
+            &mut tree,
+            &["gateway_id".into()],
+            Value::String(settings.gateway_id.clone()),
+        );
         if let Value::Table(t) = &mut tree {
             if !t.contains_key("sinks") {
                 let mut sinks = toml::map::Map::new();
@@ -567,7 +717,10 @@ impl Loaded {
 fn redact(v: &mut Value) {
     if let Value::Table(t) = v {
         for (k, v) in t.iter_mut() {
-            let secret = ["secret", "password", "token"].iter().any(|s| k.contains(s)) && !k.ends_with("_file");
+            let secret = ["secret", "password", "token"]
+                .iter()
+                .any(|s| k.contains(s))
+                && !k.ends_with("_file");
             if secret && !v.is_table() {
                 *v = Value::String("<redacted>".into());
             } else {
@@ -585,7 +738,13 @@ pub fn default_gateway_id() -> String {
     let id: String = raw
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     if gateway_actors::ingest::validate::is_valid_device_id(&id) {
@@ -708,9 +867,15 @@ impl Settings {
     /// Defaults plus `overrides` (a TOML snippet), without environment: for tests.
     pub fn from_toml(overrides: &str) -> Result<Settings, ConfigError> {
         let dir = std::env::temp_dir().join(format!("gateway-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Layer { layer: "test".into(), message: e.to_string() })?;
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Layer {
+            layer: "test".into(),
+            message: e.to_string(),
+        })?;
         let file = dir.join("gateway.toml");
-        std::fs::write(&file, overrides).map_err(|e| ConfigError::Layer { layer: "test".into(), message: e.to_string() })?;
+        std::fs::write(&file, overrides).map_err(|e| ConfigError::Layer {
+            layer: "test".into(),
+            message: e.to_string(),
+        })?;
         let loaded = Loaded::load(Some(&file), false, &FlagLayer::default());
         let _ = std::fs::remove_dir_all(&dir);
         loaded?.settings()
@@ -735,29 +900,56 @@ mod tests {
 
     #[test]
     fn an_invalid_file_value_names_the_key_and_the_file() {
-        let err = Settings::from_toml("[http]\naddr = \"nonsense\"\n").unwrap_err().to_string();
-        assert!(err.contains("`http.addr`") && err.contains("file "), "{err}");
-        let err = Settings::from_toml("[wal]\npolicy = \"sometimes\"\n").unwrap_err().to_string();
+        let err = Settings::from_toml("[http]\naddr = \"nonsense\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`http.addr`") && err.contains("file "),
+            "{err}"
+        );
+        let err = Settings::from_toml("[wal]\npolicy = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`wal.policy`"), "{err}");
-        let err = Settings::from_toml("[http]\nbogus = 1\n").unwrap_err().to_string();
+        let err = Settings::from_toml("[http]\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bogus") && err.contains("file "), "{err}");
-        let err = Settings::from_toml("[sinks.x]\nkind = \"s3\"\n").unwrap_err().to_string();
+        let err = Settings::from_toml("[sinks.x]\nkind = \"s3\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`sinks.x.url`"), "{err}");
     }
 
     #[test]
     fn later_layers_override_earlier_ones_and_are_named_in_errors() {
-        let flags = FlagLayer { http_addr: Some("bad".into()), ..FlagLayer::default() };
-        let err = Loaded::load(None, false, &flags).unwrap().settings().unwrap_err().to_string();
+        let flags = FlagLayer {
+            http_addr: Some("bad".into()),
+            ..FlagLayer::default()
+        };
+        let err = Loaded::load(None, false, &flags)
+            .unwrap()
+            .settings()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("flag --http-addr"), "{err}");
-        let flags = FlagLayer { http_addr: Some("127.0.0.1:9999".into()), ..FlagLayer::default() };
-        let s = Loaded::load(None, false, &flags).unwrap().settings().unwrap();
+        let flags = FlagLayer {
+            http_addr: Some("127.0.0.1:9999".into()),
+            ..FlagLayer::default()
+        };
+        let s = Loaded::load(None, false, &flags)
+            .unwrap()
+            .settings()
+            .unwrap();
         assert_eq!(s.http.addr.port(), 9999);
     }
 
     #[test]
     fn env_names_map_to_sections() {
-        assert_eq!(env_key_path("http_device_tokens_file"), vec!["http", "device_tokens_file"]);
+        assert_eq!(
+            env_key_path("http_device_tokens_file"),
+            vec!["http", "device_tokens_file"]
+        );
         assert_eq!(env_key_path("id"), vec!["gateway_id"]);
         assert_eq!(env_key_path("data_dir"), vec!["data_dir"]);
         assert_eq!(env_key_path("wal_max_bytes"), vec!["wal", "max_bytes"]);
@@ -765,7 +957,8 @@ mod tests {
 
     #[test]
     fn printing_redacts_secrets() {
-        let mut v: Value = toml::from_str("[sinks.h]\ntoken = \"s3cr3t\"\ntoken_file = \"/x\"\n").unwrap();
+        let mut v: Value =
+            toml::from_str("[sinks.h]\ntoken = \"s3cr3t\"\ntoken_file = \"/x\"\n").unwrap();
         redact(&mut v);
         let out = toml::to_string(&v).unwrap();
         assert!(!out.contains("s3cr3t") && out.contains("/x"), "{out}");

@@ -13,7 +13,9 @@ fn main() -> ExitCode {
     match cli.command {
         None | Some(Command::Run) => run(&cli, &flags),
         Some(Command::Config(ConfigCommand::Print)) => {
-            match Loaded::load(cli.config.as_deref(), true, &flags).and_then(|l| l.settings().map(|s| (l, s))) {
+            match Loaded::load(cli.config.as_deref(), true, &flags)
+                .and_then(|l| l.settings().map(|s| (l, s)))
+            {
                 Ok((loaded, settings)) => {
                     print!("{}", loaded.render(&settings));
                     ExitCode::SUCCESS
@@ -22,7 +24,8 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Config(ConfigCommand::Check { ref file })) => {
-            match Loaded::load(Some(file), false, &FlagLayer::default()).and_then(|l| l.settings()) {
+            match Loaded::load(Some(file), false, &FlagLayer::default()).and_then(|l| l.settings())
+            {
                 Ok(_) => {
                     println!("{}: ok", file.display());
                     ExitCode::SUCCESS
@@ -32,7 +35,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Token(TokenCommand::New { ref device })) => {
             if !gateway_actors::ingest::validate::is_valid_device_id(device) {
-                eprintln!("error: device id {device:?} must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$");
+                eprintln!(
+                    "error: device id {device:?} must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$"
+                );
                 return ExitCode::from(2);
             }
             match gateway::auth::new_token(device) {
@@ -57,7 +62,8 @@ fn config_error(e: gateway::config::ConfigError) -> ExitCode {
 }
 
 fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
-    let settings = match Loaded::load(cli.config.as_deref(), true, flags).and_then(|l| l.settings()) {
+    let settings = match Loaded::load(cli.config.as_deref(), true, flags).and_then(|l| l.settings())
+    {
         Ok(s) => s,
         Err(e) => return config_error(e),
     };

@@ -99,7 +99,11 @@ impl Application {
         };
         let router = {
             let (w, h, m) = (wal.clone(), wal_health.clone(), metrics.clone());
-            let (id, limits, rate) = (settings.gateway_id.clone(), settings.ingest.limits.clone(), settings.ingest.rate);
+            let (id, limits, rate) = (
+                settings.gateway_id.clone(),
+                settings.ingest.limits.clone(),
+                settings.ingest.rate,
+            );
             Supervisor::start(move |_| IngestRouter::new(w, h, &id, limits, rate, m))
         };
         let mut dispatchers = Vec::new();
@@ -111,7 +115,12 @@ impl Application {
                 Supervisor::start(move |_| SinkActor::new(&n, factory, m))
             };
             let disp = {
-                let (cfg, w, sk, m) = (s.dispatch.clone(), wal.clone(), sink.clone(), metrics.clone());
+                let (cfg, w, sk, m) = (
+                    s.dispatch.clone(),
+                    wal.clone(),
+                    sink.clone(),
+                    metrics.clone(),
+                );
                 Supervisor::start(move |_| Dispatcher::new(cfg, w, sk, m))
             };
             sinks.push((name.clone(), sink));
@@ -167,7 +176,14 @@ impl Application {
         Ok(Self {
             port,
             server,
-            handles: Handles { wal, router, dispatchers, sinks, wal_health, registry },
+            handles: Handles {
+                wal,
+                router,
+                dispatchers,
+                sinks,
+                wal_health,
+                registry,
+            },
         })
     }
 
@@ -193,9 +209,11 @@ fn tls_acceptor(tls: &crate::config::TlsSettings) -> anyhow::Result<SslAcceptorB
         .with_context(|| format!("http.tls_key_file {}", tls.key_file.display()))?;
     b.set_certificate_chain_file(&tls.cert_file)
         .with_context(|| format!("http.tls_cert_file {}", tls.cert_file.display()))?;
-    b.check_private_key().context("http.tls_key_file does not match http.tls_cert_file")?;
+    b.check_private_key()
+        .context("http.tls_key_file does not match http.tls_cert_file")?;
     if let Some(ca) = &tls.client_ca_file {
-        b.set_ca_file(ca).with_context(|| format!("http.client_ca_file {}", ca.display()))?;
+        b.set_ca_file(ca)
+            .with_context(|| format!("http.client_ca_file {}", ca.display()))?;
         b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
     }
     Ok(b)

@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
@@ -13,6 +13,16 @@ static FILTER: OnceLock<FilterHandle> = OnceLock::new();
 /// Installs the global JSON logger with `level` (an EnvFilter directive).
 /// A second call is a no-op (tests build several applications).
 pub fn init_logging(level: &str) {
+    init(level, false)
+}
+
+/// Like [`init_logging`], writing through the test harness so that output is
+/// shown only for failing tests.
+pub fn init_test_logging(level: &str) {
+    init(level, true)
+}
+
+fn init(level: &str, test: bool) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
@@ -22,7 +32,17 @@ pub fn init_logging(level: &str) {
         .with_span_list(false)
         .with_target(true)
         .with_writer(std::io::stdout);
-    if tracing_subscriber::registry().with(filter).with(fmt).try_init().is_ok() {
+    let fmt = if test {
+        fmt.with_test_writer().boxed()
+    } else {
+        fmt.boxed()
+    };
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
         let _ = FILTER.set(handle);
     }
 }

@@ -63,7 +63,9 @@ impl DispatchConfig {
     /// exponential, capped, with "equal jitter" (half fixed, half random) so
     /// that many gateways do not retry in lockstep yet never spin.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.retry_base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let exp = self
+            .retry_base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         let d = exp.min(self.retry_max).max(Duration::from_millis(1));
         let half = d / 2;
         half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
@@ -86,9 +88,21 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher delivering from `wal` to `sink`.
-    pub fn new(cfg: DispatchConfig, wal: Addr<WalStore>, sink: Addr<SinkActor>, metrics: Metrics) -> Self {
+    pub fn new(
+        cfg: DispatchConfig,
+        wal: Addr<WalStore>,
+        sink: Addr<SinkActor>,
+        metrics: Metrics,
+    ) -> Self {
         let paused = cfg.paused;
-        Self { cfg, wal, sink, metrics, paused, busy: false }
+        Self {
+            cfg,
+            wal,
+            sink,
+            metrics,
+            paused,
+            busy: false,
+        }
     }
 
     fn step(&mut self, ctx: &mut Context<Self>) {
@@ -125,16 +139,27 @@ impl Dispatcher {
 
     fn publish(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
         let started = Instant::now();
-        let send = self.sink.send(PublishBatch { batch: batch.clone() }).timeout(self.cfg.publish_timeout);
+        let send = self
+            .sink
+            .send(PublishBatch {
+                batch: batch.clone(),
+            })
+            .timeout(self.cfg.publish_timeout);
         ctx.spawn(send.into_actor(self).map(move |res, act, ctx| {
             let sink = act.cfg.sink.clone();
-            act.metrics.sink_publish_seconds.with_label_values(&[&sink]).observe(started.elapsed().as_secs_f64());
+            act.metrics
+                .sink_publish_seconds
+                .with_label_values(&[&sink])
+                .observe(started.elapsed().as_secs_f64());
             let res = match res {
                 Ok(r) => r,
-                Err(MailboxError::Timeout) => {
-                    Err(SinkError::Retryable(format!("publish timed out after {:?}", act.cfg.publish_timeout)))
+                Err(MailboxError::Timeout) => Err(SinkError::Retryable(format!(
+                    "publish timed out after {:?}",
+                    act.cfg.publish_timeout
+                ))),
+                Err(MailboxError::Closed) => {
+                    Err(SinkError::Retryable("sink actor unavailable".into()))
                 }
-                Err(MailboxError::Closed) => Err(SinkError::Retryable("sink actor unavailable".into())),
             };
             match res {
                 Ok(()) => {
@@ -144,7 +169,10 @@ impl Dispatcher {
                 Err(e) if e.is_retryable() && attempt < act.cfg.retry_budget => {
                     let delay = act.cfg.backoff(attempt);
                     act.metrics.sink_up.with_label_values(&[&sink]).set(0);
-                    act.metrics.sink_publish.with_label_values(&[&sink, "retry"]).inc();
+                    act.metrics
+                        .sink_publish
+                        .with_label_values(&[&sink, "retry"])
+                        .inc();
                     tracing::warn!(
                         sink = %sink,
                         first_seq = batch.first_seq(),
@@ -165,7 +193,10 @@ impl Dispatcher {
     }
 
     fn ack(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
-        let msg = AckBatch { sink: self.cfg.sink.clone(), ranges: batch.ranges.clone() };
+        let msg = AckBatch {
+            sink: self.cfg.sink.clone(),
+            ranges: batch.ranges.clone(),
+        };
         ctx.spawn(self.wal.send(msg).into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(())) => {
                 let sink = act.cfg.sink.as_str();
@@ -195,7 +226,12 @@ impl Dispatcher {
     }
 
     fn dead(&mut self, batch: Arc<Batch>, attempts: u32, error: String, ctx: &mut Context<Self>) {
-        let msg = MarkDead { sink: self.cfg.sink.clone(), ranges: batch.ranges.clone(), error: error.clone(), attempts };
+        let msg = MarkDead {
+            sink: self.cfg.sink.clone(),
+            ranges: batch.ranges.clone(),
+            error: error.clone(),
+            attempts,
+        };
         ctx.spawn(self.wal.send(msg).into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(())) => {
                 let sink = act.cfg.sink.as_str();
@@ -227,10 +263,15 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.busy = false;
         let sink = self.cfg.sink.as_str();
-        self.metrics.sink_paused.with_label_values(&[sink]).set(self.paused as i64);
+        self.metrics
+            .sink_paused
+            .with_label_values(&[sink])
+            .set(self.paused as i64);
         self.metrics.sink_up.with_label_values(&[sink]).set(1);
         for outcome in ["ok", "retry", "dead"] {
-            self.metrics.sink_publish.with_label_values(&[sink, outcome]);
+            self.metrics
+                .sink_publish
+                .with_label_values(&[sink, outcome]);
         }
         self.step(ctx);
     }
@@ -238,9 +279,14 @@ impl Actor for Dispatcher {
 
 impl Supervised for Dispatcher {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.metrics.actor_restarts.with_label_values(&["Dispatcher"]).inc();
+        self.metrics
+            .actor_restarts
+            .with_label_values(&["Dispatcher"])
+            .inc();
         tracing::warn!(actor = "Dispatcher", sink = %self.cfg.sink, "restarting; releasing its in-flight batch");
-        self.wal.do_send(ReleaseSink { sink: self.cfg.sink.clone() });
+        self.wal.do_send(ReleaseSink {
+            sink: self.cfg.sink.clone(),
+        });
     }
 }
 
@@ -257,7 +303,10 @@ impl Handler<SetPaused> for Dispatcher {
             tracing::info!(sink = %self.cfg.sink, paused = msg.0, "sink delivery {}", if msg.0 { "paused" } else { "resumed" });
         }
         self.paused = msg.0;
-        self.metrics.sink_paused.with_label_values(&[&self.cfg.sink]).set(msg.0 as i64);
+        self.metrics
+            .sink_paused
+            .with_label_values(&[&self.cfg.sink])
+            .set(msg.0 as i64);
         if !msg.0 {
             self.step(ctx);
         }
@@ -287,11 +336,20 @@ mod tests {
         c.retry_max = Duration::from_secs(1);
         for _ in 0..50 {
             let d1 = c.backoff(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
             let d3 = c.backoff(3);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
+                "{d3:?}"
+            );
             let d30 = c.backoff(30);
-            assert!(d30 >= Duration::from_millis(500) && d30 <= Duration::from_secs(1), "{d30:?}");
+            assert!(
+                d30 >= Duration::from_millis(500) && d30 <= Duration::from_secs(1),
+                "{d30:?}"
+            );
         }
     }
 }

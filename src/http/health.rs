@@ -29,7 +29,12 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     } else {
         json!({"ok": true})
     };
-    let dead: Vec<&str> = state.dispatchers.iter().filter(|(_, a)| !a.connected()).map(|(n, _)| n.as_str()).collect();
+    let dead: Vec<&str> = state
+        .dispatchers
+        .iter()
+        .filter(|(_, a)| !a.connected())
+        .map(|(n, _)| n.as_str())
+        .collect();
     let dispatcher = if state.dispatchers.is_empty() || dead.len() == state.dispatchers.len() {
         json!({"ok": false, "detail": "no dispatcher is running"})
     } else if dead.is_empty() {
@@ -38,14 +43,20 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         json!({"ok": true, "detail": format!("not running: {}", dead.join(", "))})
     };
     let mqtt = json!({"ok": true, "detail": "disabled"});
-    let checks = json!({"wal": wal, "backpressure": backpressure, "dispatcher": dispatcher, "mqtt": mqtt});
-    let ready = ["wal", "backpressure", "dispatcher", "mqtt"].iter().all(|k| checks[k]["ok"] == Value::Bool(true));
-    let failing: Vec<&str> =
-        ["wal", "backpressure", "dispatcher", "mqtt"].into_iter().filter(|k| checks[k]["ok"] != Value::Bool(true)).collect();
+    let checks =
+        json!({"wal": wal, "backpressure": backpressure, "dispatcher": dispatcher, "mqtt": mqtt});
+    let ready = ["wal", "backpressure", "dispatcher", "mqtt"]
+        .iter()
+        .all(|k| checks[k]["ok"] == Value::Bool(true));
+    let failing: Vec<&str> = ["wal", "backpressure", "dispatcher", "mqtt"]
+        .into_iter()
+        .filter(|k| checks[k]["ok"] != Value::Bool(true))
+        .collect();
     if ready {
         HttpResponse::Ok().json(json!({"status": "ready", "checks": checks}))
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({"status": "not_ready", "failing": failing, "checks": checks}))
+        HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "not_ready", "failing": failing, "checks": checks}))
     }
 }
 

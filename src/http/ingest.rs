@@ -36,8 +36,16 @@ pub async fn ingest(
         .map(|c| c.0.clone())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let reject = |status, code, message: String| {
-        state.metrics.ingest_rejected.with_label_values(&["http", code]).inc();
-        state.metrics.ingest_records.with_label_values(&["http", "rejected"]).inc();
+        state
+            .metrics
+            .ingest_rejected
+            .with_label_values(&["http", code])
+            .inc();
+        state
+            .metrics
+            .ingest_records
+            .with_label_values(&["http", "rejected"])
+            .inc();
         tracing::info!(source = "http", device_id = %device_id, correlation_id = %correlation_id, reason = code, error = %message, "telemetry rejected");
         ApiError::new(status, code, message)
     };
@@ -45,9 +53,14 @@ pub async fn ingest(
     if let Err(r) = check_device_id(&device_id) {
         return Err(reject(StatusCode::BAD_REQUEST, r.reason, r.message));
     }
-    match state.auth.check(header_str(&req, header::AUTHORIZATION.as_str()), &device_id) {
+    match state
+        .auth
+        .check(header_str(&req, header::AUTHORIZATION.as_str()), &device_id)
+    {
         AuthDecision::Allow => {}
-        AuthDecision::Unauthenticated(why) => return Err(reject(StatusCode::UNAUTHORIZED, "unauthorized", why.into())),
+        AuthDecision::Unauthenticated(why) => {
+            return Err(reject(StatusCode::UNAUTHORIZED, "unauthorized", why.into()))
+        }
         AuthDecision::Forbidden => {
             return Err(reject(
                 StatusCode::FORBIDDEN,
@@ -65,9 +78,15 @@ pub async fn ingest(
     }
     let limit = state.limits.max_payload_bytes;
     let too_large = || format!("payload exceeds the limit of {limit} bytes");
-    if let Some(len) = header_str(&req, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(len) =
+        header_str(&req, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok())
+    {
         if len > limit {
-            return Err(reject(StatusCode::PAYLOAD_TOO_LARGE, "too_large", too_large()));
+            return Err(reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                too_large(),
+            ));
         }
     }
     let idempotency_key = match header_str(&req, "Idempotency-Key") {
@@ -77,13 +96,20 @@ pub async fn ingest(
         },
         None => None,
     };
-    let traceparent = header_str(&req, "traceparent").filter(|t| is_traceparent(t)).map(str::to_string);
+    let traceparent = header_str(&req, "traceparent")
+        .filter(|t| is_traceparent(t))
+        .map(str::to_string);
 
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?;
         if body.len() + chunk.len() > limit {
-            return Err(reject(StatusCode::PAYLOAD_TOO_LARGE, "too_large", too_large()));
+            return Err(reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                too_large(),
+            ));
         }
         body.extend_from_slice(&chunk);
     }
@@ -99,27 +125,49 @@ pub async fn ingest(
     let receipt = match state.router.send(msg).await {
         Ok(Ok(r)) => r,
         Ok(Err(IngestError::Rejected(r))) => {
-            let status = if r.reason == "too_large" { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+            let status = if r.reason == "too_large" {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             return Err(ApiError::new(status, r.reason, r.message));
         }
         Ok(Err(IngestError::RateLimited { retry_after, .. })) => {
-            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "device is over its rate limit")
-                .retry_after(retry_after.as_secs_f64().ceil() as u64));
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "device is over its rate limit",
+            )
+            .retry_after(retry_after.as_secs_f64().ceil() as u64));
         }
         Ok(Err(IngestError::Backpressure(why))) => {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backpressure", why).retry_after(5));
+            return Err(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backpressure", why).retry_after(5),
+            );
         }
         Ok(Err(IngestError::Unavailable(why))) => {
             tracing::warn!(device_id = %device_id, correlation_id = %correlation_id, error = %why, "ingest not stored");
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", why).retry_after(1));
+            return Err(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", why)
+                    .retry_after(1),
+            );
         }
         Err(e) => {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).retry_after(1));
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+            .retry_after(1));
         }
     };
 
     let all_dup = receipt.records.iter().all(|r| r.duplicate);
-    let status = if all_dup { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if all_dup {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     let body = if receipt.batch {
         let dups = receipt.records.iter().filter(|r| r.duplicate).count();
         json!({
@@ -145,5 +193,8 @@ pub async fn ingest(
 fn is_traceparent(v: &str) -> bool {
     let parts: Vec<&str> = v.split('-').collect();
     parts.len() == 4
-        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|c| c.is_ascii_hexdigit()))
+        && [2, 32, 16, 2]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.bytes().all(|c| c.is_ascii_hexdigit()))
 }

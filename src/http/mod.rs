@@ -44,11 +44,17 @@ pub struct CorrelationId(pub String);
 const CORRELATION_HEADER: &str = "x-correlation-id";
 
 fn valid_correlation(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Gives every request a correlation id and puts it on every response.
-pub async fn correlation(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+pub async fn correlation(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = req
         .headers()
         .get(CORRELATION_HEADER)
@@ -59,7 +65,8 @@ pub async fn correlation(req: ServiceRequest, next: Next<impl MessageBody>) -> R
     req.extensions_mut().insert(CorrelationId(id.clone()));
     let mut res = next.call(req).await?;
     if let Ok(v) = HeaderValue::from_str(&id) {
-        res.headers_mut().insert(HeaderName::from_static(CORRELATION_HEADER), v);
+        res.headers_mut()
+            .insert(HeaderName::from_static(CORRELATION_HEADER), v);
     }
     Ok(res)
 }
@@ -74,5 +81,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 async fn not_found(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::new(actix_web::http::StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", req.method(), req.path())))
+    Err(ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    ))
 }

@@ -3,5 +3,7 @@
 mod router;
 pub mod validate;
 
-pub use router::{IngestError, IngestReceipt, IngestRouter, IngestTelemetry, RateLimit, RecordReceipt};
+pub use router::{
+    IngestError, IngestReceipt, IngestRouter, IngestTelemetry, RateLimit, RecordReceipt,
+};
 pub use validate::{IngestLimits, Rejection, Source};

@@ -34,7 +34,10 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// No limit.
-    pub const OFF: RateLimit = RateLimit { per_second: 0.0, burst: 0.0 };
+    pub const OFF: RateLimit = RateLimit {
+        per_second: 0.0,
+        burst: 0.0,
+    };
 }
 
 struct Bucket {
@@ -63,7 +66,15 @@ impl IngestRouter {
         rate: RateLimit,
         metrics: Metrics,
     ) -> Self {
-        Self { wal, wal_health, gateway_id: gateway_id.into(), limits, rate, buckets: HashMap::new(), metrics }
+        Self {
+            wal,
+            wal_health,
+            gateway_id: gateway_id.into(),
+            limits,
+            rate,
+            buckets: HashMap::new(),
+            metrics,
+        }
     }
 
     /// Takes `n` tokens for `device`, or says how long until they exist.
@@ -73,7 +84,10 @@ impl IngestRouter {
             return Ok(());
         }
         let now = Instant::now();
-        let b = self.buckets.entry(device.to_string()).or_insert(Bucket { tokens: burst, at: now });
+        let b = self.buckets.entry(device.to_string()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * per_second).min(burst);
         b.at = now;
         let n = n as f64;
@@ -81,13 +95,21 @@ impl IngestRouter {
             b.tokens -= n;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(((n - b.tokens) / per_second).max(0.001)))
+            Err(Duration::from_secs_f64(
+                ((n - b.tokens) / per_second).max(0.001),
+            ))
         }
     }
 
     fn reject(&self, source: Source, device_id: &str, correlation_id: &str, r: &Rejection) {
-        self.metrics.ingest_rejected.with_label_values(&[source.as_str(), r.reason]).inc();
-        self.metrics.ingest_records.with_label_values(&[source.as_str(), "rejected"]).inc();
+        self.metrics
+            .ingest_rejected
+            .with_label_values(&[source.as_str(), r.reason])
+            .inc();
+        self.metrics
+            .ingest_records
+            .with_label_values(&[source.as_str(), "rejected"])
+            .inc();
         tracing::info!(
             source = source.as_str(),
             device_id,
@@ -109,7 +131,8 @@ impl Actor for IngestRouter {
             let now = Instant::now();
             let RateLimit { per_second, burst } = act.rate;
             act.buckets.retain(|_, b| {
-                per_second > 0.0 && b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < burst
+                per_second > 0.0
+                    && b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < burst
             });
         });
     }
@@ -117,7 +140,10 @@ impl Actor for IngestRouter {
 
 impl Supervised for IngestRouter {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.metrics.actor_restarts.with_label_values(&["IngestRouter"]).inc();
+        self.metrics
+            .actor_restarts
+            .with_label_values(&["IngestRouter"])
+            .inc();
         tracing::warn!(actor = "IngestRouter", "restarting");
         self.buckets.clear();
     }
@@ -205,13 +231,24 @@ impl Handler<IngestTelemetry> for IngestRouter {
             }
         };
         if let Err(retry_after) = self.take_tokens(&msg.device_id, records.len()) {
-            let r = Rejection { reason: "rate_limited", message: "device over its rate limit".into() };
+            let r = Rejection {
+                reason: "rate_limited",
+                message: "device over its rate limit".into(),
+            };
             self.reject(source, &msg.device_id, &msg.correlation_id, &r);
             let device_id = msg.device_id;
-            return Box::pin(async move { Err(IngestError::RateLimited { device_id, retry_after }) });
+            return Box::pin(async move {
+                Err(IngestError::RateLimited {
+                    device_id,
+                    retry_after,
+                })
+            });
         }
         if self.wal_health.backpressure.load(Ordering::Relaxed) {
-            let r = Rejection { reason: "backpressure", message: "WAL backpressure".into() };
+            let r = Rejection {
+                reason: "backpressure",
+                message: "WAL backpressure".into(),
+            };
             self.reject(source, &msg.device_id, &msg.correlation_id, &r);
             let why = self
                 .wal_health
@@ -229,33 +266,58 @@ impl Handler<IngestTelemetry> for IngestRouter {
             let outcomes = match send.await {
                 Ok(Ok(o)) => o,
                 Ok(Err(WalError::Backpressure(why))) => {
-                    metrics.ingest_rejected.with_label_values(&[source.as_str(), "backpressure"]).inc();
+                    metrics
+                        .ingest_rejected
+                        .with_label_values(&[source.as_str(), "backpressure"])
+                        .inc();
                     return Err(IngestError::Backpressure(why));
                 }
                 Ok(Err(e)) => {
-                    metrics.ingest_rejected.with_label_values(&[source.as_str(), "storage"]).inc();
+                    metrics
+                        .ingest_rejected
+                        .with_label_values(&[source.as_str(), "storage"])
+                        .inc();
                     return Err(IngestError::Unavailable(e.to_string()));
                 }
                 Err(e) => {
-                    metrics.ingest_rejected.with_label_values(&[source.as_str(), "storage"]).inc();
+                    metrics
+                        .ingest_rejected
+                        .with_label_values(&[source.as_str(), "storage"])
+                        .inc();
                     return Err(IngestError::Unavailable(e.to_string()));
                 }
             };
             let receipts: Vec<RecordReceipt> = outcomes
                 .into_iter()
                 .map(|o| match o {
-                    AppendOutcome::Appended { seq } => {
-                        RecordReceipt { seq, correlation_id: correlation_id.clone(), duplicate: false }
-                    }
-                    AppendOutcome::Duplicate { seq, correlation_id } => {
-                        RecordReceipt { seq, correlation_id, duplicate: true }
-                    }
+                    AppendOutcome::Appended { seq } => RecordReceipt {
+                        seq,
+                        correlation_id: correlation_id.clone(),
+                        duplicate: false,
+                    },
+                    AppendOutcome::Duplicate {
+                        seq,
+                        correlation_id,
+                    } => RecordReceipt {
+                        seq,
+                        correlation_id,
+                        duplicate: true,
+                    },
                 })
                 .collect();
             let dups = receipts.iter().filter(|r| r.duplicate).count() as u64;
-            metrics.ingest_records.with_label_values(&[source.as_str(), "accepted"]).inc_by(receipts.len() as u64 - dups);
-            metrics.ingest_records.with_label_values(&[source.as_str(), "duplicate"]).inc_by(dups);
-            Ok(IngestReceipt { batch, records: receipts })
+            metrics
+                .ingest_records
+                .with_label_values(&[source.as_str(), "accepted"])
+                .inc_by(receipts.len() as u64 - dups);
+            metrics
+                .ingest_records
+                .with_label_values(&[source.as_str(), "duplicate"])
+                .inc_by(dups);
+            Ok(IngestReceipt {
+                batch,
+                records: receipts,
+            })
         })
     }
 }
@@ -269,7 +331,9 @@ mod tests {
         let sys = actix::System::new();
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let wal = crate::wal::Wal::open(crate::wal::WalConfig::new(dir.path().join("w.db"), &[])).unwrap();
+            let wal =
+                crate::wal::Wal::open(crate::wal::WalConfig::new(dir.path().join("w.db"), &[]))
+                    .unwrap();
             let health = Arc::new(WalHealth::default());
             let addr = WalStore::new(wal, Metrics::unregistered(), health.clone()).start();
             let mut r = IngestRouter::new(
@@ -277,12 +341,18 @@ mod tests {
                 health,
                 "gw",
                 IngestLimits::default(),
-                RateLimit { per_second: 10.0, burst: 5.0 },
+                RateLimit {
+                    per_second: 10.0,
+                    burst: 5.0,
+                },
                 Metrics::unregistered(),
             );
             assert!(r.take_tokens("d", 5).is_ok());
             let wait = r.take_tokens("d", 1).unwrap_err();
-            assert!(wait > Duration::from_millis(50) && wait <= Duration::from_millis(101), "{wait:?}");
+            assert!(
+                wait > Duration::from_millis(50) && wait <= Duration::from_millis(101),
+                "{wait:?}"
+            );
             assert!(r.take_tokens("other", 5).is_ok());
         });
     }

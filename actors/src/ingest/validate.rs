@@ -57,7 +57,10 @@ pub struct Rejection {
 
 impl Rejection {
     fn schema(message: impl Into<String>) -> Self {
-        Self { reason: "invalid_schema", message: message.into() }
+        Self {
+            reason: "invalid_schema",
+            message: message.into(),
+        }
     }
 }
 
@@ -72,7 +75,10 @@ pub struct IngestLimits {
 
 impl Default for IngestLimits {
     fn default() -> Self {
-        Self { max_payload_bytes: 64 * 1024, max_batch_records: 1000 }
+        Self {
+            max_payload_bytes: 64 * 1024,
+            max_batch_records: 1000,
+        }
     }
 }
 
@@ -99,7 +105,8 @@ pub fn is_valid_device_id(id: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Checks a device id, naming the rule on failure.
@@ -149,7 +156,11 @@ pub fn parse_payload(
     if payload.len() > limits.max_payload_bytes {
         return Err(Rejection {
             reason: "too_large",
-            message: format!("payload is {} bytes; the limit is {}", payload.len(), limits.max_payload_bytes),
+            message: format!(
+                "payload is {} bytes; the limit is {}",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
         });
     }
     let value: Value = serde_json::from_slice(payload).map_err(|e| Rejection {
@@ -164,12 +175,19 @@ pub fn parse_payload(
         }
         Value::Array(items) => {
             if items.is_empty() {
-                return Err(Rejection { reason: "empty_batch", message: "a batch must hold at least one record".into() });
+                return Err(Rejection {
+                    reason: "empty_batch",
+                    message: "a batch must hold at least one record".into(),
+                });
             }
             if items.len() > limits.max_batch_records {
                 return Err(Rejection {
                     reason: "batch_too_large",
-                    message: format!("batch holds {} records; the limit is {}", items.len(), limits.max_batch_records),
+                    message: format!(
+                        "batch holds {} records; the limit is {}",
+                        items.len(),
+                        limits.max_batch_records
+                    ),
                 });
             }
             items
@@ -178,14 +196,22 @@ pub fn parse_payload(
                 .map(|(i, item)| match item {
                     Value::Object(obj) => {
                         let raw = serde_json::to_vec(&obj).unwrap_or_default();
-                        to_record(device_id, obj, Some(i), &raw, enrich, &receive_ts)
-                            .map_err(|r| Rejection { message: format!("record {i}: {}", r.message), ..r })
+                        to_record(device_id, obj, Some(i), &raw, enrich, &receive_ts).map_err(|r| {
+                            Rejection {
+                                message: format!("record {i}: {}", r.message),
+                                ..r
+                            }
+                        })
                     }
-                    _ => Err(Rejection::schema(format!("record {i}: must be a JSON object"))),
+                    _ => Err(Rejection::schema(format!(
+                        "record {i}: must be a JSON object"
+                    ))),
                 })
                 .collect()
         }
-        _ => Err(Rejection::schema("payload must be a JSON object or an array of objects")),
+        _ => Err(Rejection::schema(
+            "payload must be a JSON object or an array of objects",
+        )),
     }
 }
 
@@ -197,10 +223,12 @@ fn to_record(
     enrich: &Enrichment<'_>,
     receive_ts: &str,
 ) -> Result<NewRecord, Rejection> {
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !matches!(k.as_str(), "schema_version" | "msg_id" | "ts" | "metrics" | "tags"))
-    {
+    if let Some(k) = obj.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "schema_version" | "msg_id" | "ts" | "metrics" | "tags"
+        )
+    }) {
         return Err(Rejection::schema(format!("unknown field {k:?}")));
     }
     match obj.get("schema_version") {
@@ -225,16 +253,28 @@ fn to_record(
         }
     };
     let device_ts = match obj.get("ts") {
-        None => return Err(Rejection::schema("ts is required (RFC 3339 string or epoch milliseconds)")),
+        None => {
+            return Err(Rejection::schema(
+                "ts is required (RFC 3339 string or epoch milliseconds)",
+            ))
+        }
         Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
             .map_err(|e| Rejection::schema(format!("ts {s:?} is not RFC 3339: {e}")))?
             .with_timezone(&Utc)
             .to_rfc3339_opts(SecondsFormat::Millis, true),
         Some(Value::Number(n)) => match n.as_i64() {
             Some(ms) if (0..=MAX_TS_MS).contains(&ms) => format_ts(ms),
-            _ => return Err(Rejection::schema("ts in epoch milliseconds must be an integer between 0 and 4102444800000")),
+            _ => {
+                return Err(Rejection::schema(
+                    "ts in epoch milliseconds must be an integer between 0 and 4102444800000",
+                ))
+            }
         },
-        Some(_) => return Err(Rejection::schema("ts must be an RFC 3339 string or epoch milliseconds")),
+        Some(_) => {
+            return Err(Rejection::schema(
+                "ts must be an RFC 3339 string or epoch milliseconds",
+            ))
+        }
     };
     let metrics = match obj.remove("metrics") {
         Some(Value::Object(m)) if !m.is_empty() => m,
@@ -243,7 +283,9 @@ fn to_record(
         Some(_) => return Err(Rejection::schema("metrics must be an object")),
     };
     if metrics.len() > MAX_METRICS {
-        return Err(Rejection::schema(format!("at most {MAX_METRICS} metrics per record")));
+        return Err(Rejection::schema(format!(
+            "at most {MAX_METRICS} metrics per record"
+        )));
     }
     for (k, v) in &metrics {
         check_name("metric", k)?;
@@ -251,9 +293,15 @@ fn to_record(
             Value::Number(_) | Value::Bool(_) => {}
             Value::String(s) if s.len() <= MAX_STRING_VALUE => {}
             Value::String(_) => {
-                return Err(Rejection::schema(format!("metric {k:?}: strings are limited to {MAX_STRING_VALUE} bytes")))
+                return Err(Rejection::schema(format!(
+                    "metric {k:?}: strings are limited to {MAX_STRING_VALUE} bytes"
+                )))
             }
-            _ => return Err(Rejection::schema(format!("metric {k:?} must be a number, boolean or short string"))),
+            _ => {
+                return Err(Rejection::schema(format!(
+                    "metric {k:?} must be a number, boolean or short string"
+                )))
+            }
         }
     }
     let tags = match obj.remove("tags") {
@@ -262,13 +310,19 @@ fn to_record(
         Some(_) => return Err(Rejection::schema("tags must be an object of strings")),
     };
     if tags.len() > MAX_TAGS {
-        return Err(Rejection::schema(format!("at most {MAX_TAGS} tags per record")));
+        return Err(Rejection::schema(format!(
+            "at most {MAX_TAGS} tags per record"
+        )));
     }
     for (k, v) in &tags {
         check_name("tag", k)?;
         match v {
             Value::String(s) if s.len() <= MAX_STRING_VALUE => {}
-            _ => return Err(Rejection::schema(format!("tag {k:?} must be a string of at most {MAX_STRING_VALUE} bytes"))),
+            _ => {
+                return Err(Rejection::schema(format!(
+                    "tag {k:?} must be a string of at most {MAX_STRING_VALUE} bytes"
+                )))
+            }
         }
     }
     let idempotency_key = match (&msg_id, enrich.idempotency_key, index) {
@@ -377,26 +431,50 @@ mod tests {
             (r#"{"ts":1,"metrics":{}}"#, "invalid_schema"),
             (r#"{"ts":1,"metrics":{"t":null}}"#, "invalid_schema"),
             (r#"{"ts":1,"metrics":{"t":[1]}}"#, "invalid_schema"),
-            (r#"{"ts":1,"metrics":{"t":1},"tags":{"a":1}}"#, "invalid_schema"),
-            (r#"{"ts":1,"metrics":{"t":1},"extra":true}"#, "invalid_schema"),
-            (r#"{"schema_version":2,"ts":1,"metrics":{"t":1}}"#, "unsupported_schema_version"),
-            (r#"{"ts":1,"metrics":{"t":1},"msg_id":""}"#, "invalid_schema"),
+            (
+                r#"{"ts":1,"metrics":{"t":1},"tags":{"a":1}}"#,
+                "invalid_schema",
+            ),
+            (
+                r#"{"ts":1,"metrics":{"t":1},"extra":true}"#,
+                "invalid_schema",
+            ),
+            (
+                r#"{"schema_version":2,"ts":1,"metrics":{"t":1}}"#,
+                "unsupported_schema_version",
+            ),
+            (
+                r#"{"ts":1,"metrics":{"t":1},"msg_id":""}"#,
+                "invalid_schema",
+            ),
             (r#"[{"ts":1,"metrics":{"t":1}}, 3]"#, "invalid_schema"),
         ];
         for (payload, reason) in cases {
-            assert_eq!(parse(payload).unwrap_err().reason, reason, "payload {payload}");
+            assert_eq!(
+                parse(payload).unwrap_err().reason,
+                reason,
+                "payload {payload}"
+            );
         }
-        let long = format!(r#"{{"ts":1,"metrics":{{"t":1}},"msg_id":"{}"}}"#, "x".repeat(65));
+        let long = format!(
+            r#"{{"ts":1,"metrics":{{"t":1}},"msg_id":"{}"}}"#,
+            "x".repeat(65)
+        );
         assert_eq!(parse(&long).unwrap_err().reason, "invalid_schema");
         assert_eq!(
-            parse_payload("-bad", b"{}", &IngestLimits::default(), &enrich()).unwrap_err().reason,
+            parse_payload("-bad", b"{}", &IngestLimits::default(), &enrich())
+                .unwrap_err()
+                .reason,
             "invalid_device_id"
         );
     }
 
     #[test]
     fn a_batch_is_parsed_whole_or_not_at_all() {
-        let r = parse(r#"[{"ts":1,"metrics":{"t":1},"msg_id":"a"},{"ts":2,"metrics":{"t":2},"msg_id":"b"}]"#).unwrap();
+        let r = parse(
+            r#"[{"ts":1,"metrics":{"t":1},"msg_id":"a"},{"ts":2,"metrics":{"t":2},"msg_id":"b"}]"#,
+        )
+        .unwrap();
         assert_eq!(r.len(), 2);
         let bad = parse(r#"[{"ts":1,"metrics":{"t":1}},{"ts":2}]"#).unwrap_err();
         assert!(bad.message.starts_with("record 1:"), "{}", bad.message);

@@ -35,14 +35,21 @@ pub struct SinkActor {
 impl SinkActor {
     /// A sink actor named `name` whose client comes from `factory`.
     pub fn new(name: &str, factory: SinkFactory, metrics: Metrics) -> Self {
-        Self { name: name.to_string(), factory, sink: None, metrics }
+        Self {
+            name: name.to_string(),
+            factory,
+            sink: None,
+            metrics,
+        }
     }
 
     fn ensure_sink(&mut self) -> Result<&mut Box<dyn Sink>, SinkError> {
         if self.sink.is_none() {
             self.sink = Some((self.factory)()?);
         }
-        self.sink.as_mut().ok_or_else(|| SinkError::Config("sink not built".into()))
+        self.sink
+            .as_mut()
+            .ok_or_else(|| SinkError::Config("sink not built".into()))
     }
 }
 
@@ -58,7 +65,10 @@ impl Actor for SinkActor {
 
 impl Supervised for SinkActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.metrics.actor_restarts.with_label_values(&["SinkActor"]).inc();
+        self.metrics
+            .actor_restarts
+            .with_label_values(&["SinkActor"])
+            .inc();
         tracing::warn!(actor = "SinkActor", sink = %self.name, "restarting sink");
         self.sink = None;
     }
@@ -85,7 +95,14 @@ impl Handler<PublishBatch> for SinkActor {
                 }
             }
             Err(e) => {
-                let err = SinkError::Retryable(e.to_string());
+                // A client that cannot be built now (target missing, DNS down)
+                // may work later: the dispatcher retries with backoff.
+                let err = match e {
+                    SinkError::Config(m) => {
+                        SinkError::Retryable(format!("cannot build the sink client: {m}"))
+                    }
+                    other => other,
+                };
                 async move { Ok(Err(err)) }.boxed_local()
             }
         };

@@ -325,19 +325,30 @@ impl Wal {
             [SCHEMA_VERSION],
         )?;
 
-        let max_seq: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| r.get(0))?;
+        let max_seq: u64 =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+                r.get(0)
+            })?;
         let floor: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'seq_floor'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'seq_floor'", [], |r| {
+                r.get(0)
+            })
             .optional()?
             .unwrap_or(0);
-        let max_cursor: u64 = conn.query_row("SELECT COALESCE(MAX(cursor), 0) FROM sinks", [], |r| r.get(0))?;
+        let max_cursor: u64 =
+            conn.query_row("SELECT COALESCE(MAX(cursor), 0) FROM sinks", [], |r| {
+                r.get(0)
+            })?;
         let head = max_seq.max(floor).max(max_cursor);
-        let stored_records: u64 = conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
+        let stored_records: u64 =
+            conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
 
         let mut sinks = BTreeMap::new();
         for name in &cfg.sinks {
             let cursor: Option<u64> = conn
-                .query_row("SELECT cursor FROM sinks WHERE name = ?1", [name], |r| r.get(0))
+                .query_row("SELECT cursor FROM sinks WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             let mut st = SinkState::default();
             match cursor {
@@ -345,7 +356,10 @@ impl Wal {
                 None => {
                     // A new sink starts at the head (documented in the module doc).
                     st.cursor = head;
-                    conn.execute("INSERT INTO sinks(name, cursor) VALUES(?1, ?2)", params![name, head])?;
+                    conn.execute(
+                        "INSERT INTO sinks(name, cursor) VALUES(?1, ?2)",
+                        params![name, head],
+                    )?;
                 }
             }
             let mut q = conn.prepare("SELECT first, last FROM sink_done WHERE sink = ?1")?;
@@ -355,7 +369,10 @@ impl Wal {
                 st.done.insert(a, b);
             }
             st.done.remove_upto(st.cursor);
-            st.dead_count = conn.query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| r.get(0))?;
+            st.dead_count =
+                conn.query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| {
+                    r.get(0)
+                })?;
             sinks.insert(name.clone(), st);
         }
 
@@ -389,7 +406,9 @@ impl Wal {
     }
 
     fn sink_mut(&mut self, sink: &str) -> Result<&mut SinkState, WalError> {
-        self.sinks.get_mut(sink).ok_or_else(|| WalError::UnknownSink(sink.to_string()))
+        self.sinks
+            .get_mut(sink)
+            .ok_or_else(|| WalError::UnknownSink(sink.to_string()))
     }
 
     /// Applies `ops` in one transaction with one commit (one fsync).
@@ -397,7 +416,10 @@ impl Wal {
     /// The outer `Err` means the transaction failed and nothing of it is
     /// stored; an inner `Err` refuses that op alone (backpressure, unknown sink).
     #[allow(clippy::type_complexity)]
-    pub fn write(&mut self, ops: &[WriteOp]) -> Result<Vec<Result<WriteResult, WalError>>, WalError> {
+    pub fn write(
+        &mut self,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<WriteResult, WalError>>, WalError> {
         let seq_before = self.next_seq;
         let stored_before = self.stored_records;
         let res = self.write_inner(ops);
@@ -420,7 +442,10 @@ impl Wal {
     }
 
     #[allow(clippy::type_complexity)]
-    fn write_inner(&mut self, ops: &[WriteOp]) -> Result<Vec<Result<WriteResult, WalError>>, WalError> {
+    fn write_inner(
+        &mut self,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<WriteResult, WalError>>, WalError> {
         let window_start = now_ms() - self.cfg.dedup_window.as_millis() as i64;
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(ops.len());
@@ -444,11 +469,16 @@ impl Wal {
                         let mut outcomes = Vec::with_capacity(records.len());
                         for rec in records {
                             let prior: Option<(u64, String, i64)> = find
-                                .query_row([&rec.idempotency_key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                                .query_row([&rec.idempotency_key], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                })
                                 .optional()?;
                             match prior {
                                 Some((seq, correlation_id, ms)) if ms >= window_start => {
-                                    outcomes.push(AppendOutcome::Duplicate { seq, correlation_id });
+                                    outcomes.push(AppendOutcome::Duplicate {
+                                        seq,
+                                        correlation_id,
+                                    });
                                 }
                                 _ => {
                                     let seq = self.next_seq;
@@ -477,7 +507,12 @@ impl Wal {
                             out.push(Ok(WriteResult::Done));
                         }
                     },
-                    WriteOp::Dead { sink, ranges, error, attempts } => match self.sinks.get_mut(sink) {
+                    WriteOp::Dead {
+                        sink,
+                        ranges,
+                        error,
+                        attempts,
+                    } => match self.sinks.get_mut(sink) {
                         None => out.push(Err(WalError::UnknownSink(sink.clone()))),
                         Some(st) => {
                             let now = now_ms();
@@ -491,7 +526,8 @@ impl Wal {
                                         open.remove(x, y);
                                     }
                                     for &(x, y) in open.ranges() {
-                                        let n = insert_dead.execute(params![sink, attempts, error, now, x, y])?;
+                                        let n = insert_dead
+                                            .execute(params![sink, attempts, error, now, x, y])?;
                                         st.dead_count += n as u64;
                                     }
                                 }
@@ -504,10 +540,16 @@ impl Wal {
             }
             for (name, st) in &self.sinks {
                 if st.dirty {
-                    tx.execute("UPDATE sinks SET cursor = ?2 WHERE name = ?1", params![name, st.cursor])?;
+                    tx.execute(
+                        "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+                        params![name, st.cursor],
+                    )?;
                     tx.execute("DELETE FROM sink_done WHERE sink = ?1", [name])?;
                     for &(a, b) in st.done.ranges() {
-                        tx.execute("INSERT INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)", params![name, a, b])?;
+                        tx.execute(
+                            "INSERT INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)",
+                            params![name, a, b],
+                        )?;
                     }
                 }
             }
@@ -528,19 +570,34 @@ impl Wal {
 
     /// Marks `ranges` delivered for `sink` (tools, tests).
     pub fn ack(&mut self, sink: &str, ranges: &[(u64, u64)]) -> Result<(), WalError> {
-        let op = WriteOp::Ack { sink: sink.to_string(), ranges: ranges.to_vec() };
-        self.write(&[op])?.pop().unwrap_or(Ok(WriteResult::Done)).map(|_| ())
+        let op = WriteOp::Ack {
+            sink: sink.to_string(),
+            ranges: ranges.to_vec(),
+        };
+        self.write(&[op])?
+            .pop()
+            .unwrap_or(Ok(WriteResult::Done))
+            .map(|_| ())
     }
 
     /// Dead-letters `ranges` for `sink` (tools, tests).
-    pub fn dead(&mut self, sink: &str, ranges: &[(u64, u64)], error: &str, attempts: u32) -> Result<(), WalError> {
+    pub fn dead(
+        &mut self,
+        sink: &str,
+        ranges: &[(u64, u64)],
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), WalError> {
         let op = WriteOp::Dead {
             sink: sink.to_string(),
             ranges: ranges.to_vec(),
             error: error.to_string(),
             attempts,
         };
-        self.write(&[op])?.pop().unwrap_or(Ok(WriteResult::Done)).map(|_| ())
+        self.write(&[op])?
+            .pop()
+            .unwrap_or(Ok(WriteResult::Done))
+            .map(|_| ())
     }
 
     /// Puts InFlight `ranges` back to Enqueued (a failed or abandoned batch).
@@ -581,10 +638,18 @@ impl Wal {
     /// marks them InFlight. With `max_wait`, returns `None` while fewer than
     /// `max_records` are waiting and the oldest of them is younger than
     /// `max_wait` (so batches fill up under load and still leave on time).
-    pub fn fetch(&mut self, sink: &str, max_records: usize, max_wait: Duration) -> Result<Option<Batch>, WalError> {
+    pub fn fetch(
+        &mut self,
+        sink: &str,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<Option<Batch>, WalError> {
         let max_records = max_records.max(1);
         let head = self.head();
-        let st = self.sinks.get(sink).ok_or_else(|| WalError::UnknownSink(sink.to_string()))?;
+        let st = self
+            .sinks
+            .get(sink)
+            .ok_or_else(|| WalError::UnknownSink(sink.to_string()))?;
         let available = self.enqueued_count(st);
         if available == 0 {
             return Ok(None);
@@ -593,7 +658,9 @@ impl Wal {
             let first = Self::first_enqueued(st);
             let oldest: Option<i64> = self
                 .conn
-                .prepare_cached("SELECT receive_ms FROM records WHERE seq >= ?1 ORDER BY seq LIMIT 1")?
+                .prepare_cached(
+                    "SELECT receive_ms FROM records WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+                )?
                 .query_row([first], |r| r.get(0))
                 .optional()?;
             if let Some(ms) = oldest {
@@ -672,7 +739,11 @@ impl Wal {
         for &(a, b) in &claimed {
             st.inflight.insert(a, b);
         }
-        Ok(Some(Batch { sink: sink.to_string(), ranges: claimed, records }))
+        Ok(Some(Batch {
+            sink: sink.to_string(),
+            ranges: claimed,
+            records,
+        }))
     }
 
     /// Counts per sink and for the whole WAL.
@@ -689,7 +760,9 @@ impl Wal {
                 }
             }
             let oldest = if self.head() > st.cursor {
-                oldest_q.query_row([pending_from], |r| r.get(0)).optional()?
+                oldest_q
+                    .query_row([pending_from], |r| r.get(0))
+                    .optional()?
             } else {
                 None
             };
@@ -719,18 +792,30 @@ impl Wal {
     pub fn refresh_space(&mut self) -> Result<(), WalError> {
         let page_size: u64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let pages: u64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let free: u64 = self.conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let free: u64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
         let wal_file = wal_file_size(&self.cfg.path);
         self.live_bytes = pages.saturating_sub(free) * page_size + wal_file;
-        let dir = self.cfg.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = self
+            .cfg
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         self.disk_free = free_disk_bytes(dir);
         self.backpressure = if self.disk_free < self.cfg.min_free_disk_bytes {
             Some(format!(
                 "free disk {} bytes is below wal.min_free_disk_bytes {}",
                 self.disk_free, self.cfg.min_free_disk_bytes
             ))
-        } else if self.live_bytes > self.cfg.max_bytes && self.cfg.policy == BackpressurePolicy::Block {
-            Some(format!("WAL holds {} bytes, above wal.max_bytes {}", self.live_bytes, self.cfg.max_bytes))
+        } else if self.live_bytes > self.cfg.max_bytes
+            && self.cfg.policy == BackpressurePolicy::Block
+        {
+            Some(format!(
+                "WAL holds {} bytes, above wal.max_bytes {}",
+                self.live_bytes, self.cfg.max_bytes
+            ))
         } else {
             None
         };
@@ -745,8 +830,17 @@ impl Wal {
         let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
         // Over the size limit, delivered records give way before retention ends:
         // replay history is worth less than accepting new data.
-        let cutoff = if self.live_bytes > self.cfg.max_bytes { i64::MAX } else { now - keep };
-        let min_cursor = self.sinks.values().map(|s| s.cursor).min().unwrap_or_else(|| self.head());
+        let cutoff = if self.live_bytes > self.cfg.max_bytes {
+            i64::MAX
+        } else {
+            now - keep
+        };
+        let min_cursor = self
+            .sinks
+            .values()
+            .map(|s| s.cursor)
+            .min()
+            .unwrap_or_else(|| self.head());
         // Find the highest seq that is both finished everywhere and old enough.
         let boundary: Option<u64> = self.conn.query_row(
             "SELECT MAX(seq) FROM (SELECT seq, receive_ms FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead) ORDER BY seq LIMIT ?2) WHERE receive_ms < ?3",
@@ -769,7 +863,8 @@ impl Wal {
         }
 
         let mut dropped = 0;
-        if self.cfg.policy == BackpressurePolicy::DropOldest && self.live_bytes > self.cfg.max_bytes {
+        if self.cfg.policy == BackpressurePolicy::DropOldest && self.live_bytes > self.cfg.max_bytes
+        {
             let upto: Option<u64> = self.conn.query_row(
                 "SELECT MAX(seq) FROM (SELECT seq FROM records ORDER BY seq LIMIT ?1)",
                 [chunk as i64],
@@ -791,15 +886,23 @@ impl Wal {
                         while let Some(end) = st.done.pop_contiguous(st.cursor + 1) {
                             st.cursor = st.cursor.max(end);
                         }
-                        tx.execute("UPDATE sinks SET cursor = ?2 WHERE name = ?1", params![name, st.cursor])?;
-                        tx.execute("DELETE FROM sink_done WHERE sink = ?1 AND last <= ?2", params![name, st.cursor])?;
+                        tx.execute(
+                            "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+                            params![name, st.cursor],
+                        )?;
+                        tx.execute(
+                            "DELETE FROM sink_done WHERE sink = ?1 AND last <= ?2",
+                            params![name, st.cursor],
+                        )?;
                     }
                 }
                 tx.commit()?;
                 for (name, st) in self.sinks.iter_mut() {
-                    st.dead_count = self
-                        .conn
-                        .query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| r.get(0))?;
+                    st.dead_count = self.conn.query_row(
+                        "SELECT COUNT(*) FROM dead WHERE sink = ?1",
+                        [name],
+                        |r| r.get(0),
+                    )?;
                 }
                 self.stored_records = self.stored_records.saturating_sub(dropped);
             }
@@ -812,7 +915,8 @@ impl Wal {
 
     /// Runs a passive checkpoint so the -wal file does not grow without bound.
     pub fn checkpoint(&mut self) -> Result<(), WalError> {
-        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
 }
@@ -820,7 +924,9 @@ impl Wal {
 fn wal_file_size(db: &Path) -> u64 {
     let mut p = db.as_os_str().to_owned();
     p.push("-wal");
-    std::fs::metadata(PathBuf::from(p)).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(PathBuf::from(p))
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Builds the full canonical record from the stored body by splicing in `v`
@@ -862,7 +968,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = WalConfig::new(dir.path().join("wal.db"), &["a", "b"]);
         let mut wal = Wal::open(cfg.clone()).unwrap();
-        let out = wal.append((0..10).map(|i| rec(&format!("k{i}"))).collect()).unwrap();
+        let out = wal
+            .append((0..10).map(|i| rec(&format!("k{i}"))).collect())
+            .unwrap();
         assert_eq!(out[0], AppendOutcome::Appended { seq: 1 });
         let b1 = wal.fetch("a", 4, Duration::ZERO).unwrap().unwrap();
         assert_eq!(b1.ranges, vec![(1, 4)]);
@@ -877,10 +985,27 @@ mod tests {
         drop(wal);
         let mut wal = Wal::open(cfg).unwrap();
         let again = wal.fetch("a", 10, Duration::ZERO).unwrap().unwrap();
-        assert_eq!(again.ranges, vec![(9, 10)], "InFlight goes back to Enqueued on restart");
-        assert_eq!(wal.fetch("b", 100, Duration::ZERO).unwrap().unwrap().records.len(), 10);
+        assert_eq!(
+            again.ranges,
+            vec![(9, 10)],
+            "InFlight goes back to Enqueued on restart"
+        );
+        assert_eq!(
+            wal.fetch("b", 100, Duration::ZERO)
+                .unwrap()
+                .unwrap()
+                .records
+                .len(),
+            10
+        );
         let dup = wal.append(vec![rec("k3")]).unwrap();
-        assert_eq!(dup[0], AppendOutcome::Duplicate { seq: 4, correlation_id: "c-k3".into() });
+        assert_eq!(
+            dup[0],
+            AppendOutcome::Duplicate {
+                seq: 4,
+                correlation_id: "c-k3".into()
+            }
+        );
     }
 
     #[test]
@@ -888,7 +1013,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(WalConfig::new(dir.path().join("wal.db"), &["a"])).unwrap();
         wal.append(vec![rec("x")]).unwrap();
-        assert!(wal.fetch("a", 10, Duration::from_secs(60)).unwrap().is_none());
-        assert!(wal.fetch("a", 1, Duration::from_secs(60)).unwrap().is_some());
+        assert!(wal
+            .fetch("a", 10, Duration::from_secs(60))
+            .unwrap()
+            .is_none());
+        assert!(wal
+            .fetch("a", 1, Duration::from_secs(60))
+            .unwrap()
+            .is_some());
     }
 }

@@ -78,9 +78,9 @@ mod engine;
 mod ranges;
 mod store;
 
-pub use engine::{now_ms, splice_record, 
-    AppendOutcome, Batch, BackpressurePolicy, NewRecord, SinkStats, StoredRecord, Wal, WalConfig,
-    WalError, WalStats, WriteOp, WriteResult,
+pub use engine::{
+    now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, NewRecord, SinkStats,
+    StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
 };
 pub use ranges::RangeSet;
 pub use store::{

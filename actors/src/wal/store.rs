@@ -23,7 +23,8 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::engine::{
-    now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
+    now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
+    WriteResult,
 };
 use crate::metrics::Metrics;
 
@@ -58,7 +59,11 @@ impl WalHealth {
 }
 
 enum Request {
-    Write(WriteOp, Instant, oneshot::Sender<Result<WriteResult, WalError>>),
+    Write(
+        WriteOp,
+        Instant,
+        oneshot::Sender<Result<WriteResult, WalError>>,
+    ),
     Fetch(FetchBatch, oneshot::Sender<Result<Option<Batch>, WalError>>),
     Release(ReleaseBatch, oneshot::Sender<Result<(), WalError>>),
     ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
@@ -80,7 +85,13 @@ pub struct WalStore {
 impl WalStore {
     /// Wraps an opened engine.
     pub fn new(wal: Wal, metrics: Metrics, health: Arc<WalHealth>) -> Self {
-        Self { cfg: wal.config().clone(), metrics, health, first: Some(wal), tx: None }
+        Self {
+            cfg: wal.config().clone(),
+            metrics,
+            health,
+            first: Some(wal),
+            tx: None,
+        }
     }
 
     fn spawn_writer(&mut self) {
@@ -89,20 +100,22 @@ impl WalStore {
         let first = self.first.take();
         let metrics = self.metrics.clone();
         let health = self.health.clone();
-        let spawned = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
-            let wal = match first {
-                Some(w) => Ok(w),
-                None => Wal::open(cfg),
-            };
-            match wal {
-                Ok(wal) => writer_loop(wal, rx, metrics, health),
-                Err(e) => {
-                    tracing::error!(error = %e, "WAL cannot be opened");
-                    health.alive.store(false, Ordering::SeqCst);
-                    health.set_problem(Some(e.to_string()));
+        let spawned = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || {
+                let wal = match first {
+                    Some(w) => Ok(w),
+                    None => Wal::open(cfg),
+                };
+                match wal {
+                    Ok(wal) => writer_loop(wal, rx, metrics, health),
+                    Err(e) => {
+                        tracing::error!(error = %e, "WAL cannot be opened");
+                        health.alive.store(false, Ordering::SeqCst);
+                        health.set_problem(Some(e.to_string()));
+                    }
                 }
-            }
-        });
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot spawn the WAL writer thread");
         }
@@ -115,11 +128,17 @@ impl WalStore {
         make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
     ) -> ResponseFuture<Result<T, WalError>> {
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.as_ref().map(|tx| tx.send(make(reply)).is_ok()).unwrap_or(false);
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(make(reply)).is_ok())
+            .unwrap_or(false);
         if !sent {
             // The writer thread is gone: restart through the supervisor.
             ctx.stop();
-            return Box::pin(async { Err(WalError::Unavailable("WAL writer is restarting".into())) });
+            return Box::pin(async {
+                Err(WalError::Unavailable("WAL writer is restarting".into()))
+            });
         }
         let addr = ctx.address();
         Box::pin(async move {
@@ -152,7 +171,10 @@ impl Actor for WalStore {
 
 impl Supervised for WalStore {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.metrics.actor_restarts.with_label_values(&["WalStore"]).inc();
+        self.metrics
+            .actor_restarts
+            .with_label_values(&["WalStore"])
+            .inc();
         tracing::warn!(actor = "WalStore", "restarting the WAL writer");
         self.tx = None;
     }
@@ -180,7 +202,9 @@ impl Message for AppendRecords {
 impl Handler<AppendRecords> for WalStore {
     type Result = ResponseFuture<Result<Vec<AppendOutcome>, WalError>>;
     fn handle(&mut self, msg: AppendRecords, ctx: &mut Context<Self>) -> Self::Result {
-        let fut = self.submit(ctx, |tx| Request::Write(WriteOp::Append(msg.records), Instant::now(), tx));
+        let fut = self.submit(ctx, |tx| {
+            Request::Write(WriteOp::Append(msg.records), Instant::now(), tx)
+        });
         Box::pin(async move {
             match fut.await? {
                 WriteResult::Appended(o) => Ok(o),
@@ -223,7 +247,10 @@ impl Message for AckBatch {
 impl Handler<AckBatch> for WalStore {
     type Result = ResponseFuture<Result<(), WalError>>;
     fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) -> Self::Result {
-        let op = WriteOp::Ack { sink: msg.sink, ranges: msg.ranges };
+        let op = WriteOp::Ack {
+            sink: msg.sink,
+            ranges: msg.ranges,
+        };
         let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
         Box::pin(async move { fut.await.map(|_| ()) })
     }
@@ -246,7 +273,12 @@ impl Message for MarkDead {
 impl Handler<MarkDead> for WalStore {
     type Result = ResponseFuture<Result<(), WalError>>;
     fn handle(&mut self, msg: MarkDead, ctx: &mut Context<Self>) -> Self::Result {
-        let op = WriteOp::Dead { sink: msg.sink, ranges: msg.ranges, error: msg.error, attempts: msg.attempts };
+        let op = WriteOp::Dead {
+            sink: msg.sink,
+            ranges: msg.ranges,
+            error: msg.error,
+            attempts: msg.attempts,
+        };
         let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
         Box::pin(async move { fut.await.map(|_| ()) })
     }
@@ -297,7 +329,12 @@ impl Handler<GetWalStats> for WalStore {
     }
 }
 
-fn writer_loop(mut wal: Wal, rx: mpsc::Receiver<Request>, metrics: Metrics, health: Arc<WalHealth>) {
+fn writer_loop(
+    mut wal: Wal,
+    rx: mpsc::Receiver<Request>,
+    metrics: Metrics,
+    health: Arc<WalHealth>,
+) {
     health.alive.store(true, Ordering::SeqCst);
     health.writable.store(true, Ordering::SeqCst);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
@@ -347,8 +384,17 @@ fn writer_loop(mut wal: Wal, rx: mpsc::Receiver<Request>, metrics: Metrics, heal
 
 type WriteReply = oneshot::Sender<Result<WriteResult, WalError>>;
 
-fn commit_group(wal: &mut Wal, writes: Vec<(WriteOp, Instant, WriteReply)>, metrics: &Metrics, health: &WalHealth) {
-    let oldest = writes.iter().map(|(_, t, _)| *t).min().unwrap_or_else(Instant::now);
+fn commit_group(
+    wal: &mut Wal,
+    writes: Vec<(WriteOp, Instant, WriteReply)>,
+    metrics: &Metrics,
+    health: &WalHealth,
+) {
+    let oldest = writes
+        .iter()
+        .map(|(_, t, _)| *t)
+        .min()
+        .unwrap_or_else(Instant::now);
     let (ops, replies): (Vec<WriteOp>, Vec<(Instant, WriteReply)>) =
         writes.into_iter().map(|(op, t, tx)| (op, (t, tx))).unzip();
     let appended: usize = ops
@@ -363,7 +409,9 @@ fn commit_group(wal: &mut Wal, writes: Vec<(WriteOp, Instant, WriteReply)>, metr
             metrics.wal_commits.inc();
             if appended > 0 {
                 metrics.wal_group_size.observe(appended as f64);
-                metrics.wal_append_seconds.observe(oldest.elapsed().as_secs_f64());
+                metrics
+                    .wal_append_seconds
+                    .observe(oldest.elapsed().as_secs_f64());
             }
             if !health.writable.swap(true, Ordering::SeqCst) {
                 tracing::info!("WAL writable again");
@@ -411,7 +459,10 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
             }
             if dropped > 0 {
                 metrics.wal_dropped.inc_by(dropped);
-                tracing::warn!(dropped, "WAL over wal.max_bytes: dropped the oldest records (policy drop_oldest)");
+                tracing::warn!(
+                    dropped,
+                    "WAL over wal.max_bytes: dropped the oldest records (policy drop_oldest)"
+                );
             }
         }
         Err(e) => tracing::warn!(error = %e, "WAL compaction failed"),
@@ -437,16 +488,34 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
 fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
     let Ok(stats) = wal.stats() else { return };
     metrics.wal_bytes.set(stats.live_bytes as i64);
-    metrics.wal_disk_free_bytes.set(stats.disk_free_bytes.min(i64::MAX as u64) as i64);
+    metrics
+        .wal_disk_free_bytes
+        .set(stats.disk_free_bytes.min(i64::MAX as u64) as i64);
     metrics.wal_stored_records.set(stats.stored_records as i64);
     metrics.backpressure_active.set(stats.backpressure as i64);
-    health.backpressure.store(stats.backpressure, Ordering::SeqCst);
+    health
+        .backpressure
+        .store(stats.backpressure, Ordering::SeqCst);
     let now = now_ms();
     for (sink, s) in &stats.sinks {
-        metrics.wal_records.with_label_values(&[sink, "enqueued"]).set(s.enqueued as i64);
-        metrics.wal_records.with_label_values(&[sink, "inflight"]).set(s.inflight as i64);
-        metrics.wal_records.with_label_values(&[sink, "dead"]).set(s.dead as i64);
-        let age = s.oldest_pending_ms.map_or(0, |ms| ((now - ms).max(0) / 1000) as i64);
-        metrics.wal_oldest_pending_age.with_label_values(&[sink]).set(age);
+        metrics
+            .wal_records
+            .with_label_values(&[sink, "enqueued"])
+            .set(s.enqueued as i64);
+        metrics
+            .wal_records
+            .with_label_values(&[sink, "inflight"])
+            .set(s.inflight as i64);
+        metrics
+            .wal_records
+            .with_label_values(&[sink, "dead"])
+            .set(s.dead as i64);
+        let age = s
+            .oldest_pending_ms
+            .map_or(0, |ms| (now - ms).max(0) / 1000);
+        metrics
+            .wal_oldest_pending_age
+            .with_label_values(&[sink])
+            .set(age);
     }
 }

@@ -33,7 +33,9 @@ impl S3SinkConfig {
             if rest.is_empty() {
                 return Err(SinkError::Config("file:// URL needs a directory".into()));
             }
-            return Ok(Target::Local { dir: PathBuf::from(rest) });
+            return Ok(Target::Local {
+                dir: PathBuf::from(rest),
+            });
         }
         if self.url.starts_with("s3://") {
             return Err(SinkError::Config(format!(
@@ -41,6 +43,9 @@ impl S3SinkConfig {
                 self.url
             )));
         }
-        Err(SinkError::Config(format!("{}: url must start with file:// or s3://", self.url)))
+        Err(SinkError::Config(format!(
+            "{}: url must start with file:// or s3://",
+            self.url
+        )))
     }
 }

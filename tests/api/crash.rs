@@ -1,0 +1,119 @@
+//! kill -9 of the real binary: nothing acknowledged is lost.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::helpers::{archived_records, telemetry, wait_until};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(data: &Path, port: u16) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "run",
+            "--log-level",
+            "warn",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--gateway-id",
+            "crash-test",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("GATEWAY_CONFIG")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("gateway binary starts");
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    wait_until("gateway ready", Duration::from_secs(20), || {
+        ureq::get(&ready)
+            .timeout(Duration::from_secs(1))
+            .call()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    child
+}
+
+#[test]
+fn every_acknowledged_record_survives_kill_9_and_reaches_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = start(dir.path(), port);
+
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let url = format!("http://127.0.0.1:{port}/ingest/");
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (acked, url) = (acked.clone(), url.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(5))
+                    .build();
+                for i in 0..5000 {
+                    let device = format!("dev-{t}");
+                    let msg = format!("m{i}");
+                    let res = agent
+                        .post(&format!("{url}{device}"))
+                        .set("Content-Type", "application/json")
+                        .send_string(&telemetry(&msg, i as f64));
+                    match res {
+                        Ok(r) if r.status() == 202 => {
+                            acked.lock().unwrap().push(format!("{device}:{msg}"))
+                        }
+                        Ok(r) => panic!("unexpected status {}", r.status()),
+                        Err(_) => return, // the gateway was killed
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until(
+        "enough acknowledged records",
+        Duration::from_secs(60),
+        || acked.lock().unwrap().len() >= 2000,
+    );
+    child.kill().expect("SIGKILL"); // kill -9 in the middle of the stream
+    child.wait().unwrap();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
+    assert!(acked.len() >= 2000);
+
+    let mut child = start(dir.path(), port);
+    let archive = dir.path().join("archive");
+    let archived = || -> HashSet<String> {
+        archived_records(&archive)
+            .iter()
+            .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut missing = 0;
+    for _ in 0..600 {
+        let have = archived();
+        missing = acked.difference(&have).count();
+        if missing == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged records lost after kill -9",
+        acked.len()
+    );
+}

@@ -1,0 +1,164 @@
+//! Delivery through the dispatcher: retries with backoff, dead letters per
+//! sink, supervision of a panicking sink.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::config::SinkTarget;
+use gateway_actors::sink::s3::ObjectStoreSink;
+use gateway_actors::sink::{PublishFuture, Sink};
+use gateway_actors::wal::Batch;
+
+use crate::helpers::{archived_records, spawn_app, spawn_app_with, telemetry, wait_until};
+
+fn keys(records: &[serde_json::Value]) -> HashSet<String> {
+    records
+        .iter()
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn an_unwritable_archive_keeps_records_pending_with_backoff_and_delivers_them_all_once_writable() {
+    let outside = tempfile::tempdir().unwrap();
+    let blocker = outside.path().join("blocker");
+    std::fs::write(&blocker, b"a file where a directory must go").unwrap();
+    let target = blocker.join("archive");
+    let app = spawn_app(&format!(
+        "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 0\nretry_base_ms = 20\nretry_max_ms = 100\nretry_budget = 100000\n",
+        target.display()
+    ));
+    for i in 0..20 {
+        assert_eq!(
+            app.post_json("dev-1", &telemetry(&format!("m{i}"), i as f64))
+                .status,
+            202
+        );
+    }
+    let retry = r#"gateway_sink_publish_total{outcome="retry",sink="archive"}"#;
+    wait_until("retries", Duration::from_secs(10), || {
+        app.metric(retry) >= 3.0
+    });
+    wait_until("pending gauge", Duration::from_secs(5), || {
+        app.metric(r#"gateway_wal_records{sink="archive",state="enqueued"}"#)
+            + app.metric(r#"gateway_wal_records{sink="archive",state="inflight"}"#)
+            == 20.0
+    });
+    assert_eq!(app.metric(r#"gateway_sink_up{sink="archive"}"#), 0.0);
+    // Backoff, not a spin: with delays of 10-100 ms a second holds well under 100 attempts.
+    let before = app.metric(retry);
+    std::thread::sleep(Duration::from_secs(1));
+    let per_second = app.metric(retry) - before;
+    assert!(
+        (1.0..100.0).contains(&per_second),
+        "{per_second} retries in one second"
+    );
+    assert_eq!(
+        app.metric(r#"gateway_wal_records{sink="archive",state="dead"}"#),
+        0.0
+    );
+
+    std::fs::remove_file(&blocker).unwrap();
+    wait_until("all records delivered", Duration::from_secs(15), || {
+        keys(&archived_records(&target)).len() == 20
+    });
+    let expected: HashSet<String> = (0..20).map(|i| format!("dev-1:m{i}")).collect();
+    assert_eq!(keys(&archived_records(&target)), expected);
+    wait_until("sink up", Duration::from_secs(5), || {
+        app.metric(r#"gateway_sink_up{sink="archive"}"#) == 1.0
+    });
+}
+
+#[test]
+fn a_tiny_retry_budget_dead_letters_records_for_that_sink_only() {
+    let outside = tempfile::tempdir().unwrap();
+    let blocker = outside.path().join("blocker");
+    std::fs::write(&blocker, b"x").unwrap();
+    let good = outside.path().join("good");
+    let app = spawn_app(&format!(
+        "[sinks.good]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 0\n\n\
+         [sinks.bad]\nkind = \"s3\"\nurl = \"file://{}/x\"\nbatch_max_wait_ms = 0\nretry_budget = 2\nretry_base_ms = 10\nretry_max_ms = 20\n",
+        good.display(),
+        blocker.display()
+    ));
+    for i in 0..10 {
+        assert_eq!(
+            app.post_json("dev-1", &telemetry(&format!("m{i}"), 1.0))
+                .status,
+            202
+        );
+    }
+    wait_until("good sink has all", Duration::from_secs(10), || {
+        keys(&archived_records(&good)).len() == 10
+    });
+    wait_until(
+        "bad sink dead-lettered all",
+        Duration::from_secs(10),
+        || app.metric(r#"gateway_sink_records_total{outcome="dead",sink="bad"}"#) == 10.0,
+    );
+    wait_until("dead gauge", Duration::from_secs(5), || {
+        app.metric(r#"gateway_wal_records{sink="bad",state="dead"}"#) == 10.0
+    });
+    assert_eq!(
+        app.metric(r#"gateway_wal_records{sink="good",state="dead"}"#),
+        0.0
+    );
+    assert_eq!(
+        app.metric(r#"gateway_sink_records_total{outcome="dead",sink="good"}"#),
+        0.0
+    );
+    assert_eq!(
+        app.metric(r#"gateway_wal_records{sink="bad",state="enqueued"}"#),
+        0.0
+    );
+}
+
+/// Panics on the first publish it ever sees (shared across restarts), then
+/// behaves as the real object-store sink.
+struct PanicOnce {
+    inner: ObjectStoreSink,
+    panicked: Arc<AtomicBool>,
+}
+
+impl Sink for PanicOnce {
+    fn publish(&mut self, batch: Arc<Batch>) -> PublishFuture {
+        if !self.panicked.swap(true, Ordering::SeqCst) {
+            panic!("injected sink failure");
+        }
+        self.inner.publish(batch)
+    }
+}
+
+#[test]
+fn a_panicking_sink_actor_is_restarted_and_delivery_continues() {
+    let panicked = Arc::new(AtomicBool::new(false));
+    let flag = panicked.clone();
+    let app = spawn_app_with("", move |_, target| {
+        let SinkTarget::S3(cfg) = target.clone();
+        let flag = flag.clone();
+        Arc::new(move || {
+            Ok(Box::new(PanicOnce {
+                inner: ObjectStoreSink::new(&cfg)?,
+                panicked: flag.clone(),
+            }) as Box<dyn Sink>)
+        })
+    });
+    for i in 0..5 {
+        assert_eq!(
+            app.post_json("dev-1", &telemetry(&format!("p{i}"), 1.0))
+                .status,
+            202
+        );
+    }
+    wait_until(
+        "all delivered after the restart",
+        Duration::from_secs(15),
+        || keys(&archived_records(&app.archive_dir())).len() == 5,
+    );
+    assert!(panicked.load(Ordering::SeqCst));
+    assert!(app.metric(r#"gateway_actor_restarts_total{actor="SinkActor"}"#) >= 1.0);
+    // Ingest kept working through it.
+    assert_eq!(app.post_json("dev-1", &telemetry("after", 1.0)).status, 202);
+}

@@ -1,0 +1,222 @@
+//! `spawn_app()` and friends: every test gets its own gateway on port 0 with
+//! its own temp data dir, running in its own actix system thread.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gateway::config::{Settings, SinkTarget};
+use gateway::startup::{sink_factory, Application, Handles};
+use gateway_actors::sink::SinkFactory;
+use serde_json::Value;
+
+pub struct TestApp {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    #[allow(dead_code)] // for tests that talk to actors directly
+    pub handles: Handles,
+    system: actix::System,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Settings for a test: `toml` on top of the defaults, in a fresh data dir.
+pub fn test_settings(dir: &Path, toml: &str) -> Settings {
+    let cfg = format!("data_dir = \"{}\"\n{toml}", dir.display());
+    let mut s = Settings::from_toml(&cfg).expect("test settings");
+    s.http.addr = "127.0.0.1:0".parse().unwrap();
+    s.http.workers = 1;
+    s
+}
+
+pub fn spawn_app(toml: &str) -> TestApp {
+    spawn_app_with(toml, |_, t| sink_factory(t))
+}
+
+pub fn spawn_app_with(
+    toml: &str,
+    make_sink: impl Fn(&str, &SinkTarget) -> SinkFactory + Send + 'static,
+) -> TestApp {
+    gateway::telemetry::init_test_logging("info");
+    let dir = tempfile::tempdir().unwrap();
+    let settings = test_settings(dir.path(), toml);
+    try_spawn(settings, make_sink)
+        .map(|(base, handles, system, thread)| TestApp {
+            base,
+            dir,
+            handles,
+            system,
+            thread: Some(thread),
+        })
+        .expect("application starts")
+}
+
+type Spawned = (String, Handles, actix::System, std::thread::JoinHandle<()>);
+
+pub fn try_spawn(
+    settings: Settings,
+    make_sink: impl Fn(&str, &SinkTarget) -> SinkFactory + Send + 'static,
+) -> Result<Spawned, String> {
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let sys = actix::System::new();
+        let started = sys.block_on(async move {
+            let app = Application::build_with(settings, make_sink).await?;
+            let out = (app.port(), app.handles.clone(), actix::System::current());
+            actix::spawn(async move {
+                let _ = app.run_until_stopped().await;
+            });
+            anyhow::Ok(out)
+        });
+        match started {
+            Ok(out) => {
+                let _ = tx.send(Ok(out));
+                let _ = sys.run();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(format!("{e:#}")));
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok((port, handles, system))) => {
+            Ok((format!("http://127.0.0.1:{port}"), handles, system, thread))
+        }
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(e) => Err(format!("application did not start: {e}")),
+    }
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+    pub text: String,
+}
+
+fn to_resp(r: ureq::Response) -> Resp {
+    let status = r.status();
+    let headers = r
+        .headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = r.header(&n).unwrap_or_default().to_string();
+            (n.to_lowercase(), v)
+        })
+        .collect();
+    let text = r.into_string().unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+pub fn request(req: ureq::Request, body: Option<&str>) -> Resp {
+    let res = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => to_resp(r),
+        Err(ureq::Error::Status(_, r)) => to_resp(r),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn post_json(&self, device: &str, body: &str) -> Resp {
+        request(
+            ureq::post(&self.url(&format!("/ingest/{device}")))
+                .set("Content-Type", "application/json"),
+            Some(body),
+        )
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        request(ureq::get(&self.url(path)), None)
+    }
+
+    pub fn archive_dir(&self) -> PathBuf {
+        self.dir.path().join("archive")
+    }
+
+    /// One value of a metric line, e.g. `gateway_wal_records{sink="archive",state="dead"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.get("/metrics").text, series)
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+pub fn telemetry(msg_id: &str, t: f64) -> String {
+    format!(
+        r#"{{"msg_id":"{msg_id}","ts":"2026-11-25T08:00:00.123Z","metrics":{{"temperature_c":{t}}},"tags":{{"fw":"1.4.2"}}}}"#
+    )
+}
+
+/// Every record in every `.ndjson.gz` object under `dir`.
+pub fn archived_records(dir: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".ndjson.gz") {
+                let f = std::fs::File::open(&p).unwrap();
+                let r = BufReader::new(flate2::read::MultiGzDecoder::new(f));
+                for line in r.lines() {
+                    let line = line.unwrap();
+                    out.push(
+                        serde_json::from_str(&line)
+                            .unwrap_or_else(|e| panic!("bad NDJSON line {line:?}: {e}")),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}

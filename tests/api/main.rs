@@ -1,0 +1,9 @@
+//! Integration tests of the HTTP API and delivery, each on its own port and
+//! data dir. Modules by area; helpers in `helpers.rs`.
+
+mod auth;
+mod crash;
+mod delivery;
+mod health;
+mod helpers;
+mod ingest;
