@@ -47,9 +47,22 @@ pub fn spawn_app_with(
     toml: &str,
     make_sink: impl Fn(&str, &SinkTarget) -> SinkFactory + Send + 'static,
 ) -> TestApp {
+    spawn_app_at(None, toml, make_sink)
+}
+
+/// Like [`spawn_app_with`] with the WAL in `data_dir` instead of the temp dir
+/// (the temp dir still holds the default archive).
+pub fn spawn_app_at(
+    data_dir: Option<&Path>,
+    toml: &str,
+    make_sink: impl Fn(&str, &SinkTarget) -> SinkFactory + Send + 'static,
+) -> TestApp {
     gateway::telemetry::init_test_logging("info");
     let dir = tempfile::tempdir().unwrap();
-    let settings = test_settings(dir.path(), toml);
+    let mut settings = test_settings(dir.path(), toml);
+    if let Some(d) = data_dir {
+        settings.data_dir = d.to_path_buf();
+    }
     try_spawn(settings, make_sink)
         .map(|(base, handles, system, thread)| TestApp {
             base,

@@ -4,6 +4,7 @@
 mod auth;
 mod crash;
 mod delivery;
+mod disk;
 mod health;
 mod helpers;
 mod ingest;
