@@ -162,3 +162,46 @@ fn a_panicking_sink_actor_is_restarted_and_delivery_continues() {
     // Ingest kept working through it.
     assert_eq!(app.post_json("dev-1", &telemetry("after", 1.0)).status, 202);
 }
+
+#[test]
+fn a_crashed_wal_writer_is_restarted_and_nothing_acknowledged_is_lost() {
+    let app = spawn_app("");
+    let mut acked = HashSet::new();
+    for i in 0..10 {
+        assert_eq!(
+            app.post_json("dev-1", &telemetry(&format!("w{i}"), 1.0))
+                .status,
+            202
+        );
+        acked.insert(format!("dev-1:w{i}"));
+    }
+    app.handles
+        .wal
+        .do_send(gateway_actors::wal::InjectWriterPanic);
+    for i in 10..30 {
+        let body = telemetry(&format!("w{i}"), 1.0);
+        wait_until(
+            "an accepted append after the restart",
+            Duration::from_secs(10),
+            || {
+                let r = app.post_json("dev-1", &body);
+                assert!(
+                    r.status == 202 || r.status == 503,
+                    "{}: {}",
+                    r.status,
+                    r.text
+                );
+                r.status == 202
+            },
+        );
+        acked.insert(format!("dev-1:w{i}"));
+    }
+    wait_until("restart counted", Duration::from_secs(5), || {
+        app.metric(r#"gateway_actor_restarts_total{actor="WalStore"}"#) >= 1.0
+    });
+    wait_until(
+        "every acknowledged record delivered",
+        Duration::from_secs(15),
+        || keys(&archived_records(&app.archive_dir())) == acked,
+    );
+}

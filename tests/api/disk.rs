@@ -38,50 +38,95 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
 fn fs_free(p: &Path) -> u64 {
-    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(p).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 #[test]
 fn low_free_disk_turns_on_backpressure_and_ingest_resumes_by_itself_when_space_returns() {
-    assert!(is_root(), "this test mounts a tmpfs and must run as root (CI does)");
+    assert!(
+        is_root(),
+        "this test mounts a tmpfs and must run as root (CI does)"
+    );
     let disk = SmallDisk::mount("8m").expect("mount tmpfs");
     let wal_dir = disk.path().join("wal");
-    let app = spawn_app_at(Some(&wal_dir), "[wal]\nmin_free_disk_bytes = 2097152\n", |_, t| {
-        gateway::startup::sink_factory(t)
-    });
-    assert_eq!(app.post_json("dev-1", &telemetry("before", 1.0)).status, 202);
+    let app = spawn_app_at(
+        Some(&wal_dir),
+        "[wal]\nmin_free_disk_bytes = 2097152\n",
+        |_, t| gateway::startup::sink_factory(t),
+    );
+    assert_eq!(
+        app.post_json("dev-1", &telemetry("before", 1.0)).status,
+        202
+    );
     let filler = disk.fill(1 << 20);
-    wait_until("backpressure on", Duration::from_secs(5), || app.post_json("dev-1", &telemetry("x", 1.0)).status == 503);
+    wait_until("backpressure on", Duration::from_secs(5), || {
+        app.post_json("dev-1", &telemetry("x", 1.0)).status == 503
+    });
     let r = app.post_json("dev-1", &telemetry("during", 1.0));
     assert_eq!(r.status, 503);
     assert_eq!(r.body["error"]["code"], "backpressure");
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("min_free_disk_bytes"), "{}", r.text);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("min_free_disk_bytes"),
+        "{}",
+        r.text
+    );
     assert_eq!(app.get("/readyz").status, 503);
 
     std::fs::remove_file(filler).unwrap();
-    wait_until("ingest resumes", Duration::from_secs(5), || app.post_json("dev-1", &telemetry("after", 1.0)).status == 202);
+    wait_until("ingest resumes", Duration::from_secs(5), || {
+        app.post_json("dev-1", &telemetry("after", 1.0)).status == 202
+    });
     assert_eq!(app.get("/readyz").status, 200);
-    wait_until("delivered", Duration::from_secs(10), || archived_records(&app.archive_dir()).len() == 2);
+    wait_until("delivered", Duration::from_secs(10), || {
+        archived_records(&app.archive_dir()).len() == 2
+    });
     drop(app);
 }
 
 #[test]
 fn a_really_full_disk_fails_appends_with_503_and_loses_nothing_acknowledged() {
-    assert!(is_root(), "this test mounts a tmpfs and must run as root (CI does)");
+    assert!(
+        is_root(),
+        "this test mounts a tmpfs and must run as root (CI does)"
+    );
     let disk = SmallDisk::mount("4m").expect("mount tmpfs");
     let wal_dir = disk.path().join("wal");
     // No free-space guard: let SQLite hit ENOSPC itself.
-    let app = spawn_app_at(Some(&wal_dir), "[wal]\nmin_free_disk_bytes = 0\n", |_, t| gateway::startup::sink_factory(t));
+    let app = spawn_app_at(
+        Some(&wal_dir),
+        "[wal]\nmin_free_disk_bytes = 0\n",
+        |_, t| gateway::startup::sink_factory(t),
+    );
     let mut acked = Vec::new();
     let mut full = None;
     for i in 0..100_000 {
@@ -101,25 +146,43 @@ fn a_really_full_disk_fails_appends_with_503_and_loses_nothing_acknowledged() {
         }
     }
     let full = full.expect("the disk never filled up");
-    assert_eq!(full.body["error"]["code"], "storage_unavailable", "{}", full.text);
+    assert_eq!(
+        full.body["error"]["code"], "storage_unavailable",
+        "{}",
+        full.text
+    );
     assert!(full.headers.contains_key("retry-after"));
     assert!(acked.len() > 100, "only {} records fit", acked.len());
-    assert_eq!(app.get("/readyz").status, 503, "readyz must say the WAL is not writable");
+    assert_eq!(
+        app.get("/readyz").status,
+        503,
+        "readyz must say the WAL is not writable"
+    );
 
     // Every acknowledged record reaches the archive (on another disk).
-    wait_until("acknowledged records delivered", Duration::from_secs(30), || {
-        let have: std::collections::HashSet<String> = archived_records(&app.archive_dir())
-            .iter()
-            .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-            .collect();
-        acked.iter().all(|k| have.contains(k))
-    });
+    wait_until(
+        "acknowledged records delivered",
+        Duration::from_secs(30),
+        || {
+            let have: std::collections::HashSet<String> = archived_records(&app.archive_dir())
+                .iter()
+                .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+                .collect();
+            acked.iter().all(|k| have.contains(k))
+        },
+    );
     // Compaction needs retention to pass, so make room by hand: grow the tmpfs.
-    let ok = Command::new("mount").args(["-o", "remount,size=64m"]).arg(disk.path()).status().unwrap();
+    let ok = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(disk.path())
+        .status()
+        .unwrap();
     assert!(ok.success());
     wait_until("ingest works again", Duration::from_secs(10), || {
         app.post_json("dev-1", &telemetry("after-full", 1.0)).status == 202
     });
-    wait_until("ready again", Duration::from_secs(5), || app.get("/readyz").status == 200);
+    wait_until("ready again", Duration::from_secs(5), || {
+        app.get("/readyz").status == 200
+    });
     drop(app);
 }

@@ -1009,13 +1009,15 @@ mod tests {
     }
 
     #[test]
-    fn compaction_removes_only_records_every_sink_finished_keeps_dead_letters_and_never_reuses_seqs() {
+    fn compaction_removes_only_records_every_sink_finished_keeps_dead_letters_and_never_reuses_seqs(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a", "b"]);
         cfg.retention = Duration::ZERO;
         cfg.dedup_window = Duration::ZERO;
         let mut wal = Wal::open(cfg.clone()).unwrap();
-        wal.append((0..6).map(|i| rec(&format!("k{i}"))).collect()).unwrap();
+        wal.append((0..6).map(|i| rec(&format!("k{i}"))).collect())
+            .unwrap();
         let later = now_ms() + 1000;
         // Nothing is finished for "b": nothing may go.
         wal.ack("a", &[(1, 6)]).unwrap();
@@ -1023,7 +1025,11 @@ mod tests {
         // "b" finishes 1..=4 (3 as a dead letter); 5 and 6 stay pending.
         wal.ack("b", &[(1, 2), (4, 4)]).unwrap();
         wal.dead("b", &[(3, 3)], "refused", 3).unwrap();
-        assert_eq!(wal.compact(later, 100).unwrap(), (3, 0), "1, 2 and 4 go; dead letter 3 stays");
+        assert_eq!(
+            wal.compact(later, 100).unwrap(),
+            (3, 0),
+            "1, 2 and 4 go; dead letter 3 stays"
+        );
         let stats = wal.stats().unwrap();
         assert_eq!(stats.stored_records, 3);
         assert_eq!(stats.sinks["b"].dead, 1);
@@ -1034,7 +1040,10 @@ mod tests {
         let mut wal = Wal::open(cfg).unwrap();
         assert_eq!(wal.stats().unwrap().stored_records, 1);
         // seq 6 was compacted and was the highest: the next record still gets 7.
-        assert_eq!(wal.append(vec![rec("new")]).unwrap()[0], AppendOutcome::Appended { seq: 7 });
+        assert_eq!(
+            wal.append(vec![rec("new")]).unwrap()[0],
+            AppendOutcome::Appended { seq: 7 }
+        );
     }
 
     #[test]
@@ -1046,8 +1055,16 @@ mod tests {
         let mut wal = Wal::open(cfg).unwrap();
         wal.append(vec![rec("x")]).unwrap();
         wal.ack("a", &[(1, 1)]).unwrap();
-        assert_eq!(wal.compact(now_ms() + 120_000, 100).unwrap(), (0, 0), "inside retention");
-        assert_eq!(wal.compact(now_ms() + 3_700_000, 100).unwrap(), (1, 0), "past retention");
+        assert_eq!(
+            wal.compact(now_ms() + 120_000, 100).unwrap(),
+            (0, 0),
+            "inside retention"
+        );
+        assert_eq!(
+            wal.compact(now_ms() + 3_700_000, 100).unwrap(),
+            (1, 0),
+            "past retention"
+        );
     }
 
     #[test]
@@ -1057,8 +1074,12 @@ mod tests {
         cfg.policy = BackpressurePolicy::DropOldest;
         cfg.max_bytes = 1; // always over the limit
         let mut wal = Wal::open(cfg).unwrap();
-        assert!(wal.backpressure().is_none(), "drop_oldest never refuses appends for size");
-        wal.append((0..10).map(|i| rec(&format!("k{i}"))).collect()).unwrap();
+        assert!(
+            wal.backpressure().is_none(),
+            "drop_oldest never refuses appends for size"
+        );
+        wal.append((0..10).map(|i| rec(&format!("k{i}"))).collect())
+            .unwrap();
         wal.refresh_space().unwrap();
         let b = wal.fetch("a", 2, Duration::ZERO).unwrap().unwrap();
         assert_eq!(b.ranges, vec![(1, 2)]);
@@ -1067,7 +1088,11 @@ mod tests {
         let stats = wal.stats().unwrap();
         for sink in ["a", "b"] {
             assert_eq!(stats.sinks[sink].cursor, 4, "sink {sink}");
-            assert_eq!(stats.sinks[sink].enqueued + stats.sinks[sink].inflight, 6, "sink {sink}");
+            assert_eq!(
+                stats.sinks[sink].enqueued + stats.sinks[sink].inflight,
+                6,
+                "sink {sink}"
+            );
         }
         let next = wal.fetch("a", 100, Duration::ZERO).unwrap().unwrap();
         assert_eq!(next.first_seq(), 5);

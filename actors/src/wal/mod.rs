@@ -83,6 +83,8 @@ pub use engine::{
     StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
 };
 pub use ranges::RangeSet;
+#[cfg(feature = "fault-injection")]
+pub use store::InjectWriterPanic;
 pub use store::{
     AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch, ReleaseSink,
     WalHealth, WalStore,

@@ -68,6 +68,8 @@ enum Request {
     Release(ReleaseBatch, oneshot::Sender<Result<(), WalError>>),
     ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
     Stats(oneshot::Sender<Result<WalStats, WalError>>),
+    #[cfg(feature = "fault-injection")]
+    Panic,
 }
 
 /// The WAL actor. Build it with [`WalStore::new`] and start it under a
@@ -80,6 +82,10 @@ pub struct WalStore {
     /// used for the first thread, later threads open their own.
     first: Option<Wal>,
     tx: Option<mpsc::Sender<Request>>,
+    /// Restarts without a quiet minute in between: drives the restart backoff.
+    restarts_in_a_row: u32,
+    /// When the current writer thread was started.
+    writer_started: Option<Instant>,
 }
 
 impl WalStore {
@@ -91,10 +97,13 @@ impl WalStore {
             health,
             first: Some(wal),
             tx: None,
+            restarts_in_a_row: 0,
+            writer_started: None,
         }
     }
 
     fn spawn_writer(&mut self) {
+        self.writer_started = Some(Instant::now());
         let (tx, rx) = mpsc::channel();
         let cfg = self.cfg.clone();
         let first = self.first.take();
@@ -128,17 +137,16 @@ impl WalStore {
         make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
     ) -> ResponseFuture<Result<T, WalError>> {
         let (reply, rx) = oneshot::channel();
-        let sent = self
-            .tx
-            .as_ref()
-            .map(|tx| tx.send(make(reply)).is_ok())
-            .unwrap_or(false);
-        if !sent {
-            // The writer thread is gone: restart through the supervisor.
-            ctx.stop();
+        let Some(tx) = self.tx.as_ref() else {
+            // Between a restart and the end of its backoff.
             return Box::pin(async {
                 Err(WalError::Unavailable("WAL writer is restarting".into()))
             });
+        };
+        if tx.send(make(reply)).is_err() {
+            // The writer thread is gone: restart through the supervisor.
+            ctx.stop();
+            return Box::pin(async { Err(WalError::Unavailable("WAL writer stopped".into())) });
         }
         let addr = ctx.address();
         Box::pin(async move {
@@ -160,7 +168,17 @@ impl Actor for WalStore {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Writes wait on fsync; keep a deep mailbox so bursts queue, not fail.
         ctx.set_mailbox_capacity(65_536);
-        self.spawn_writer();
+        if self.restarts_in_a_row == 0 {
+            self.spawn_writer();
+        } else {
+            let delay = restart_backoff(self.restarts_in_a_row);
+            tracing::warn!(
+                delay_ms = delay.as_millis() as u64,
+                restarts = self.restarts_in_a_row,
+                "WAL writer restarts after a backoff"
+            );
+            ctx.run_later(delay, |act, _| act.spawn_writer());
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -177,7 +195,17 @@ impl Supervised for WalStore {
             .inc();
         tracing::warn!(actor = "WalStore", "restarting the WAL writer");
         self.tx = None;
+        let quiet = self
+            .writer_started
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(60));
+        self.restarts_in_a_row = if quiet { 1 } else { self.restarts_in_a_row + 1 };
     }
+}
+
+/// 50 ms, doubling per restart in a row, capped at 10 s.
+fn restart_backoff(restarts_in_a_row: u32) -> Duration {
+    Duration::from_millis(50u64 << restarts_in_a_row.saturating_sub(1).min(8))
+        .min(Duration::from_secs(10))
 }
 
 struct WriterDied;
@@ -447,6 +475,8 @@ fn serve_read(wal: &mut Wal, r: Request) {
             let _ = tx.send(wal.stats());
         }
         Request::Write(..) => {}
+        #[cfg(feature = "fault-injection")]
+        Request::Panic => panic!("injected WAL writer failure"),
     }
 }
 
@@ -510,12 +540,28 @@ fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
             .wal_records
             .with_label_values(&[sink, "dead"])
             .set(s.dead as i64);
-        let age = s
-            .oldest_pending_ms
-            .map_or(0, |ms| (now - ms).max(0) / 1000);
+        let age = s.oldest_pending_ms.map_or(0, |ms| (now - ms).max(0) / 1000);
         metrics
             .wal_oldest_pending_age
             .with_label_values(&[sink])
             .set(age);
+    }
+}
+
+/// Test-only fault injection: makes the writer thread panic, as a failing
+/// disk or a bug would. Compiled only with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+pub struct InjectWriterPanic;
+#[cfg(feature = "fault-injection")]
+impl Message for InjectWriterPanic {
+    type Result = ();
+}
+#[cfg(feature = "fault-injection")]
+impl Handler<InjectWriterPanic> for WalStore {
+    type Result = ();
+    fn handle(&mut self, _: InjectWriterPanic, _: &mut Context<Self>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Request::Panic);
+        }
     }
 }
