@@ -1,0 +1,329 @@
+#!/usr/bin/env bash
+# Benchmark harness behind `make bench`.
+#
+#   scripts/bench.sh
+#
+# 1. Builds the release `gateway` binary and the `wal_bench` example once.
+# 2. WAL bench: durable appends/s of the engine (1/10/100/1000 records per
+#    commit) and of the WalStore actor under concurrent senders (group commit).
+# 3. HTTP bench: starts the release gateway on a free loopback port with a
+#    fresh data dir (default config: no rate limit, the default `archive`
+#    sink), drives POST /ingest/{device} with wrk + bench/ingest.lua (unique
+#    msg_id per request), then checks wrk's 202 count against the gateway's
+#    gateway_ingest_records_total{source="http",outcome="accepted"}, and
+#    samples the gateway's CPU (per thread) and RSS.
+# 4. Writes everything to bench/results/latest.md and prints it.
+#
+# Knobs (environment):
+#   BENCH_WAL_SECS=3        time bound of each WAL run
+#   BENCH_WAL_MAX=500000    record bound of each WAL run
+#   BENCH_WRK_THREADS=2  BENCH_WRK_CONNS=256  BENCH_WRK_DURATION=15s
+#   BENCH_DEVICES=50        distinct device ids in the HTTP load
+#   BENCH_LOG_LEVEL=info    the gateway's log level (info = its default; logs go to a file)
+#   BENCH_KEEP=1            keep the temporary directory (data dirs, logs)
+#   CARGO_TARGET_DIR        as for cargo
+#
+# Temporary data lives under the cargo target dir (a real disk), never /tmp,
+# which may be tmpfs where fsync is free.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+WAL_SECS="${BENCH_WAL_SECS:-3}"
+WAL_MAX="${BENCH_WAL_MAX:-500000}"
+WRK_THREADS="${BENCH_WRK_THREADS:-2}"
+WRK_CONNS="${BENCH_WRK_CONNS:-256}"
+WRK_DURATION="${BENCH_WRK_DURATION:-15s}"
+DEVICES="${BENCH_DEVICES:-50}"
+LOG_LEVEL="${BENCH_LOG_LEVEL:-info}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+RESULTS_DIR="$ROOT/bench/results"
+RESULTS="$RESULTS_DIR/latest.md"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+
+GW_PID=""
+WORK=""
+cleanup() {
+    local rc=$?
+    if [ -n "$GW_PID" ] && kill -0 "$GW_PID" 2>/dev/null; then
+        kill -TERM "$GW_PID" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$GW_PID" 2>/dev/null || true
+        wait "$GW_PID" 2>/dev/null || true
+    fi
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if [ "${BENCH_KEEP:-0}" = 1 ]; then
+            log "kept $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------ tools
+command -v cargo >/dev/null || die "cargo not found"
+command -v curl >/dev/null || die "curl not found"
+if ! command -v wrk >/dev/null; then
+    log "wrk is missing: installing it with apt-get"
+    if [ "$(id -u)" = 0 ]; then
+        apt-get install -y wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y wrk >/dev/null; }
+    elif command -v sudo >/dev/null; then
+        sudo apt-get install -y wrk >/dev/null 2>&1 || { sudo apt-get update -qq && sudo apt-get install -y wrk >/dev/null; }
+    fi
+    command -v wrk >/dev/null || die "wrk is required (apt-get install -y wrk)"
+fi
+
+# ------------------------------------------------------------------ build
+log "building release binaries (cargo waits if another build holds the lock)"
+cargo build --release -p gateway --bin gateway
+cargo build --release -p gateway-actors --example wal_bench
+GATEWAY_BIN="$TARGET_DIR/release/gateway"
+WAL_BENCH_BIN="$TARGET_DIR/release/examples/wal_bench"
+[ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
+[ -x "$WAL_BENCH_BIN" ] || die "$WAL_BENCH_BIN was not built"
+
+# ------------------------------------------------------------------ work dir
+mkdir -p "$TARGET_DIR" "$RESULTS_DIR"
+WORK="$(mktemp -d "$TARGET_DIR/bench-tmp.XXXXXX")"
+FS_TYPE="$(stat -f -c %T "$WORK" 2>/dev/null || echo unknown)"
+FS_DESC="$(df -PT "$WORK" 2>/dev/null | awk 'NR==2 {print $2 " (" $1 " on " $7 ")"}')"
+[ -n "$FS_DESC" ] || FS_DESC="$FS_TYPE"
+case "$FS_TYPE $FS_DESC" in
+    *tmpfs*|*ramfs*) log "WARNING: $WORK is on $FS_DESC (memory): fsync costs nothing there, numbers are not durable-disk numbers" ;;
+esac
+OUT="$WORK/results.md"
+
+CPU_MODEL="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+MEM_TOTAL="$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo 2>/dev/null || true)"
+GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ -n "$(git status --porcelain -- src actors Cargo.toml Cargo.lock 2>/dev/null)" ]; then GIT_REV="$GIT_REV (+ uncommitted changes)"; fi
+
+{
+    echo "# Gateway benchmark results"
+    echo
+    echo "| | |"
+    echo "|---|---|"
+    echo "| date | $(date -u +%Y-%m-%dT%H:%M:%SZ) |"
+    echo "| commit | $GIT_REV |"
+    echo "| nproc | $(nproc) |"
+    echo "| CPU | ${CPU_MODEL:-unknown} |"
+    echo "| memory | ${MEM_TOTAL:-unknown} |"
+    echo "| kernel | $(uname -sr) |"
+    echo "| data file system | $FS_DESC |"
+    echo "| load average at start | $(cut -d' ' -f1-3 /proc/loadavg) |"
+    echo "| wrk | $(wrk --version 2>&1 | head -1 | awk '{print $1, $2}') |"
+} >"$OUT"
+
+# ------------------------------------------------------------------ WAL bench
+log "WAL bench (each run <= ${WAL_SECS}s or ${WAL_MAX} records) in $WORK/wal"
+"$WAL_BENCH_BIN" "$WORK/wal" --out "$OUT" --secs "$WAL_SECS" --max-records "$WAL_MAX" | tee "$WORK/wal_bench.txt"
+rm -rf "$WORK/wal"
+
+# ------------------------------------------------------------------ HTTP bench
+# Only the settings we pass: nothing from the caller's GATEWAY_* environment.
+while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^GATEWAY_' || true)
+
+GW_DATA="$WORK/gateway-data"
+GW_LOG="$WORK/gateway.log"
+
+# A free loopback port: probe a random one (nothing answers), start the
+# gateway on it, and try another if the bind lost a race.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+start_gateway() {
+    GATEWAY_LOG_LEVEL="$LOG_LEVEL" GATEWAY_INGEST_RATE_LIMIT_PER_DEVICE=0 \
+        "$GATEWAY_BIN" run --data-dir "$GW_DATA" --http-addr "127.0.0.1:$1" >"$GW_LOG" 2>&1 &
+    GW_PID=$!
+}
+BASE=""
+for attempt in 1 2 3 4 5; do
+    PORT=$(( 20000 + (RANDOM * 32768 + RANDOM) % 30000 ))
+    port_in_use "$PORT" && continue
+    log "starting the gateway on 127.0.0.1:$PORT (data dir $GW_DATA, log level $LOG_LEVEL)"
+    start_gateway "$PORT"
+    for i in $(seq 1 150); do
+        if curl -sf -o /dev/null "http://127.0.0.1:$PORT/readyz"; then BASE="http://127.0.0.1:$PORT"; break; fi
+        kill -0 "$GW_PID" 2>/dev/null || break
+        sleep 0.2
+    done
+    [ -n "$BASE" ] && break
+    if kill -0 "$GW_PID" 2>/dev/null; then
+        curl -s "http://127.0.0.1:$PORT/readyz" >&2 || true
+        die "/readyz not ready after 30s"
+    fi
+    wait "$GW_PID" 2>/dev/null || true
+    GW_PID=""
+    grep -q 'binding http.addr' "$GW_LOG" || { tail -20 "$GW_LOG" >&2; die "the gateway exited during start-up (attempt $attempt)"; }
+    log "port $PORT was taken; trying another"
+done
+[ -n "$BASE" ] || die "could not start the gateway on a free port"
+log "gateway pid $GW_PID ready on $BASE"
+
+# CPU accounting: whole machine (/proc/stat) and the gateway per thread.
+machine_ticks() { awk '/^cpu / {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
+thread_ticks() {
+    local t stat comm
+    for t in /proc/"$GW_PID"/task/*; do
+        stat="$(cat "$t/stat" 2>/dev/null)" || continue
+        comm="$(tr ' |' '_/' <"$t/comm" 2>/dev/null)" || continue
+        stat="${stat##*) }"
+        # shellcheck disable=SC2086
+        set -- $stat
+        echo "${t##*/} $comm $(( ${12} + ${13} ))"
+    done
+}
+RSS_IDLE="$(awk '/^VmRSS/ {print $2 " " $3}' /proc/"$GW_PID"/status)"
+read -r M_BUSY0 M_ALL0 < <(machine_ticks)
+thread_ticks >"$WORK/threads0.txt"
+
+RUN_ID="r$(date +%s)"
+log "wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION ($DEVICES devices, unique msg_id per request)"
+wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --timeout 10s --latency \
+    -s "$ROOT/bench/ingest.lua" "$BASE" -- "$RUN_ID" "$DEVICES" | tee "$WORK/wrk.txt"
+
+read -r M_BUSY1 M_ALL1 < <(machine_ticks)
+thread_ticks >"$WORK/threads1.txt"
+sleep 1
+curl -sf "$BASE/metrics" >"$WORK/metrics.txt" || die "cannot read $BASE/metrics"
+VM_HWM="$(awk '/^VmHWM/ {print $2 " " $3}' /proc/"$GW_PID"/status)"
+VM_RSS="$(awk '/^VmRSS/ {print $2 " " $3}' /proc/"$GW_PID"/status)"
+GW_THREADS="$(awk '/^Threads/ {print $2}' /proc/"$GW_PID"/status)"
+
+# ------------------------------------------------------------------ evaluate
+bench_kv() { { grep '^BENCH ' "$WORK/wrk.txt" || true; } | tr ' ' '\n' | awk -F= -v k="$1" '$1 == k {print $2}'; }
+# metric NAME [LABEL=VALUE ...]: sum of the samples of NAME carrying every given label.
+metric() {
+    local name="$1"; shift
+    awk -v name="$name" -v want="$*" '
+        $0 ~ /^#/ { next }
+        {
+            split($1, a, "{"); if (a[1] != name) next
+            n = split(want, w, " "); ok = 1
+            for (i = 1; i <= n; i++) {
+                split(w[i], kv, "="); pat = kv[1] "=\"" kv[2] "\""
+                if (index($1, pat) == 0) ok = 0
+            }
+            if (ok) s += $NF
+        }
+        END { printf "%.0f\n", s }' "$WORK/metrics.txt"
+}
+metric_f() { awk -v name="$1" '$1 == name {print $NF}' "$WORK/metrics.txt"; }
+
+REQS="$(bench_kv requests)"
+[ -n "$REQS" ] || die "wrk printed no BENCH line (see $WORK/wrk.txt)"
+RPS="$(bench_kv rps)"
+S202="$(bench_kv status_202)"; S200="$(bench_kv status_200)"; SOTHER="$(bench_kv status_other)"
+P50="$(bench_kv lat_p50_us)"; P90="$(bench_kv lat_p90_us)"; P99="$(bench_kv lat_p99_us)"
+P999="$(bench_kv lat_p999_us)"; PMAX="$(bench_kv lat_max_us)"; PMEAN="$(bench_kv lat_mean_us)"
+ERR_SOCK=$(( $(bench_kv err_connect) + $(bench_kv err_read) + $(bench_kv err_write) + $(bench_kv err_timeout) ))
+NON2XX="$(awk '/Non-2xx or 3xx responses/ {print $NF}' "$WORK/wrk.txt")"; NON2XX="${NON2XX:-0}"
+
+ACCEPTED="$(metric gateway_ingest_records_total source=http outcome=accepted)"
+DUPS="$(metric gateway_ingest_records_total source=http outcome=duplicate)"
+REJECTED="$(metric gateway_ingest_records_total source=http outcome=rejected)"
+COMMITS="$(metric gateway_wal_commits_total)"
+GS_SUM="$(metric_f gateway_wal_group_size_sum)"; GS_CNT="$(metric_f gateway_wal_group_size_count)"
+AP_SUM="$(metric_f gateway_wal_append_seconds_sum)"; AP_CNT="$(metric_f gateway_wal_append_seconds_count)"
+SINK_OK="$(metric gateway_sink_records_total sink=archive outcome=ok)"
+MEAN_GROUP="$(awk -v s="${GS_SUM:-0}" -v c="${GS_CNT:-0}" 'BEGIN { if (c > 0) printf "%.1f", s / c; else print "n/a" }')"
+MEAN_COMMIT_MS="$(awk -v s="${AP_SUM:-0}" -v c="${AP_CNT:-0}" 'BEGIN { if (c > 0) printf "%.2f", 1000 * s / c; else print "n/a" }')"
+DIFF=$(( ACCEPTED - S202 ))
+
+# CPU over the wrk run.
+GW_TICKS="$(join <(sort "$WORK/threads0.txt") <(sort "$WORK/threads1.txt") | awk '{s += $5 - $3} END {print s + 0}')"
+# Threads born during the run count whole.
+NEW_TICKS="$(join -v 2 <(sort "$WORK/threads0.txt") <(sort "$WORK/threads1.txt") | awk '{s += $3} END {print s + 0}')"
+GW_TICKS=$(( GW_TICKS + NEW_TICKS ))
+M_BUSY=$(( M_BUSY1 - M_BUSY0 )); M_ALL=$(( M_ALL1 - M_ALL0 ))
+CPU_SUMMARY="$(awk -v g="$GW_TICKS" -v b="$M_BUSY" -v a="$M_ALL" -v n="$(nproc)" 'BEGIN {
+    printf "machine busy %.0f%% of %d cores; gateway %.0f%% of one core (%.0f%% of the machine); wrk + rest %.0f%% of the machine",
+        100 * b / a, n, 100 * n * g / a, 100 * g / a, 100 * (b - g) / a }')"
+THREAD_TABLE="$(join -a 2 -e 0 -o 2.2,1.3,2.3 <(sort "$WORK/threads0.txt") <(sort "$WORK/threads1.txt") \
+    | awk -v a="$M_ALL" -v n="$(nproc)" '{d[$1] += $3 - $2; c[$1]++}
+        END { for (k in d) if (d[k] > 0) printf "| %s | %d | %.1f%% |\n", k, c[k], 100 * n * d[k] / a }' \
+    | sort -t'|' -k4 -rn)"
+LOG_LINES="$(wc -l <"$GW_LOG")"; LOG_BYTES="$(wc -c <"$GW_LOG")"
+
+VERDICT="OK"
+PROBLEMS=""
+if [ "$SOTHER" != 0 ] || [ "$S200" != 0 ] || [ "$NON2XX" != 0 ]; then
+    VERDICT="FAIL"; PROBLEMS="$PROBLEMS; non-202 responses: 200=$S200 other=$SOTHER (wrk Non-2xx/3xx: $NON2XX)"
+fi
+if [ "$DIFF" -lt 0 ] || [ "$DIFF" -gt "$WRK_CONNS" ]; then
+    VERDICT="FAIL"; PROBLEMS="$PROBLEMS; accepted ($ACCEPTED) - wrk 202 ($S202) = $DIFF is outside [0, $WRK_CONNS]"
+fi
+if [ "$DUPS" != 0 ] || [ "$REJECTED" != 0 ]; then
+    VERDICT="FAIL"; PROBLEMS="$PROBLEMS; gateway counted duplicates=$DUPS rejected=$REJECTED"
+fi
+[ "$ERR_SOCK" = 0 ] || PROBLEMS="$PROBLEMS; wrk socket errors: $ERR_SOCK"
+
+{
+    echo
+    echo "### HTTP ingest (release gateway, wrk)"
+    echo
+    echo "\`wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION\` with keep-alive, \`POST /ingest/{device}\` over $DEVICES devices,"
+    echo "one unique record per request (body ~100 bytes), gateway on 127.0.0.1 with its default configuration"
+    echo "(no rate limit, default \`archive\` sink delivering to \`file://DATA/archive\`, log level $LOG_LEVEL to a file),"
+    echo "gateway and wrk sharing the same $(nproc) cores."
+    echo
+    echo "| measure | value |"
+    echo "|---|---:|"
+    echo "| requests/s (wrk) | $RPS |"
+    echo "| latency p50 / p90 / p99 / p99.9 / max | $(awk -v a="$P50" -v b="$P90" -v c="$P99" -v d="$P999" -v e="$PMAX" 'BEGIN {printf "%.2f / %.2f / %.2f / %.2f / %.2f ms", a/1000, b/1000, c/1000, d/1000, e/1000}') |"
+    echo "| latency mean | $(awk -v a="$PMEAN" 'BEGIN {printf "%.2f ms", a/1000}') |"
+    echo "| wrk requests completed | $REQS |"
+    echo "| wrk 202 / 200 (duplicate) / other / socket errors | $S202 / $S200 / $SOTHER / $ERR_SOCK |"
+    echo "| gateway accepted (\`gateway_ingest_records_total{source=\"http\",outcome=\"accepted\"}\`) | $ACCEPTED |"
+    echo "| accepted − wrk 202 (requests in flight when wrk stopped; must be 0..$WRK_CONNS) | $DIFF |"
+    echo "| gateway duplicates / rejected | $DUPS / $REJECTED |"
+    echo "| WAL group commits (fsyncs) | $COMMITS |"
+    echo "| mean WAL group size (records/commit) | $MEAN_GROUP |"
+    echo "| mean time to commit a group (\`gateway_wal_append_seconds\`) | $MEAN_COMMIT_MS ms |"
+    echo "| records delivered to the archive sink | ${SINK_OK:-0} |"
+    echo "| gateway RSS idle before the run / at end (VmRSS) / peak (VmHWM) | $RSS_IDLE / $VM_RSS / $VM_HWM |"
+    echo "| gateway threads | $GW_THREADS |"
+    echo "| CPU during the run | $CPU_SUMMARY |"
+    echo "| gateway log written | $LOG_LINES lines, $LOG_BYTES bytes |"
+    echo "| check | $VERDICT${PROBLEMS:+ ($PROBLEMS)} |"
+    echo
+    echo "Gateway CPU by thread name during the wrk run (100% = one core). actix-rt/system: the HTTP workers;"
+    echo "gateway: the main thread running the actors (IngestRouter parsing, WalStore front, Dispatcher, SinkActor);"
+    echo "wal-writer: the WAL group-commit thread (SQLite + fsync); tokio-rt-worker: the blocking pool (sink gzip + file writes)."
+    echo
+    echo "| thread | count | CPU |"
+    echo "|---|---:|---:|"
+    echo "$THREAD_TABLE"
+    echo
+    echo "<details><summary>wrk output</summary>"
+    echo
+    echo '```'
+    grep -v '^BENCH' "$WORK/wrk.txt"
+    echo '```'
+    echo
+    echo "</details>"
+} >>"$OUT"
+
+# ------------------------------------------------------------------ stop, publish
+log "stopping the gateway"
+kill -TERM "$GW_PID" 2>/dev/null || true
+for _ in $(seq 1 75); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.2; done
+if kill -0 "$GW_PID" 2>/dev/null; then
+    log "the gateway did not stop within 15s of SIGTERM: killing it"
+    kill -KILL "$GW_PID" 2>/dev/null || true
+fi
+wait "$GW_PID" 2>/dev/null || true
+GW_PID=""
+
+cp "$OUT" "$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
+echo
+cat "$RESULTS"
+echo
+log "results written to ${RESULTS#"$ROOT"/}"
+[ "$VERDICT" = OK ] || die "check failed:${PROBLEMS#;}"
