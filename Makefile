@@ -17,8 +17,7 @@ test-deps: ## install what the tests need (skips what is already installed)
 	scripts/test-deps.sh
 
 test: test-deps lint ## install test dependencies, check format and lints, run every test
-	$(CARGO) test --workspace --all-targets
-	$(CARGO) test --workspace --doc
+	scripts/test.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gateway_actors::dispatcher::DispatchConfig;
+use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
+use gateway_actors::mqtt::{MqttIngestConfig, MqttTls, MqttVersion};
 use gateway_actors::sink::s3::S3SinkConfig;
 use gateway_actors::wal::{BackpressurePolicy, WalConfig};
 use serde::{Deserialize, Serialize};
@@ -96,6 +98,19 @@ struct RawIngest {
 struct RawMqtt {
     url: Option<String>,
     embedded_addr: Option<String>,
+    version: Option<String>,
+    client_id: Option<String>,
+    keep_alive: Option<String>,
+    topic: Option<String>,
+    payload_format: Option<String>,
+    receive_maximum: Option<u16>,
+    session_expiry: Option<String>,
+    reconnect_max: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -166,6 +181,22 @@ struct EnvLayer {
     mqtt_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_embedded_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_payload_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_client_cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_client_key_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_password_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wal_max_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -508,23 +539,7 @@ impl Loaded {
             }
         };
 
-        let mqtt_url = raw.mqtt.url.clone().unwrap_or_else(|| "off".into());
-        let mqtt = match mqtt_url.as_str() {
-            "off" => MqttMode::Off,
-            "embedded" | "mqtt" => {
-                return Err(self.invalid(
-                    "mqtt.url",
-                    "MQTT ingest is not part of this build yet; use \"off\" (HTTP ingest only)",
-                ))
-            }
-            u if u.starts_with("mqtt://") || u.starts_with("mqtts://") => {
-                return Err(self.invalid(
-                    "mqtt.url",
-                    format!("{u}: MQTT ingest is not part of this build yet; use \"off\" (HTTP ingest only)"),
-                ))
-            }
-            other => return Err(self.invalid("mqtt.url", format!("{other:?}: expected off, embedded, mqtt:// or mqtts://"))),
-        };
+        let mqtt = self.mqtt(&raw.mqtt, &gateway_id, max_payload_bytes)?;
 
         let retention = self.duration(
             "wal.retention",
@@ -588,6 +603,177 @@ impl Loaded {
             wal,
             sinks,
         })
+    }
+
+    fn read_file(&self, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+        std::fs::read(path)
+            .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", path.display())))
+    }
+
+    fn mqtt(
+        &self,
+        m: &RawMqtt,
+        gateway_id: &str,
+        max_payload_bytes: usize,
+    ) -> Result<MqttMode, ConfigError> {
+        let url = m.url.clone().unwrap_or_else(|| "embedded".into());
+        if url == "off" {
+            return Ok(MqttMode::Off);
+        }
+        let version = match m.version.as_deref().unwrap_or("5") {
+            "5" | "5.0" | "v5" => MqttVersion::V5,
+            "3.1.1" | "311" | "4" | "v4" => MqttVersion::V311,
+            other => {
+                return Err(self.invalid(
+                    "mqtt.version",
+                    format!("{other:?}: expected \"5\" or \"3.1.1\""),
+                ))
+            }
+        };
+        let payload_format = match m.payload_format.as_deref().unwrap_or("auto") {
+            "json" => PayloadFormat::Json,
+            "protobuf" => PayloadFormat::Protobuf,
+            "auto" => PayloadFormat::Auto,
+            other => {
+                return Err(self.invalid(
+                    "mqtt.payload_format",
+                    format!("{other:?}: expected json, protobuf or auto"),
+                ))
+            }
+        };
+        let client_id = m
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("gateway-{gateway_id}"));
+        if client_id.is_empty() || client_id.len() > 64 {
+            return Err(self.invalid("mqtt.client_id", "must be 1 to 64 characters"));
+        }
+        let topic = m
+            .topic
+            .clone()
+            .unwrap_or_else(|| "devices/+/telemetry".into());
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s @ ("mqtt" | "mqtts"), rest)) => (s, rest),
+            _ if url == "embedded" => ("embedded", ""),
+            _ => {
+                return Err(self.invalid(
+                    "mqtt.url",
+                    format!(
+                        "{url:?}: expected off, embedded, mqtt://host:port or mqtts://host:port"
+                    ),
+                ))
+            }
+        };
+        let (host, port) = if scheme == "embedded" {
+            let addr = self.socket_addr(
+                "mqtt.embedded_addr",
+                m.embedded_addr.as_deref().unwrap_or("127.0.0.1:1883"),
+            )?;
+            (addr.ip().to_string(), addr.port())
+        } else {
+            let hostport = rest.trim_end_matches('/');
+            let default_port = if scheme == "mqtts" { 8883 } else { 1883 };
+            let (h, p) = match hostport.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                    let p: u16 = p
+                        .parse()
+                        .map_err(|_| self.invalid("mqtt.url", format!("{url:?}: bad port")))?;
+                    (
+                        h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                        p,
+                    )
+                }
+                _ => (hostport.to_string(), default_port),
+            };
+            if h.is_empty() {
+                return Err(self.invalid("mqtt.url", format!("{url:?}: host is missing")));
+            }
+            (h, p)
+        };
+        let mut cfg = MqttIngestConfig::new(&host, port, &client_id);
+        cfg.version = version;
+        cfg.payload_format = payload_format;
+        cfg.topic = topic;
+        cfg.max_packet_bytes = max_payload_bytes + 4096;
+        if let Some(k) = &m.keep_alive {
+            cfg.keep_alive = self.duration("mqtt.keep_alive", k)?;
+            if cfg.keep_alive < Duration::from_secs(5) {
+                return Err(self.invalid("mqtt.keep_alive", "must be at least 5s"));
+            }
+        }
+        if let Some(r) = m.receive_maximum {
+            if r == 0 {
+                return Err(self.invalid("mqtt.receive_maximum", "must be at least 1"));
+            }
+            cfg.receive_maximum = r;
+        }
+        if let Some(e) = &m.session_expiry {
+            cfg.session_expiry = self.duration("mqtt.session_expiry", e)?;
+        }
+        if let Some(r) = &m.reconnect_max {
+            cfg.reconnect_max = self
+                .duration("mqtt.reconnect_max", r)?
+                .max(cfg.reconnect_base);
+        }
+        cfg.username = m.username.clone();
+        if let Some(p) = &m.password_file {
+            let text = self.read_file("mqtt.password_file", p)?;
+            let text = String::from_utf8(text)
+                .map_err(|_| self.invalid("mqtt.password_file", "must be UTF-8 text"))?;
+            cfg.password = Some(text.trim_end_matches(['\r', '\n']).to_string());
+        }
+        let tls_files =
+            m.ca_file.is_some() || m.client_cert_file.is_some() || m.client_key_file.is_some();
+        if scheme == "mqtts" {
+            let ca_pem = match &m.ca_file {
+                Some(p) => Some(self.read_file("mqtt.ca_file", p)?),
+                None => None,
+            };
+            let client = match (&m.client_cert_file, &m.client_key_file) {
+                (Some(c), Some(k)) => Some((
+                    self.read_file("mqtt.client_cert_file", c)?,
+                    self.read_file("mqtt.client_key_file", k)?,
+                )),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(self.invalid(
+                        "mqtt.client_cert_file",
+                        "mqtt.client_key_file must be set too",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(self.invalid(
+                        "mqtt.client_key_file",
+                        "mqtt.client_cert_file must be set too",
+                    ))
+                }
+            };
+            cfg.tls = Some(MqttTls { ca_pem, client });
+        } else if tls_files {
+            return Err(self.invalid("mqtt.url", "TLS files are set: use an mqtts:// URL"));
+        }
+        if scheme == "embedded" {
+            if !cfg!(feature = "embedded-broker") {
+                return Err(self.invalid(
+                    "mqtt.url",
+                    "this build has no embedded broker (cargo feature embedded-broker)",
+                ));
+            }
+            // The embedded broker listens for MQTT 3.1.1 (what most devices and
+            // mosquitto_pub speak); the gateway's own client matches it.
+            cfg.version = MqttVersion::V311;
+            let addr = self.socket_addr(
+                "mqtt.embedded_addr",
+                m.embedded_addr.as_deref().unwrap_or("127.0.0.1:1883"),
+            )?;
+            return Ok(MqttMode::Embedded { addr, ingest: cfg });
+        }
+        Ok(MqttMode::Broker(cfg))
+    }
+
+    fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse()
+            .map_err(|e| self.invalid(key, format!("{text:?} is not host:port ({e})")))
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -813,10 +999,29 @@ pub struct IngestSettings {
 }
 
 /// MQTT ingest mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum MqttMode {
     /// No MQTT ingest.
     Off,
+    /// An in-process broker on `addr`; ingest subscribes to it.
+    Embedded {
+        /// Listen address of the embedded broker.
+        addr: SocketAddr,
+        /// The ingest client's settings (pointing at `addr`).
+        ingest: MqttIngestConfig,
+    },
+    /// An external broker.
+    Broker(MqttIngestConfig),
+}
+
+impl MqttMode {
+    /// The ingest client settings, when MQTT ingest is on.
+    pub fn ingest(&self) -> Option<&MqttIngestConfig> {
+        match self {
+            MqttMode::Off => None,
+            MqttMode::Embedded { ingest, .. } | MqttMode::Broker(ingest) => Some(ingest),
+        }
+    }
 }
 
 /// WAL settings.
@@ -894,7 +1099,7 @@ mod tests {
         match &s.sinks["archive"].target {
             SinkTarget::S3(c) => assert_eq!(c.url, "file://./data/archive"),
         }
-        assert_eq!(s.mqtt, MqttMode::Off);
+        assert!(matches!(s.mqtt, MqttMode::Embedded { .. }));
         assert_eq!(s.wal.retention, Duration::from_secs(86400));
     }
 

@@ -5,12 +5,15 @@
 //!
 //! - [`config`]: layered configuration validated into `Settings`.
 //! - [`auth`]: device tokens and protected mode.
+//! - `broker`: the embedded MQTT broker (feature `embedded-broker`).
 //! - [`http`]: ingest, health, version and metrics endpoints.
 //! - [`startup`]: wiring the supervised actors and the HTTP server.
 //! - [`telemetry`]: JSON logging.
 //! - [`cli`]: the `gateway` subcommands.
 
 pub mod auth;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -12,6 +12,7 @@ use actix_web_prom::PrometheusMetricsBuilder;
 use anyhow::{bail, Context as _};
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
+use gateway_actors::mqtt::{MqttIngest, MqttStatus};
 use gateway_actors::sink::s3::ObjectStoreSink;
 use gateway_actors::sink::{Sink, SinkActor, SinkFactory};
 use gateway_actors::wal::{Wal, WalHealth, WalStore};
@@ -20,7 +21,7 @@ use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslV
 use prometheus::Registry;
 
 use crate::auth::DeviceAuth;
-use crate::config::{Settings, SinkTarget};
+use crate::config::{MqttMode, Settings, SinkTarget};
 use crate::http::{self, AppState};
 
 /// A running gateway: actors started, HTTP bound.
@@ -46,6 +47,10 @@ pub struct Handles {
     pub wal_health: Arc<WalHealth>,
     /// The metrics registry served on /metrics.
     pub registry: Registry,
+    /// MQTT ingest, when on.
+    pub mqtt: Option<Addr<MqttIngest>>,
+    /// MQTT connection state, when on.
+    pub mqtt_status: Option<Arc<MqttStatus>>,
 }
 
 /// Builds the client factory of a configured sink.
@@ -106,6 +111,22 @@ impl Application {
             );
             Supervisor::start(move |_| IngestRouter::new(w, h, &id, limits, rate, m))
         };
+        let (mqtt, mqtt_status) = match settings.mqtt.ingest() {
+            None => (None, None),
+            Some(cfg) => {
+                #[cfg(feature = "embedded-broker")]
+                if let MqttMode::Embedded { addr, .. } = &settings.mqtt {
+                    crate::broker::start_embedded(*addr, cfg.max_packet_bytes)?;
+                }
+                let status = Arc::new(MqttStatus::default());
+                let (c, r, st, m) = (cfg.clone(), router.clone(), status.clone(), metrics.clone());
+                tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls.is_some(), client_id = %cfg.client_id, "starting MQTT ingest");
+                (
+                    Some(Supervisor::start(move |_| MqttIngest::new(c, r, st, m))),
+                    Some(status),
+                )
+            }
+        };
         let mut dispatchers = Vec::new();
         let mut sinks = Vec::new();
         for (name, s) in &settings.sinks {
@@ -140,6 +161,7 @@ impl Application {
             wal_health: wal_health.clone(),
             dispatchers: dispatchers.clone(),
             metrics: metrics.clone(),
+            mqtt: mqtt_status.clone(),
         });
 
         let listener = TcpListener::bind(settings.http.addr)
@@ -183,6 +205,8 @@ impl Application {
                 sinks,
                 wal_health,
                 registry,
+                mqtt,
+                mqtt_status,
             },
         })
     }

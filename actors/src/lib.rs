@@ -11,6 +11,8 @@
 //!   with backoff, dead-letter.
 //! - [`sink`]: the `Sink` trait, the `SinkActor` that runs one, and one
 //!   folder per sink kind.
+//! - [`mqtt`]: the `MqttIngest` actor: QoS 1, persistent session, PUBACK
+//!   only after the WAL commit.
 //! - [`metrics`]: the Prometheus metrics every actor moves.
 //!
 //! Every guarantee comes from the WAL: actor mailboxes are not durable, so an
@@ -24,6 +26,7 @@
 pub mod dispatcher;
 pub mod ingest;
 pub mod metrics;
+pub mod mqtt;
 pub mod sink;
 pub mod wal;
 

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub sink_paused: IntGaugeVec,
     /// `gateway_e2e_latency_seconds{sink}`: receive → sink acknowledgement, per record.
     pub e2e_latency_seconds: HistogramVec,
+    /// `gateway_mqtt_connected`: 1 while MQTT ingest is connected and subscribed.
+    pub mqtt_connected: IntGauge,
+    /// `gateway_mqtt_reconnects_total`: lost MQTT connections (each followed by a reconnect).
+    pub mqtt_reconnects: IntCounter,
     /// `gateway_actor_restarts_total{actor}`: supervised restarts.
     pub actor_restarts: IntCounterVec,
 }
@@ -112,6 +116,14 @@ impl Metrics {
                     .buckets(exponential_buckets(0.001, 2.0, 20)?),
                 &["sink"],
             )?,
+            mqtt_connected: IntGauge::new(
+                "gateway_mqtt_connected",
+                "1 while MQTT ingest is connected and subscribed.",
+            )?,
+            mqtt_reconnects: IntCounter::new(
+                "gateway_mqtt_reconnects_total",
+                "MQTT ingest connections lost (each followed by a reconnect with backoff).",
+            )?,
             actor_restarts: IntCounterVec::new(
                 Opts::new("gateway_actor_restarts_total", "Supervised actor restarts, by actor."),
                 &["actor"],
@@ -136,9 +148,17 @@ impl Metrics {
         registry.register(Box::new(m.sink_up.clone()))?;
         registry.register(Box::new(m.sink_paused.clone()))?;
         registry.register(Box::new(m.e2e_latency_seconds.clone()))?;
+        registry.register(Box::new(m.mqtt_connected.clone()))?;
+        registry.register(Box::new(m.mqtt_reconnects.clone()))?;
         registry.register(Box::new(m.actor_restarts.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
-        for actor in ["WalStore", "IngestRouter", "Dispatcher", "SinkActor"] {
+        for actor in [
+            "WalStore",
+            "IngestRouter",
+            "Dispatcher",
+            "SinkActor",
+            "MqttIngest",
+        ] {
             m.actor_restarts.with_label_values(&[actor]);
         }
         Ok(m)

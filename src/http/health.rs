@@ -42,7 +42,21 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     } else {
         json!({"ok": true, "detail": format!("not running: {}", dead.join(", "))})
     };
-    let mqtt = json!({"ok": true, "detail": "disabled"});
+    let mqtt = match &state.mqtt {
+        None => json!({"ok": true, "detail": "disabled"}),
+        Some(st) if st.connected.load(Ordering::SeqCst) => {
+            json!({"ok": true, "detail": "connected"})
+        }
+        Some(st) => {
+            let why = st
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .unwrap_or_else(|| "connecting".into());
+            json!({"ok": false, "detail": format!("not connected: {why}")})
+        }
+    };
     let checks =
         json!({"wal": wal, "backpressure": backpressure, "dispatcher": dispatcher, "mqtt": mqtt});
     let ready = ["wal", "backpressure", "dispatcher", "mqtt"]

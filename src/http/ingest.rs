@@ -3,8 +3,9 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
+use gateway_actors::ingest::validate::is_traceparent;
 use gateway_actors::ingest::validate::{check_device_id, check_idempotency_header};
-use gateway_actors::ingest::{IngestError, IngestTelemetry, Source};
+use gateway_actors::ingest::{IngestError, IngestTelemetry, PayloadFormat, Source};
 use serde_json::json;
 
 use super::error::ApiError;
@@ -118,6 +119,7 @@ pub async fn ingest(
         source: Source::Http,
         device_id: device_id.clone(),
         payload: body.freeze(),
+        payload_format: PayloadFormat::Json,
         correlation_id: correlation_id.clone(),
         idempotency_key,
         traceparent,
@@ -187,14 +189,4 @@ pub async fn ingest(
         }
     };
     Ok(HttpResponse::build(status).json(body))
-}
-
-/// `00-{32 hex}-{16 hex}-{2 hex}` (W3C Trace Context, version 00).
-fn is_traceparent(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('-').collect();
-    parts.len() == 4
-        && [2, 32, 16, 2]
-            .iter()
-            .zip(&parts)
-            .all(|(n, p)| p.len() == *n && p.bytes().all(|c| c.is_ascii_hexdigit()))
 }

@@ -14,6 +14,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage};
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::{IngestLimits, IngestRouter};
+use gateway_actors::mqtt::MqttStatus;
 use gateway_actors::wal::WalHealth;
 use gateway_actors::Metrics;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub dispatchers: Vec<(String, Addr<Dispatcher>)>,
     /// Metrics.
     pub metrics: Metrics,
+    /// MQTT ingest connection state (`None` = MQTT off).
+    pub mqtt: Option<Arc<MqttStatus>>,
 }
 
 /// The request's correlation id (from `X-Correlation-Id` or new).

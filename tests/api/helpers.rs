@@ -34,6 +34,10 @@ impl Drop for TestApp {
 pub fn test_settings(dir: &Path, toml: &str) -> Settings {
     let cfg = format!("data_dir = \"{}\"\n{toml}", dir.display());
     let mut s = Settings::from_toml(&cfg).expect("test settings");
+    if !toml.contains("[mqtt]") {
+        // Tests run in parallel: no embedded broker on the fixed default port.
+        s.mqtt = gateway::config::MqttMode::Off;
+    }
     s.http.addr = "127.0.0.1:0".parse().unwrap();
     s.http.workers = 1;
     s

@@ -1,9 +1,11 @@
 //! Ingest: payload validation and the `IngestRouter` actor.
 
+pub mod protobuf;
 mod router;
 pub mod validate;
 
 pub use router::{
-    IngestError, IngestReceipt, IngestRouter, IngestTelemetry, RateLimit, RecordReceipt,
+    IngestError, IngestReceipt, IngestRouter, IngestTelemetry, PayloadFormat, RateLimit,
+    RecordReceipt,
 };
 pub use validate::{IngestLimits, Rejection, Source};

@@ -171,6 +171,17 @@ pub enum IngestError {
     Unavailable(String),
 }
 
+/// How a payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// JSON object or array.
+    Json,
+    /// `proto/telemetry.proto`: `Telemetry` or `TelemetryBatch`.
+    Protobuf,
+    /// JSON when it starts with `{` or `[`, else Protobuf.
+    Auto,
+}
+
 /// One accepted record.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RecordReceipt {
@@ -197,8 +208,10 @@ pub struct IngestTelemetry {
     pub source: Source,
     /// From the URL path or the topic.
     pub device_id: String,
-    /// Raw payload (JSON).
+    /// Raw payload.
     pub payload: Bytes,
+    /// How to read it (HTTP: JSON).
+    pub payload_format: PayloadFormat,
     /// Correlation id of this request.
     pub correlation_id: String,
     /// Producer idempotency key (HTTP header), if any.
@@ -220,10 +233,30 @@ impl Handler<IngestTelemetry> for IngestRouter {
             receive_ms: now_ms(),
             source,
             idempotency_key: msg.idempotency_key.as_deref(),
-            traceparent: msg.traceparent.as_deref(),
+            traceparent: msg
+                .traceparent
+                .as_deref()
+                .filter(|t| super::validate::is_traceparent(t)),
         };
-        let batch = msg.payload.trim_ascii_start().first() == Some(&b'[');
-        let records = match parse_payload(&msg.device_id, &msg.payload, &self.limits, &enrich) {
+        let looks_json = matches!(msg.payload.trim_ascii_start().first(), Some(b'{' | b'['));
+        let protobuf = match msg.payload_format {
+            PayloadFormat::Json => false,
+            PayloadFormat::Protobuf => true,
+            PayloadFormat::Auto => !looks_json,
+        };
+        let decoded = if protobuf {
+            match super::protobuf::decode(&msg.payload) {
+                Ok(json) => Bytes::from(json),
+                Err(r) => {
+                    self.reject(source, &msg.device_id, &msg.correlation_id, &r);
+                    return Box::pin(async move { Err(IngestError::Rejected(r)) });
+                }
+            }
+        } else {
+            msg.payload.clone()
+        };
+        let batch = decoded.trim_ascii_start().first() == Some(&b'[');
+        let records = match parse_payload(&msg.device_id, &decoded, &self.limits, &enrich) {
             Ok(r) => r,
             Err(r) => {
                 self.reject(source, &msg.device_id, &msg.correlation_id, &r);

@@ -368,6 +368,16 @@ fn check_name(what: &str, k: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// `00-{32 hex}-{16 hex}-{2 hex}` (W3C Trace Context, version 00).
+pub fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// Checks an HTTP `Idempotency-Key` header value.
 pub fn check_idempotency_header(v: &str) -> Result<(), Rejection> {
     if v.is_empty() || v.len() > 128 || !v.bytes().all(|c| c.is_ascii_graphic()) {

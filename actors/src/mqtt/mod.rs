@@ -1,0 +1,7 @@
+//! MQTT ingest: the `MqttIngest` actor and its connection settings.
+
+mod config;
+mod ingest;
+
+pub use config::{MqttIngestConfig, MqttTls, MqttVersion};
+pub use ingest::{MqttIngest, MqttStatus};
