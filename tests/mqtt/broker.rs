@@ -1,0 +1,184 @@
+//! A real Mosquitto for the tests: started on a free loopback port with its
+//! own config, persistence and (optionally) throwaway certificates; stopped
+//! by PID.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Mosquitto process. Dropping it kills it.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    /// `listener_extra` goes right after the `listener` line (TLS settings);
+    /// `extra` at the end (ACLs, limits).
+    pub fn start(dir: &Path, listener_extra: &str, extra: &str) -> Mosquitto {
+        let port = free_port();
+        let data = dir.join("mosquitto-data");
+        std::fs::create_dir_all(&data).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "# test broker\n\
+                 user root\n\
+                 per_listener_settings false\n\
+                 persistence true\n\
+                 persistence_location {}/\n\
+                 autosave_interval 1\n\
+                 log_dest stderr\n\
+                 log_type error\n\
+                 log_type warning\n\
+                 max_queued_messages 0\n\
+                 max_inflight_messages 100\n\
+                 listener {port} 127.0.0.1\n\
+                 {listener_extra}\n\
+                 {extra}\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto { child: None, port, dir: dir.to_path_buf(), conf };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))
+            .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto is installed (scripts/test-deps.sh)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "mosquitto did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Stops the broker gracefully (it saves its persistence file).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same persistence.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A throwaway CA with a server certificate for 127.0.0.1/localhost and
+/// client certificates whose CN is the client's name.
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Certs {
+    pub fn generate(dir: &Path, clients: &[&str]) -> Certs {
+        let dir = dir.join("certs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = |name: &str| {
+            openssl(&dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &format!("{name}.key")]);
+        };
+        key("ca");
+        openssl(&dir, &["req", "-x509", "-new", "-key", "ca.key", "-days", "2", "-subj", "/CN=test-ca", "-out", "ca.crt"]);
+        let sign = |name: &str, ext: &str| {
+            key(name);
+            openssl(&dir, &["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={name}"), "-out", &format!("{name}.csr")]);
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            openssl(
+                &dir,
+                &[
+                    "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.crt"),
+                ],
+            );
+        };
+        sign("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
+        for c in clients {
+            sign(c, "extendedKeyUsage=clientAuth\n");
+        }
+        Certs { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    /// Mosquitto listener lines: TLS with required client certificates whose CN is the user name.
+    pub fn mtls_listener(&self) -> String {
+        format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+            self.path("ca.crt"),
+            self.path("server.crt"),
+            self.path("server.key")
+        )
+    }
+}
+
+/// `mosquitto_pub` with `args`; returns (success, stderr).
+pub fn mosquitto_pub(args: &[&str]) -> (bool, String) {
+    let out = Command::new("mosquitto_pub").args(args).output().expect("mosquitto_pub is installed");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Publishes `lines` (one message each) at QoS 1 from one client with
+/// `mosquitto_pub -l`; true when the broker acknowledged them all.
+pub fn publish_lines(port: u16, topic: &str, lines: &[String], extra: &[&str]) -> bool {
+    use std::io::Write;
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-l"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub is installed");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for l in lines {
+            writeln!(stdin, "{l}").unwrap();
+        }
+    }
+    child.wait().map(|s| s.success()).unwrap_or(false)
+}
