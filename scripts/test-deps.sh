@@ -19,15 +19,27 @@ for comp in rustfmt clippy; do
 done
 
 # Building rusqlite (bundled SQLite) and openssl needs a C compiler and the
-# OpenSSL headers.
+# OpenSSL headers; the MQTT tests run a real Mosquitto, publish with
+# mosquitto_pub and make throwaway certificates with the openssl CLI.
 missing=()
 need cc || missing+=(gcc)
 need pkg-config || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+need openssl || missing+=(openssl)
+need mosquitto || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+need mosquitto_pub || missing+=(mosquitto-clients)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test-deps: installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  # Debian's postinst tries to start a mosquitto service; the tests start
+  # their own brokers, so a refused service start is fine.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" || {
+    for p in "${missing[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || { echo "test-deps: $p failed to install" >&2; exit 1; }; done
+  }
+fi
+# Debian installs mosquitto in /usr/sbin, which is not on every PATH.
+if ! need mosquitto && [ -x /usr/sbin/mosquitto ]; then
+  echo "test-deps: note: mosquitto is /usr/sbin/mosquitto; the tests look there too"
 fi
 echo "test-deps: ok"

@@ -8,7 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A Mosquitto process. Dropping it kills it.
@@ -48,7 +52,12 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let mut m = Mosquitto { child: None, port, dir: dir.to_path_buf(), conf };
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir: dir.to_path_buf(),
+            conf,
+        };
         m.spawn();
         m
     }
@@ -59,7 +68,13 @@ impl Mosquitto {
             .append(true)
             .open(self.dir.join("mosquitto.log"))
             .unwrap();
-        let child = Command::new("mosquitto")
+        // Debian puts it in /usr/sbin, which is not on every PATH.
+        let bin = if Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        };
+        let child = Command::new(bin)
             .arg("-c")
             .arg(&self.conf)
             .stdout(Stdio::null())
@@ -69,7 +84,11 @@ impl Mosquitto {
         self.child = Some(child);
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "mosquitto did not start: {}", self.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -81,7 +100,10 @@ impl Mosquitto {
     /// Stops the broker gracefully (it saves its persistence file).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let _ = c.wait();
         }
     }
@@ -109,8 +131,16 @@ pub struct Certs {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Certs {
@@ -118,23 +148,77 @@ impl Certs {
         let dir = dir.join("certs");
         std::fs::create_dir_all(&dir).unwrap();
         let key = |name: &str| {
-            openssl(&dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &format!("{name}.key")]);
+            openssl(
+                &dir,
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out",
+                    &format!("{name}.key"),
+                ],
+            );
         };
         key("ca");
-        openssl(&dir, &["req", "-x509", "-new", "-key", "ca.key", "-days", "2", "-subj", "/CN=test-ca", "-out", "ca.crt"]);
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "ca.key",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+                "-out",
+                "ca.crt",
+            ],
+        );
         let sign = |name: &str, ext: &str| {
             key(name);
-            openssl(&dir, &["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={name}"), "-out", &format!("{name}.csr")]);
+            openssl(
+                &dir,
+                &[
+                    "req",
+                    "-new",
+                    "-key",
+                    &format!("{name}.key"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                    "-out",
+                    &format!("{name}.csr"),
+                ],
+            );
             std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
             openssl(
                 &dir,
                 &[
-                    "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                    "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.crt"),
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                    "-out",
+                    &format!("{name}.crt"),
                 ],
             );
         };
-        sign("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
+        sign(
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        );
         for c in clients {
             sign(c, "extendedKeyUsage=clientAuth\n");
         }
@@ -158,8 +242,14 @@ impl Certs {
 
 /// `mosquitto_pub` with `args`; returns (success, stderr).
 pub fn mosquitto_pub(args: &[&str]) -> (bool, String) {
-    let out = Command::new("mosquitto_pub").args(args).output().expect("mosquitto_pub is installed");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new("mosquitto_pub")
+        .args(args)
+        .output()
+        .expect("mosquitto_pub is installed");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Publishes `lines` (one message each) at QoS 1 from one client with
@@ -167,7 +257,17 @@ pub fn mosquitto_pub(args: &[&str]) -> (bool, String) {
 pub fn publish_lines(port: u16, topic: &str, lines: &[String], extra: &[&str]) -> bool {
     use std::io::Write;
     let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-l"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -10,11 +10,16 @@ use crate::broker::{free_port, mosquitto_pub, publish_lines, Certs, Mosquitto};
 use crate::helpers::{archived_records, metric_value, spawn_app, wait_until, TestApp};
 
 fn line(msg_id: &str) -> String {
-    format!(r#"{{"msg_id":"{msg_id}","ts":1764057600123,"metrics":{{"t":21.5}},"tags":{{"fw":"1.0"}}}}"#)
+    format!(
+        r#"{{"msg_id":"{msg_id}","ts":1764057600123,"metrics":{{"t":21.5}},"tags":{{"fw":"1.0"}}}}"#
+    )
 }
 
 fn keys(dir: &Path) -> HashSet<String> {
-    archived_records(dir).iter().map(|r| r["idempotency_key"].as_str().unwrap().to_string()).collect()
+    archived_records(dir)
+        .iter()
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn wait_mqtt_ready(app: &TestApp) {
@@ -29,23 +34,44 @@ fn qos1_records_from_several_devices_reach_the_archive_with_device_ids_and_enric
     for version in ["5", "3.1.1"] {
         let tmp = tempfile::tempdir().unwrap();
         let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
-        let app = spawn_app(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nversion = \"{version}\"\n", broker.port));
+        let app = spawn_app(&format!(
+            "[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nversion = \"{version}\"\n",
+            broker.port
+        ));
         wait_mqtt_ready(&app);
         let mut expected = HashSet::new();
         for d in 1..=3 {
             let lines: Vec<String> = (0..20).map(|i| line(&format!("m{i}"))).collect();
-            assert!(publish_lines(broker.port, &format!("devices/dev-{d}/telemetry"), &lines, &[]));
+            assert!(publish_lines(
+                broker.port,
+                &format!("devices/dev-{d}/telemetry"),
+                &lines,
+                &[]
+            ));
             expected.extend((0..20).map(|i| format!("dev-{d}:m{i}")));
         }
-        wait_until("60 records archived", Duration::from_secs(20), || keys(&app.archive_dir()) == expected);
+        wait_until("60 records archived", Duration::from_secs(20), || {
+            keys(&app.archive_dir()) == expected
+        });
         for r in archived_records(&app.archive_dir()) {
             assert_eq!(r["source"], "mqtt");
             let key = r["idempotency_key"].as_str().unwrap();
-            assert_eq!(key.split(':').next().unwrap(), r["device_id"].as_str().unwrap());
+            assert_eq!(
+                key.split(':').next().unwrap(),
+                r["device_id"].as_str().unwrap()
+            );
             assert_eq!(r["metrics"]["t"], 21.5);
-            assert!(r["gateway_id"].is_string() && r["receive_ts"].is_string() && r["correlation_id"].is_string());
+            assert!(
+                r["gateway_id"].is_string()
+                    && r["receive_ts"].is_string()
+                    && r["correlation_id"].is_string()
+            );
         }
-        assert_eq!(app.metric(r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#), 60.0, "MQTT {version}");
+        assert_eq!(
+            app.metric(r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#),
+            60.0,
+            "MQTT {version}"
+        );
         assert_eq!(app.metric("gateway_mqtt_connected"), 1.0);
     }
 }
@@ -54,16 +80,36 @@ fn qos1_records_from_several_devices_reach_the_archive_with_device_ids_and_enric
 fn a_v5_traceparent_user_property_is_stored_with_the_record() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
-    let app = spawn_app(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nversion = \"5\"\n", broker.port));
+    let app = spawn_app(&format!(
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nversion = \"5\"\n",
+        broker.port
+    ));
     wait_mqtt_ready(&app);
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let port = broker.port.to_string();
     let (ok, err) = mosquitto_pub(&[
-        "-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1", "-t", "devices/dev-1/telemetry",
-        "-D", "publish", "user-property", "traceparent", tp, "-m", &line("tp"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-1/telemetry",
+        "-D",
+        "publish",
+        "user-property",
+        "traceparent",
+        tp,
+        "-m",
+        &line("tp"),
     ]);
     assert!(ok, "{err}");
-    wait_until("archived", Duration::from_secs(10), || !archived_records(&app.archive_dir()).is_empty());
+    wait_until("archived", Duration::from_secs(10), || {
+        !archived_records(&app.archive_dir()).is_empty()
+    });
     assert_eq!(archived_records(&app.archive_dir())[0]["traceparent"], tp);
 }
 
@@ -86,18 +132,32 @@ fn invalid_payloads_are_acked_counted_and_never_stored_and_protobuf_is_accepted(
     let t = "devices/dev-1/telemetry";
     publish(t, &["-m", "{not json"]);
     publish(t, &["-m", r#"{"metrics":{"t":1}}"#]);
-    publish(t, &["-m", &format!(r#"{{"ts":1,"metrics":{{"t":"{}"}}}}"#, "x".repeat(2000))]);
+    publish(
+        t,
+        &[
+            "-m",
+            &format!(r#"{{"ts":1,"metrics":{{"t":"{}"}}}}"#, "x".repeat(2000)),
+        ],
+    );
     let garbage = tmp.path().join("garbage.bin");
     std::fs::write(&garbage, [0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x99]).unwrap();
     publish(t, &["-f", garbage.to_str().unwrap()]);
     publish("devices/bad$id/telemetry", &["-m", &line("x")]);
 
-    use gateway_actors::ingest::protobuf::{encode, metric_value, telemetry, MetricValue, Telemetry};
+    use gateway_actors::ingest::protobuf::{
+        encode, metric_value, telemetry, MetricValue, Telemetry,
+    };
     let pb = Telemetry {
         schema_version: 1,
         msg_id: "pb-1".into(),
         ts: Some(telemetry::Ts::TsMs(1_764_057_600_123)),
-        metrics: [("t".to_string(), MetricValue { value: Some(metric_value::Value::Number(7.5)) })].into(),
+        metrics: [(
+            "t".to_string(),
+            MetricValue {
+                value: Some(metric_value::Value::Number(7.5)),
+            },
+        )]
+        .into(),
         tags: Default::default(),
     };
     let pb_file = tmp.path().join("record.pb");
@@ -106,18 +166,39 @@ fn invalid_payloads_are_acked_counted_and_never_stored_and_protobuf_is_accepted(
     publish(t, &["-m", &line("valid")]);
 
     let expected: HashSet<String> = ["dev-1:pb-1".to_string(), "dev-1:valid".to_string()].into();
-    wait_until("the two valid records", Duration::from_secs(10), || keys(&app.archive_dir()) == expected);
+    wait_until("the two valid records", Duration::from_secs(10), || {
+        keys(&app.archive_dir()) == expected
+    });
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(archived_records(&app.archive_dir()).len(), 2, "an invalid message was stored");
-    let pb_rec = archived_records(&app.archive_dir()).into_iter().find(|r| r["idempotency_key"] == "dev-1:pb-1").unwrap();
+    assert_eq!(
+        archived_records(&app.archive_dir()).len(),
+        2,
+        "an invalid message was stored"
+    );
+    let pb_rec = archived_records(&app.archive_dir())
+        .into_iter()
+        .find(|r| r["idempotency_key"] == "dev-1:pb-1")
+        .unwrap();
     assert_eq!(pb_rec["metrics"]["t"], 7.5);
     let text = app.get("/metrics").text;
-    for reason in ["invalid_json", "invalid_schema", "too_large", "invalid_protobuf", "invalid_device_id"] {
+    for reason in [
+        "invalid_json",
+        "invalid_schema",
+        "too_large",
+        "invalid_protobuf",
+        "invalid_device_id",
+    ] {
         let series = format!(r#"gateway_ingest_rejected_total{{reason="{reason}",source="mqtt"}}"#);
         assert_eq!(metric_value(&text, &series), 1.0, "{series}");
     }
     // Everything was acked: nothing is left for the broker to redeliver.
-    assert_eq!(metric_value(&text, r#"gateway_ingest_records_total{outcome="rejected",source="mqtt"}"#), 5.0);
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"gateway_ingest_records_total{outcome="rejected",source="mqtt"}"#
+        ),
+        5.0
+    );
 }
 
 #[test]
@@ -130,8 +211,15 @@ fn the_gateway_reconnects_after_the_broker_restarts_and_loses_nothing() {
     ));
     wait_mqtt_ready(&app);
     let first: Vec<String> = (0..50).map(|i| line(&format!("a{i}"))).collect();
-    assert!(publish_lines(broker.port, "devices/dev-1/telemetry", &first, &[]));
-    wait_until("first half archived", Duration::from_secs(10), || keys(&app.archive_dir()).len() == 50);
+    assert!(publish_lines(
+        broker.port,
+        "devices/dev-1/telemetry",
+        &first,
+        &[]
+    ));
+    wait_until("first half archived", Duration::from_secs(10), || {
+        keys(&app.archive_dir()).len() == 50
+    });
 
     broker.stop();
     wait_until("readyz reports MQTT down", Duration::from_secs(20), || {
@@ -142,9 +230,18 @@ fn the_gateway_reconnects_after_the_broker_restarts_and_loses_nothing() {
     wait_mqtt_ready(&app);
     assert!(app.metric("gateway_mqtt_reconnects_total") >= 1.0);
     let second: Vec<String> = (0..50).map(|i| line(&format!("b{i}"))).collect();
-    assert!(publish_lines(broker.port, "devices/dev-1/telemetry", &second, &[]));
-    let expected: HashSet<String> = (0..50).flat_map(|i| [format!("dev-1:a{i}"), format!("dev-1:b{i}")]).collect();
-    wait_until("everything archived", Duration::from_secs(20), || keys(&app.archive_dir()) == expected);
+    assert!(publish_lines(
+        broker.port,
+        "devices/dev-1/telemetry",
+        &second,
+        &[]
+    ));
+    let expected: HashSet<String> = (0..50)
+        .flat_map(|i| [format!("dev-1:a{i}"), format!("dev-1:b{i}")])
+        .collect();
+    wait_until("everything archived", Duration::from_secs(20), || {
+        keys(&app.archive_dir()) == expected
+    });
 }
 
 #[test]
@@ -152,8 +249,16 @@ fn mutual_tls_connects_the_gateway_refuses_clients_without_certificates_and_acls
     let tmp = tempfile::tempdir().unwrap();
     let certs = Certs::generate(tmp.path(), &["gateway", "device-1", "device-2"]);
     let acl = tmp.path().join("acl");
-    std::fs::write(&acl, "user gateway\ntopic read devices/+/telemetry\n\npattern write devices/%u/telemetry\n").unwrap();
-    let broker = Mosquitto::start(tmp.path(), &certs.mtls_listener(), &format!("acl_file {}", acl.display()));
+    std::fs::write(
+        &acl,
+        "user gateway\ntopic read devices/+/telemetry\n\npattern write devices/%u/telemetry\n",
+    )
+    .unwrap();
+    let broker = Mosquitto::start(
+        tmp.path(),
+        &certs.mtls_listener(),
+        &format!("acl_file {}", acl.display()),
+    );
     let app = spawn_app(&format!(
         "[mqtt]\nurl = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
         broker.port,
@@ -164,10 +269,29 @@ fn mutual_tls_connects_the_gateway_refuses_clients_without_certificates_and_acls
     wait_mqtt_ready(&app);
     let port = broker.port.to_string();
     let pub_as = |device: &str, topic_device: &str, msg: &str, with_cert: bool| {
-        let (ca, crt, key) = (certs.path("ca.crt"), certs.path(&format!("{device}.crt")), certs.path(&format!("{device}.key")));
+        let (ca, crt, key) = (
+            certs.path("ca.crt"),
+            certs.path(&format!("{device}.crt")),
+            certs.path(&format!("{device}.key")),
+        );
         let topic = format!("devices/{topic_device}/telemetry");
         let payload = line(msg);
-        let mut args = vec!["-h", "127.0.0.1", "-p", &port, "-q", "1", "-V", "mqttv5", "--cafile", &ca, "-t", &topic, "-m", &payload];
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-V",
+            "mqttv5",
+            "--cafile",
+            &ca,
+            "-t",
+            &topic,
+            "-m",
+            &payload,
+        ];
         if with_cert {
             args.extend_from_slice(&["--cert", &crt, "--key", &key]);
         }
@@ -181,20 +305,42 @@ fn mutual_tls_connects_the_gateway_refuses_clients_without_certificates_and_acls
     let (ok, err) = pub_as("device-2", "device-2", "own2", true);
     assert!(ok, "{err}");
 
-    let expected: HashSet<String> = ["device-1:own".to_string(), "device-2:own2".to_string()].into();
-    wait_until("both legitimate records", Duration::from_secs(10), || keys(&app.archive_dir()) == expected);
+    let expected: HashSet<String> =
+        ["device-1:own".to_string(), "device-2:own2".to_string()].into();
+    wait_until("both legitimate records", Duration::from_secs(10), || {
+        keys(&app.archive_dir()) == expected
+    });
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(keys(&app.archive_dir()), expected, "the ACL let device-1 publish as device-2");
+    assert_eq!(
+        keys(&app.archive_dir()),
+        expected,
+        "the ACL let device-1 publish as device-2"
+    );
 }
 
 #[test]
 fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive() {
     let port = free_port();
-    let app = spawn_app(&format!("[mqtt]\nurl = \"embedded\"\nembedded_addr = \"127.0.0.1:{port}\"\n"));
+    let app = spawn_app(&format!(
+        "[mqtt]\nurl = \"embedded\"\nembedded_addr = \"127.0.0.1:{port}\"\n"
+    ));
     wait_mqtt_ready(&app);
-    let (ok, err) = mosquitto_pub(&["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "devices/dev-9/telemetry", "-m", &line("e1")]);
+    let (ok, err) = mosquitto_pub(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        "devices/dev-9/telemetry",
+        "-m",
+        &line("e1"),
+    ]);
     assert!(ok, "{err}");
-    wait_until("archived", Duration::from_secs(10), || keys(&app.archive_dir()).contains("dev-9:e1"));
+    wait_until("archived", Duration::from_secs(10), || {
+        keys(&app.archive_dir()).contains("dev-9:e1")
+    });
 }
 
 fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> Child {
@@ -210,9 +356,17 @@ fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> Child {
         .spawn()
         .expect("gateway binary starts");
     let ready = format!("http://127.0.0.1:{http_port}/readyz");
-    wait_until("gateway ready with MQTT connected", Duration::from_secs(20), || {
-        ureq::get(&ready).timeout(Duration::from_secs(1)).call().map(|r| r.status() == 200).unwrap_or(false)
-    });
+    wait_until(
+        "gateway ready with MQTT connected",
+        Duration::from_secs(20),
+        || {
+            ureq::get(&ready)
+                .timeout(Duration::from_secs(1))
+                .call()
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+        },
+    );
     child
 }
 
@@ -239,7 +393,12 @@ fn ten_thousand_qos1_messages_survive_kill_9_of_the_gateway_mid_stream() {
             .call()
             .ok()
             .and_then(|r| r.into_string().ok())
-            .map(|t| metric_value(&t, r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#) >= 1500.0)
+            .map(|t| {
+                metric_value(
+                    &t,
+                    r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#,
+                ) >= 1500.0
+            })
             .unwrap_or(false)
     });
     gw.kill().expect("SIGKILL");
@@ -248,7 +407,9 @@ fn ten_thousand_qos1_messages_survive_kill_9_of_the_gateway_mid_stream() {
     for p in publishers {
         assert!(p.join().unwrap(), "the broker did not accept every message");
     }
-    let expected: HashSet<String> = (0..4).flat_map(|d| (0..2500).map(move |i| format!("dev-{d}:m{i}"))).collect();
+    let expected: HashSet<String> = (0..4)
+        .flat_map(|d| (0..2500).map(move |i| format!("dev-{d}:m{i}")))
+        .collect();
     let archive = data.join("archive");
     let mut missing = expected.len();
     for _ in 0..1200 {
@@ -260,5 +421,10 @@ fn ten_thousand_qos1_messages_survive_kill_9_of_the_gateway_mid_stream() {
     }
     gw.kill().unwrap();
     gw.wait().unwrap();
-    assert_eq!(missing, 0, "{missing} of 10000 broker-accepted messages lost; broker log: {}", broker.log());
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of 10000 broker-accepted messages lost; broker log: {}",
+        broker.log()
+    );
 }
