@@ -23,8 +23,19 @@ pub fn init_test_logging(level: &str) {
     init(level, true)
 }
 
+/// `level` plus our defaults for chatty dependencies, unless the operator
+/// named them: the embedded broker logs every client disconnect as an error
+/// from its router ("no-connection id N is already gone").
+fn directive(level: &str) -> String {
+    if level.contains("rumqttd") {
+        level.to_string()
+    } else {
+        format!("{level},rumqttd::router::routing=off")
+    }
+}
+
 fn init(level: &str, test: bool) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(directive(level)).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .json()
@@ -54,7 +65,7 @@ fn init(level: &str, test: bool) {
 
 /// Changes the log level at run time.
 pub fn set_log_level(level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let filter = EnvFilter::try_new(directive(level)).map_err(|e| e.to_string())?;
     match FILTER.get() {
         Some(h) => h.reload(filter).map_err(|e| e.to_string()),
         None => Err("logging is not initialised".into()),

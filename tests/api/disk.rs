@@ -1,72 +1,10 @@
 //! A full disk, for real: the WAL on a small tmpfs. Needs root (mount); CI
 //! runs as root.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::helpers::{archived_records, spawn_app_at, telemetry, wait_until};
-
-/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(SmallDisk { dir })
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    /// Fills the disk with a file, leaving about `leave` bytes free.
-    fn fill(&self, leave: u64) -> PathBuf {
-        let filler = self.path().join("filler");
-        let free = fs_free(self.path());
-        let len = free.saturating_sub(leave);
-        std::fs::write(&filler, vec![0u8; len as usize]).unwrap();
-        filler
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-fn fs_free(p: &Path) -> u64 {
-    let out = Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(p)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
+use crate::helpers::{archived_records, is_root, spawn_app_at, telemetry, wait_until, SmallDisk};
 
 #[test]
 fn low_free_disk_turns_on_backpressure_and_ingest_resumes_by_itself_when_space_returns() {

@@ -428,3 +428,69 @@ fn ten_thousand_qos1_messages_survive_kill_9_of_the_gateway_mid_stream() {
         broker.log()
     );
 }
+
+#[test]
+fn under_wal_backpressure_messages_are_held_unacknowledged_and_ingested_when_space_returns() {
+    assert!(
+        crate::helpers::is_root(),
+        "this test mounts a tmpfs and must run as root (CI does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let disk = crate::helpers::SmallDisk::mount("8m").expect("mount tmpfs");
+    let app = crate::helpers::spawn_app_at(
+        Some(&disk.path().join("wal")),
+        &format!(
+            "[wal]\nmin_free_disk_bytes = 2097152\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+            broker.port
+        ),
+        |_, t| gateway::startup::sink_factory(t),
+    );
+    wait_mqtt_ready(&app);
+    assert!(publish_lines(
+        broker.port,
+        "devices/dev-1/telemetry",
+        &[line("before")],
+        &[]
+    ));
+    wait_until("first record", Duration::from_secs(10), || {
+        keys(&app.archive_dir()).len() == 1
+    });
+
+    let filler = disk.fill(1 << 20);
+    wait_until("backpressure on", Duration::from_secs(5), || {
+        app.metric("gateway_backpressure_active") == 1.0
+    });
+    let held: Vec<String> = (0..20).map(|i| line(&format!("held{i}"))).collect();
+    // The broker accepts them from the device; the gateway must not ack them yet.
+    assert!(publish_lines(
+        broker.port,
+        "devices/dev-1/telemetry",
+        &held,
+        &[]
+    ));
+    wait_until(
+        "the gateway saw the WAL refuse",
+        Duration::from_secs(5),
+        || {
+            app.metric(r#"gateway_ingest_rejected_total{reason="backpressure",source="mqtt"}"#)
+                >= 1.0
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        keys(&app.archive_dir()).len(),
+        1,
+        "nothing may be stored under backpressure"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let mut expected: HashSet<String> = (0..20).map(|i| format!("dev-1:held{i}")).collect();
+    expected.insert("dev-1:before".into());
+    wait_until(
+        "held messages ingested after space returned",
+        Duration::from_secs(15),
+        || keys(&app.archive_dir()) == expected,
+    );
+    drop(app);
+}
