@@ -1,55 +1,21 @@
 //! kill -9 of the real binary: nothing acknowledged is lost.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helpers::{archived_records, telemetry, wait_until};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(data: &Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "run",
-            "--log-level",
-            "warn",
-            "--http-addr",
-            &format!("127.0.0.1:{port}"),
-            "--gateway-id",
-            "crash-test",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .env_remove("GATEWAY_CONFIG")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("gateway binary starts");
-    let ready = format!("http://127.0.0.1:{port}/readyz");
-    wait_until("gateway ready", Duration::from_secs(20), || {
-        ureq::get(&ready)
-            .timeout(Duration::from_secs(1))
-            .call()
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-    });
-    child
-}
+use crate::helpers::{archived_records, free_port, spawn_gateway_binary, telemetry, wait_until};
 
 #[test]
 fn every_acknowledged_record_survives_kill_9_and_reaches_the_archive() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = start(dir.path(), port);
+    let mut child = spawn_gateway_binary(
+        dir.path(),
+        port,
+        &["--gateway-id", "crash-test", "--mqtt-url", "off"],
+        &[],
+    );
 
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let url = format!("http://127.0.0.1:{port}/ingest/");
@@ -91,7 +57,12 @@ fn every_acknowledged_record_survives_kill_9_and_reaches_the_archive() {
     let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
     assert!(acked.len() >= 2000);
 
-    let mut child = start(dir.path(), port);
+    let mut child = spawn_gateway_binary(
+        dir.path(),
+        port,
+        &["--gateway-id", "crash-test", "--mqtt-url", "off"],
+        &[],
+    );
     let archive = dir.path().join("archive");
     let archived = || -> HashSet<String> {
         archived_records(&archive)

@@ -299,3 +299,46 @@ pub fn is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the real `gateway` binary on `data` and `http_port` with `args`
+/// (after `run`) and `env`, and waits until `/readyz` answers 200.
+pub fn spawn_gateway_binary(
+    data: &Path,
+    http_port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "run",
+            "--log-level",
+            "warn",
+            "--http-addr",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("GATEWAY_CONFIG")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("gateway binary starts");
+    let ready = format!("http://127.0.0.1:{http_port}/readyz");
+    wait_until("gateway ready", Duration::from_secs(20), || {
+        ureq::get(&ready)
+            .timeout(Duration::from_secs(1))
+            .call()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    child
+}

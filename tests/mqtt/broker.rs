@@ -2,18 +2,12 @@
 //! own config, persistence and (optionally) throwaway certificates; stopped
 //! by PID.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
+
+use crate::helpers::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A Mosquitto process. Dropping it kills it.
 pub struct Mosquitto {

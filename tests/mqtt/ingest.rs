@@ -3,11 +3,12 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::broker::{free_port, mosquitto_pub, publish_lines, Certs, Mosquitto};
-use crate::helpers::{archived_records, metric_value, spawn_app, wait_until, TestApp};
+use crate::broker::{mosquitto_pub, publish_lines, Certs, Mosquitto};
+use crate::helpers::{
+    archived_records, free_port, metric_value, spawn_app, spawn_gateway_binary, wait_until, TestApp,
+};
 
 fn line(msg_id: &str) -> String {
     format!(
@@ -343,31 +344,14 @@ fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive
     });
 }
 
-fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["run", "--log-level", "warn", "--gateway-id", "mqtt-crash"])
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .args(["--mqtt-url", &format!("mqtt://127.0.0.1:{mqtt_port}")])
-        .arg("--data-dir")
-        .arg(data)
-        .env_remove("GATEWAY_CONFIG")
-        .env("GATEWAY_MQTT_CLIENT_ID", "gateway-crash-test")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("gateway binary starts");
-    let ready = format!("http://127.0.0.1:{http_port}/readyz");
-    wait_until(
-        "gateway ready with MQTT connected",
-        Duration::from_secs(20),
-        || {
-            ureq::get(&ready)
-                .timeout(Duration::from_secs(1))
-                .call()
-                .map(|r| r.status() == 200)
-                .unwrap_or(false)
-        },
-    );
-    child
+fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> std::process::Child {
+    let url = format!("mqtt://127.0.0.1:{mqtt_port}");
+    spawn_gateway_binary(
+        data,
+        http_port,
+        &["--gateway-id", "mqtt-crash", "--mqtt-url", &url],
+        &[("GATEWAY_MQTT_CLIENT_ID", "gateway-crash-test")],
+    )
 }
 
 #[test]

@@ -231,6 +231,52 @@ macro_rules! ingest_loop {
     }};
 }
 
+/// Runs the client's event loop on its own task (it must be polled without
+/// pause for keep-alives), reporting connects, publishes and disconnects,
+/// and reconnecting with backoff. Written once for both protocol versions:
+/// the caller's scope provides `Event`, `Packet`, `Publish` and `QoS`.
+macro_rules! spawn_event_task {
+    ($cfg:expr, $status:expr, $metrics:expr, $client:expr, $eventloop:expr) => {{
+        let (tx, events) = mpsc::unbounded_channel::<LoopEvent<Publish>>();
+        let (st, m, c, c2) = ($status.clone(), $metrics.clone(), $cfg.clone(), $client.clone());
+        actix_rt::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                match $eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        failures = 0;
+                        if let Err(e) = c2.try_subscribe(c.topic.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(error = %e, "cannot subscribe");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        note_connected(&st, &m, &c.host, c.port);
+                        if tx.send(LoopEvent::Connected).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(LoopEvent::Publish(p)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        failures += 1;
+                        let delay = c.reconnect_delay(failures);
+                        note_disconnected(&st, &m, &e.to_string(), failures, delay);
+                        if tx.send(LoopEvent::Disconnected).is_err() {
+                            return;
+                        }
+                        actix_rt::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+        events
+    }};
+}
+
 fn note_connected(status: &MqttStatus, metrics: &Metrics, host: &str, port: u16) {
     if !status.connected.swap(true, Ordering::SeqCst) {
         tracing::info!(host, port, "MQTT ingest connected and subscribed");
@@ -297,7 +343,7 @@ fn pem_blocks(pem: &[u8], label: &str) -> Vec<Vec<u8>> {
 
 mod v4 {
     use rumqttc::{
-        AsyncClient, Event, Incoming, MqttOptions, Publish, QoS, TlsConfiguration, Transport,
+        AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
     };
 
     use super::*;
@@ -324,42 +370,7 @@ mod v4 {
         }
         let (client, mut eventloop) =
             AsyncClient::new(opts, usize::from(cfg.receive_maximum) * 2 + 16);
-        let (tx, mut events) = mpsc::unbounded_channel::<LoopEvent<Publish>>();
-        let (st, m, c, c2) = (status.clone(), metrics.clone(), cfg.clone(), client.clone());
-        actix_rt::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        failures = 0;
-                        if let Err(e) = c2.try_subscribe(c.topic.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "cannot subscribe");
-                        }
-                    }
-                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
-                        note_connected(&st, &m, &c.host, c.port);
-                        if tx.send(LoopEvent::Connected).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Incoming(Incoming::Publish(p))) => {
-                        if tx.send(LoopEvent::Publish(p)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failures += 1;
-                        let delay = c.reconnect_delay(failures);
-                        note_disconnected(&st, &m, &e.to_string(), failures, delay);
-                        if tx.send(LoopEvent::Disconnected).is_err() {
-                            return;
-                        }
-                        actix_rt::time::sleep(delay).await;
-                    }
-                }
-            }
-        });
+        let mut events = spawn_event_task!(cfg, status, metrics, client, eventloop);
         let topic_of = |p: &Publish| p.topic.clone();
         let traceparent_of = |_: &Publish| None;
         ingest_loop!(cfg, router, client, events, topic_of, traceparent_of)
@@ -400,42 +411,7 @@ mod v5 {
         }
         let (client, mut eventloop) =
             AsyncClient::new(opts, usize::from(cfg.receive_maximum) * 2 + 16);
-        let (tx, mut events) = mpsc::unbounded_channel::<LoopEvent<Publish>>();
-        let (st, m, c, c2) = (status.clone(), metrics.clone(), cfg.clone(), client.clone());
-        actix_rt::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        failures = 0;
-                        if let Err(e) = c2.try_subscribe(c.topic.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "cannot subscribe");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        note_connected(&st, &m, &c.host, c.port);
-                        if tx.send(LoopEvent::Connected).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(LoopEvent::Publish(p)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failures += 1;
-                        let delay = c.reconnect_delay(failures);
-                        note_disconnected(&st, &m, &e.to_string(), failures, delay);
-                        if tx.send(LoopEvent::Disconnected).is_err() {
-                            return;
-                        }
-                        actix_rt::time::sleep(delay).await;
-                    }
-                }
-            }
-        });
+        let mut events = spawn_event_task!(cfg, status, metrics, client, eventloop);
         let topic_of = |p: &Publish| String::from_utf8_lossy(&p.topic).into_owned();
         let traceparent_of = |p: &Publish| {
             p.properties.as_ref().and_then(|props| {
