@@ -143,6 +143,10 @@ struct RawSink {
     region: Option<String>,
     topic_prefix: Option<String>,
     token_file: Option<PathBuf>,
+    path_style: Option<bool>,
+    access_key_id_file: Option<PathBuf>,
+    secret_access_key_file: Option<PathBuf>,
+    multipart_threshold_bytes: Option<usize>,
 }
 
 /// `GATEWAY_*` variables (read with envy). `GATEWAY_ID` is `gateway_id`;
@@ -840,11 +844,43 @@ impl Loaded {
                         "is required for kind s3 (file:///dir or s3://bucket/prefix)",
                     )
                 })?;
+                let secret =
+                    |k: &str, p: &Option<PathBuf>| -> Result<Option<String>, ConfigError> {
+                        match p {
+                            None => Ok(None),
+                            Some(p) => {
+                                let raw = self.read_file(&key(k), p)?;
+                                let text = String::from_utf8(raw)
+                                    .map_err(|_| self.invalid(&key(k), "must be UTF-8 text"))?;
+                                Ok(Some(text.trim().to_string()))
+                            }
+                        }
+                    };
+                let multipart = s.multipart_threshold_bytes.unwrap_or(8 << 20);
+                if multipart < 5 << 20 {
+                    return Err(self.invalid(
+                        &key("multipart_threshold_bytes"),
+                        "must be at least 5242880 (S3's smallest part)",
+                    ));
+                }
                 let cfg = S3SinkConfig {
                     url,
                     gateway_id: gateway_id.to_string(),
                     gzip_level: s.gzip_level.unwrap_or(1),
+                    endpoint: s.endpoint.clone(),
+                    region: s.region.clone(),
+                    path_style: s.path_style,
+                    access_key_id: secret("access_key_id_file", &s.access_key_id_file)?,
+                    secret_access_key: secret("secret_access_key_file", &s.secret_access_key_file)?,
+                    multipart_threshold_bytes: multipart,
                 };
+                if let Some(ep) = &cfg.endpoint {
+                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                        return Err(
+                            self.invalid(&key("endpoint"), "must start with http:// or https://")
+                        );
+                    }
+                }
                 if cfg.gzip_level > 9 {
                     return Err(self.invalid(&key("gzip_level"), "must be 0 to 9"));
                 }

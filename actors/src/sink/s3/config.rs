@@ -5,15 +5,46 @@ use std::path::PathBuf;
 use crate::sink::SinkError;
 
 /// Settings of one `s3` sink (`[sinks.NAME]` with `kind = "s3"`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct S3SinkConfig {
-    /// Where objects go: `file:///dir` (or `file://relative/dir`) today;
-    /// `s3://bucket/prefix` arrives with the S3 client.
+    /// Where objects go: `s3://bucket/prefix`, or `file:///dir`
+    /// (`file://relative/dir`) for a local directory.
     pub url: String,
     /// Gateway id, the first part of every object name.
     pub gateway_id: String,
     /// gzip level 0-9 (default 1: fast; telemetry compresses well anyway).
     pub gzip_level: u32,
+    /// S3 API endpoint (MinIO, moto, …); `None` = AWS. An `http://`
+    /// endpoint allows plain HTTP.
+    pub endpoint: Option<String>,
+    /// Region (default `us-east-1`, or `AWS_REGION`).
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`); default true with a custom endpoint.
+    pub path_style: Option<bool>,
+    /// Access key id (from a file); `None` = `AWS_ACCESS_KEY_ID` and the standard chain.
+    pub access_key_id: Option<String>,
+    /// Secret access key (from a file); `None` = `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// Objects larger than this are uploaded in parts (multipart), at least 5 MiB.
+    pub multipart_threshold_bytes: usize,
+}
+
+impl std::fmt::Debug for S3SinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3SinkConfig")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// A parsed target URL.
@@ -23,6 +54,13 @@ pub enum Target {
     Local {
         /// The directory.
         dir: PathBuf,
+    },
+    /// An S3 bucket and key prefix.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// Key prefix without leading or trailing `/` (may be empty).
+        prefix: String,
     },
 }
 
@@ -37,15 +75,70 @@ impl S3SinkConfig {
                 dir: PathBuf::from(rest),
             });
         }
-        if self.url.starts_with("s3://") {
-            return Err(SinkError::Config(format!(
-                "{}: s3:// targets are not built into this version yet (use file:///dir)",
-                self.url
-            )));
+        if let Some(rest) = self.url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(SinkError::Config(format!(
+                    "{}: the bucket is missing",
+                    self.url
+                )));
+            }
+            return Ok(Target::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
         }
         Err(SinkError::Config(format!(
             "{}: url must start with file:// or s3://",
             self.url
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> S3SinkConfig {
+        S3SinkConfig {
+            url: url.into(),
+            gateway_id: "gw".into(),
+            gzip_level: 1,
+            endpoint: None,
+            region: None,
+            path_style: None,
+            access_key_id: None,
+            secret_access_key: Some("s3cr3t".into()),
+            multipart_threshold_bytes: 8 << 20,
+        }
+    }
+
+    #[test]
+    fn urls_parse_into_targets() {
+        assert_eq!(
+            cfg("s3://bucket/a/b/").target().unwrap(),
+            Target::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(
+            cfg("s3://bucket").target().unwrap(),
+            Target::S3 {
+                bucket: "bucket".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            cfg("file:///x/y").target().unwrap(),
+            Target::Local { dir: "/x/y".into() }
+        );
+        assert!(cfg("s3://").target().is_err());
+        assert!(cfg("ftp://x").target().is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        assert!(!format!("{:?}", cfg("s3://b")).contains("s3cr3t"));
     }
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use chrono::{TimeZone, Utc};
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::config::{S3SinkConfig, Target};
 use crate::sink::{PublishFuture, Sink, SinkError};
@@ -22,6 +23,8 @@ pub struct ObjectStoreSink {
     prefix: String,
     gateway_id: Arc<str>,
     level: u32,
+    /// Bodies above this go up in parts (S3 parts are at least 5 MiB).
+    multipart_threshold: usize,
 }
 
 impl ObjectStoreSink {
@@ -40,6 +43,40 @@ impl ObjectStoreSink {
                     prefix: String::new(),
                     gateway_id: cfg.gateway_id.as_str().into(),
                     level: cfg.gzip_level.min(9),
+                    multipart_threshold: usize::MAX,
+                })
+            }
+            Target::S3 { bucket, prefix } => {
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                b = b.with_region(
+                    cfg.region
+                        .clone()
+                        .or_else(|| std::env::var("AWS_REGION").ok())
+                        .unwrap_or_else(|| "us-east-1".into()),
+                );
+                if let Some(ep) = &cfg.endpoint {
+                    b = b
+                        .with_endpoint(ep)
+                        .with_allow_http(ep.starts_with("http://"))
+                        .with_virtual_hosted_style_request(!cfg.path_style.unwrap_or(true));
+                } else if let Some(path_style) = cfg.path_style {
+                    b = b.with_virtual_hosted_style_request(!path_style);
+                }
+                if let Some(k) = &cfg.access_key_id {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(s) = &cfg.secret_access_key {
+                    b = b.with_secret_access_key(s);
+                }
+                let store = b
+                    .build()
+                    .map_err(|e| SinkError::Config(format!("{}: {e}", cfg.url)))?;
+                Ok(Self {
+                    store: Arc::new(store),
+                    prefix,
+                    gateway_id: cfg.gateway_id.as_str().into(),
+                    level: cfg.gzip_level.min(9),
+                    multipart_threshold: cfg.multipart_threshold_bytes.max(5 << 20),
                 })
             }
         }
@@ -82,15 +119,25 @@ impl Sink for ObjectStoreSink {
         let store = self.store.clone();
         let key = object_key(&self.prefix, &self.gateway_id, &batch);
         let level = self.level;
+        let threshold = self.multipart_threshold;
         Box::pin(async move {
             let body = tokio::task::spawn_blocking(move || encode_batch(&batch, level))
                 .await
                 .map_err(|e| SinkError::Retryable(format!("encoder task failed: {e}")))?
                 .map_err(|e| SinkError::Retryable(format!("gzip failed: {e}")))?;
-            store
-                .put(&ObjectPath::from(key.as_str()), PutPayload::from(body))
-                .await
-                .map_err(|e| SinkError::Retryable(format!("put {key}: {e}")))?;
+            let path = ObjectPath::from(key.as_str());
+            let failed = |e: object_store::Error| SinkError::Retryable(format!("put {key}: {e}"));
+            if body.len() <= threshold {
+                store
+                    .put(&path, PutPayload::from(body))
+                    .await
+                    .map_err(failed)?;
+            } else {
+                let upload = store.put_multipart(&path).await.map_err(failed)?;
+                let mut w = WriteMultipart::new_with_chunk_size(upload, 5 << 20);
+                w.write(&body);
+                w.finish().await.map_err(failed)?;
+            }
             Ok(())
         })
     }
