@@ -14,6 +14,7 @@ use gateway_actors::dispatcher::DispatchConfig;
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::mqtt::{MqttIngestConfig, MqttTls, MqttVersion};
+use gateway_actors::sink::http::{BodyFormat, HttpSinkConfig};
 use gateway_actors::sink::s3::S3SinkConfig;
 use gateway_actors::wal::{BackpressurePolicy, WalConfig};
 use serde::{Deserialize, Serialize};
@@ -147,6 +148,7 @@ struct RawSink {
     access_key_id_file: Option<PathBuf>,
     secret_access_key_file: Option<PathBuf>,
     multipart_threshold_bytes: Option<usize>,
+    format: Option<String>,
 }
 
 /// `GATEWAY_*` variables (read with envy). `GATEWAY_ID` is `gateway_id`;
@@ -888,10 +890,48 @@ impl Loaded {
                     .map_err(|e| self.invalid(&key("url"), e.to_string()))?;
                 SinkTarget::S3(cfg)
             }
-            "kafka" | "mqtt" | "http" => {
+            "http" => {
+                let url = s
+                    .url
+                    .clone()
+                    .ok_or_else(|| self.invalid(&key("url"), "is required for kind http"))?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(self.invalid(&key("url"), "must start with http:// or https://"));
+                }
+                let token = match &s.token_file {
+                    None => None,
+                    Some(p) => {
+                        let raw = self.read_file(&key("token_file"), p)?;
+                        let t = String::from_utf8(raw)
+                            .map_err(|_| self.invalid(&key("token_file"), "must be UTF-8 text"))?;
+                        Some(t.trim().to_string())
+                    }
+                };
+                let format = match s.format.as_deref().unwrap_or("ndjson") {
+                    "ndjson" => BodyFormat::Ndjson,
+                    "json" | "json_array" => BodyFormat::JsonArray,
+                    other => {
+                        return Err(self.invalid(
+                            &key("format"),
+                            format!("{other:?}: expected ndjson or json"),
+                        ))
+                    }
+                };
+                SinkTarget::Http(HttpSinkConfig {
+                    name: name.to_string(),
+                    gateway_id: gateway_id.to_string(),
+                    url,
+                    token,
+                    format,
+                    timeout: d.publish_timeout,
+                })
+            }
+            "kafka" | "mqtt" => {
                 return Err(self.invalid(
                     &key("kind"),
-                    format!("sink kind {kind:?} is not part of this build yet (available: s3)"),
+                    format!(
+                        "sink kind {kind:?} is not part of this build yet (available: s3, http)"
+                    ),
                 ))
             }
             other => {
@@ -923,6 +963,10 @@ impl Loaded {
                     match &s.target {
                         SinkTarget::S3(c) => {
                             m.insert("kind".into(), Value::String("s3".into()));
+                            m.insert("url".into(), Value::String(c.url.clone()));
+                        }
+                        SinkTarget::Http(c) => {
+                            m.insert("kind".into(), Value::String("http".into()));
                             m.insert("url".into(), Value::String(c.url.clone()));
                         }
                     }
@@ -1089,6 +1133,8 @@ pub struct SinkSettings {
 pub enum SinkTarget {
     /// `kind = "s3"`.
     S3(S3SinkConfig),
+    /// `kind = "http"`.
+    Http(HttpSinkConfig),
 }
 
 impl Settings {
@@ -1134,6 +1180,7 @@ mod tests {
         assert_eq!(s.sinks.len(), 1);
         match &s.sinks["archive"].target {
             SinkTarget::S3(c) => assert_eq!(c.url, "file://./data/archive"),
+            other => panic!("default sink is {other:?}"),
         }
         assert!(matches!(s.mqtt, MqttMode::Embedded { .. }));
         assert_eq!(s.wal.retention, Duration::from_secs(86400));

@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _};
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
 use gateway_actors::mqtt::{MqttIngest, MqttStatus};
+use gateway_actors::sink::http::HttpSink;
 use gateway_actors::sink::s3::ObjectStoreSink;
 use gateway_actors::sink::{Sink, SinkActor, SinkFactory};
 use gateway_actors::wal::{Wal, WalHealth, WalStore};
@@ -59,6 +60,10 @@ pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
         SinkTarget::S3(cfg) => {
             let cfg = cfg.clone();
             Arc::new(move || ObjectStoreSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
+        }
+        SinkTarget::Http(cfg) => {
+            let cfg = cfg.clone();
+            Arc::new(move || HttpSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
         }
     }
 }

@@ -167,7 +167,12 @@ impl Dispatcher {
                     act.ack(batch, attempt, ctx);
                 }
                 Err(e) if e.is_retryable() && attempt < act.cfg.retry_budget => {
-                    let delay = act.cfg.backoff(attempt);
+                    let mut delay = act.cfg.backoff(attempt);
+                    if let SinkError::RetryAfter { after, .. } = &e {
+                        // The target said when: never sooner (bounded to an hour
+                        // so a silly header cannot park the sink for days).
+                        delay = delay.max((*after).min(Duration::from_secs(3600)));
+                    }
                     act.metrics.sink_up.with_label_values(&[&sink]).set(0);
                     act.metrics
                         .sink_publish

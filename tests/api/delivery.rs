@@ -136,7 +136,9 @@ fn a_panicking_sink_actor_is_restarted_and_delivery_continues() {
     let panicked = Arc::new(AtomicBool::new(false));
     let flag = panicked.clone();
     let app = spawn_app_with("", move |_, target| {
-        let SinkTarget::S3(cfg) = target.clone();
+        let SinkTarget::S3(cfg) = target.clone() else {
+            panic!("the default sink is s3")
+        };
         let flag = flag.clone();
         Arc::new(move || {
             Ok(Box::new(PanicOnce {

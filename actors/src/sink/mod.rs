@@ -2,6 +2,7 @@
 //! implements [`Sink`] and runs inside a [`SinkActor`].
 
 mod actor;
+pub mod http;
 pub mod s3;
 
 use std::future::Future;
@@ -18,6 +19,14 @@ pub enum SinkError {
     /// A transient failure (target down, timeout, 5xx): try the same batch again later.
     #[error("retryable: {0}")]
     Retryable(String),
+    /// Retryable, and the target said when (`Retry-After`).
+    #[error("retryable after {after:?}: {message}")]
+    RetryAfter {
+        /// Wait at least this long.
+        after: std::time::Duration,
+        /// What happened.
+        message: String,
+    },
     /// The target refused the batch for good (4xx, bad data): dead-letter it now.
     #[error("permanent: {0}")]
     Permanent(String),
@@ -29,7 +38,7 @@ pub enum SinkError {
 impl SinkError {
     /// Whether the dispatcher may try again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SinkError::Retryable(_))
+        matches!(self, SinkError::Retryable(_) | SinkError::RetryAfter { .. })
     }
 }
 

@@ -1,0 +1,7 @@
+//! Kind `http`: POST batches to an analytics API.
+
+mod config;
+mod sink;
+
+pub use config::{BodyFormat, HttpSinkConfig};
+pub use sink::HttpSink;
