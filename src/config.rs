@@ -15,6 +15,7 @@ use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::mqtt::{MqttIngestConfig, MqttTls, MqttVersion};
 use gateway_actors::sink::http::{BodyFormat, HttpSinkConfig};
+use gateway_actors::sink::mqtt::MqttSinkConfig;
 use gateway_actors::sink::s3::S3SinkConfig;
 use gateway_actors::wal::{BackpressurePolicy, WalConfig};
 use serde::{Deserialize, Serialize};
@@ -149,6 +150,12 @@ struct RawSink {
     secret_access_key_file: Option<PathBuf>,
     multipart_threshold_bytes: Option<usize>,
     format: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    client_id: Option<String>,
 }
 
 /// `GATEWAY_*` variables (read with envy). `GATEWAY_ID` is `gateway_id`;
@@ -677,24 +684,7 @@ impl Loaded {
             )?;
             (addr.ip().to_string(), addr.port())
         } else {
-            let hostport = rest.trim_end_matches('/');
-            let default_port = if scheme == "mqtts" { 8883 } else { 1883 };
-            let (h, p) = match hostport.rsplit_once(':') {
-                Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                    let p: u16 = p
-                        .parse()
-                        .map_err(|_| self.invalid("mqtt.url", format!("{url:?}: bad port")))?;
-                    (
-                        h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                        p,
-                    )
-                }
-                _ => (hostport.to_string(), default_port),
-            };
-            if h.is_empty() {
-                return Err(self.invalid("mqtt.url", format!("{url:?}: host is missing")));
-            }
-            (h, p)
+            self.host_port("mqtt.url", &url, scheme, rest)?
         };
         let mut cfg = MqttIngestConfig::new(&host, port, &client_id);
         cfg.version = version;
@@ -722,42 +712,13 @@ impl Loaded {
                 .max(cfg.reconnect_base);
         }
         cfg.username = m.username.clone();
-        if let Some(p) = &m.password_file {
-            let text = self.read_file("mqtt.password_file", p)?;
-            let text = String::from_utf8(text)
-                .map_err(|_| self.invalid("mqtt.password_file", "must be UTF-8 text"))?;
-            cfg.password = Some(text.trim_end_matches(['\r', '\n']).to_string());
-        }
-        let tls_files =
-            m.ca_file.is_some() || m.client_cert_file.is_some() || m.client_key_file.is_some();
-        if scheme == "mqtts" {
-            let ca_pem = match &m.ca_file {
-                Some(p) => Some(self.read_file("mqtt.ca_file", p)?),
-                None => None,
-            };
-            let client = match (&m.client_cert_file, &m.client_key_file) {
-                (Some(c), Some(k)) => Some((
-                    self.read_file("mqtt.client_cert_file", c)?,
-                    self.read_file("mqtt.client_key_file", k)?,
-                )),
-                (None, None) => None,
-                (Some(_), None) => {
-                    return Err(self.invalid(
-                        "mqtt.client_cert_file",
-                        "mqtt.client_key_file must be set too",
-                    ))
-                }
-                (None, Some(_)) => {
-                    return Err(self.invalid(
-                        "mqtt.client_key_file",
-                        "mqtt.client_cert_file must be set too",
-                    ))
-                }
-            };
-            cfg.tls = Some(MqttTls { ca_pem, client });
-        } else if tls_files {
-            return Err(self.invalid("mqtt.url", "TLS files are set: use an mqtts:// URL"));
-        }
+        let files = BrokerFiles {
+            ca_file: &m.ca_file,
+            client_cert_file: &m.client_cert_file,
+            client_key_file: &m.client_key_file,
+            password_file: &m.password_file,
+        };
+        (cfg.tls, cfg.password) = self.broker_secrets("mqtt", scheme, files)?;
         if scheme == "embedded" {
             if !cfg!(feature = "embedded-broker") {
                 return Err(self.invalid(
@@ -775,6 +736,84 @@ impl Loaded {
             return Ok(MqttMode::Embedded { addr, ingest: cfg });
         }
         Ok(MqttMode::Broker(cfg))
+    }
+
+    /// `host[:port]` of an `mqtt://`/`mqtts://` URL (default ports 1883/8883).
+    fn host_port(
+        &self,
+        key: &str,
+        url: &str,
+        scheme: &str,
+        rest: &str,
+    ) -> Result<(String, u16), ConfigError> {
+        let hostport = rest.trim_end_matches('/');
+        let default_port = if scheme == "mqtts" { 8883 } else { 1883 };
+        let (h, p) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let p: u16 = p
+                    .parse()
+                    .map_err(|_| self.invalid(key, format!("{url:?}: bad port")))?;
+                (
+                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    p,
+                )
+            }
+            _ => (hostport.to_string(), default_port),
+        };
+        if h.is_empty() {
+            return Err(self.invalid(key, format!("{url:?}: host is missing")));
+        }
+        Ok((h, p))
+    }
+
+    /// TLS material (for `mqtts`) and the password of a broker connection
+    /// whose keys live under `prefix` (`mqtt` or `sinks.NAME`).
+    fn broker_secrets(
+        &self,
+        prefix: &str,
+        scheme: &str,
+        f: BrokerFiles<'_>,
+    ) -> Result<(Option<MqttTls>, Option<String>), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let password = match f.password_file {
+            None => None,
+            Some(p) => {
+                let text = self.read_file(&key("password_file"), p)?;
+                let text = String::from_utf8(text)
+                    .map_err(|_| self.invalid(&key("password_file"), "must be UTF-8 text"))?;
+                Some(text.trim_end_matches(['\r', '\n']).to_string())
+            }
+        };
+        let any_tls_file =
+            f.ca_file.is_some() || f.client_cert_file.is_some() || f.client_key_file.is_some();
+        if scheme != "mqtts" {
+            if any_tls_file {
+                return Err(self.invalid(&key("url"), "TLS files are set: use an mqtts:// URL"));
+            }
+            return Ok((None, password));
+        }
+        let ca_pem = match f.ca_file {
+            Some(p) => Some(self.read_file(&key("ca_file"), p)?),
+            None => None,
+        };
+        let client = match (f.client_cert_file, f.client_key_file) {
+            (Some(c), Some(k)) => Some((
+                self.read_file(&key("client_cert_file"), c)?,
+                self.read_file(&key("client_key_file"), k)?,
+            )),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(
+                    self.invalid(&key("client_cert_file"), "client_key_file must be set too")
+                )
+            }
+            (None, Some(_)) => {
+                return Err(
+                    self.invalid(&key("client_key_file"), "client_cert_file must be set too")
+                )
+            }
+        };
+        Ok((Some(MqttTls { ca_pem, client }), password))
     }
 
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -926,12 +965,52 @@ impl Loaded {
                     timeout: d.publish_timeout,
                 })
             }
-            "kafka" | "mqtt" => {
+            "mqtt" => {
+                let url = s.url.clone().ok_or_else(|| {
+                    self.invalid(
+                        &key("url"),
+                        "is required for kind mqtt (mqtt://host:port or mqtts://host:port)",
+                    )
+                })?;
+                let (scheme, rest) = match url.split_once("://") {
+                    Some((sc @ ("mqtt" | "mqtts"), rest)) => (sc, rest),
+                    _ => {
+                        return Err(self.invalid(
+                            &key("url"),
+                            format!("{url:?}: expected mqtt://host:port or mqtts://host:port"),
+                        ))
+                    }
+                };
+                let (host, port) = self.host_port(&key("url"), &url, scheme, rest)?;
+                let files = BrokerFiles {
+                    ca_file: &s.ca_file,
+                    client_cert_file: &s.client_cert_file,
+                    client_key_file: &s.client_key_file,
+                    password_file: &s.password_file,
+                };
+                let (tls, password) =
+                    self.broker_secrets(&format!("sinks.{name}"), scheme, files)?;
+                SinkTarget::Mqtt(MqttSinkConfig {
+                    host,
+                    port,
+                    tls,
+                    client_id: s
+                        .client_id
+                        .clone()
+                        .unwrap_or_else(|| format!("gateway-{gateway_id}-{name}")),
+                    username: s.username.clone(),
+                    password,
+                    topic_prefix: s
+                        .topic_prefix
+                        .clone()
+                        .unwrap_or_else(|| gateway_id.to_string()),
+                    max_packet_bytes: 1 << 20,
+                })
+            }
+            "kafka" => {
                 return Err(self.invalid(
                     &key("kind"),
-                    format!(
-                        "sink kind {kind:?} is not part of this build yet (available: s3, http)"
-                    ),
+                    "sink kind \"kafka\" is not part of this build yet (available: s3, http, mqtt)",
                 ))
             }
             other => {
@@ -968,6 +1047,13 @@ impl Loaded {
                         SinkTarget::Http(c) => {
                             m.insert("kind".into(), Value::String("http".into()));
                             m.insert("url".into(), Value::String(c.url.clone()));
+                        }
+                        SinkTarget::Mqtt(c) => {
+                            m.insert("kind".into(), Value::String("mqtt".into()));
+                            m.insert(
+                                "url".into(),
+                                Value::String(format!("{}:{}", c.host, c.port)),
+                            );
                         }
                     }
                     sinks.insert(name.clone(), Value::Table(m));
@@ -1021,6 +1107,14 @@ pub fn default_gateway_id() -> String {
 }
 
 // ------------------------------------------------------------------ settings
+
+/// The file keys of a broker connection.
+struct BrokerFiles<'a> {
+    ca_file: &'a Option<PathBuf>,
+    client_cert_file: &'a Option<PathBuf>,
+    client_key_file: &'a Option<PathBuf>,
+    password_file: &'a Option<PathBuf>,
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -1135,6 +1229,8 @@ pub enum SinkTarget {
     S3(S3SinkConfig),
     /// `kind = "http"`.
     Http(HttpSinkConfig),
+    /// `kind = "mqtt"`.
+    Mqtt(MqttSinkConfig),
 }
 
 impl Settings {

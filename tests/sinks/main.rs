@@ -1,9 +1,13 @@
-//! Sinks against real servers started by the harness: S3 (moto) and an
-//! analytics API that can be told to fail.
+//! Sinks against real servers started by the harness: S3 (moto), a cloud
+//! Mosquitto, and an analytics API that can be told to fail.
 
 mod analytics;
+#[allow(dead_code)]
+#[path = "../mqtt/broker.rs"]
+mod broker;
 #[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;
 mod http;
+mod mqtt;
 mod s3;

@@ -39,6 +39,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 
 use super::config::{MqttIngestConfig, MqttVersion};
+use super::tls::tls_connector;
 use crate::ingest::{IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Source};
 use crate::metrics::Metrics;
 
@@ -308,39 +309,6 @@ fn note_disconnected(
     );
 }
 
-fn tls_connector(tls: &super::config::MqttTls) -> Result<native_tls::TlsConnector, String> {
-    let mut b = native_tls::TlsConnector::builder();
-    if let Some(ca) = &tls.ca_pem {
-        for cert in pem_blocks(ca, "CERTIFICATE") {
-            let c = native_tls::Certificate::from_pem(&cert)
-                .map_err(|e| format!("mqtt CA certificate: {e}"))?;
-            b.add_root_certificate(c);
-        }
-    }
-    if let Some((cert, key)) = &tls.client {
-        let id = native_tls::Identity::from_pkcs8(cert, key).map_err(|e| {
-            format!("mqtt client certificate/key (the key must be PKCS#8 PEM): {e}")
-        })?;
-        b.identity(id);
-    }
-    b.build().map_err(|e| format!("mqtt TLS: {e}"))
-}
-
-/// Splits a PEM bundle into its `label` blocks.
-fn pem_blocks(pem: &[u8], label: &str) -> Vec<Vec<u8>> {
-    let text = String::from_utf8_lossy(pem);
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let mut out = Vec::new();
-    let mut rest = text.as_ref();
-    while let Some(i) = rest.find(&begin) {
-        let Some(j) = rest[i..].find(&end) else { break };
-        out.push(rest.as_bytes()[i..i + j + end.len()].to_vec());
-        rest = &rest[i + j + end.len()..];
-    }
-    out
-}
-
 mod v4 {
     use rumqttc::{
         AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
@@ -434,11 +402,5 @@ mod tests {
     fn the_device_id_is_the_second_topic_level() {
         assert_eq!(device_of("devices/dev-1/telemetry"), "dev-1");
         assert_eq!(device_of("devices"), "");
-    }
-
-    #[test]
-    fn pem_bundles_are_split_into_certificates() {
-        let pem = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\nx\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
-        assert_eq!(pem_blocks(pem, "CERTIFICATE").len(), 2);
     }
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod ingest;
+pub mod tls;
 
 pub use config::{MqttIngestConfig, MqttTls, MqttVersion};
 pub use ingest::{MqttIngest, MqttStatus};

@@ -3,6 +3,7 @@
 
 mod actor;
 pub mod http;
+pub mod mqtt;
 pub mod s3;
 
 use std::future::Future;

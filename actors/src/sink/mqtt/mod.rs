@@ -1,0 +1,7 @@
+//! Kind `mqtt`: publish each record at QoS 1 to an upstream (cloud) broker.
+
+mod config;
+mod sink;
+
+pub use config::MqttSinkConfig;
+pub use sink::MqttSink;
