@@ -23,6 +23,8 @@ done
 # mosquitto_pub and make throwaway certificates with the openssl CLI.
 missing=()
 need cc || missing+=(gcc)
+need cmake || missing+=(cmake)                                   # librdkafka (rdkafka cmake-build)
+[ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || missing+=(libcurl4-openssl-dev)
 need pkg-config || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 need openssl || missing+=(openssl)
@@ -45,14 +47,22 @@ fi
 # Python tools for the sink tests (moto as the S3 server, boto3 to read it
 # back) live in a virtualenv of their own.
 VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv-test"
-if ! "$VENV/bin/python" -c "import boto3, moto" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "test-deps: creating $VENV (moto, boto3)"
+if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "test-deps: creating $VENV (moto, boto3, confluent-kafka)"
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka
+fi
+
+# The Kafka-API broker for the kafka sink tests: tansu, built once (10-18 min
+# on 2 cores) and reused from ~/.cargo/bin. A default-feature build has no
+# storage engine, hence the features.
+if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
+  echo "test-deps: installing tansu (cargo install, takes a while the first time)"
+  cargo install tansu --version 0.6.0 --features dynostore,libsql
 fi
 echo "test-deps: ok"

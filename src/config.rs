@@ -15,6 +15,7 @@ use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::mqtt::{MqttIngestConfig, MqttTls, MqttVersion};
 use gateway_actors::sink::http::{BodyFormat, HttpSinkConfig};
+use gateway_actors::sink::kafka::KafkaSinkConfig;
 use gateway_actors::sink::mqtt::MqttSinkConfig;
 use gateway_actors::sink::s3::S3SinkConfig;
 use gateway_actors::wal::{BackpressurePolicy, WalConfig};
@@ -156,6 +157,17 @@ struct RawSink {
     username: Option<String>,
     password_file: Option<PathBuf>,
     client_id: Option<String>,
+    compression: Option<String>,
+    security_protocol: Option<String>,
+    ssl_ca_file: Option<PathBuf>,
+    ssl_cert_file: Option<PathBuf>,
+    ssl_key_file: Option<PathBuf>,
+    sasl_mechanism: Option<String>,
+    sasl_username: Option<String>,
+    sasl_password_file: Option<PathBuf>,
+    librdkafka: Option<BTreeMap<String, String>>,
+    circuit_threshold: Option<u32>,
+    circuit_cooldown_ms: Option<u64>,
 }
 
 /// `GATEWAY_*` variables (read with envy). `GATEWAY_ID` is `gateway_id`;
@@ -873,6 +885,15 @@ impl Loaded {
             d.publish_timeout = Duration::from_millis(v);
         }
         d.paused = s.paused.unwrap_or(false);
+        if let Some(v) = s.circuit_threshold {
+            if v == 0 {
+                return Err(self.invalid(&key("circuit_threshold"), "must be at least 1"));
+            }
+            d.circuit_threshold = v;
+        }
+        if let Some(v) = s.circuit_cooldown_ms {
+            d.circuit_cooldown = Duration::from_millis(v.max(1));
+        }
         let kind = s
             .kind
             .as_deref()
@@ -1008,10 +1029,52 @@ impl Loaded {
                 })
             }
             "kafka" => {
-                return Err(self.invalid(
-                    &key("kind"),
-                    "sink kind \"kafka\" is not part of this build yet (available: s3, http, mqtt)",
-                ))
+                let brokers = s.brokers.clone().ok_or_else(|| {
+                    self.invalid(
+                        &key("brokers"),
+                        "is required for kind kafka (host:port[,host:port])",
+                    )
+                })?;
+                let topic = s
+                    .topic
+                    .clone()
+                    .ok_or_else(|| self.invalid(&key("topic"), "is required for kind kafka"))?;
+                let compression = s.compression.clone().unwrap_or_else(|| "lz4".into());
+                if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&compression.as_str()) {
+                    return Err(self.invalid(
+                        &key("compression"),
+                        "expected none, gzip, snappy, lz4 or zstd",
+                    ));
+                }
+                let sasl_password = match &s.sasl_password_file {
+                    None => None,
+                    Some(p) => {
+                        let raw = self.read_file(&key("sasl_password_file"), p)?;
+                        Some(
+                            String::from_utf8(raw)
+                                .map_err(|_| {
+                                    self.invalid(&key("sasl_password_file"), "must be UTF-8 text")
+                                })?
+                                .trim()
+                                .to_string(),
+                        )
+                    }
+                };
+                let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+                SinkTarget::Kafka(KafkaSinkConfig {
+                    brokers,
+                    topic,
+                    compression,
+                    message_timeout: d.publish_timeout,
+                    security_protocol: s.security_protocol.clone(),
+                    ssl_ca_file: path(&s.ssl_ca_file),
+                    ssl_cert_file: path(&s.ssl_cert_file),
+                    ssl_key_file: path(&s.ssl_key_file),
+                    sasl_mechanism: s.sasl_mechanism.clone(),
+                    sasl_username: s.sasl_username.clone(),
+                    sasl_password,
+                    extra: s.librdkafka.clone().unwrap_or_default(),
+                })
             }
             other => {
                 return Err(self.invalid(
@@ -1035,28 +1098,17 @@ impl Loaded {
             Value::String(settings.gateway_id.clone()),
         );
         if let Value::Table(t) = &mut tree {
+            // Without [sinks.*] the effective sinks are the compiled-in
+            // default archive: show it.
             if !t.contains_key("sinks") {
                 let mut sinks = toml::map::Map::new();
                 for (name, s) in &settings.sinks {
-                    let mut m = toml::map::Map::new();
-                    match &s.target {
-                        SinkTarget::S3(c) => {
-                            m.insert("kind".into(), Value::String("s3".into()));
-                            m.insert("url".into(), Value::String(c.url.clone()));
-                        }
-                        SinkTarget::Http(c) => {
-                            m.insert("kind".into(), Value::String("http".into()));
-                            m.insert("url".into(), Value::String(c.url.clone()));
-                        }
-                        SinkTarget::Mqtt(c) => {
-                            m.insert("kind".into(), Value::String("mqtt".into()));
-                            m.insert(
-                                "url".into(),
-                                Value::String(format!("{}:{}", c.host, c.port)),
-                            );
-                        }
+                    if let SinkTarget::S3(c) = &s.target {
+                        let mut m = toml::map::Map::new();
+                        m.insert("kind".into(), Value::String("s3".into()));
+                        m.insert("url".into(), Value::String(c.url.clone()));
+                        sinks.insert(name.clone(), Value::Table(m));
                     }
-                    sinks.insert(name.clone(), Value::Table(m));
                 }
                 t.insert("sinks".into(), Value::Table(sinks));
             }
@@ -1231,6 +1283,8 @@ pub enum SinkTarget {
     Http(HttpSinkConfig),
     /// `kind = "mqtt"`.
     Mqtt(MqttSinkConfig),
+    /// `kind = "kafka"`.
+    Kafka(KafkaSinkConfig),
 }
 
 impl Settings {

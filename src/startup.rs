@@ -14,6 +14,7 @@ use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
 use gateway_actors::mqtt::{MqttIngest, MqttStatus};
 use gateway_actors::sink::http::HttpSink;
+use gateway_actors::sink::kafka::KafkaSink;
 use gateway_actors::sink::mqtt::MqttSink;
 use gateway_actors::sink::s3::ObjectStoreSink;
 use gateway_actors::sink::{Sink, SinkActor, SinkFactory};
@@ -69,6 +70,10 @@ pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
         SinkTarget::Mqtt(cfg) => {
             let cfg = cfg.clone();
             Arc::new(move || MqttSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
+        }
+        SinkTarget::Kafka(cfg) => {
+            let cfg = cfg.clone();
+            Arc::new(move || KafkaSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
         }
     }
 }

@@ -4,7 +4,11 @@
 //! hand it to the sink, ack it in the WAL on success; on a retryable error
 //! wait with exponential backoff and jitter and try the same batch again; after
 //! `retry_budget` attempts, or at once on a permanent error, dead-letter the
-//! batch for this sink only. One batch is in flight at a time, so records
+//! batch for this sink only. Failures because the target is unreachable
+//! (connection refused, timeouts) do not use up the budget: an outage must
+//! not turn a backlog into dead letters. After `circuit_threshold` failures
+//! in a row the circuit opens (`gateway_sink_circuit_open`): attempts become
+//! probes `circuit_cooldown` apart until one succeeds. One batch is in flight at a time, so records
 //! reach the sink in seq order (and so in order per device).
 //!
 //! Handles: [`SetPaused`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
@@ -42,6 +46,10 @@ pub struct DispatchConfig {
     pub publish_timeout: Duration,
     /// Start paused.
     pub paused: bool,
+    /// Failed attempts in a row that open the circuit.
+    pub circuit_threshold: u32,
+    /// While the circuit is open, attempts are probes this far apart (with jitter).
+    pub circuit_cooldown: Duration,
 }
 
 impl DispatchConfig {
@@ -56,6 +64,8 @@ impl DispatchConfig {
             retry_max: Duration::from_secs(60),
             publish_timeout: Duration::from_secs(30),
             paused: false,
+            circuit_threshold: 5,
+            circuit_cooldown: Duration::from_secs(5),
         }
     }
 
@@ -68,6 +78,11 @@ impl DispatchConfig {
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         let d = exp.min(self.retry_max).max(Duration::from_millis(1));
         let half = d / 2;
+        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    }
+
+    fn circuit_probe_delay(&self) -> Duration {
+        let half = self.circuit_cooldown / 2;
         half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
     }
 
@@ -84,6 +99,10 @@ pub struct Dispatcher {
     metrics: Metrics,
     paused: bool,
     busy: bool,
+    /// Failed attempts in a row, across batches.
+    consecutive_failures: u32,
+    /// The target looks down: attempts become spaced-out probes.
+    circuit_open: bool,
 }
 
 impl Dispatcher {
@@ -102,6 +121,8 @@ impl Dispatcher {
             metrics,
             paused,
             busy: false,
+            consecutive_failures: 0,
+            circuit_open: false,
         }
     }
 
@@ -119,7 +140,7 @@ impl Dispatcher {
             max_wait: self.cfg.batch_max_wait,
         });
         ctx.spawn(fetch.into_actor(self).map(|res, act, ctx| match res {
-            Ok(Ok(Some(batch))) => act.publish(Arc::new(batch), 1, ctx),
+            Ok(Ok(Some(batch))) => act.publish(Arc::new(batch), 1, 0, ctx),
             Ok(Ok(None)) => act.idle(act.cfg.idle_poll(), ctx),
             Ok(Err(e)) => {
                 tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
@@ -137,7 +158,7 @@ impl Dispatcher {
         ctx.run_later(after, |act, ctx| act.step(ctx));
     }
 
-    fn publish(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
+    fn publish(&mut self, batch: Arc<Batch>, attempt: u32, counted: u32, ctx: &mut Context<Self>) {
         let started = Instant::now();
         let send = self
             .sink
@@ -153,7 +174,7 @@ impl Dispatcher {
                 .observe(started.elapsed().as_secs_f64());
             let res = match res {
                 Ok(r) => r,
-                Err(MailboxError::Timeout) => Err(SinkError::Retryable(format!(
+                Err(MailboxError::Timeout) => Err(SinkError::Unavailable(format!(
                     "publish timed out after {:?}",
                     act.cfg.publish_timeout
                 ))),
@@ -164,16 +185,28 @@ impl Dispatcher {
             match res {
                 Ok(()) => {
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
+                    act.close_circuit();
                     act.ack(batch, attempt, ctx);
                 }
-                Err(e) if e.is_retryable() && attempt < act.cfg.retry_budget => {
+                Err(e) if e.is_retryable() => {
+                    // A target that is down is not the batch's fault: those
+                    // failures do not use up the batch's retry budget.
+                    let counted = counted + u32::from(!matches!(e, SinkError::Unavailable(_)));
+                    act.metrics.sink_up.with_label_values(&[&sink]).set(0);
+                    if counted >= act.cfg.retry_budget {
+                        act.dead(batch, attempt, e.to_string(), ctx);
+                        return;
+                    }
+                    act.note_failure();
                     let mut delay = act.cfg.backoff(attempt);
+                    if act.circuit_open {
+                        delay = delay.max(act.cfg.circuit_probe_delay());
+                    }
                     if let SinkError::RetryAfter { after, .. } = &e {
                         // The target said when: never sooner (bounded to an hour
                         // so a silly header cannot park the sink for days).
                         delay = delay.max((*after).min(Duration::from_secs(3600)));
                     }
-                    act.metrics.sink_up.with_label_values(&[&sink]).set(0);
                     act.metrics
                         .sink_publish
                         .with_label_values(&[&sink, "retry"])
@@ -183,11 +216,15 @@ impl Dispatcher {
                         first_seq = batch.first_seq(),
                         last_seq = batch.last_seq(),
                         attempt,
+                        counted,
+                        circuit_open = act.circuit_open,
                         retry_in_ms = delay.as_millis() as u64,
                         error = %e,
                         "sink publish failed; will retry"
                     );
-                    ctx.run_later(delay, move |act, ctx| act.publish(batch, attempt + 1, ctx));
+                    ctx.run_later(delay, move |act, ctx| {
+                        act.publish(batch, attempt + 1, counted, ctx)
+                    });
                 }
                 Err(e) => {
                     act.metrics.sink_up.with_label_values(&[&sink]).set(0);
@@ -195,6 +232,36 @@ impl Dispatcher {
                 }
             }
         }));
+    }
+
+    /// Counts a failed attempt; enough in a row open the circuit.
+    fn note_failure(&mut self) {
+        self.consecutive_failures += 1;
+        if !self.circuit_open && self.consecutive_failures >= self.cfg.circuit_threshold {
+            self.circuit_open = true;
+            self.metrics
+                .sink_circuit_open
+                .with_label_values(&[&self.cfg.sink])
+                .set(1);
+            tracing::warn!(
+                sink = %self.cfg.sink,
+                failures = self.consecutive_failures,
+                probe_every_ms = self.cfg.circuit_cooldown.as_millis() as u64,
+                "circuit open: the sink's target looks down; probing it until it answers"
+            );
+        }
+    }
+
+    fn close_circuit(&mut self) {
+        self.consecutive_failures = 0;
+        if self.circuit_open {
+            self.circuit_open = false;
+            self.metrics
+                .sink_circuit_open
+                .with_label_values(&[&self.cfg.sink])
+                .set(0);
+            tracing::info!(sink = %self.cfg.sink, "circuit closed: the sink's target answers again");
+        }
     }
 
     fn ack(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
@@ -273,6 +340,10 @@ impl Actor for Dispatcher {
             .with_label_values(&[sink])
             .set(self.paused as i64);
         self.metrics.sink_up.with_label_values(&[sink]).set(1);
+        self.metrics
+            .sink_circuit_open
+            .with_label_values(&[sink])
+            .set(0);
         for outcome in ["ok", "retry", "dead"] {
             self.metrics
                 .sink_publish

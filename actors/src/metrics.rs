@@ -46,6 +46,8 @@ pub struct Metrics {
     pub sink_records: IntCounterVec,
     /// `gateway_sink_up{sink}`: 1 when the last publish succeeded, 0 after a failure.
     pub sink_up: IntGaugeVec,
+    /// `gateway_sink_circuit_open{sink}`: 1 while the sink's circuit is open (target down).
+    pub sink_circuit_open: IntGaugeVec,
     /// `gateway_sink_paused{sink}`: 1 while the sink is paused.
     pub sink_paused: IntGaugeVec,
     /// `gateway_e2e_latency_seconds{sink}`: receive → sink acknowledgement, per record.
@@ -110,6 +112,10 @@ impl Metrics {
                 Opts::new("gateway_sink_up", "1 when the sink's last publish succeeded, 0 after a failure."),
                 &["sink"],
             )?,
+            sink_circuit_open: IntGaugeVec::new(
+                Opts::new("gateway_sink_circuit_open", "1 while the sink's circuit is open: its target looks down and attempts are spaced-out probes."),
+                &["sink"],
+            )?,
             sink_paused: IntGaugeVec::new(Opts::new("gateway_sink_paused", "1 while the sink is paused."), &["sink"])?,
             e2e_latency_seconds: HistogramVec::new(
                 HistogramOpts::new("gateway_e2e_latency_seconds", "Per record time from receipt by the gateway to the sink's acknowledgement.")
@@ -146,6 +152,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_publish_seconds.clone()))?;
         registry.register(Box::new(m.sink_records.clone()))?;
         registry.register(Box::new(m.sink_up.clone()))?;
+        registry.register(Box::new(m.sink_circuit_open.clone()))?;
         registry.register(Box::new(m.sink_paused.clone()))?;
         registry.register(Box::new(m.e2e_latency_seconds.clone()))?;
         registry.register(Box::new(m.mqtt_connected.clone()))?;

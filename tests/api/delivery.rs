@@ -27,7 +27,7 @@ fn an_unwritable_archive_keeps_records_pending_with_backoff_and_delivers_them_al
     std::fs::write(&blocker, b"a file where a directory must go").unwrap();
     let target = blocker.join("archive");
     let app = spawn_app(&format!(
-        "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 0\nretry_base_ms = 20\nretry_max_ms = 100\nretry_budget = 100000\n",
+        "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 0\nretry_base_ms = 20\nretry_max_ms = 100\nretry_budget = 100000\ncircuit_threshold = 1000\n",
         target.display()
     ));
     for i in 0..20 {

@@ -36,7 +36,11 @@ pub struct Analytics {
 
 impl Analytics {
     pub fn start() -> Analytics {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(0)
+    }
+
+    pub fn start_on(port: u16) -> Analytics {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let a = Analytics {
             port,

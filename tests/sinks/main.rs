@@ -1,5 +1,5 @@
-//! Sinks against real servers started by the harness: S3 (moto), a cloud
-//! Mosquitto, and an analytics API that can be told to fail.
+//! Sinks against real servers started by the harness: S3 (moto), Kafka
+//! (tansu), a cloud Mosquitto, and an analytics API that can be told to fail.
 
 mod analytics;
 #[allow(dead_code)]
@@ -9,5 +9,6 @@ mod broker;
 #[path = "../api/helpers.rs"]
 mod helpers;
 mod http;
+mod kafka;
 mod mqtt;
 mod s3;

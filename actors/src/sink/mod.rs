@@ -3,6 +3,7 @@
 
 mod actor;
 pub mod http;
+pub mod kafka;
 pub mod mqtt;
 pub mod s3;
 
@@ -20,6 +21,10 @@ pub enum SinkError {
     /// A transient failure (target down, timeout, 5xx): try the same batch again later.
     #[error("retryable: {0}")]
     Retryable(String),
+    /// The target is unreachable (connection refused, timeout, broker down):
+    /// retried, and not counted against the batch's retry budget.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Retryable, and the target said when (`Retry-After`).
     #[error("retryable after {after:?}: {message}")]
     RetryAfter {
@@ -39,7 +44,10 @@ pub enum SinkError {
 impl SinkError {
     /// Whether the dispatcher may try again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SinkError::Retryable(_) | SinkError::RetryAfter { .. })
+        matches!(
+            self,
+            SinkError::Retryable(_) | SinkError::RetryAfter { .. } | SinkError::Unavailable(_)
+        )
     }
 }
 

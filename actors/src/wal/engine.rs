@@ -145,6 +145,8 @@ pub struct StoredRecord {
     pub device_id: String,
     /// Dedup key.
     pub idempotency_key: String,
+    /// Correlation id of the request that carried it.
+    pub correlation_id: String,
     /// Receive time, epoch ms.
     pub receive_ms: i64,
     /// The full canonical record JSON (one line, no newline).
@@ -674,7 +676,7 @@ impl Wal {
         let mut claimed = Vec::new();
         let mut pos = st.cursor; // exclusive lower bound
         let mut q = self.conn.prepare_cached(
-            "SELECT seq, device_id, idem_key, receive_ms, body FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, device_id, idem_key, receive_ms, body, correlation_id FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
         )?;
         let mut ex_iter = excluded.ranges().iter().peekable();
         while records.len() < max_records && pos < head {
@@ -704,6 +706,7 @@ impl Wal {
                     device_id: r.get(1)?,
                     idempotency_key: r.get(2)?,
                     receive_ms: r.get(3)?,
+                    correlation_id: r.get(5)?,
                     json: splice_record(seq, &body),
                 })
             })?;

@@ -111,11 +111,16 @@ impl Sink for HttpSink {
                 req = req.bearer_auth(t);
             }
             let resp = req.send().await.map_err(|e| {
-                SinkError::Retryable(if e.is_timeout() {
-                    format!("POST {} timed out after {:?}", cfg.url, cfg.timeout)
+                if e.is_timeout() {
+                    SinkError::Unavailable(format!(
+                        "POST {} timed out after {:?}",
+                        cfg.url, cfg.timeout
+                    ))
+                } else if e.is_connect() {
+                    SinkError::Unavailable(format!("POST {}: {e}", cfg.url))
                 } else {
-                    format!("POST {}: {e}", cfg.url)
-                })
+                    SinkError::Retryable(format!("POST {}: {e}", cfg.url))
+                }
             })?;
             let status = resp.status().as_u16();
             let retry_after = resp

@@ -1,0 +1,7 @@
+//! Kind `kafka`: an idempotent producer (`rdkafka`, librdkafka 2.12).
+
+mod config;
+mod sink;
+
+pub use config::KafkaSinkConfig;
+pub use sink::KafkaSink;
