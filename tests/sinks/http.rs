@@ -194,22 +194,37 @@ fn a_stuck_http_sink_does_not_stall_ingest_or_the_archive() {
 }
 
 #[test]
-fn an_unreachable_api_opens_the_circuit_without_dead_lettering_and_it_closes_when_the_api_returns() {
+fn an_unreachable_api_opens_the_circuit_without_dead_lettering_and_it_closes_when_the_api_returns()
+{
     let port = crate::helpers::free_port();
     let app = spawn_app(&format!(
         "[sinks.api]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/ingest\"\nbatch_max_wait_ms = 20\n\
          retry_budget = 2\nretry_base_ms = 20\nretry_max_ms = 100\ncircuit_threshold = 3\ncircuit_cooldown_ms = 200\n"
     ));
     send(&app, 10);
-    wait_until("circuit open", Duration::from_secs(10), || app.metric(r#"gateway_sink_circuit_open{sink="api"}"#) == 1.0);
+    wait_until("circuit open", Duration::from_secs(10), || {
+        app.metric(r#"gateway_sink_circuit_open{sink="api"}"#) == 1.0
+    });
     std::thread::sleep(Duration::from_secs(1));
     // Far more failures than the budget of 2, yet nothing is dead: the target was down, not the batch bad.
     assert!(app.metric(r#"gateway_sink_publish_total{outcome="retry",sink="api"}"#) >= 3.0);
-    assert_eq!(app.metric(r#"gateway_sink_records_total{outcome="dead",sink="api"}"#), 0.0);
+    assert_eq!(
+        app.metric(r#"gateway_sink_records_total{outcome="dead",sink="api"}"#),
+        0.0
+    );
 
     let api = Analytics::start_on(port);
-    wait_until("delivered once the API is back", Duration::from_secs(10), || {
-        api.accepted_record_keys().into_iter().collect::<HashSet<_>>() == expected(10)
+    wait_until(
+        "delivered once the API is back",
+        Duration::from_secs(10),
+        || {
+            api.accepted_record_keys()
+                .into_iter()
+                .collect::<HashSet<_>>()
+                == expected(10)
+        },
+    );
+    wait_until("circuit closed", Duration::from_secs(5), || {
+        app.metric(r#"gateway_sink_circuit_open{sink="api"}"#) == 0.0
     });
-    wait_until("circuit closed", Duration::from_secs(5), || app.metric(r#"gateway_sink_circuit_open{sink="api"}"#) == 0.0);
 }

@@ -5,6 +5,7 @@ mod analytics;
 #[allow(dead_code)]
 #[path = "../mqtt/broker.rs"]
 mod broker;
+mod crash;
 #[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;

@@ -9,13 +9,13 @@ use crate::broker::Mosquitto;
 use crate::helpers::{spawn_app, telemetry, wait_until};
 
 /// `mosquitto_sub` on a persistent session, writing "topic payload" lines.
-struct Subscriber {
+pub struct Subscriber {
     child: Child,
     out: PathBuf,
 }
 
 impl Subscriber {
-    fn start(port: u16, dir: &Path) -> Subscriber {
+    pub fn start(port: u16, dir: &Path) -> Subscriber {
         let out = dir.join("received.txt");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -46,7 +46,7 @@ impl Subscriber {
     }
 
     /// (topic, idempotency key) of everything received.
-    fn received(&self) -> Vec<(String, String)> {
+    pub fn received(&self) -> Vec<(String, String)> {
         std::fs::read_to_string(&self.out)
             .unwrap_or_default()
             .lines()

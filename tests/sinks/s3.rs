@@ -13,13 +13,13 @@ fn venv() -> PathBuf {
 }
 
 /// A moto S3 server on a free port; killed on drop.
-struct Moto {
+pub struct Moto {
     child: Child,
     port: u16,
 }
 
 impl Moto {
-    fn start() -> Moto {
+    pub fn start() -> Moto {
         let port = free_port();
         let child = Command::new(venv().join("bin/moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -38,11 +38,11 @@ impl Moto {
         Moto { child, port }
     }
 
-    fn endpoint(&self) -> String {
+    pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn create_bucket(&self, name: &str) {
+    pub fn create_bucket(&self, name: &str) {
         // moto does not check signatures: a plain CreateBucket request will do.
         ureq::put(&format!("{}/{name}", self.endpoint()))
             .call()
@@ -50,7 +50,7 @@ impl Moto {
     }
 
     /// (key, etag, record) of every record in every object, read with boto3.
-    fn dump(&self, bucket: &str) -> Vec<(String, String, Value)> {
+    pub fn dump(&self, bucket: &str) -> Vec<(String, String, Value)> {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_dump.py");
         let out = Command::new(venv().join("bin/python"))
             .arg(script)
