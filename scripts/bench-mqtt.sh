@@ -116,7 +116,7 @@ MOSQUITTO="${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}"
 for t in mosquitto_pub mosquitto_sub curl timeout awk cargo; do
     command -v "$t" >/dev/null || die "$t not found (make test-deps installs the mosquitto clients)"
 done
-MOSQ_VERSION="$("$MOSQUITTO" -h 2>&1 | awk '/^mosquitto version/ {print $3; exit}')"
+MOSQ_VERSION="$({ "$MOSQUITTO" -h 2>&1 || true; } | awk '/^mosquitto version/ {print $3; exit}')"
 
 # ------------------------------------------------------------------ build
 log "building the release gateway (cargo waits if another build holds the lock)"

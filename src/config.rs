@@ -1360,6 +1360,35 @@ mod tests {
     }
 
     #[test]
+    fn every_sink_kind_checks_its_own_keys() {
+        let cases = [
+            ("[sinks.k]\nkind = \"kafka\"\nbrokers = \"b:9092\"\n", "`sinks.k.topic`"),
+            ("[sinks.k]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\"\ncompression = \"rar\"\n", "`sinks.k.compression`"),
+            ("[sinks.h]\nkind = \"http\"\nurl = \"ftp://x\"\n", "`sinks.h.url`"),
+            ("[sinks.h]\nkind = \"http\"\nurl = \"http://x\"\nformat = \"xml\"\n", "`sinks.h.format`"),
+            ("[sinks.m]\nkind = \"mqtt\"\nurl = \"tcp://x\"\n", "`sinks.m.url`"),
+            ("[sinks.m]\nkind = \"mqtt\"\nurl = \"mqtt://x\"\nca_file = \"/nope\"\n", "`sinks.m.url`"),
+            ("[sinks.s]\nkind = \"s3\"\nurl = \"s3://b\"\nendpoint = \"minio:9000\"\n", "`sinks.s.endpoint`"),
+            ("[sinks.s]\nkind = \"s3\"\nurl = \"s3://b\"\nretry_budget = 0\n", "`sinks.s.retry_budget`"),
+            ("[sinks.x]\nkind = \"carrier-pigeon\"\n", "`sinks.x.kind`"),
+        ];
+        for (toml, key) in cases {
+            let err = Settings::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let ok = Settings::from_toml(
+            "[sinks.k]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\"\n[sinks.k.librdkafka]\n\"linger.ms\" = \"20\"\n\
+             [sinks.m]\nkind = \"mqtt\"\nurl = \"mqtt://cloud\"\n[sinks.h]\nkind = \"http\"\nurl = \"https://a/b\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.sinks.len(), 3);
+        match &ok.sinks["m"].target {
+            SinkTarget::Mqtt(m) => assert_eq!((m.host.as_str(), m.port), ("cloud", 1883)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn later_layers_override_earlier_ones_and_are_named_in_errors() {
         let flags = FlagLayer {
             http_addr: Some("bad".into()),

@@ -2,6 +2,9 @@
 
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use gateway::cli::{Cli, Command, ConfigCommand, TokenCommand};
 use gateway::config::{FlagLayer, Loaded};
