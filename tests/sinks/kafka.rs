@@ -56,10 +56,9 @@ impl Tansu {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args([
-                "--storage-engine",
-                &format!("sqlite://{}", self.db.display()),
-            ])
+            // tansu reads the path of a sqlite:// URL as relative: run it in the dir.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(self.db.parent().unwrap())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
