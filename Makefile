@@ -26,8 +26,10 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: ## WAL and HTTP ingest benchmarks; results in bench/results/latest.md
+bench: ## WAL, HTTP, MQTT and sink-drain benchmarks; results in bench/results/latest.md
 	scripts/bench.sh
+	scripts/bench-mqtt.sh
+	scripts/bench-sinks.sh
 
 clean-data: ## delete the local data dir of `make run`
 	rm -rf ./data
