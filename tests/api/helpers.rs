@@ -308,6 +308,30 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A `gateway` child process, killed when dropped (a failed test must not
+/// leave it running).
+pub struct GatewayProcess(pub std::process::Child);
+
+impl std::ops::Deref for GatewayProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for GatewayProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the real `gateway` binary on `data` and `http_port` with `args`
 /// (after `run`) and `env`, and waits until `/readyz` answers 200.
 pub fn spawn_gateway_binary(
@@ -315,7 +339,7 @@ pub fn spawn_gateway_binary(
     http_port: u16,
     args: &[&str],
     env: &[(&str, &str)],
-) -> std::process::Child {
+) -> GatewayProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args([
             "run",
@@ -332,6 +356,7 @@ pub fn spawn_gateway_binary(
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("gateway binary starts");
+    let child = GatewayProcess(child);
     let ready = format!("http://127.0.0.1:{http_port}/readyz");
     wait_until("gateway ready", Duration::from_secs(20), || {
         ureq::get(&ready)

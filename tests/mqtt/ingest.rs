@@ -344,7 +344,7 @@ fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive
     });
 }
 
-fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> std::process::Child {
+fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> crate::helpers::GatewayProcess {
     let url = format!("mqtt://127.0.0.1:{mqtt_port}");
     spawn_gateway_binary(
         data,

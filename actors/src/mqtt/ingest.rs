@@ -14,7 +14,11 @@
 //! FIFO is retried every 500 ms and nothing behind it is acked; the broker
 //! stops sending once its in-flight window (Receive Maximum on MQTT 5,
 //! `max_inflight_messages` on Mosquitto) is full, and holds the rest. Ingest
-//! resumes by itself when the WAL accepts again.
+//! resumes by itself when the WAL accepts again. Memory stays bounded even
+//! with a broker that ignores the window (measured: Mosquitto 2.0.11 with
+//! 3.1.1 clients): at `receive_maximum` unacked messages the loop stops
+//! taking events, the bounded channel fills, and the event-loop task stops
+//! reading the socket until acks free room.
 //!
 //! Handles nothing but its own lifecycle. Sends `IngestTelemetry` to
 //! `IngestRouter`.
@@ -26,7 +30,6 @@
 //! received and not yet acked — the broker redelivers them on the persistent
 //! session, and dedup by idempotency key absorbs the repeats.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,63 +173,47 @@ enum LoopEvent<P> {
     Disconnected,
 }
 
-/// The common ingest loop: publishes in, acks out in arrival order.
-struct Pipeline<P> {
-    inflight: FuturesOrdered<AckFuture<P>>,
-    to_ack: VecDeque<P>,
-}
-
-impl<P: 'static> Pipeline<P> {
-    fn new() -> Self {
-        Self {
-            inflight: FuturesOrdered::new(),
-            to_ack: VecDeque::new(),
-        }
-    }
-
-    fn clear(&mut self) {
-        // After a disconnect the broker redelivers everything not acked; acks
-        // for the old connection's packet ids must not be sent on the new one.
-        self.inflight = FuturesOrdered::new();
-        self.to_ack.clear();
-    }
-}
-
 macro_rules! ingest_loop {
     ($cfg:expr, $router:expr, $client:expr, $events:expr, $topic_of:expr, $traceparent_of:expr) => {{
-        let mut p = Pipeline::new();
+        // Acks leave through their own task, in order: `ack().await` waits for
+        // room in the client's request channel without holding up this loop
+        // (which must keep reading for the event-loop task to keep polling).
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let acker = $client.clone();
+        actix_rt::spawn(async move {
+            while let Some(publish) = ack_rx.recv().await {
+                if acker.ack(&publish).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let limit = usize::from($cfg.receive_maximum).max(1);
+        let mut inflight: FuturesOrdered<AckFuture<_>> = FuturesOrdered::new();
         loop {
             tokio::select! {
-                ev = $events.recv() => match ev {
+                ev = $events.recv(), if inflight.len() < limit => match ev {
                     None => return Err("MQTT event loop task ended".to_string()),
                     Some(LoopEvent::Connected) => {}
-                    Some(LoopEvent::Disconnected) => p.clear(),
+                    // The broker redelivers whatever was not acked; the
+                    // ingests already sent still commit (dedup absorbs the
+                    // repeats), their acks are simply not awaited any more.
+                    Some(LoopEvent::Disconnected) => inflight = FuturesOrdered::new(),
                     Some(LoopEvent::Publish(publish)) => {
                         let topic: String = $topic_of(&publish);
                         let traceparent: Option<String> = $traceparent_of(&publish);
                         let payload = publish.payload.clone();
                         let fut = ingest_until_ackable($router.clone(), $cfg.payload_format, topic, payload, traceparent);
-                        p.inflight.push_back(Box::pin(async move {
+                        inflight.push_back(Box::pin(async move {
                             fut.await;
                             publish
                         }));
                     }
                 },
-                Some(done) = p.inflight.next(), if !p.inflight.is_empty() => {
-                    p.to_ack.push_back(done);
-                }
-            }
-            while let Some(publish) = p.to_ack.front() {
-                match $client.try_ack(publish) {
-                    Ok(()) => {
-                        p.to_ack.pop_front();
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    if ack_tx.send(done).is_err() {
+                        return Err("MQTT ack task ended".to_string());
                     }
-                    // The request channel is full: the event loop drains it.
-                    Err(_) => break,
                 }
-            }
-            if !p.to_ack.is_empty() {
-                actix_rt::time::sleep(Duration::from_millis(1)).await;
             }
         }
     }};
@@ -238,7 +225,10 @@ macro_rules! ingest_loop {
 /// the caller's scope provides `Event`, `Packet`, `Publish` and `QoS`.
 macro_rules! spawn_event_task {
     ($cfg:expr, $status:expr, $metrics:expr, $client:expr, $eventloop:expr) => {{
-        let (tx, events) = mpsc::unbounded_channel::<LoopEvent<Publish>>();
+        // Bounded: when the ingest loop holds its limit of unacked messages it
+        // stops reading here, this task stops polling, and the socket's backlog
+        // stays with the broker instead of in our memory.
+        let (tx, events) = mpsc::channel::<LoopEvent<Publish>>(64);
         let (st, m, c, c2) = ($status.clone(), $metrics.clone(), $cfg.clone(), $client.clone());
         actix_rt::spawn(async move {
             let mut failures = 0u32;
@@ -252,12 +242,12 @@ macro_rules! spawn_event_task {
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         note_connected(&st, &m, &c.host, c.port);
-                        if tx.send(LoopEvent::Connected).is_err() {
+                        if tx.send(LoopEvent::Connected).await.is_err() {
                             return;
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(LoopEvent::Publish(p)).is_err() {
+                        if tx.send(LoopEvent::Publish(p)).await.is_err() {
                             return;
                         }
                     }
@@ -266,7 +256,7 @@ macro_rules! spawn_event_task {
                         failures += 1;
                         let delay = c.reconnect_delay(failures);
                         note_disconnected(&st, &m, &e.to_string(), failures, delay);
-                        if tx.send(LoopEvent::Disconnected).is_err() {
+                        if tx.send(LoopEvent::Disconnected).await.is_err() {
                             return;
                         }
                         actix_rt::time::sleep(delay).await;
