@@ -151,7 +151,7 @@ fn main() {
         }
     };
     let sys = actix::System::new();
-    let (secs, rss) = sys.block_on(async move {
+    let (secs, rss, dead) = sys.block_on(async move {
         let metrics = Metrics::unregistered();
         let health = Arc::new(WalHealth::default());
         let wal = Wal::open(cfg).expect("open WAL");
@@ -167,6 +167,7 @@ fn main() {
         let _disp = Supervisor::start(move |_| Dispatcher::new(d, w, s, m));
         let start = Instant::now();
         let mut rss = Vec::new();
+        let mut dead;
         loop {
             actix_rt::time::sleep(Duration::from_millis(100)).await;
             rss.push(rss_kb());
@@ -175,6 +176,7 @@ fn main() {
                 .await
                 .expect("mailbox")
                 .expect("stats");
+            dead = stats.sinks["bench"].dead;
             if stats.sinks["bench"].cursor >= stats.head {
                 break;
             }
@@ -183,8 +185,13 @@ fn main() {
                 break;
             }
         }
-        (start.elapsed().as_secs_f64(), rss)
+        (start.elapsed().as_secs_f64(), rss, dead)
     });
+    // A drain that dead-letters is not a delivery: refuse to report a rate.
+    if dead > 0 {
+        eprintln!("{kind}: {dead} records were dead-lettered; the drain failed");
+        std::process::exit(1);
+    }
     let rate = records as f64 / secs;
     let q = |f: f64| rss[((rss.len() as f64 - 1.0) * f) as usize];
     let row = format!(
