@@ -219,6 +219,21 @@ macro_rules! ingest_loop {
     }};
 }
 
+/// TLS, credentials and the client: the same for both protocol versions.
+macro_rules! connect {
+    ($opts:expr, $cfg:expr, $client:ident) => {{
+        if let Some(tls) = &$cfg.tls {
+            $opts.set_transport(Transport::tls_with_config(
+                TlsConfiguration::NativeConnector(tls_connector(tls)?),
+            ));
+        }
+        if let Some(u) = &$cfg.username {
+            $opts.set_credentials(u.clone(), $cfg.password.clone().unwrap_or_default());
+        }
+        $client::new($opts, usize::from($cfg.receive_maximum) * 2 + 16)
+    }};
+}
+
 /// Runs the client's event loop on its own task (it must be polled without
 /// pause for keep-alives), reporting connects, publishes and disconnects,
 /// and reconnecting with backoff. Written once for both protocol versions:
@@ -318,16 +333,7 @@ mod v4 {
             .set_manual_acks(true)
             .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
             .set_request_channel_capacity(usize::from(cfg.receive_maximum) * 2 + 16);
-        if let Some(tls) = &cfg.tls {
-            opts.set_transport(Transport::tls_with_config(
-                TlsConfiguration::NativeConnector(tls_connector(tls)?),
-            ));
-        }
-        if let Some(u) = &cfg.username {
-            opts.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
-        }
-        let (client, mut eventloop) =
-            AsyncClient::new(opts, usize::from(cfg.receive_maximum) * 2 + 16);
+        let (client, mut eventloop) = connect!(opts, cfg, AsyncClient);
         let mut events = spawn_event_task!(cfg, status, metrics, client, eventloop);
         let topic_of = |p: &Publish| p.topic.clone();
         let traceparent_of = |_: &Publish| None;
@@ -359,16 +365,7 @@ mod v5 {
             .set_manual_acks(true)
             .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
             .set_request_channel_capacity(usize::from(cfg.receive_maximum) * 2 + 16);
-        if let Some(tls) = &cfg.tls {
-            opts.set_transport(Transport::tls_with_config(
-                TlsConfiguration::NativeConnector(tls_connector(tls)?),
-            ));
-        }
-        if let Some(u) = &cfg.username {
-            opts.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
-        }
-        let (client, mut eventloop) =
-            AsyncClient::new(opts, usize::from(cfg.receive_maximum) * 2 + 16);
+        let (client, mut eventloop) = connect!(opts, cfg, AsyncClient);
         let mut events = spawn_event_task!(cfg, status, metrics, client, eventloop);
         let topic_of = |p: &Publish| String::from_utf8_lossy(&p.topic).into_owned();
         let traceparent_of = |p: &Publish| {
