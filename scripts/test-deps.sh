@@ -28,6 +28,7 @@ need cmake || missing+=(cmake)                                   # librdkafka (r
 need pkg-config || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 need openssl || missing+=(openssl)
+need curl || missing+=(curl)                                     # the HTTPS test's client
 need mosquitto || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 need mosquitto_pub || missing+=(mosquitto-clients)
 if [ ${#missing[@]} -gt 0 ]; then

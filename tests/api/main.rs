@@ -2,9 +2,14 @@
 //! data dir. Modules by area; helpers in `helpers.rs`.
 
 mod auth;
+#[allow(dead_code)]
+#[path = "../mqtt/broker.rs"]
+mod broker;
+mod cli;
 mod crash;
 mod delivery;
 mod disk;
 mod health;
 mod helpers;
 mod ingest;
+mod tls;

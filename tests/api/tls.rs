@@ -1,0 +1,70 @@
+//! HTTPS and client-certificate authentication on the HTTP server, checked
+//! with curl (a real TLS client).
+
+use std::process::Command;
+
+use crate::broker::Certs;
+use crate::helpers::{spawn_app, telemetry};
+
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "5"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn https_with_client_certificates_accepts_a_certified_client_and_refuses_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), &["dev-1"]);
+    let app = spawn_app(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        certs.path("server.crt"),
+        certs.path("server.key"),
+        certs.path("ca.crt")
+    ));
+    let url = app.base.replace("http://", "https://") + "/ingest/dev-1";
+    let body = telemetry("tls-1", 1.0);
+    let (code, out) = curl(&[
+        "--cacert",
+        &certs.path("ca.crt"),
+        "--cert",
+        &certs.path("dev-1.crt"),
+        "--key",
+        &certs.path("dev-1.key"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &url,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("202"), "{out}");
+
+    let (code, _) = curl(&[
+        "--cacert",
+        &certs.path("ca.crt"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &url,
+    ]);
+    assert_ne!(
+        code, 0,
+        "a client without a certificate must be refused in the handshake"
+    );
+    let (code, _) = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &app.url("/ingest/dev-1"),
+    ]);
+    assert_ne!(code, 0, "plain HTTP must not be served on the HTTPS port");
+}
