@@ -367,3 +367,27 @@ pub fn spawn_gateway_binary(
     });
     child
 }
+
+/// Runs `tests/support/{script}` with the test virtualenv's Python and
+/// parses its stdout as JSON lines (the far-side readers: boto3, confluent-kafka).
+#[allow(dead_code)] // used by the sink tests, not by the api tests
+pub fn python_json_lines(script: &str, args: &[String]) -> Vec<Value> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv-test/bin/python"))
+        .arg(root.join("tests/support").join(script))
+        .args(args)
+        .output()
+        .expect(".venv-test exists (scripts/test-deps.sh)");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{script}: bad JSON line {l:?}: {e}"))
+        })
+        .collect()
+}

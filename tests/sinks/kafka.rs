@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::analytics::Analytics;
-use crate::helpers::{archived_records, free_port, spawn_app, telemetry, wait_until};
+use crate::helpers::{
+    archived_records, free_port, python_json_lines, spawn_app, telemetry, wait_until,
+};
 
 fn tansu_bin() -> PathBuf {
     let home = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
@@ -118,27 +120,15 @@ impl Tansu {
     /// Every message of `topic`, read with confluent-kafka until `expected`
     /// distinct idempotency keys or `timeout`.
     pub fn dump(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Value> {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join(".venv-test/bin/python"))
-            .arg(root.join("tests/support/kafka_dump.py"))
-            .args([
+        python_json_lines(
+            "kafka_dump.py",
+            &[
                 self.brokers(),
                 topic.to_string(),
                 expected.to_string(),
                 timeout.as_secs_f64().to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+            ],
+        )
     }
 }
 

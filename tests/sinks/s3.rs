@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{free_port, spawn_app, telemetry, wait_until};
+use crate::helpers::{free_port, python_json_lines, spawn_app, telemetry, wait_until};
 
 fn venv() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-test")
@@ -51,23 +51,9 @@ impl Moto {
 
     /// (key, etag, record) of every record in every object, read with boto3.
     pub fn dump(&self, bucket: &str) -> Vec<(String, String, Value)> {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_dump.py");
-        let out = Command::new(venv().join("bin/python"))
-            .arg(script)
-            .arg(self.endpoint())
-            .arg(bucket)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
+        python_json_lines("s3_dump.py", &[self.endpoint(), bucket.to_string()])
+            .into_iter()
+            .map(|v| {
                 (
                     v["key"].as_str().unwrap().to_string(),
                     v["etag"].as_str().unwrap().to_string(),
