@@ -478,3 +478,53 @@ fn under_wal_backpressure_messages_are_held_unacknowledged_and_ingested_when_spa
     );
     drop(app);
 }
+
+#[test]
+fn the_gateway_authenticates_with_a_user_name_and_a_password_from_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let passwd = tmp.path().join("passwd");
+    let out = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["gateway", "s3cret-pw"])
+        .output()
+        .expect("mosquitto_passwd is installed with mosquitto");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let broker = Mosquitto::start(
+        tmp.path(),
+        "allow_anonymous false",
+        &format!("password_file {}", passwd.display()),
+    );
+    let good = tmp.path().join("good-pw");
+    std::fs::write(&good, "s3cret-pw\n").unwrap();
+    let app = spawn_app(&format!(
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nusername = \"gateway\"\npassword_file = \"{}\"\n",
+        broker.port,
+        good.display()
+    ));
+    wait_mqtt_ready(&app);
+
+    let bad = tmp.path().join("bad-pw");
+    std::fs::write(&bad, "guess\n").unwrap();
+    let refused = spawn_app(&format!(
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nusername = \"gateway\"\npassword_file = \"{}\"\nclient_id = \"gateway-wrong-pw\"\n",
+        broker.port,
+        bad.display()
+    ));
+    wait_until(
+        "readyz reports the refused connection",
+        Duration::from_secs(10),
+        || {
+            let r = refused.get("/readyz");
+            r.status == 503 && r.body["checks"]["mqtt"]["ok"] == false
+        },
+    );
+    assert!(
+        !refused.get("/readyz").text.contains("s3cret")
+            && !refused.get("/readyz").text.contains("guess")
+    );
+}
