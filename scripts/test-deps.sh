@@ -31,12 +31,14 @@ need openssl || missing+=(openssl)
 need curl || missing+=(curl)                                     # the HTTPS test's client
 need mosquitto || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 need mosquitto_pub || missing+=(mosquitto-clients)
+need prometheus || missing+=(prometheus)                         # the observability tests: prometheus + promtool
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test-deps: installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  # Debian's postinst tries to start a mosquitto service; the tests start
-  # their own brokers, so a refused service start is fine.
+  # Debian's postinst tries to start the mosquitto and prometheus services;
+  # the tests start their own brokers and Prometheus, so a refused service
+  # start is fine.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" || {
     for p in "${missing[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || { echo "test-deps: $p failed to install" >&2; exit 1; }; done
   }

@@ -133,6 +133,7 @@ impl Application {
                 if let MqttMode::Embedded { addr, .. } = &settings.mqtt {
                     crate::broker::start_embedded(*addr, cfg.max_packet_bytes)?;
                 }
+                metrics.mqtt_enabled.set(1);
                 let status = Arc::new(MqttStatus::default());
                 let (c, r, st, m) = (cfg.clone(), router.clone(), status.clone(), metrics.clone());
                 tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls.is_some(), client_id = %cfg.client_id, "starting MQTT ingest");

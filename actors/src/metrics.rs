@@ -52,6 +52,8 @@ pub struct Metrics {
     pub sink_paused: IntGaugeVec,
     /// `gateway_e2e_latency_seconds{sink}`: receive → sink acknowledgement, per record.
     pub e2e_latency_seconds: HistogramVec,
+    /// `gateway_mqtt_enabled`: 1 when MQTT ingest is configured (`mqtt.url` not `off`).
+    pub mqtt_enabled: IntGauge,
     /// `gateway_mqtt_connected`: 1 while MQTT ingest is connected and subscribed.
     pub mqtt_connected: IntGauge,
     /// `gateway_mqtt_reconnects_total`: lost MQTT connections (each followed by a reconnect).
@@ -122,6 +124,10 @@ impl Metrics {
                     .buckets(exponential_buckets(0.001, 2.0, 20)?),
                 &["sink"],
             )?,
+            mqtt_enabled: IntGauge::new(
+                "gateway_mqtt_enabled",
+                "1 when MQTT ingest is configured (mqtt.url is not off).",
+            )?,
             mqtt_connected: IntGauge::new(
                 "gateway_mqtt_connected",
                 "1 while MQTT ingest is connected and subscribed.",
@@ -155,6 +161,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_circuit_open.clone()))?;
         registry.register(Box::new(m.sink_paused.clone()))?;
         registry.register(Box::new(m.e2e_latency_seconds.clone()))?;
+        registry.register(Box::new(m.mqtt_enabled.clone()))?;
         registry.register(Box::new(m.mqtt_connected.clone()))?;
         registry.register(Box::new(m.mqtt_reconnects.clone()))?;
         registry.register(Box::new(m.actor_restarts.clone()))?;
