@@ -269,32 +269,60 @@ impl Dispatcher {
             sink: self.cfg.sink.clone(),
             ranges: batch.ranges.clone(),
         };
-        ctx.spawn(self.wal.send(msg).into_actor(self).map(move |res, act, ctx| match res {
-            Ok(Ok(())) => {
-                let sink = act.cfg.sink.as_str();
-                let now = now_ms();
-                let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
-                for r in &batch.records {
-                    e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
-                }
-                act.metrics.sink_publish.with_label_values(&[sink, "ok"]).inc();
-                act.metrics.sink_records.with_label_values(&[sink, "ok"]).inc_by(batch.records.len() as u64);
-                tracing::debug!(sink, first_seq = batch.first_seq(), last_seq = batch.last_seq(), attempt, "batch delivered");
-                act.busy = false;
-                act.step(ctx);
-            }
-            other => {
-                let err = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(())) => String::new(),
-                };
-                // The batch was delivered; only its ack is missing. Acks are
-                // idempotent, so keep trying (a restart would redeliver it).
-                tracing::warn!(sink = %act.cfg.sink, error = %err, "cannot ack a delivered batch; retrying");
-                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.ack(batch, attempt, ctx));
-            }
-        }));
+        ctx.spawn(
+            self.wal
+                .send(msg)
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(Ok(())) => {
+                        let sink = act.cfg.sink.as_str();
+                        let now = now_ms();
+                        let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
+                        for r in &batch.records {
+                            e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
+                        }
+                        act.metrics
+                            .sink_publish
+                            .with_label_values(&[sink, "ok"])
+                            .inc();
+                        act.metrics
+                            .sink_records
+                            .with_label_values(&[sink, "ok"])
+                            .inc_by(batch.records.len() as u64);
+                        tracing::debug!(
+                            sink,
+                            first_seq = batch.first_seq(),
+                            last_seq = batch.last_seq(),
+                            attempt,
+                            "batch delivered"
+                        );
+                        act.busy = false;
+                        act.step(ctx);
+                    }
+                    other => {
+                        let err = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                            Ok(Ok(())) => String::new(),
+                        };
+                        // The batch was delivered; only the commit of its ack failed
+                        // (a full disk, say). The WAL has already applied the ack in
+                        // memory and writes it with its next successful commit; if the
+                        // WAL restarts first, the batch is delivered again (at least
+                        // once). Either way the sink goes on with the next batch, so a
+                        // full WAL disk does not stop delivery, which frees space.
+                        tracing::warn!(
+                            sink = %act.cfg.sink,
+                            first_seq = batch.first_seq(),
+                            last_seq = batch.last_seq(),
+                            error = %err,
+                            "ack of a delivered batch not persisted yet; continuing"
+                        );
+                        act.busy = false;
+                        ctx.run_later(Duration::from_millis(100), |act, ctx| act.step(ctx));
+                    }
+                }),
+        );
     }
 
     fn dead(&mut self, batch: Arc<Batch>, attempts: u32, error: String, ctx: &mut Context<Self>) {
