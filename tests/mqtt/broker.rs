@@ -234,10 +234,27 @@ impl Certs {
     }
 }
 
-/// `mosquitto_pub` with `args`; returns (success, stderr).
-pub fn mosquitto_pub(args: &[&str]) -> (bool, String) {
-    let out = Command::new("mosquitto_pub")
-        .args(args)
+/// `mosquitto_pub -h 127.0.0.1 -p PORT -q 1 -t TOPIC` plus `args`.
+fn mosquitto_pub_cmd(port: u16, topic: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("mosquitto_pub");
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+    ])
+    .args(args);
+    c
+}
+
+/// Publishes at QoS 1 to `topic` on the broker at `port` with the extra
+/// `args` (`-m …`, `-f …`, TLS, `-V mqttv5`); returns (success, stderr).
+pub fn mosquitto_pub(port: u16, topic: &str, args: &[&str]) -> (bool, String) {
+    let out = mosquitto_pub_cmd(port, topic, args)
         .output()
         .expect("mosquitto_pub is installed");
     (
@@ -250,19 +267,7 @@ pub fn mosquitto_pub(args: &[&str]) -> (bool, String) {
 /// `mosquitto_pub -l`; true when the broker acknowledged them all.
 pub fn publish_lines(port: u16, topic: &str, lines: &[String], extra: &[&str]) -> bool {
     use std::io::Write;
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-l",
-        ])
-        .args(extra)
+    let mut child = mosquitto_pub_cmd(port, topic, &[&["-l"], extra].concat())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

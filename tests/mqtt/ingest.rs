@@ -87,26 +87,21 @@ fn a_v5_traceparent_user_property_is_stored_with_the_record() {
     ));
     wait_mqtt_ready(&app);
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let port = broker.port.to_string();
-    let (ok, err) = mosquitto_pub(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-V",
-        "mqttv5",
-        "-q",
-        "1",
-        "-t",
+    let (ok, err) = mosquitto_pub(
+        broker.port,
         "devices/dev-1/telemetry",
-        "-D",
-        "publish",
-        "user-property",
-        "traceparent",
-        tp,
-        "-m",
-        &line("tp"),
-    ]);
+        &[
+            "-V",
+            "mqttv5",
+            "-D",
+            "publish",
+            "user-property",
+            "traceparent",
+            tp,
+            "-m",
+            &line("tp"),
+        ],
+    );
     assert!(ok, "{err}");
     wait_until("archived", Duration::from_secs(10), || {
         !archived_records(&app.archive_dir()).is_empty()
@@ -123,11 +118,8 @@ fn invalid_payloads_are_acked_counted_and_never_stored_and_protobuf_is_accepted(
         broker.port
     ));
     wait_mqtt_ready(&app);
-    let port = broker.port.to_string();
     let publish = |topic: &str, args: &[&str]| {
-        let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", topic];
-        all.extend_from_slice(args);
-        let (ok, err) = mosquitto_pub(&all);
+        let (ok, err) = mosquitto_pub(broker.port, topic, args);
         assert!(ok, "{err}");
     };
     let t = "devices/dev-1/telemetry";
@@ -268,7 +260,6 @@ fn mutual_tls_connects_the_gateway_refuses_clients_without_certificates_and_acls
         certs.path("gateway.key"),
     ));
     wait_mqtt_ready(&app);
-    let port = broker.port.to_string();
     let pub_as = |device: &str, topic_device: &str, msg: &str, with_cert: bool| {
         let (ca, crt, key) = (
             certs.path("ca.crt"),
@@ -277,26 +268,11 @@ fn mutual_tls_connects_the_gateway_refuses_clients_without_certificates_and_acls
         );
         let topic = format!("devices/{topic_device}/telemetry");
         let payload = line(msg);
-        let mut args = vec![
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "1",
-            "-V",
-            "mqttv5",
-            "--cafile",
-            &ca,
-            "-t",
-            &topic,
-            "-m",
-            &payload,
-        ];
+        let mut args = vec!["-V", "mqttv5", "--cafile", &ca, "-m", &payload];
         if with_cert {
             args.extend_from_slice(&["--cert", &crt, "--key", &key]);
         }
-        mosquitto_pub(&args)
+        mosquitto_pub(broker.port, &topic, &args)
     };
     let (ok, err) = pub_as("device-1", "device-1", "own", true);
     assert!(ok, "device-1 publishing as itself: {err}");
@@ -326,18 +302,7 @@ fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive
         "[mqtt]\nurl = \"embedded\"\nembedded_addr = \"127.0.0.1:{port}\"\n"
     ));
     wait_mqtt_ready(&app);
-    let (ok, err) = mosquitto_pub(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        "devices/dev-9/telemetry",
-        "-m",
-        &line("e1"),
-    ]);
+    let (ok, err) = mosquitto_pub(port, "devices/dev-9/telemetry", &["-m", &line("e1")]);
     assert!(ok, "{err}");
     wait_until("archived", Duration::from_secs(10), || {
         keys(&app.archive_dir()).contains("dev-9:e1")
