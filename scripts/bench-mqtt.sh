@@ -72,8 +72,9 @@ TOTAL=$(( PUBLISHERS * PER_PUB ))
 RECEIVE_MAX=1000   # the gateway's default mqtt.receive_maximum (config/default.toml)
 NOISY_PCT=20       # "other" CPU (not this benchmark) above this % of a core marks a run as noisy
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'bench-mqtt: error: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bench-mqtt
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 case "$PUBLISHERS" in ''|*[!0-9]*) die "BENCH_MQTT_PUBLISHERS must be a number" ;; esac
 case "$PER_PUB" in ''|*[!0-9]*) die "BENCH_MQTT_RECORDS must be a number" ;; esac
@@ -88,18 +89,6 @@ BROKER_PID=""
 SUB_PID=""
 PUB_PIDS=()
 WORK=""
-stop_pid() { # stop_pid PID SECONDS: TERM, wait up to SECONDS, then KILL
-    local pid="$1" secs="$2" i
-    [ -n "$pid" ] || return 0
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < secs * 10; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid did not stop within ${secs}s of SIGTERM: killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     local rc=$? p
     trap - EXIT INT TERM
@@ -107,13 +96,7 @@ cleanup() {
     stop_pid "$SUB_PID" 2
     stop_pid "$GW_PID" 15
     stop_pid "$BROKER_PID" 5
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        if [ "${BENCH_KEEP:-0}" = 1 ]; then
-            log "kept $WORK"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
+    remove_work "$WORK"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -170,12 +153,9 @@ done
 MSG_BYTES="$(awk '{ s += length($0) } END { printf "%.0f", s / NR }' "$WORK/dev-1.jsonl")"
 
 # ------------------------------------------------------------------ helpers
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 random_port() { echo $(( 20000 + (RANDOM * 32768 + RANDOM) % 30000 )); }
 now_ns() { date +%s%N; }
 
-# machine_ticks: "busy total" jiffies over all CPUs.
-machine_ticks() { awk '/^cpu / {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
 # proc_ticks PID: utime+stime of the whole process.
 proc_ticks() {
     local s
@@ -184,18 +164,6 @@ proc_ticks() {
     # shellcheck disable=SC2086
     set -- $s
     echo $(( ${12} + ${13} ))
-}
-# thread_ticks PID: "tid name ticks" per thread.
-thread_ticks() {
-    local t stat comm
-    for t in /proc/"$1"/task/*; do
-        stat="$(cat "$t/stat" 2>/dev/null)" || continue
-        comm="$(tr ' |' '_/' <"$t/comm" 2>/dev/null)" || continue
-        stat="${stat##*) }"
-        # shellcheck disable=SC2086
-        set -- $stat
-        echo "${t##*/} $comm $(( ${12} + ${13} ))"
-    done
 }
 # metric FILE NAME [LABEL=VALUE ...]: sum of the samples of NAME carrying every given label.
 metric() {

@@ -4,6 +4,9 @@
 # S3 (moto) and Kafka (tansu) — with the process RSS sampled during the drain.
 # Appends a section to bench/results/latest.md.
 set -euo pipefail
+BENCH_NAME=bench-sinks
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,13 +16,13 @@ OUT="bench/results/latest.md"
 TMP="$(mktemp -d "$ROOT/target/bench-sinks.XXXXXX")"
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  rm -rf "$TMP"
+  for p in "${PIDS[@]:-}"; do stop_pid "$p" 5; done
+  remove_work "$TMP"
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+wait_port() { for _ in $(seq 1 200); do port_in_use "$1" && return 0; sleep 0.1; done; die "port $1 never opened"; }
 
 cargo build --release -p gateway-actors --example drain_bench
 BIN="$ROOT/target/release/examples/drain_bench"

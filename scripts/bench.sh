@@ -42,26 +42,16 @@ case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 RESULTS_DIR="$ROOT/bench/results"
 RESULTS="$RESULTS_DIR/latest.md"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bench
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 GW_PID=""
 WORK=""
 cleanup() {
     local rc=$?
-    if [ -n "$GW_PID" ] && kill -0 "$GW_PID" 2>/dev/null; then
-        kill -TERM "$GW_PID" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$GW_PID" 2>/dev/null || true
-        wait "$GW_PID" 2>/dev/null || true
-    fi
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        if [ "${BENCH_KEEP:-0}" = 1 ]; then
-            log "kept $WORK"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
+    stop_pid "$GW_PID" 10
+    remove_work "$WORK"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -136,7 +126,6 @@ GW_LOG="$WORK/gateway.log"
 
 # A free loopback port: probe a random one (nothing answers), start the
 # gateway on it, and try another if the bind lost a race.
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 start_gateway() {
     GATEWAY_LOG_LEVEL="$LOG_LEVEL" GATEWAY_INGEST_RATE_LIMIT_PER_DEVICE=0 \
         "$GATEWAY_BIN" run --data-dir "$GW_DATA" --http-addr "127.0.0.1:$1" >"$GW_LOG" 2>&1 &
@@ -167,21 +156,9 @@ done
 log "gateway pid $GW_PID ready on $BASE"
 
 # CPU accounting: whole machine (/proc/stat) and the gateway per thread.
-machine_ticks() { awk '/^cpu / {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
-thread_ticks() {
-    local t stat comm
-    for t in /proc/"$GW_PID"/task/*; do
-        stat="$(cat "$t/stat" 2>/dev/null)" || continue
-        comm="$(tr ' |' '_/' <"$t/comm" 2>/dev/null)" || continue
-        stat="${stat##*) }"
-        # shellcheck disable=SC2086
-        set -- $stat
-        echo "${t##*/} $comm $(( ${12} + ${13} ))"
-    done
-}
 RSS_IDLE="$(awk '/^VmRSS/ {print $2 " " $3}' /proc/"$GW_PID"/status)"
 read -r M_BUSY0 M_ALL0 < <(machine_ticks)
-thread_ticks >"$WORK/threads0.txt"
+thread_ticks "$GW_PID" >"$WORK/threads0.txt"
 
 RUN_ID="r$(date +%s)"
 log "wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION ($DEVICES devices, unique msg_id per request)"
@@ -189,7 +166,7 @@ wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --timeout 10s --latency \
     -s "$ROOT/bench/ingest.lua" "$BASE" -- "$RUN_ID" "$DEVICES" | tee "$WORK/wrk.txt"
 
 read -r M_BUSY1 M_ALL1 < <(machine_ticks)
-thread_ticks >"$WORK/threads1.txt"
+thread_ticks "$GW_PID" >"$WORK/threads1.txt"
 sleep 1
 curl -sf "$BASE/metrics" >"$WORK/metrics.txt" || die "cannot read $BASE/metrics"
 VM_HWM="$(awk '/^VmHWM/ {print $2 " " $3}' /proc/"$GW_PID"/status)"

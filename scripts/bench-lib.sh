@@ -1,0 +1,43 @@
+# Shell helpers shared by the benchmark scripts (sourced, not run).
+# Set BENCH_NAME before sourcing; it prefixes error messages.
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf '%s: error: %s\n' "${BENCH_NAME:-bench}" "$*" >&2; exit 1; }
+
+# stop_pid PID SECONDS: TERM, wait up to SECONDS, then KILL.
+stop_pid() {
+    local pid="$1" secs="$2" i
+    [ -n "$pid" ] || return 0
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid $pid did not stop within ${secs}s of SIGTERM: killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# remove_work DIR: deletes the scratch directory unless BENCH_KEEP=1.
+remove_work() {
+    [ -n "$1" ] && [ -d "$1" ] || return 0
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then log "kept $1"; else rm -rf "$1"; fi
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# machine_ticks: "busy total" jiffies of the whole machine.
+machine_ticks() { awk '/^cpu / {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
+
+# thread_ticks PID: "tid name ticks" per thread.
+thread_ticks() {
+    local t stat comm
+    for t in /proc/"$1"/task/*; do
+        stat="$(cat "$t/stat" 2>/dev/null)" || continue
+        comm="$(tr ' |' '_/' <"$t/comm" 2>/dev/null)" || continue
+        stat="${stat##*) }"
+        # shellcheck disable=SC2086
+        set -- $stat
+        echo "${t##*/} $comm $(( ${12} + ${13} ))"
+    done
+}
