@@ -9,6 +9,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::ranges::RangeSet;
 
+#[path = "admin.rs"]
+mod admin;
+pub use admin::{
+    count_dead, for_each_dead, list_dead, CheckReport, DeadLetter, DlqFilter, Problem,
+    ReplayOutcome,
+};
+
 const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records(
@@ -46,6 +53,9 @@ pub enum WalError {
     /// The named sink is not configured.
     #[error("unknown sink {0:?}")]
     UnknownSink(String),
+    /// An operator request makes no sense (e.g. an empty time range).
+    #[error("invalid request: {0}")]
+    Invalid(String),
     /// The WAL thread is gone (it is being restarted).
     #[error("WAL unavailable: {0}")]
     Unavailable(String),
@@ -241,7 +251,7 @@ pub struct WalStats {
     pub sinks: BTreeMap<String, SinkStats>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct SinkState {
     cursor: u64,
     done: RangeSet,
@@ -347,35 +357,7 @@ impl Wal {
 
         let mut sinks = BTreeMap::new();
         for name in &cfg.sinks {
-            let cursor: Option<u64> = conn
-                .query_row("SELECT cursor FROM sinks WHERE name = ?1", [name], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let mut st = SinkState::default();
-            match cursor {
-                Some(c) => st.cursor = c,
-                None => {
-                    // A new sink starts at the head (documented in the module doc).
-                    st.cursor = head;
-                    conn.execute(
-                        "INSERT INTO sinks(name, cursor) VALUES(?1, ?2)",
-                        params![name, head],
-                    )?;
-                }
-            }
-            let mut q = conn.prepare("SELECT first, last FROM sink_done WHERE sink = ?1")?;
-            let rows = q.query_map([name], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
-            for row in rows {
-                let (a, b) = row?;
-                st.done.insert(a, b);
-            }
-            st.done.remove_upto(st.cursor);
-            st.dead_count =
-                conn.query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| {
-                    r.get(0)
-                })?;
-            sinks.insert(name.clone(), st);
+            sinks.insert(name.clone(), load_sink(&conn, name, head)?);
         }
 
         let mut wal = Self {
@@ -542,17 +524,7 @@ impl Wal {
             }
             for (name, st) in &self.sinks {
                 if st.dirty {
-                    tx.execute(
-                        "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
-                        params![name, st.cursor],
-                    )?;
-                    tx.execute("DELETE FROM sink_done WHERE sink = ?1", [name])?;
-                    for &(a, b) in st.done.ranges() {
-                        tx.execute(
-                            "INSERT INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)",
-                            params![name, a, b],
-                        )?;
-                    }
+                    persist_sink(&tx, name, st)?;
                 }
             }
         }
@@ -922,6 +894,58 @@ impl Wal {
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
+}
+
+/// Reads one sink's delivery state; a sink without a row starts at `head`
+/// (documented in the module doc) and gets its row.
+fn load_sink(conn: &Connection, name: &str, head: u64) -> Result<SinkState, WalError> {
+    let cursor: Option<u64> = conn
+        .query_row("SELECT cursor FROM sinks WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let mut st = SinkState::default();
+    match cursor {
+        Some(c) => st.cursor = c,
+        None => {
+            st.cursor = head;
+            conn.execute(
+                "INSERT INTO sinks(name, cursor) VALUES(?1, ?2)",
+                params![name, head],
+            )?;
+        }
+    }
+    let mut q = conn.prepare("SELECT first, last FROM sink_done WHERE sink = ?1")?;
+    let rows = q.query_map([name], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
+    for row in rows {
+        let (a, b) = row?;
+        if a <= b {
+            st.done.insert(a, b);
+        }
+    }
+    st.done.remove_upto(st.cursor);
+    while let Some(end) = st.done.pop_contiguous(st.cursor + 1) {
+        st.cursor = st.cursor.max(end);
+    }
+    st.dead_count = conn.query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| {
+        r.get(0)
+    })?;
+    Ok(st)
+}
+
+/// Stores one sink's cursor and done ranges as they are in memory.
+fn persist_sink(conn: &Connection, name: &str, st: &SinkState) -> Result<(), WalError> {
+    conn.execute(
+        "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+        params![name, st.cursor],
+    )?;
+    conn.execute("DELETE FROM sink_done WHERE sink = ?1", [name])?;
+    let mut ins =
+        conn.prepare_cached("INSERT INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)")?;
+    for &(a, b) in st.done.ranges() {
+        ins.execute(params![name, a, b])?;
+    }
+    Ok(())
 }
 
 fn wal_file_size(db: &Path) -> u64 {

@@ -76,16 +76,19 @@
 
 mod engine;
 mod ranges;
+mod reader;
 mod store;
 
 pub use engine::{
-    now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, NewRecord, SinkStats,
+    count_dead, for_each_dead, list_dead, now_ms, splice_record, AppendOutcome, BackpressurePolicy,
+    Batch, CheckReport, DeadLetter, DlqFilter, NewRecord, Problem, ReplayOutcome, SinkStats,
     StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
 };
 pub use ranges::RangeSet;
+pub use reader::WalReader;
 #[cfg(feature = "fault-injection")]
 pub use store::InjectWriterPanic;
 pub use store::{
     AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch, ReleaseSink,
-    WalHealth, WalStore,
+    WalHealth, WalStore, WithWal,
 };

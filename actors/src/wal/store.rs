@@ -6,7 +6,7 @@
 //! transaction, one fsync) before it answers.
 //!
 //! Handles: [`AppendRecords`], [`FetchBatch`], [`AckBatch`], [`ReleaseBatch`],
-//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`]. Sends nothing.
+//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`], [`WithWal`]. Sends nothing.
 //!
 //! Restart policy: supervised. If the writer thread dies (a panic, a lost
 //! database handle) the next message notices, the actor stops itself, and the
@@ -68,6 +68,7 @@ enum Request {
     Release(ReleaseBatch, oneshot::Sender<Result<(), WalError>>),
     ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
     Stats(oneshot::Sender<Result<WalStats, WalError>>),
+    Exec(Box<dyn FnOnce(&mut Wal) + Send>),
     #[cfg(feature = "fault-injection")]
     Panic,
 }
@@ -357,6 +358,32 @@ impl Handler<GetWalStats> for WalStore {
     }
 }
 
+/// Runs an operator action ([`Wal::requeue`], [`Wal::check`], …) on the
+/// writer thread, between group commits, so it sees and updates the same
+/// in-memory delivery state the dispatchers use.
+pub struct WithWal<R>(Box<dyn FnOnce(&mut Wal) -> Result<R, WalError> + Send>);
+
+impl<R> WithWal<R> {
+    /// Wraps `f`.
+    pub fn new(f: impl FnOnce(&mut Wal) -> Result<R, WalError> + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+impl<R: Send + 'static> Message for WithWal<R> {
+    type Result = Result<R, WalError>;
+}
+impl<R: Send + 'static> Handler<WithWal<R>> for WalStore {
+    type Result = ResponseFuture<Result<R, WalError>>;
+    fn handle(&mut self, msg: WithWal<R>, ctx: &mut Context<Self>) -> Self::Result {
+        let f = msg.0;
+        self.submit(ctx, move |tx| {
+            Request::Exec(Box::new(move |wal: &mut Wal| {
+                let _ = tx.send(f(wal));
+            }))
+        })
+    }
+}
+
 fn writer_loop(
     mut wal: Wal,
     rx: mpsc::Receiver<Request>,
@@ -474,6 +501,7 @@ fn serve_read(wal: &mut Wal, r: Request) {
         Request::Stats(tx) => {
             let _ = tx.send(wal.stats());
         }
+        Request::Exec(f) => f(wal),
         Request::Write(..) => {}
         #[cfg(feature = "fault-injection")]
         Request::Panic => panic!("injected WAL writer failure"),

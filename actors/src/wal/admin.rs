@@ -1,0 +1,834 @@
+//! Operator actions on the WAL: dead letters (list, export, requeue,
+//! purge), replay of retained records to one sink, the consistency check
+//! and on-demand compaction.
+//!
+//! Requeue and replay make finished records Enqueued again for one sink. The
+//! per-sink state stays "cursor + done ranges": the cursor moves down to the
+//! lowest reopened seq and everything between it and the old cursor that
+//! stays finished becomes a done range. A sink that then delivers in order
+//! merges the ranges back into its cursor. Reopened records are never
+//! compacted (compaction stops at the lowest cursor).
+//!
+//! Readers ([`list_dead`], [`for_each_dead`], [`count_dead`]) take any
+//! connection, so the admin API and the CLI read through a pool of read-only
+//! connections (`WalReader`) without holding up the writer thread.
+
+use std::collections::BTreeMap;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{load_sink, persist_sink, splice_record, RangeSet, SinkState, Wal, WalError};
+
+/// Which dead letters an action applies to. Every field is optional; all
+/// given ones must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqFilter {
+    /// Dead letters of this sink only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
+    /// Of this device only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Dead-lettered at or after this time (epoch ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<i64>,
+    /// Dead-lettered before this time (epoch ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
+    /// The error text contains this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Seq strictly above this (paging; exact when `sink` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
+    /// At most this many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+impl DlqFilter {
+    /// The SQL condition (over `dead d JOIN records r`) and its parameters.
+    fn condition(&self) -> (String, Vec<SqlValue>) {
+        let mut sql = String::from("1 = 1");
+        let mut args = Vec::new();
+        if let Some(s) = &self.sink {
+            sql.push_str(" AND d.sink = ?");
+            args.push(SqlValue::Text(s.clone()));
+        }
+        if let Some(d) = &self.device {
+            sql.push_str(" AND r.device_id = ?");
+            args.push(SqlValue::Text(d.clone()));
+        }
+        if let Some(t) = self.since_ms {
+            sql.push_str(" AND d.dead_ms >= ?");
+            args.push(SqlValue::Integer(t));
+        }
+        if let Some(t) = self.until_ms {
+            sql.push_str(" AND d.dead_ms < ?");
+            args.push(SqlValue::Integer(t));
+        }
+        if let Some(e) = &self.error {
+            sql.push_str(" AND instr(d.error, ?) > 0");
+            args.push(SqlValue::Text(e.clone()));
+        }
+        if let Some(s) = self.after_seq {
+            sql.push_str(" AND d.seq > ?");
+            args.push(SqlValue::Integer(s.min(i64::MAX as u64) as i64));
+        }
+        (sql, args)
+    }
+
+    fn limit_sql(&self) -> String {
+        match self.limit {
+            Some(n) => format!(" LIMIT {}", n.min(i64::MAX as u64)),
+            None => String::new(),
+        }
+    }
+}
+
+/// One dead letter with its record, as listed and exported (one NDJSON line).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The sink that gave up.
+    pub sink: String,
+    /// The record's seq.
+    pub seq: u64,
+    /// The record's device.
+    pub device_id: String,
+    /// Correlation id of the request that carried the record.
+    pub correlation_id: String,
+    /// When the gateway received the record (epoch ms).
+    pub receive_ms: i64,
+    /// When it was dead-lettered (epoch ms).
+    pub dead_ms: i64,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+    /// The canonical record, exactly as the sink would receive it.
+    pub record: Box<RawValue>,
+}
+
+const DEAD_COLUMNS: &str = "d.sink, d.seq, d.attempts, d.error, d.dead_ms, r.device_id, r.correlation_id, r.receive_ms, r.body";
+
+fn dead_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    let seq: u64 = row.get(1)?;
+    let body: String = row.get(8)?;
+    let json = splice_record(seq, &body);
+    let record = RawValue::from_string(json).unwrap_or_else(|_| {
+        // A damaged body (see `wal check`) is exported as a JSON string.
+        serde_json::value::to_raw_value(&body).expect("a string serialises")
+    });
+    Ok(DeadLetter {
+        sink: row.get(0)?,
+        seq,
+        attempts: row.get(2)?,
+        error: row.get(3)?,
+        dead_ms: row.get(4)?,
+        device_id: row.get(5)?,
+        correlation_id: row.get(6)?,
+        receive_ms: row.get(7)?,
+        record,
+    })
+}
+
+/// How many dead letters match `f` (its `limit` ignored).
+pub fn count_dead(conn: &Connection, f: &DlqFilter) -> Result<u64, WalError> {
+    let (cond, args) = f.condition();
+    let sql = format!("SELECT COUNT(*) FROM dead d JOIN records r ON r.seq = d.seq WHERE {cond}");
+    Ok(conn.query_row(&sql, params_from_iter(args), |r| r.get(0))?)
+}
+
+/// Calls `each` for every dead letter matching `f`, in seq order, streaming
+/// (memory does not grow with the number of dead letters).
+pub fn for_each_dead<E: From<WalError>>(
+    conn: &Connection,
+    f: &DlqFilter,
+    mut each: impl FnMut(DeadLetter) -> Result<(), E>,
+) -> Result<(), E> {
+    let (cond, args) = f.condition();
+    let sql = format!(
+        "SELECT {DEAD_COLUMNS} FROM dead d JOIN records r ON r.seq = d.seq WHERE {cond} ORDER BY d.seq, d.sink{}",
+        f.limit_sql()
+    );
+    let mut stmt = conn.prepare(&sql).map_err(WalError::from)?;
+    let rows = stmt
+        .query_map(params_from_iter(args), dead_letter)
+        .map_err(WalError::from)?;
+    for row in rows {
+        each(row.map_err(WalError::from)?)?;
+    }
+    Ok(())
+}
+
+/// The dead letters matching `f`, in seq order.
+pub fn list_dead(conn: &Connection, f: &DlqFilter) -> Result<Vec<DeadLetter>, WalError> {
+    let mut out = Vec::new();
+    for_each_dead::<WalError>(conn, f, |d| {
+        out.push(d);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayOutcome {
+    /// The sink.
+    pub sink: String,
+    /// Retained records received in the time range (dead letters of the
+    /// sink excluded: requeue those).
+    pub matched: u64,
+    /// Of those, records the sink had finished and will now receive again.
+    pub replayed: u64,
+    /// Of those, records still pending for the sink (delivered anyway).
+    pub already_pending: u64,
+}
+
+/// One finding of [`Wal::check`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Machine-readable kind, e.g. `integrity`, `orphaned_dead_letter`.
+    pub kind: String,
+    /// What is wrong and what it means for delivery.
+    pub detail: String,
+    /// The check can repair it (`repair = true`).
+    pub repairable: bool,
+    /// It was repaired by this run.
+    pub repaired: bool,
+}
+
+/// The result of a consistency check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// No problem found (or every problem found was repaired).
+    pub ok: bool,
+    /// Records stored.
+    pub records: u64,
+    /// Dead letters stored.
+    pub dead_letters: u64,
+    /// The findings.
+    pub problems: Vec<Problem>,
+}
+
+impl CheckReport {
+    fn add(&mut self, kind: &str, detail: String, repairable: bool, repaired: bool) {
+        self.problems.push(Problem {
+            kind: kind.into(),
+            detail,
+            repairable,
+            repaired,
+        });
+    }
+}
+
+impl SinkState {
+    /// Makes the finished records in `set` Enqueued again (see the module doc).
+    fn reopen(&mut self, set: &RangeSet) {
+        let Some(&(lo, _)) = set.ranges().first() else {
+            return;
+        };
+        if lo <= self.cursor {
+            self.done.insert(lo, self.cursor);
+            self.cursor = lo - 1;
+        }
+        self.done = self.done.difference(set);
+        while let Some(end) = self.done.pop_contiguous(self.cursor + 1) {
+            self.cursor = self.cursor.max(end);
+        }
+    }
+
+    /// The seqs in `1..=head` this sink has not finished.
+    fn unfinished(&self, head: u64) -> RangeSet {
+        if head <= self.cursor {
+            return RangeSet::new();
+        }
+        let mut all = RangeSet::new();
+        all.insert(self.cursor + 1, head);
+        all.difference(&self.done)
+    }
+}
+
+impl Wal {
+    /// The engine's connection, for read-only queries by tools.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Seqs of the dead letters matching `f`, by sink (configured sinks only).
+    fn matching_dead(&self, f: &DlqFilter) -> Result<BTreeMap<String, Vec<u64>>, WalError> {
+        if let Some(s) = &f.sink {
+            if !self.sinks.contains_key(s) {
+                return Err(WalError::UnknownSink(s.clone()));
+            }
+        }
+        let (cond, args) = f.condition();
+        let sql = format!(
+            "SELECT d.sink, d.seq FROM dead d JOIN records r ON r.seq = d.seq WHERE {cond} ORDER BY d.sink, d.seq{}",
+            f.limit_sql()
+        );
+        let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?))
+        })?;
+        for row in rows {
+            let (sink, seq) = row?;
+            if self.sinks.contains_key(&sink) {
+                out.entry(sink).or_default().push(seq);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the dead rows of `seqs` for `sink`; returns how many went.
+    fn delete_dead(conn: &Connection, sink: &str, seqs: &RangeSet) -> Result<u64, WalError> {
+        let mut del =
+            conn.prepare_cached("DELETE FROM dead WHERE sink = ?1 AND seq BETWEEN ?2 AND ?3")?;
+        let mut n = 0;
+        for &(a, b) in seqs.ranges() {
+            n += del.execute(params![sink, a, b])? as u64;
+        }
+        Ok(n)
+    }
+
+    /// Puts the dead letters matching `f` back in their sink's queue: they
+    /// are delivered again and leave the dead-letter table. Returns how many.
+    pub fn requeue(&mut self, f: &DlqFilter) -> Result<u64, WalError> {
+        let matched = self.matching_dead(f)?;
+        let tx = self.conn.transaction()?;
+        let mut updated = Vec::new();
+        let mut total = 0;
+        for (sink, seqs) in matched {
+            let set = RangeSet::from_sorted(seqs);
+            let n = Self::delete_dead(&tx, &sink, &set)?;
+            let mut st = self.sinks[&sink].clone();
+            st.reopen(&set);
+            st.dead_count = st.dead_count.saturating_sub(n);
+            persist_sink(&tx, &sink, &st)?;
+            total += n;
+            updated.push((sink, st));
+        }
+        tx.commit()?;
+        for (sink, mut st) in updated {
+            st.dirty = false;
+            self.sinks.insert(sink, st);
+        }
+        Ok(total)
+    }
+
+    /// Deletes the dead letters matching `f` for good (the records stay
+    /// finished for their sink). Returns how many.
+    pub fn purge(&mut self, f: &DlqFilter) -> Result<u64, WalError> {
+        let matched = self.matching_dead(f)?;
+        let tx = self.conn.transaction()?;
+        let mut counts = Vec::new();
+        let mut total = 0;
+        for (sink, seqs) in matched {
+            let n = Self::delete_dead(&tx, &sink, &RangeSet::from_sorted(seqs))?;
+            total += n;
+            counts.push((sink, n));
+        }
+        tx.commit()?;
+        for (sink, n) in counts {
+            if let Some(st) = self.sinks.get_mut(&sink) {
+                st.dead_count = st.dead_count.saturating_sub(n);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Delivers the retained records received in `[since_ms, until_ms)` to
+    /// `sink` again (only to that sink). The sink's own dead letters are
+    /// left to `requeue`.
+    pub fn replay(
+        &mut self,
+        sink: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<ReplayOutcome, WalError> {
+        if since_ms >= until_ms {
+            return Err(WalError::Invalid(format!(
+                "empty time range: since {since_ms} is not before until {until_ms}"
+            )));
+        }
+        let head = self.head();
+        let st = self
+            .sinks
+            .get(sink)
+            .ok_or_else(|| WalError::UnknownSink(sink.to_string()))?;
+        let seqs: Vec<u64> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT r.seq FROM records r WHERE r.receive_ms >= ?1 AND r.receive_ms < ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM dead d WHERE d.sink = ?3 AND d.seq = r.seq) ORDER BY r.seq",
+            )?;
+            let rows = stmt.query_map(params![since_ms, until_ms, sink], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let matched = RangeSet::from_sorted(seqs);
+        let finished = matched.difference(&st.unfinished(head));
+        let mut st = st.clone();
+        st.reopen(&finished);
+        let tx = self.conn.transaction()?;
+        persist_sink(&tx, sink, &st)?;
+        tx.commit()?;
+        st.dirty = false;
+        self.sinks.insert(sink.to_string(), st);
+        let (m, r) = (matched.len(), finished.len());
+        Ok(ReplayOutcome {
+            sink: sink.to_string(),
+            matched: m,
+            replayed: r,
+            already_pending: m - r,
+        })
+    }
+
+    /// Compacts everything that is past retention and finished by every
+    /// sink now, and truncates SQLite's `-wal` file. Returns (compacted, dropped).
+    pub fn compact_now(&mut self) -> Result<(u64, u64), WalError> {
+        let (mut compacted, mut dropped) = (0, 0);
+        loop {
+            let (c, d) = self.compact(super::now_ms(), 50_000)?;
+            compacted += c;
+            dropped += d;
+            if c + d == 0 {
+                break;
+            }
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.refresh_space()?;
+        Ok((compacted, dropped))
+    }
+
+    /// Bytes of records each sink has not finished (an upper bound: records
+    /// finished out of order above the cursor are counted too).
+    pub fn pending_bytes(&self) -> Result<BTreeMap<String, u64>, WalError> {
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM records WHERE seq > ?1")?;
+        let mut out = BTreeMap::new();
+        for (name, st) in &self.sinks {
+            out.insert(name.clone(), q.query_row([st.cursor], |r| r.get(0))?);
+        }
+        Ok(out)
+    }
+
+    /// Checks the WAL: SQLite's own integrity, the schema, every sink's
+    /// stored state against the records, and the dead letters. With
+    /// `repair`, fixes what can be fixed without losing or re-ordering
+    /// anything acknowledged.
+    pub fn check(&mut self, repair: bool) -> Result<CheckReport, WalError> {
+        let mut rep = CheckReport::default();
+        // Whatever memory holds that the disk does not yet, store first.
+        {
+            let tx = self.conn.transaction()?;
+            for (name, st) in &self.sinks {
+                if st.dirty {
+                    persist_sink(&tx, name, st)?;
+                }
+            }
+            tx.commit()?;
+            self.sinks.values_mut().for_each(|s| s.dirty = false);
+        }
+
+        let integrity: Vec<String> = {
+            let mut stmt = self.conn.prepare("PRAGMA integrity_check(20)")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if integrity != ["ok"] {
+            rep.add(
+                "integrity",
+                format!(
+                    "SQLite integrity check failed (the file is damaged; restore from a copy or \
+                     export what is readable with `gateway dlq export`): {}",
+                    integrity.join("; ")
+                ),
+                false,
+                false,
+            );
+        }
+        let version: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if version != Some(super::SCHEMA_VERSION) {
+            rep.add(
+                "schema_version",
+                format!(
+                    "schema version is {version:?}, this gateway writes {}",
+                    super::SCHEMA_VERSION
+                ),
+                false,
+                false,
+            );
+        }
+
+        rep.records = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
+        rep.dead_letters = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM dead", [], |r| r.get(0))?;
+        let max_seq: u64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+                    r.get(0)
+                })?;
+        let floor: u64 = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'seq_floor'", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        let top = max_seq.max(floor);
+
+        // Records whose stored body is not a JSON object.
+        let bad: Vec<u64> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT seq FROM records WHERE json_valid(body) = 0 OR substr(body, 1, 1) <> '{' ORDER BY seq LIMIT 20",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if !bad.is_empty() {
+            let n: u64 = self.conn.query_row(
+                "SELECT COUNT(*) FROM records WHERE json_valid(body) = 0 OR substr(body, 1, 1) <> '{'",
+                [],
+                |r| r.get(0),
+            )?;
+            rep.add(
+                "bad_record",
+                format!(
+                    "{n} record(s) hold a body that is not a JSON object (first seqs {bad:?}); \
+                     sinks will receive them as stored. Inspect them, then dead-letter or purge by hand"
+                ),
+                false,
+                false,
+            );
+        }
+
+        // Stored sink state.
+        let stored: Vec<(String, u64)> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name, cursor FROM sinks ORDER BY name")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut fix_floor = None;
+        for (name, cursor) in &stored {
+            if !self.sinks.contains_key(name) {
+                rep.add(
+                    "orphaned_sink",
+                    format!(
+                        "sink {name:?} has stored state (cursor {cursor}) but is not configured; \
+                         its dead letters stay listable. Left alone: the sink may be configured again"
+                    ),
+                    false,
+                    false,
+                );
+            }
+            if *cursor > top {
+                rep.add(
+                    "cursor_ahead",
+                    format!(
+                        "sink {name:?} cursor {cursor} is above the highest seq {top}: new records \
+                         up to it would count as delivered. Repair raises the seq floor above it"
+                    ),
+                    true,
+                    repair,
+                );
+                fix_floor = Some(fix_floor.unwrap_or(0).max(*cursor));
+            }
+        }
+        let bad_ranges: Vec<(String, u64, u64)> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT d.sink, d.first, d.last FROM sink_done d JOIN sinks s ON s.name = d.sink \
+                 WHERE d.first > d.last OR d.first <= s.cursor OR d.last > ?1 \
+                 OR EXISTS (SELECT 1 FROM sink_done o WHERE o.sink = d.sink AND o.first < d.first AND o.last >= d.first)",
+            )?;
+            let rows = stmt.query_map([top.max(fix_floor.unwrap_or(0))], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (sink, a, b) in &bad_ranges {
+            rep.add(
+                "done_range_invalid",
+                format!(
+                    "sink {sink:?} has a finished range {a}..={b} that is inverted, at or below its \
+                     cursor, beyond the last seq or overlapping another. Repair rewrites the ranges normalised"
+                ),
+                true,
+                repair,
+            );
+        }
+
+        let orphan_dead: Vec<(String, u64)> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT sink, seq FROM dead d WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.seq = d.seq) ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if !orphan_dead.is_empty() {
+            rep.add(
+                "orphaned_dead_letter",
+                format!(
+                    "{} dead letter(s) point at records that no longer exist (first: {:?}); they can \
+                     never be requeued. Repair deletes them",
+                    orphan_dead.len(),
+                    &orphan_dead[..orphan_dead.len().min(5)]
+                ),
+                true,
+                repair,
+            );
+        }
+
+        // Dead letters that their sink has not finished: they would be
+        // delivered again while still listed as dead.
+        let mut unfinished_dead: Vec<(String, u64)> = Vec::new();
+        for (name, st) in &self.sinks {
+            let open = st.unfinished(top);
+            if open.is_empty() {
+                continue;
+            }
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT seq FROM dead WHERE sink = ?1 AND seq > ?2 ORDER BY seq")?;
+            let rows = stmt.query_map(params![name, st.cursor], |r| r.get::<_, u64>(0))?;
+            for seq in rows {
+                let seq = seq?;
+                if open.contains(seq) && !st.inflight.contains(seq) {
+                    unfinished_dead.push((name.clone(), seq));
+                }
+            }
+        }
+        if !unfinished_dead.is_empty() {
+            rep.add(
+                "dead_not_finished",
+                format!(
+                    "{} dead letter(s) are still queued for their sink (first: {:?}). Repair marks \
+                     them finished, so they stay dead letters until requeued",
+                    unfinished_dead.len(),
+                    &unfinished_dead[..unfinished_dead.len().min(5)]
+                ),
+                true,
+                repair,
+            );
+        }
+
+        if repair && rep.problems.iter().any(|p| p.repairable) {
+            let tx = self.conn.transaction()?;
+            if let Some(f) = fix_floor {
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
+                    [f],
+                )?;
+            }
+            for (sink, seq) in &orphan_dead {
+                tx.execute(
+                    "DELETE FROM dead WHERE sink = ?1 AND seq = ?2",
+                    params![sink, seq],
+                )?;
+            }
+            let head = top.max(fix_floor.unwrap_or(0));
+            let mut reloaded = BTreeMap::new();
+            for (name, old) in &self.sinks {
+                // Re-read (normalises the ranges), then mark unfinished dead letters finished.
+                let mut st = load_sink(&tx, name, head)?;
+                st.done.remove(head.saturating_add(1), u64::MAX);
+                for (s, seq) in &unfinished_dead {
+                    if s == name && *seq > st.cursor {
+                        st.done.insert(*seq, *seq);
+                    }
+                }
+                while let Some(end) = st.done.pop_contiguous(st.cursor + 1) {
+                    st.cursor = st.cursor.max(end);
+                }
+                st.inflight = old.inflight.difference(&st.done);
+                persist_sink(&tx, name, &st)?;
+                reloaded.insert(name.clone(), st);
+            }
+            tx.commit()?;
+            self.sinks = reloaded;
+            self.next_seq = self.next_seq.max(head + 1);
+        }
+        rep.ok = rep.problems.iter().all(|p| p.repaired);
+        Ok(rep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{now_ms, NewRecord, WalConfig};
+    use super::*;
+    use std::time::Duration;
+
+    fn rec(i: u64, device: &str, ms: i64) -> NewRecord {
+        NewRecord {
+            idempotency_key: format!("k{i}"),
+            correlation_id: format!("c{i}"),
+            device_id: device.into(),
+            receive_ms: ms,
+            body: format!("{{\"idempotency_key\":\"k{i}\",\"n\":{i}}}"),
+        }
+    }
+
+    fn drain(wal: &mut Wal, sink: &str) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Some(b) = wal.fetch(sink, 1000, Duration::ZERO).unwrap() {
+            seqs.extend(b.records.iter().map(|r| r.seq));
+            wal.ack(sink, &b.ranges).unwrap();
+        }
+        seqs
+    }
+
+    fn open(dir: &std::path::Path) -> Wal {
+        Wal::open(WalConfig::new(dir.join("w.db"), &["a", "b"])).unwrap()
+    }
+
+    #[test]
+    fn requeued_dead_letters_are_delivered_again_to_their_sink_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        let now = now_ms();
+        wal.append(
+            (1..=10)
+                .map(|i| rec(i, if i % 2 == 0 { "even" } else { "odd" }, now))
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(drain(&mut wal, "b").len(), 10);
+        // Sink a: 1..=3 delivered, 4..=8 dead, 9..=10 delivered.
+        wal.ack("a", &[(1, 3), (9, 10)]).unwrap();
+        wal.dead("a", &[(4, 8)], "HTTP 400", 3).unwrap();
+        assert_eq!(wal.stats().unwrap().sinks["a"].dead, 5);
+        assert!(wal.fetch("a", 100, Duration::ZERO).unwrap().is_none());
+
+        let listed = list_dead(wal.connection(), &DlqFilter::default()).unwrap();
+        assert_eq!(
+            listed.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            [4, 5, 6, 7, 8]
+        );
+        assert_eq!(listed[0].error, "HTTP 400");
+        let rec4: serde_json::Value = serde_json::from_str(listed[0].record.get()).unwrap();
+        assert_eq!(rec4["seq"], 4);
+        assert_eq!(rec4["n"], 4);
+
+        // Only the even device's dead letters.
+        let f = DlqFilter {
+            sink: Some("a".into()),
+            device: Some("even".into()),
+            ..Default::default()
+        };
+        assert_eq!(count_dead(wal.connection(), &f).unwrap(), 3);
+        assert_eq!(wal.requeue(&f).unwrap(), 3);
+        assert_eq!(drain(&mut wal, "a"), [4, 6, 8]);
+        assert!(
+            drain(&mut wal, "b").is_empty(),
+            "the other sink gets nothing"
+        );
+        assert_eq!(wal.stats().unwrap().sinks["a"].dead, 2);
+        // 5 and 7 are still dead letters, which are finished: the cursor is past all.
+        assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 10);
+
+        // The state survives a reopen: 5 and 7 are still dead, nothing pending.
+        drop(wal);
+        let mut wal = open(dir.path());
+        assert!(drain(&mut wal, "a").is_empty());
+        assert_eq!(wal.purge(&DlqFilter::default()).unwrap(), 2);
+        assert_eq!(wal.stats().unwrap().sinks["a"].dead, 0);
+        assert!(drain(&mut wal, "a").is_empty());
+        assert!(wal.check(false).unwrap().ok);
+    }
+
+    #[test]
+    fn replay_redelivers_a_time_range_to_one_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        let t = now_ms() - 60_000;
+        wal.append((1..=30).map(|i| rec(i, "d", t + i as i64 * 1000)).collect())
+            .unwrap();
+        drain(&mut wal, "a");
+        drain(&mut wal, "b");
+        wal.dead("a", &[], "", 1).unwrap();
+        let out = wal.replay("a", t + 10_000, t + 20_000).unwrap();
+        assert_eq!(
+            (out.matched, out.replayed, out.already_pending),
+            (10, 10, 0)
+        );
+        assert_eq!(drain(&mut wal, "a"), (10..20).collect::<Vec<_>>());
+        assert!(drain(&mut wal, "b").is_empty());
+        assert!(matches!(wal.replay("a", 5, 5), Err(WalError::Invalid(_))));
+        assert!(matches!(
+            wal.replay("zz", 0, 5),
+            Err(WalError::UnknownSink(_))
+        ));
+        assert!(wal.check(false).unwrap().ok);
+    }
+
+    #[test]
+    fn check_finds_and_repairs_damaged_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(dir.path());
+        wal.append((1..=5).map(|i| rec(i, "d", now_ms())).collect())
+            .unwrap();
+        drain(&mut wal, "a");
+        let report = wal.check(false).unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.records, 5);
+        {
+            let c = wal.connection();
+            c.execute("UPDATE sinks SET cursor = 99 WHERE name = 'a'", [])
+                .unwrap();
+            c.execute("INSERT INTO dead VALUES('a', 77, 1, 'x', 0)", [])
+                .unwrap();
+            c.execute("INSERT INTO dead VALUES('b', 2, 1, 'x', 0)", [])
+                .unwrap();
+            c.execute("INSERT INTO sink_done VALUES('b', 4, 3)", [])
+                .unwrap();
+            c.execute("UPDATE records SET body = 'garbage' WHERE seq = 3", [])
+                .unwrap();
+        }
+        let report = wal.check(false).unwrap();
+        assert!(!report.ok);
+        let kinds: Vec<&str> = report.problems.iter().map(|p| p.kind.as_str()).collect();
+        for k in [
+            "cursor_ahead",
+            "orphaned_dead_letter",
+            "dead_not_finished",
+            "done_range_invalid",
+            "bad_record",
+        ] {
+            assert!(kinds.contains(&k), "{k} missing in {kinds:?}");
+        }
+        let repaired = wal.check(true).unwrap();
+        assert!(repaired
+            .problems
+            .iter()
+            .filter(|p| p.repairable)
+            .all(|p| p.repaired));
+        let after = wal.check(false).unwrap();
+        let kinds: Vec<&str> = after.problems.iter().map(|p| p.kind.as_str()).collect();
+        assert_eq!(kinds, ["bad_record"], "{after:?}");
+        // Seqs continue above the cursor that was ahead: nothing new is hidden.
+        let o = wal.append(vec![rec(100, "d", now_ms())]).unwrap();
+        assert!(matches!(o[0], super::super::AppendOutcome::Appended { seq } if seq > 99));
+        // Sink b: 1, 3, 4, 5 and the new record; 2 stays a dead letter.
+        let b = drain(&mut wal, "b");
+        assert_eq!(&b[..4], [1, 3, 4, 5]);
+        assert_eq!(b.len(), 5);
+    }
+}
