@@ -121,6 +121,125 @@ impl DeviceAuth {
     }
 }
 
+impl DeviceAuth {
+    /// True when `token` is some device's token.
+    pub fn is_device_token(&self, token: &str) -> bool {
+        match self {
+            DeviceAuth::Protected => false,
+            DeviceAuth::Tokens(m) => m.contains_key(&hash_token(token)),
+        }
+    }
+}
+
+/// Who may use the admin API: the holder of the admin token, or (with
+/// HTTPS client authentication) a client certificate with the admin CN.
+#[derive(Debug, Clone)]
+pub struct AdminAuth {
+    token_hash: [u8; 32],
+    cert_cn: Option<String>,
+}
+
+/// The outcome of an admin credentials check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AdminDecision {
+    /// Allowed; names the credential for the audit log.
+    Allow(String),
+    /// No or unknown credentials (401).
+    Unauthenticated(&'static str),
+    /// Valid credentials that are not admin ones (403).
+    Forbidden(String),
+}
+
+/// Where the admin token lives: `http.admin_token_file`, or
+/// `{data_dir}/admin.token`.
+pub fn admin_token_path(settings: &crate::config::Settings) -> std::path::PathBuf {
+    settings
+        .http
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| settings.data_dir.join("admin.token"))
+}
+
+/// Reads the admin token; with no `http.admin_token_file` configured, a
+/// random one is created at `{data_dir}/admin.token` (mode 0600) on first
+/// start, so the admin API is never open and the CLI finds the token.
+pub fn load_admin_token(settings: &crate::config::Settings) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = admin_token_path(settings);
+    if settings.http.admin_token_file.is_none() && !path.exists() {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness available: {e}"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating the admin token file {}", path.display()))?;
+        writeln!(f, "{}", hex::encode(raw))?;
+        f.sync_all()?;
+        tracing::info!(path = %path.display(), "created an admin token for the admin API and the CLI");
+    }
+    let token = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the admin token file {}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "the admin token in {} is shorter than 16 characters",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+impl AdminAuth {
+    /// Admin credentials: the token, and the admin certificate CN when
+    /// client certificates are verified.
+    pub fn new(token: &str, cert_cn: Option<String>) -> Self {
+        Self {
+            token_hash: hash_token(token),
+            cert_cn,
+        }
+    }
+
+    /// Checks a request's `Authorization` header and verified client
+    /// certificate CN.
+    pub fn check(
+        &self,
+        authorization: Option<&str>,
+        peer_cn: Option<&str>,
+        devices: &DeviceAuth,
+    ) -> AdminDecision {
+        if let (Some(want), Some(cn)) = (&self.cert_cn, peer_cn) {
+            if want == cn {
+                return AdminDecision::Allow(format!("cert:{cn}"));
+            }
+        }
+        let token = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        match token {
+            Some(t) if hash_token(t) == self.token_hash => AdminDecision::Allow("token".into()),
+            Some(t) if devices.is_device_token(t) => AdminDecision::Forbidden(
+                "a device token cannot use the admin API; use the admin token".into(),
+            ),
+            Some(_) => AdminDecision::Unauthenticated("unknown admin token"),
+            None => match peer_cn {
+                Some(cn) if self.cert_cn.is_some() => AdminDecision::Forbidden(format!(
+                    "client certificate CN={cn} is not the admin certificate"
+                )),
+                _ => AdminDecision::Unauthenticated(
+                    "missing Authorization: Bearer <admin token> (see http.admin_token_file)",
+                ),
+            },
+        }
+    }
+}
+
 /// A fresh random token and its tokens-file line for `device_id`.
 pub fn new_token(device_id: &str) -> Result<(String, String), getrandom::Error> {
     let mut raw = [0u8; 32];
@@ -155,6 +274,41 @@ mod tests {
         assert!(matches!(
             auth.check(Some(&token), "dev-1"),
             AuthDecision::Unauthenticated(_)
+        ));
+    }
+
+    #[test]
+    fn admin_needs_the_admin_token_or_certificate_and_refuses_device_tokens() {
+        let (token, line) = new_token("dev-1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens");
+        std::fs::write(&f, format!("{line}\n")).unwrap();
+        let devices = DeviceAuth::load(&f).unwrap();
+        let admin = AdminAuth::new("the-admin-token-0123456789", Some("gateway-admin".into()));
+        let check = |a: Option<&str>, cn: Option<&str>| admin.check(a, cn, &devices);
+        assert_eq!(
+            check(Some("Bearer the-admin-token-0123456789"), None),
+            AdminDecision::Allow("token".into())
+        );
+        assert_eq!(
+            check(None, Some("gateway-admin")),
+            AdminDecision::Allow("cert:gateway-admin".into())
+        );
+        assert!(matches!(
+            check(Some(&format!("Bearer {token}")), None),
+            AdminDecision::Forbidden(_)
+        ));
+        assert!(matches!(
+            check(None, Some("dev-1")),
+            AdminDecision::Forbidden(_)
+        ));
+        assert!(matches!(
+            check(None, None),
+            AdminDecision::Unauthenticated(_)
+        ));
+        assert!(matches!(
+            check(Some("Bearer nope"), None),
+            AdminDecision::Unauthenticated(_)
         ));
     }
 

@@ -28,6 +28,16 @@ pub struct Cli {
     /// Overrides `log.level`.
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Operator commands on a running gateway go to this admin API base URL
+    /// (default: derived from `http.addr` and `http.tls_*`).
+    #[arg(long, global = true, env = "GATEWAY_ADMIN_URL", value_name = "URL")]
+    pub admin_url: Option<String>,
+    /// CA certificate (PEM) that the admin API's HTTPS certificate chains to.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub admin_ca_file: Option<PathBuf>,
+    /// Machine-readable output: one JSON document (NDJSON for exports).
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to do (default: run).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -44,6 +54,128 @@ pub enum Command {
     /// Manage device tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Dead letters: list, export, requeue, purge.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Deliver the retained records received in a time range to one sink again.
+    Replay {
+        /// The sink.
+        #[arg(long)]
+        sink: String,
+        /// From: RFC 3339, epoch ms, or a duration ago ("2h").
+        #[arg(long, value_name = "TIME")]
+        since: String,
+        /// To (exclusive); default now.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// On a running gateway: wait (with progress on a terminal) until the sink has caught up.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The WAL: statistics, consistency check, compaction.
+    #[command(subcommand)]
+    Wal(WalCommand),
+    /// Sinks: list with state, pause, resume.
+    #[command(subcommand)]
+    Sink(SinkCommand),
+    /// Send a control message to a device (`devices/{device}/control`, QoS 1; needs a running gateway with MQTT).
+    DeviceSend {
+        /// The device id.
+        device: String,
+        /// The message, JSON.
+        payload: String,
+    },
+    /// Ping a running gateway through its admin API.
+    Ping,
+}
+
+/// Dead-letter filters (all optional; all given must match).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DlqFilterArgs {
+    /// Of this sink.
+    #[arg(long)]
+    pub sink: Option<String>,
+    /// Of this device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Dead-lettered at or after: RFC 3339, epoch ms, or a duration ago ("30m").
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Dead-lettered before.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// The error text contains this.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+}
+
+/// `gateway dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (newest filters first: see --limit and --after-seq).
+    List {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// At most this many (max 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// Seqs above this (paging).
+        #[arg(long)]
+        after_seq: Option<u64>,
+    },
+    /// Export dead letters with their records as NDJSON (progress on a terminal).
+    Export {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Write here instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Put dead letters back in their sink's queue.
+    Requeue {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// On a running gateway: wait (with progress on a terminal) until the sink has caught up.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete dead letters for good (a sink must be named).
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+    },
+}
+
+/// `gateway wal …`
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Per-sink pending, in-flight, dead, oldest age and bytes.
+    Stats,
+    /// Check the WAL's consistency; exit status 3 when problems remain.
+    Check {
+        /// Repair what is safe to repair.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Compact delivered records past retention now and truncate SQLite's -wal file.
+    Compact,
+}
+
+/// `gateway sink …`
+#[derive(Debug, Subcommand)]
+pub enum SinkCommand {
+    /// Every sink with its state and WAL counts.
+    List,
+    /// Pause delivery (persisted: survives restarts).
+    Pause {
+        /// The sink.
+        name: String,
+    },
+    /// Resume delivery.
+    Resume {
+        /// The sink.
+        name: String,
+    },
 }
 
 /// `gateway config …`
@@ -55,6 +187,19 @@ pub enum ConfigCommand {
     Check {
         /// The TOML file.
         file: PathBuf,
+    },
+    /// Show the runtime settings in force (a running gateway's, or the data dir's).
+    Get,
+    /// Change a runtime setting (persisted in the data dir; applied at once
+    /// on a running gateway). KEY is one of: log.level,
+    /// ingest.rate_limit_per_device, ingest.rate_limit_burst,
+    /// sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms,
+    /// sinks.NAME.retry_max_ms.
+    Set {
+        /// The setting.
+        key: String,
+        /// Its value (JSON: 5, true, "debug"; a bare word is a string).
+        value: String,
     },
 }
 

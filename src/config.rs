@@ -82,6 +82,7 @@ struct RawHttp {
     workers: Option<usize>,
     device_tokens_file: Option<PathBuf>,
     admin_token_file: Option<PathBuf>,
+    admin_cert_cn: Option<String>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
     client_ca_file: Option<PathBuf>,
@@ -188,6 +189,8 @@ struct EnvLayer {
     http_device_tokens_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_admin_token_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_admin_cert_cn: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_tls_cert_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -526,6 +529,11 @@ impl Loaded {
             workers: raw.http.workers.unwrap_or(0),
             device_tokens_file: raw.http.device_tokens_file.clone(),
             admin_token_file: raw.http.admin_token_file.clone(),
+            admin_cert_cn: raw
+                .http
+                .admin_cert_cn
+                .clone()
+                .unwrap_or_else(|| "gateway-admin".into()),
             tls,
         };
 
@@ -612,7 +620,7 @@ impl Loaded {
             sinks.insert(name.clone(), self.sink(&name, &s, &gateway_id)?);
         }
 
-        Ok(Settings {
+        let mut settings = Settings {
             gateway_id,
             data_dir,
             log_level,
@@ -627,7 +635,10 @@ impl Loaded {
             mqtt,
             wal,
             sinks,
-        })
+            rendered: String::new(),
+        };
+        settings.rendered = self.render(&settings);
+        Ok(settings)
     }
 
     fn read_file(&self, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -1187,6 +1198,8 @@ pub struct Settings {
     pub wal: WalSettings,
     /// Sinks by name.
     pub sinks: BTreeMap<String, SinkSettings>,
+    /// The effective configuration as TOML, secrets redacted (`config print`, `config.get`).
+    pub rendered: String,
 }
 
 /// HTTP server settings.
@@ -1200,6 +1213,9 @@ pub struct HttpSettings {
     pub device_tokens_file: Option<PathBuf>,
     /// Admin token file.
     pub admin_token_file: Option<PathBuf>,
+    /// Common name of the client certificate that may use the admin API
+    /// (when HTTPS client authentication is on).
+    pub admin_cert_cn: String,
     /// HTTPS.
     pub tls: Option<TlsSettings>,
 }

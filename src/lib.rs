@@ -4,12 +4,14 @@
 //! # Layout
 //!
 //! - [`config`]: layered configuration validated into `Settings`.
-//! - [`auth`]: device tokens and protected mode.
+//! - [`auth`]: device tokens, protected mode, admin credentials.
 //! - `broker`: the embedded MQTT broker (feature `embedded-broker`).
-//! - [`http`]: ingest, health, version and metrics endpoints.
+//! - [`http`]: ingest, health, version, metrics and admin endpoints.
 //! - [`startup`]: wiring the supervised actors and the HTTP server.
 //! - [`telemetry`]: JSON logging.
-//! - [`cli`]: the `gateway` subcommands.
+//! - [`cli`]: the `gateway` subcommands; [`ops_cli`] runs the operator ones
+//!   (offline on the data dir, or through a running gateway's admin API).
+//! - [`lock`]: one process per data dir.
 
 pub mod auth;
 #[cfg(feature = "embedded-broker")]
@@ -17,6 +19,8 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod lock;
+pub mod ops_cli;
 pub mod startup;
 pub mod telemetry;
 

@@ -8,6 +8,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use gateway::cli::{Cli, Command, ConfigCommand, TokenCommand};
 use gateway::config::{FlagLayer, Loaded};
+use gateway::lock::LockState;
 use gateway::startup::Application;
 
 fn main() -> ExitCode {
@@ -19,8 +20,8 @@ fn main() -> ExitCode {
             match Loaded::load(cli.config.as_deref(), true, &flags)
                 .and_then(|l| l.settings().map(|s| (l, s)))
             {
-                Ok((loaded, settings)) => {
-                    print!("{}", loaded.render(&settings));
+                Ok((_, settings)) => {
+                    print!("{}", settings.rendered);
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_error(e),
@@ -36,6 +37,15 @@ fn main() -> ExitCode {
                 Err(e) => config_error(e),
             }
         }
+        Some(
+            ref cmd @ (Command::Config(ConfigCommand::Get | ConfigCommand::Set { .. })
+            | Command::Dlq(_)
+            | Command::Replay { .. }
+            | Command::Wal(_)
+            | Command::Sink(_)
+            | Command::DeviceSend { .. }
+            | Command::Ping),
+        ) => gateway::ops_cli::run(&cli, cmd).unwrap_or(ExitCode::from(2)),
         Some(Command::Token(TokenCommand::New { ref device })) => {
             if !gateway_actors::ingest::validate::is_valid_device_id(device) {
                 eprintln!(
@@ -71,6 +81,26 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
         Err(e) => return config_error(e),
     };
     gateway::telemetry::init_logging(&settings.log_level);
+    // One gateway per data dir; the CLI uses the admin API while we hold it.
+    let _lock = match gateway::lock::try_lock(&settings.data_dir) {
+        Ok(LockState::Acquired(l)) => l,
+        Ok(LockState::Held(pid)) => {
+            let who = pid.map_or("another process".to_string(), |p| format!("pid {p}"));
+            tracing::error!(data_dir = %settings.data_dir.display(), holder = %who, "data dir in use");
+            eprintln!(
+                "error: data dir {} is in use by {who} (another gateway, or a CLI command); stop it first",
+                settings.data_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot lock data dir {}: {e}",
+                settings.data_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let system = actix::System::new();
     let result = system.block_on(async move {
         let app = Application::build(settings).await?;

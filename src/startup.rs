@@ -10,6 +10,9 @@ use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
 use anyhow::{bail, Context as _};
+use gateway_actors::control::{
+    ControlPlane, LogControl as _, Operator, OperatorParts, RuntimeOverrides,
+};
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
 use gateway_actors::mqtt::{MqttIngest, MqttStatus};
@@ -18,12 +21,12 @@ use gateway_actors::sink::kafka::KafkaSink;
 use gateway_actors::sink::mqtt::MqttSink;
 use gateway_actors::sink::s3::ObjectStoreSink;
 use gateway_actors::sink::{Sink, SinkActor, SinkFactory};
-use gateway_actors::wal::{Wal, WalHealth, WalStore};
+use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore};
 use gateway_actors::Metrics;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use prometheus::Registry;
 
-use crate::auth::DeviceAuth;
+use crate::auth::{AdminAuth, DeviceAuth};
 use crate::config::{MqttMode, Settings, SinkTarget};
 use crate::http::{self, AppState};
 
@@ -54,6 +57,10 @@ pub struct Handles {
     pub mqtt: Option<Addr<MqttIngest>>,
     /// MQTT connection state, when on.
     pub mqtt_status: Option<Arc<MqttStatus>>,
+    /// Operator commands (admin API, control plane).
+    pub operator: Arc<Operator>,
+    /// The MQTT control plane, when MQTT is on.
+    pub control: Option<Addr<ControlPlane>>,
 }
 
 /// Builds the client factory of a configured sink.
@@ -108,6 +115,28 @@ impl Application {
             }
         };
 
+        // Settings operators changed at run time win over the configuration.
+        let runtime = RuntimeOverrides::load(&settings.data_dir)
+            .map_err(|e| anyhow::anyhow!("runtime settings: {e}"))?;
+        if let Some(level) = &runtime.log_level {
+            if let Err(e) = crate::telemetry::Logs.set(level) {
+                tracing::warn!(error = %e, "cannot apply the runtime log level");
+            }
+        }
+        if runtime != RuntimeOverrides::default() {
+            tracing::info!(overrides = ?runtime, "applying runtime settings from the data dir");
+        }
+        let admin_token = crate::auth::load_admin_token(&settings)?;
+        let admin = AdminAuth::new(
+            &admin_token,
+            settings
+                .http
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca_file.as_ref())
+                .map(|_| settings.http.admin_cert_cn.clone()),
+        );
+
         let registry = Registry::new();
         let metrics = Metrics::new(&registry).context("registering metrics")?;
         let wal_health = Arc::new(WalHealth::default());
@@ -122,7 +151,7 @@ impl Application {
             let (id, limits, rate) = (
                 settings.gateway_id.clone(),
                 settings.ingest.limits.clone(),
-                settings.ingest.rate,
+                runtime.rate_limit(settings.ingest.rate),
             );
             Supervisor::start(move |_| IngestRouter::new(w, h, &id, limits, rate, m))
         };
@@ -145,6 +174,7 @@ impl Application {
         };
         let mut dispatchers = Vec::new();
         let mut sinks = Vec::new();
+        let mut operated = std::collections::BTreeMap::new();
         for (name, s) in &settings.sinks {
             let factory = make_sink(name, &s.target);
             let sink = {
@@ -152,17 +182,40 @@ impl Application {
                 Supervisor::start(move |_| SinkActor::new(&n, factory, m))
             };
             let disp = {
-                let (cfg, w, sk, m) = (
-                    s.dispatch.clone(),
-                    wal.clone(),
-                    sink.clone(),
-                    metrics.clone(),
-                );
+                let mut cfg = s.dispatch.clone();
+                runtime.apply_to(&mut cfg);
+                let (w, sk, m) = (wal.clone(), sink.clone(), metrics.clone());
                 Supervisor::start(move |_| Dispatcher::new(cfg, w, sk, m))
             };
+            operated.insert(name.clone(), (s.dispatch.clone(), Some(disp.clone())));
             sinks.push((name.clone(), sink));
             dispatchers.push((name.clone(), disp));
         }
+
+        let reader = WalReader::open(&settings.wal_config().path, 4)?;
+        let operator = Arc::new(Operator::new(OperatorParts {
+            gateway_id: settings.gateway_id.clone(),
+            data_dir: settings.data_dir.clone(),
+            wal: wal.clone(),
+            reader,
+            router: Some(router.clone()),
+            base_rate: settings.ingest.rate,
+            base_log_level: settings.log_level.clone(),
+            sinks: operated,
+            runtime,
+            log: Arc::new(crate::telemetry::Logs),
+            config_text: settings.rendered.clone(),
+            metrics: metrics.clone(),
+        }));
+        let control = settings.mqtt.ingest().map(|cfg| {
+            let (c, id, op, m) = (
+                cfg.clone(),
+                settings.gateway_id.clone(),
+                operator.clone(),
+                metrics.clone(),
+            );
+            Supervisor::start(move |_| ControlPlane::new(&c, &id, op, m))
+        });
 
         let prometheus = PrometheusMetricsBuilder::new("gateway")
             .registry(registry.clone())
@@ -178,6 +231,8 @@ impl Application {
             dispatchers: dispatchers.clone(),
             metrics: metrics.clone(),
             mqtt: mqtt_status.clone(),
+            admin,
+            operator: operator.clone(),
         });
 
         let listener = TcpListener::bind(settings.http.addr)
@@ -191,6 +246,7 @@ impl Application {
                 .app_data(state.clone())
                 .configure(http::configure)
         })
+        .on_connect(peer_certificate_cn)
         .backlog(4096)
         .max_connections(100_000);
         if settings.http.workers > 0 {
@@ -223,6 +279,8 @@ impl Application {
                 registry,
                 mqtt,
                 mqtt_status,
+                operator,
+                control,
             },
         })
     }
@@ -240,6 +298,24 @@ impl Application {
     /// Serves until the server stops (SIGINT/SIGTERM or a handle).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
+    }
+}
+
+/// Puts the verified client certificate's CN on the connection (admin auth).
+fn peer_certificate_cn(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    use actix_tls::accept::openssl::TlsStream;
+    use openssl::nid::Nid;
+    let Some(tls) = conn.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>() else {
+        return;
+    };
+    let cn = tls.ssl().peer_certificate().and_then(|cert| {
+        cert.subject_name()
+            .entries_by_nid(Nid::COMMONNAME)
+            .next()
+            .and_then(|e| e.data().to_string().ok())
+    });
+    if let Some(cn) = cn {
+        ext.insert(http::admin::PeerCn(cn));
     }
 }
 

@@ -71,3 +71,18 @@ pub fn set_log_level(level: &str) -> Result<(), String> {
         None => Err("logging is not initialised".into()),
     }
 }
+
+/// The log level switch handed to the operator (`config.set log.level`).
+pub struct Logs;
+
+impl gateway_actors::control::LogControl for Logs {
+    fn check(&self, level: &str) -> Result<(), String> {
+        EnvFilter::try_new(directive(level))
+            .map(|_| ())
+            .map_err(|e| format!("{level:?} is not a level or filter directive: {e}"))
+    }
+
+    fn set(&self, level: &str) -> Result<(), String> {
+        set_log_level(level)
+    }
+}

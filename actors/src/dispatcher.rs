@@ -11,7 +11,7 @@
 //! probes `circuit_cooldown` apart until one succeeds. One batch is in flight at a time, so records
 //! reach the sink in seq order (and so in order per device).
 //!
-//! Handles: [`SetPaused`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -414,6 +414,81 @@ impl Handler<SetPaused> for Dispatcher {
         if !msg.0 {
             self.step(ctx);
         }
+    }
+}
+
+/// Changes the retry settings at run time (control plane `config.set`);
+/// `None` keeps a value. Applies from the next failure on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetRetry {
+    /// Attempts per batch before Dead (>= 1).
+    pub retry_budget: Option<u32>,
+    /// First backoff delay.
+    pub retry_base: Option<Duration>,
+    /// Largest backoff delay.
+    pub retry_max: Option<Duration>,
+}
+impl Message for SetRetry {
+    type Result = ();
+}
+impl Handler<SetRetry> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetRetry, _: &mut Context<Self>) {
+        if let Some(b) = msg.retry_budget {
+            self.cfg.retry_budget = b.max(1);
+        }
+        if let Some(d) = msg.retry_base {
+            self.cfg.retry_base = d.max(Duration::from_millis(1));
+        }
+        if let Some(d) = msg.retry_max {
+            self.cfg.retry_max = d.max(self.cfg.retry_base);
+        }
+        tracing::info!(
+            sink = %self.cfg.sink,
+            retry_budget = self.cfg.retry_budget,
+            retry_base_ms = self.cfg.retry_base.as_millis() as u64,
+            retry_max_ms = self.cfg.retry_max.as_millis() as u64,
+            "sink retry settings changed"
+        );
+    }
+}
+
+/// What an operator sees of a sink (`GET /admin/sinks`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SinkState {
+    /// Delivery is paused.
+    pub paused: bool,
+    /// The circuit breaker is open (the target looks down).
+    pub circuit_open: bool,
+    /// Failed attempts in a row.
+    pub consecutive_failures: u32,
+    /// A batch is being fetched or published.
+    pub busy: bool,
+    /// Attempts per batch before Dead.
+    pub retry_budget: u32,
+    /// First backoff delay, ms.
+    pub retry_base_ms: u64,
+    /// Largest backoff delay, ms.
+    pub retry_max_ms: u64,
+}
+
+/// Reads the dispatcher's state.
+pub struct GetSinkState;
+impl Message for GetSinkState {
+    type Result = SinkState;
+}
+impl Handler<GetSinkState> for Dispatcher {
+    type Result = MessageResult<GetSinkState>;
+    fn handle(&mut self, _: GetSinkState, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(SinkState {
+            paused: self.paused,
+            circuit_open: self.circuit_open,
+            consecutive_failures: self.consecutive_failures,
+            busy: self.busy,
+            retry_budget: self.cfg.retry_budget,
+            retry_base_ms: self.cfg.retry_base.as_millis() as u64,
+            retry_max_ms: self.cfg.retry_max.as_millis() as u64,
+        })
     }
 }
 

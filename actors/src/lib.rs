@@ -13,6 +13,8 @@
 //!   folder per sink kind.
 //! - [`mqtt`]: the `MqttIngest` actor: QoS 1, persistent session, PUBACK
 //!   only after the WAL commit.
+//! - [`control`]: operator commands (`Operator`), the MQTT `ControlPlane`
+//!   and runtime settings persisted in the data dir.
 //! - [`metrics`]: the Prometheus metrics every actor moves.
 //!
 //! Every guarantee comes from the WAL: actor mailboxes are not durable, so an
@@ -23,6 +25,7 @@
 
 #![deny(missing_docs)]
 
+pub mod control;
 pub mod dispatcher;
 pub mod ingest;
 pub mod metrics;

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub mqtt_reconnects: IntCounter,
     /// `gateway_actor_restarts_total{actor}`: supervised restarts.
     pub actor_restarts: IntCounterVec,
+    /// `gateway_control_commands_total{command,outcome}`: operator commands
+    /// (MQTT control plane, admin API, CLI) by outcome (ok, error).
+    pub control_commands: IntCounterVec,
 }
 
 impl Metrics {
@@ -140,6 +143,13 @@ impl Metrics {
                 Opts::new("gateway_actor_restarts_total", "Supervised actor restarts, by actor."),
                 &["actor"],
             )?,
+            control_commands: IntCounterVec::new(
+                Opts::new(
+                    "gateway_control_commands_total",
+                    "Operator commands (MQTT control plane, admin API, CLI), by command and outcome (ok, error).",
+                ),
+                &["command", "outcome"],
+            )?,
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
         registry.register(Box::new(m.ingest_rejected.clone()))?;
@@ -165,6 +175,7 @@ impl Metrics {
         registry.register(Box::new(m.mqtt_connected.clone()))?;
         registry.register(Box::new(m.mqtt_reconnects.clone()))?;
         registry.register(Box::new(m.actor_restarts.clone()))?;
+        registry.register(Box::new(m.control_commands.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",
@@ -172,8 +183,12 @@ impl Metrics {
             "Dispatcher",
             "SinkActor",
             "MqttIngest",
+            "ControlPlane",
         ] {
             m.actor_restarts.with_label_values(&[actor]);
+        }
+        for outcome in ["ok", "error"] {
+            m.control_commands.with_label_values(&["ping", outcome]);
         }
         Ok(m)
     }

@@ -1,5 +1,6 @@
-//! The HTTP server: ingest, health, metrics (DESIGN §4 I1b, I2).
+//! The HTTP server: ingest, health, metrics, admin (DESIGN §4 I1b, I2).
 
+pub mod admin;
 mod error;
 mod health;
 mod ingest;
@@ -12,6 +13,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage};
+use gateway_actors::control::Operator;
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::{IngestLimits, IngestRouter};
 use gateway_actors::mqtt::MqttStatus;
@@ -20,7 +22,7 @@ use gateway_actors::Metrics;
 
 pub use error::ApiError;
 
-use crate::auth::DeviceAuth;
+use crate::auth::{AdminAuth, DeviceAuth};
 
 /// What every handler can reach.
 pub struct AppState {
@@ -38,6 +40,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// MQTT ingest connection state (`None` = MQTT off).
     pub mqtt: Option<Arc<MqttStatus>>,
+    /// Admin credentials.
+    pub admin: AdminAuth,
+    /// Runs operator commands (admin API).
+    pub operator: Arc<Operator>,
 }
 
 /// The request's correlation id (from `X-Correlation-Id` or new).
@@ -80,6 +86,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/version", web::get().to(health::version))
+        .configure(admin::configure)
         .default_service(web::to(not_found));
 }
 

@@ -5,7 +5,7 @@ mod router;
 pub mod validate;
 
 pub use router::{
-    IngestError, IngestReceipt, IngestRouter, IngestTelemetry, PayloadFormat, RateLimit,
-    RecordReceipt,
+    GetRateLimit, IngestError, IngestReceipt, IngestRouter, IngestTelemetry, PayloadFormat,
+    RateLimit, RecordReceipt, SetRateLimit,
 };
 pub use validate::{IngestLimits, Rejection, Source};

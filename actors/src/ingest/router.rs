@@ -5,7 +5,7 @@
 //! backpressure check, appends the records to `WalStore` and answers only
 //! after the commit.
 //!
-//! Handles: [`IngestTelemetry`]. Sends: `AppendRecords` to `WalStore`.
+//! Handles: [`IngestTelemetry`], [`SetRateLimit`], [`GetRateLimit`]. Sends: `AppendRecords` to `WalStore`.
 //!
 //! Restart policy: supervised; nothing it holds is durable. Lost on restart:
 //! the rate-limit buckets (every device starts with a full bucket).
@@ -118,6 +118,38 @@ impl IngestRouter {
             error = %r.message,
             "telemetry rejected"
         );
+    }
+}
+
+/// Changes the per-device rate limit at run time (control plane
+/// `config.set`). Buckets start over full.
+#[derive(Debug, Clone, Copy)]
+pub struct SetRateLimit(pub RateLimit);
+impl Message for SetRateLimit {
+    type Result = ();
+}
+impl Handler<SetRateLimit> for IngestRouter {
+    type Result = ();
+    fn handle(&mut self, msg: SetRateLimit, _: &mut Context<Self>) {
+        self.rate = msg.0;
+        self.buckets.clear();
+        tracing::info!(
+            per_second = msg.0.per_second,
+            burst = msg.0.burst,
+            "per-device rate limit changed"
+        );
+    }
+}
+
+/// Reads the per-device rate limit in force.
+pub struct GetRateLimit;
+impl Message for GetRateLimit {
+    type Result = RateLimit;
+}
+impl Handler<GetRateLimit> for IngestRouter {
+    type Result = MessageResult<GetRateLimit>;
+    fn handle(&mut self, _: GetRateLimit, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.rate)
     }
 }
 

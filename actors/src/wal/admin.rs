@@ -33,21 +33,92 @@ pub struct DlqFilter {
     /// Of this device only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// Dead-lettered at or after this time (epoch ms).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Dead-lettered at or after this time (epoch ms; `since` in requests,
+    /// which also takes RFC 3339).
+    #[serde(
+        default,
+        alias = "since",
+        deserialize_with = "time_ms_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub since_ms: Option<i64>,
-    /// Dead-lettered before this time (epoch ms).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Dead-lettered before this time (epoch ms; `until` in requests).
+    #[serde(
+        default,
+        alias = "until",
+        deserialize_with = "time_ms_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub until_ms: Option<i64>,
     /// The error text contains this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Seq strictly above this (paging; exact when `sink` is set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "u64_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub after_seq: Option<u64>,
     /// At most this many.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "u64_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub limit: Option<u64>,
+}
+
+/// A time as epoch milliseconds from a number, a string of digits, or an
+/// RFC 3339 string (`2026-11-25T10:00:00Z`).
+pub fn parse_time_ms(v: &serde_json::Value) -> Result<i64, String> {
+    match v {
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| format!("{n} is not a time in epoch milliseconds")),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                return s.parse().map_err(|e| format!("{s:?}: {e}"));
+            }
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| format!("{s:?} is neither epoch milliseconds nor RFC 3339: {e}"))
+        }
+        other => Err(format!("{other} is not a time")),
+    }
+}
+
+/// Serde: a required time (see [`parse_time_ms`]).
+pub fn time_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    parse_time_ms(&v).map_err(serde::de::Error::custom)
+}
+
+fn time_ms_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => parse_time_ms(&v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Numbers also arrive as strings (URL query parameters).
+fn u64_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a count"))),
+        Some(serde_json::Value::String(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a count"))),
+        Some(other) => Err(serde::de::Error::custom(format!("{other} is not a count"))),
+    }
 }
 
 impl DlqFilter {

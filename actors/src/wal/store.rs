@@ -361,7 +361,9 @@ impl Handler<GetWalStats> for WalStore {
 /// Runs an operator action ([`Wal::requeue`], [`Wal::check`], …) on the
 /// writer thread, between group commits, so it sees and updates the same
 /// in-memory delivery state the dispatchers use.
-pub struct WithWal<R>(Box<dyn FnOnce(&mut Wal) -> Result<R, WalError> + Send>);
+pub struct WithWal<R>(WalAction<R>);
+
+type WalAction<R> = Box<dyn FnOnce(&mut Wal) -> Result<R, WalError> + Send>;
 
 impl<R> WithWal<R> {
     /// Wraps `f`.

@@ -1,0 +1,658 @@
+//! The operator's commands, implemented once: the MQTT control plane, the
+//! admin API and the CLI all build a [`Command`] and hand it to
+//! [`Operator::execute`], which runs it, counts it
+//! (`gateway_control_commands_total`) and writes an audit log line (target
+//! `audit`: who, what, result).
+//!
+//! An `Operator` without live actors (the CLI on a stopped gateway's data
+//! dir) runs the same commands: WAL actions go to a `WalStore` the CLI
+//! started, settings are persisted in `runtime.json` and apply at the next
+//! start.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use actix::Addr;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::runtime::{RuntimeOverrides, Setting};
+use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetPaused, SetRetry};
+use crate::ingest::validate::is_valid_device_id;
+use crate::ingest::{IngestRouter, RateLimit, SetRateLimit};
+use crate::metrics::Metrics;
+use crate::wal::{DlqFilter, WalError, WalReader, WalStore, WithWal};
+
+/// Most dead letters one `dlq.list` returns.
+pub const DLQ_LIST_MAX: u64 = 10_000;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The command or its arguments are wrong (HTTP 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such sink (HTTP 404).
+    #[error("unknown sink {0:?}")]
+    UnknownSink(String),
+    /// No such command (HTTP 404).
+    #[error("unknown command {0:?}")]
+    UnknownCommand(String),
+    /// Something it needs is not running (HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Storage failed (HTTP 500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl OpError {
+    /// The machine-readable code of the error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OpError::BadRequest(_) => "bad_request",
+            OpError::UnknownSink(_) => "unknown_sink",
+            OpError::UnknownCommand(_) => "unknown_command",
+            OpError::Unavailable(_) => "unavailable",
+            OpError::Internal(_) => "internal",
+        }
+    }
+
+    /// `{"code":…,"message":…}`.
+    pub fn to_json(&self) -> Value {
+        json!({"code": self.code(), "message": self.to_string()})
+    }
+}
+
+impl From<WalError> for OpError {
+    fn from(e: WalError) -> Self {
+        match e {
+            WalError::UnknownSink(s) => OpError::UnknownSink(s),
+            WalError::Invalid(m) => OpError::BadRequest(m),
+            WalError::Backpressure(_) | WalError::Unavailable(_) => {
+                OpError::Unavailable(e.to_string())
+            }
+            WalError::Storage(_) | WalError::Dir { .. } => OpError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// One operator command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// `ping`: is the gateway there?
+    Ping,
+    /// `config.get`: runtime settings in force and the effective configuration.
+    ConfigGet,
+    /// `config.set`: change runtime settings (see `runtime::SETTABLE_KEYS`).
+    ConfigSet(Vec<(String, Value)>),
+    /// `device.send`: publish `payload` to `devices/{device_id}/control`, QoS 1.
+    DeviceSend {
+        /// The device.
+        device_id: String,
+        /// What to send (JSON).
+        payload: Value,
+    },
+    /// `dlq.list`.
+    DlqList(DlqFilter),
+    /// `dlq.requeue`.
+    DlqRequeue(DlqFilter),
+    /// `dlq.purge` (a sink must be named).
+    DlqPurge(DlqFilter),
+    /// `replay`: re-deliver retained records received in `[since, until)` to one sink.
+    Replay {
+        /// The sink.
+        sink: String,
+        /// From (epoch ms, inclusive).
+        since_ms: i64,
+        /// To (epoch ms, exclusive).
+        until_ms: i64,
+    },
+    /// `sinks.list`.
+    SinksList,
+    /// `sink.pause`.
+    SinkPause(String),
+    /// `sink.resume`.
+    SinkResume(String),
+    /// `wal.stats`.
+    WalStats,
+    /// `wal.check`.
+    WalCheck {
+        /// Repair what is safe to repair.
+        repair: bool,
+    },
+    /// `wal.compact`.
+    WalCompact,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSetArgs {
+    #[serde(default)]
+    settings: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceSendArgs {
+    device_id: String,
+    payload: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayArgs {
+    sink: String,
+    #[serde(deserialize_with = "crate::wal::time_ms")]
+    since: i64,
+    #[serde(deserialize_with = "crate::wal::time_ms")]
+    until: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinkArgs {
+    sink: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckArgs {
+    #[serde(default)]
+    repair: bool,
+}
+
+fn args<T: for<'de> Deserialize<'de>>(command: &str, v: Value) -> Result<T, OpError> {
+    let v = if v.is_null() { json!({}) } else { v };
+    serde_json::from_value(v).map_err(|e| OpError::BadRequest(format!("{command}: {e}")))
+}
+
+/// The command names, for error messages and help.
+pub const COMMANDS: &str = "ping, config.get, config.set, device.send, dlq.list, dlq.requeue, \
+    dlq.purge, replay, sinks.list, sink.pause, sink.resume, wal.stats, wal.check, wal.compact";
+
+impl Command {
+    /// Builds a command from its name and JSON arguments (an object, or
+    /// null for none).
+    pub fn parse(name: &str, a: Value) -> Result<Command, OpError> {
+        Ok(match name {
+            "ping" => {
+                args::<NoArgs>(name, a)?;
+                Command::Ping
+            }
+            "config.get" => {
+                args::<NoArgs>(name, a)?;
+                Command::ConfigGet
+            }
+            "config.set" => {
+                let c: ConfigSetArgs = args(name, a)?;
+                let mut entries: Vec<(String, Value)> = Vec::new();
+                if let Some(map) = c.settings {
+                    entries.extend(map);
+                }
+                match (c.key, c.value) {
+                    (Some(k), Some(v)) => entries.push((k, v)),
+                    (None, None) => {}
+                    _ => {
+                        return Err(OpError::BadRequest(
+                            "config.set: give both \"key\" and \"value\"".into(),
+                        ))
+                    }
+                }
+                if entries.is_empty() {
+                    return Err(OpError::BadRequest(
+                        "config.set: nothing to set; give {\"key\":…,\"value\":…} or {\"settings\":{…}}"
+                            .into(),
+                    ));
+                }
+                Command::ConfigSet(entries)
+            }
+            "device.send" => {
+                let d: DeviceSendArgs = args(name, a)?;
+                Command::DeviceSend {
+                    device_id: d.device_id,
+                    payload: d.payload,
+                }
+            }
+            "dlq.list" => Command::DlqList(args(name, a)?),
+            "dlq.requeue" => Command::DlqRequeue(args(name, a)?),
+            "dlq.purge" => Command::DlqPurge(args(name, a)?),
+            "replay" => {
+                let r: ReplayArgs = args(name, a)?;
+                Command::Replay {
+                    sink: r.sink,
+                    since_ms: r.since,
+                    until_ms: r.until,
+                }
+            }
+            "sinks.list" => {
+                args::<NoArgs>(name, a)?;
+                Command::SinksList
+            }
+            "sink.pause" => Command::SinkPause(args::<SinkArgs>(name, a)?.sink),
+            "sink.resume" => Command::SinkResume(args::<SinkArgs>(name, a)?.sink),
+            "wal.stats" => {
+                args::<NoArgs>(name, a)?;
+                Command::WalStats
+            }
+            "wal.check" => Command::WalCheck {
+                repair: args::<CheckArgs>(name, a)?.repair,
+            },
+            "wal.compact" => {
+                args::<NoArgs>(name, a)?;
+                Command::WalCompact
+            }
+            other => return Err(OpError::UnknownCommand(other.to_string())),
+        })
+    }
+
+    /// The command's name (metric label, audit log).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Ping => "ping",
+            Command::ConfigGet => "config.get",
+            Command::ConfigSet(_) => "config.set",
+            Command::DeviceSend { .. } => "device.send",
+            Command::DlqList(_) => "dlq.list",
+            Command::DlqRequeue(_) => "dlq.requeue",
+            Command::DlqPurge(_) => "dlq.purge",
+            Command::Replay { .. } => "replay",
+            Command::SinksList => "sinks.list",
+            Command::SinkPause(_) => "sink.pause",
+            Command::SinkResume(_) => "sink.resume",
+            Command::WalStats => "wal.stats",
+            Command::WalCheck { .. } => "wal.check",
+            Command::WalCompact => "wal.compact",
+        }
+    }
+}
+
+/// Checks and sets the process's log level (the logger lives in the
+/// binary crate).
+pub trait LogControl: Send + Sync {
+    /// Is `level` a valid level or filter directive?
+    fn check(&self, level: &str) -> Result<(), String>;
+    /// Makes `level` the log level now.
+    fn set(&self, level: &str) -> Result<(), String>;
+}
+
+/// Publishes `payload` at QoS 1 on `topic` (set by the control plane's MQTT client).
+pub type DevicePublisher =
+    Arc<dyn Fn(String, Vec<u8>) -> Pin<Box<dyn Future<Output = Result<(), String>>>> + Send + Sync>;
+
+/// What an [`Operator`] works with.
+pub struct OperatorParts {
+    /// This gateway's id.
+    pub gateway_id: String,
+    /// The data dir (`runtime.json` lives there).
+    pub data_dir: PathBuf,
+    /// The WAL actor.
+    pub wal: Addr<WalStore>,
+    /// Read-only WAL connections.
+    pub reader: WalReader,
+    /// The ingest router, when the gateway runs.
+    pub router: Option<Addr<IngestRouter>>,
+    /// The configured rate limit (before runtime overrides).
+    pub base_rate: RateLimit,
+    /// The configured log level (before runtime overrides).
+    pub base_log_level: String,
+    /// Every configured sink's dispatch settings (before overrides) and its
+    /// dispatcher when the gateway runs.
+    pub sinks: BTreeMap<String, (DispatchConfig, Option<Addr<Dispatcher>>)>,
+    /// Runtime overrides as loaded at start.
+    pub runtime: RuntimeOverrides,
+    /// The log level switch.
+    pub log: Arc<dyn LogControl>,
+    /// The effective configuration, secrets redacted (for `config.get`).
+    pub config_text: String,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Runs operator commands. Shared (`Arc`) by the control plane, the admin
+/// API and the CLI.
+pub struct Operator {
+    p: OperatorParts,
+    runtime: Mutex<RuntimeOverrides>,
+    devices: Mutex<Option<DevicePublisher>>,
+    started: Instant,
+}
+
+fn audit_args(cmd: &Command) -> String {
+    let mut s = format!("{cmd:?}");
+    if s.len() > 300 {
+        let mut cut = 300;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+impl Operator {
+    /// An operator over `parts`.
+    pub fn new(mut parts: OperatorParts) -> Self {
+        let runtime = std::mem::take(&mut parts.runtime);
+        Self {
+            p: parts,
+            runtime: Mutex::new(runtime),
+            devices: Mutex::new(None),
+            started: Instant::now(),
+        }
+    }
+
+    /// The WAL reader (for streaming exports).
+    pub fn reader(&self) -> &WalReader {
+        &self.p.reader
+    }
+
+    /// Sets (or clears, when the MQTT client is gone) the device publisher.
+    pub fn set_device_publisher(&self, p: Option<DevicePublisher>) {
+        if let Ok(mut g) = self.devices.lock() {
+            *g = p;
+        }
+    }
+
+    fn overrides(&self) -> RuntimeOverrides {
+        self.runtime.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Runs `cmd` for `actor` (who asked: `mqtt`, `admin-http`, `cli`), counts
+    /// it and audit-logs it.
+    pub async fn execute(&self, cmd: Command, actor: &str) -> Result<Value, OpError> {
+        let name = cmd.name();
+        let args = audit_args(&cmd);
+        let res = self.run(cmd).await;
+        let outcome = if res.is_ok() { "ok" } else { "error" };
+        self.p
+            .metrics
+            .control_commands
+            .with_label_values(&[name, outcome])
+            .inc();
+        match &res {
+            Ok(_) => {
+                tracing::info!(target: "audit", actor, command = name, args = %args, outcome, "operator command")
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", actor, command = name, args = %args, outcome, error = %e, "operator command")
+            }
+        }
+        res
+    }
+
+    async fn with_wal<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::wal::Wal) -> Result<R, WalError> + Send + 'static,
+    ) -> Result<R, OpError> {
+        match self.p.wal.send(WithWal::new(f)).await {
+            Ok(r) => r.map_err(OpError::from),
+            Err(e) => Err(OpError::Unavailable(format!("WAL actor unavailable: {e}"))),
+        }
+    }
+
+    fn known_sink(&self, sink: &str) -> Result<(), OpError> {
+        if self.p.sinks.contains_key(sink) {
+            Ok(())
+        } else {
+            Err(OpError::UnknownSink(sink.to_string()))
+        }
+    }
+
+    async fn run(&self, cmd: Command) -> Result<Value, OpError> {
+        match cmd {
+            Command::Ping => Ok(json!({
+                "pong": true,
+                "gateway_id": self.p.gateway_id,
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": self.started.elapsed().as_secs(),
+                "live": self.p.router.is_some(),
+            })),
+            Command::ConfigGet => Ok(json!({
+                "gateway_id": self.p.gateway_id,
+                "runtime": self.effective().await,
+                "overrides": self.overrides(),
+                "config": self.p.config_text,
+            })),
+            Command::ConfigSet(entries) => self.config_set(entries).await,
+            Command::SinkPause(sink) | Command::SinkResume(sink)
+                if !self.p.sinks.contains_key(&sink) =>
+            {
+                Err(OpError::UnknownSink(sink))
+            }
+            Command::SinkPause(sink) => {
+                self.config_set(vec![(format!("sinks.{sink}.paused"), Value::Bool(true))])
+                    .await
+            }
+            Command::SinkResume(sink) => {
+                self.config_set(vec![(format!("sinks.{sink}.paused"), Value::Bool(false))])
+                    .await
+            }
+            Command::DeviceSend { device_id, payload } => {
+                if !is_valid_device_id(&device_id) {
+                    return Err(OpError::BadRequest(format!(
+                        "device.send: {device_id:?} is not a valid device id"
+                    )));
+                }
+                let publisher = self.devices.lock().ok().and_then(|g| g.clone());
+                let Some(publish) = publisher else {
+                    return Err(OpError::Unavailable(
+                        "device.send needs MQTT: the control plane has no broker connection".into(),
+                    ));
+                };
+                let topic = format!("devices/{device_id}/control");
+                let bytes =
+                    serde_json::to_vec(&payload).map_err(|e| OpError::Internal(e.to_string()))?;
+                let size = bytes.len();
+                publish(topic.clone(), bytes)
+                    .await
+                    .map_err(OpError::Unavailable)?;
+                Ok(json!({"topic": topic, "qos": 1, "bytes": size}))
+            }
+            Command::DlqList(mut f) => {
+                if let Some(s) = &f.sink {
+                    self.known_sink(s)?;
+                }
+                let limit = f.limit.unwrap_or(100).clamp(1, DLQ_LIST_MAX);
+                f.limit = Some(limit);
+                let reader = self.p.reader.clone();
+                let total = reader.count_dead(&DlqFilter {
+                    after_seq: None,
+                    limit: None,
+                    ..f.clone()
+                })?;
+                let list = reader.list_dead(&f)?;
+                let next = (list.len() as u64 == limit)
+                    .then(|| list.last().map(|d| d.seq))
+                    .flatten();
+                Ok(json!({"total": total, "dead_letters": list, "next_after_seq": next}))
+            }
+            Command::DlqRequeue(f) => {
+                let n = self.with_wal(move |w| w.requeue(&f)).await?;
+                Ok(json!({"requeued": n}))
+            }
+            Command::DlqPurge(f) => {
+                let Some(sink) = &f.sink else {
+                    return Err(OpError::BadRequest(
+                        "dlq.purge: name the sink whose dead letters to delete".into(),
+                    ));
+                };
+                self.known_sink(sink)?;
+                let n = self.with_wal(move |w| w.purge(&f)).await?;
+                Ok(json!({"purged": n}))
+            }
+            Command::Replay {
+                sink,
+                since_ms,
+                until_ms,
+            } => {
+                self.known_sink(&sink)?;
+                let out = self
+                    .with_wal(move |w| w.replay(&sink, since_ms, until_ms))
+                    .await?;
+                Ok(serde_json::to_value(out).unwrap_or_default())
+            }
+            Command::SinksList => {
+                let stats = self.with_wal(|w| w.stats()).await?;
+                let states = self.effective().await;
+                let mut out = Vec::new();
+                for name in self.p.sinks.keys() {
+                    out.push(json!({
+                        "name": name,
+                        "state": states["sinks"][name],
+                        "wal": stats.sinks.get(name),
+                    }));
+                }
+                Ok(Value::Array(out))
+            }
+            Command::WalStats => {
+                let (stats, bytes) = self
+                    .with_wal(|w| Ok((w.stats()?, w.pending_bytes()?)))
+                    .await?;
+                let now = crate::wal::now_ms();
+                let mut v = serde_json::to_value(&stats).unwrap_or_default();
+                for (name, s) in &stats.sinks {
+                    v["sinks"][name]["pending_bytes"] = json!(bytes.get(name));
+                    v["sinks"][name]["oldest_pending_age_s"] =
+                        json!(s.oldest_pending_ms.map(|ms| (now - ms).max(0) / 1000));
+                }
+                Ok(v)
+            }
+            Command::WalCheck { repair } => {
+                let rep = self.with_wal(move |w| w.check(repair)).await?;
+                Ok(serde_json::to_value(rep).unwrap_or_default())
+            }
+            Command::WalCompact => {
+                let (c, d, bytes) = self
+                    .with_wal(|w| {
+                        let (c, d) = w.compact_now()?;
+                        Ok((c, d, w.stats()?.live_bytes))
+                    })
+                    .await?;
+                Ok(json!({"compacted": c, "dropped": d, "live_bytes": bytes}))
+            }
+        }
+    }
+
+    /// The runtime settings in force.
+    async fn effective(&self) -> Value {
+        let o = self.overrides();
+        let rate = o.rate_limit(self.p.base_rate);
+        let mut sinks = serde_json::Map::new();
+        for (name, (base, disp)) in &self.p.sinks {
+            let live = match disp {
+                Some(d) => d.send(GetSinkState).await.ok(),
+                None => None,
+            };
+            let v = match live {
+                Some(s) => serde_json::to_value(s).unwrap_or_default(),
+                None => {
+                    let mut d = base.clone();
+                    o.apply_to(&mut d);
+                    json!({
+                        "paused": d.paused,
+                        "retry_budget": d.retry_budget,
+                        "retry_base_ms": d.retry_base.as_millis() as u64,
+                        "retry_max_ms": d.retry_max.as_millis() as u64,
+                    })
+                }
+            };
+            sinks.insert(name.clone(), v);
+        }
+        json!({
+            "log.level": o.log_level.clone().unwrap_or_else(|| self.p.base_log_level.clone()),
+            "ingest.rate_limit_per_device": rate.per_second,
+            "ingest.rate_limit_burst": rate.burst,
+            "sinks": sinks,
+        })
+    }
+
+    async fn config_set(&self, entries: Vec<(String, Value)>) -> Result<Value, OpError> {
+        let names: Vec<String> = self.p.sinks.keys().cloned().collect();
+        let mut settings = Vec::with_capacity(entries.len());
+        for (k, v) in &entries {
+            let s = Setting::parse(k, v, &names).map_err(OpError::BadRequest)?;
+            if let Setting::LogLevel(l) = &s {
+                self.p
+                    .log
+                    .check(l)
+                    .map_err(|e| OpError::BadRequest(format!("log.level: {e}")))?;
+            }
+            settings.push(s);
+        }
+        // Persist first: what was accepted survives a restart even if a
+        // live actor is restarting right now.
+        let updated = {
+            let mut g = self
+                .runtime
+                .lock()
+                .map_err(|_| OpError::Internal("runtime settings lock poisoned".into()))?;
+            let mut next = g.clone();
+            for s in &settings {
+                next.set(s);
+            }
+            next.save(&self.p.data_dir).map_err(OpError::Internal)?;
+            *g = next.clone();
+            next
+        };
+        let live = self.p.router.is_some();
+        if live {
+            for s in &settings {
+                self.apply(s, &updated).await?;
+            }
+        }
+        Ok(json!({
+            "set": entries.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            "persisted": true,
+            "applied": live,
+            "runtime": self.effective().await,
+        }))
+    }
+
+    async fn apply(&self, s: &Setting, o: &RuntimeOverrides) -> Result<(), OpError> {
+        let unavailable = |e: actix::MailboxError| OpError::Unavailable(e.to_string());
+        match s {
+            Setting::LogLevel(l) => self.p.log.set(l).map_err(OpError::Internal),
+            Setting::RatePerDevice(_) | Setting::RateBurst(_) => match &self.p.router {
+                Some(r) => r
+                    .send(SetRateLimit(o.rate_limit(self.p.base_rate)))
+                    .await
+                    .map_err(unavailable),
+                None => Ok(()),
+            },
+            Setting::Paused(sink, p) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetPaused(*p)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::RetryBudget(sink, _)
+            | Setting::RetryBase(sink, _)
+            | Setting::RetryMax(sink, _) => match self.p.sinks.get(sink) {
+                Some((base, Some(d))) => {
+                    let mut cfg = base.clone();
+                    o.apply_to(&mut cfg);
+                    d.send(SetRetry {
+                        retry_budget: Some(cfg.retry_budget),
+                        retry_base: Some(cfg.retry_base),
+                        retry_max: Some(cfg.retry_max),
+                    })
+                    .await
+                    .map_err(unavailable)
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+}

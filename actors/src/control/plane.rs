@@ -1,0 +1,301 @@
+//! `ControlPlane`: operator commands over MQTT (DESIGN §4 I6).
+//!
+//! Role: its own MQTT client (client id `{mqtt client id}-control`, clean
+//! session: a command sent while the gateway was down is not run hours
+//! later) subscribed at QoS 1 to `gateway/{gateway_id}/control/+`. The last
+//! topic level names the command; the payload is a JSON object
+//! `{"request_id":"…", …args}`. The reply
+//! `{"request_id":"…","ok":true,"result":…}` or
+//! `{"request_id":"…","ok":false,"error":{"code":…,"message":…}}` goes to
+//! `gateway/{gateway_id}/control/reply/{request_id}` and, on MQTT 5, also to
+//! the request's response topic with its correlation data. A request without
+//! a usable `request_id` is answered on `…/control/reply/invalid`. Commands
+//! run through the shared [`Operator`], so they are counted and audit-logged
+//! like admin API and CLI actions. The same client publishes `device.send`
+//! messages.
+//!
+//! Handles nothing but its lifecycle. Sends operator messages through
+//! [`Operator`].
+//!
+//! Restart policy: supervised. Connection failures reconnect with backoff;
+//! if the loop ends, the actor stops and the supervisor starts a new client.
+//! Lost on restart: commands being executed keep running (their replies are
+//! dropped if the client is gone).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::ops::{Command, OpError, Operator};
+use crate::metrics::Metrics;
+use crate::mqtt::tls::tls_connector;
+use crate::mqtt::{MqttIngestConfig, MqttVersion};
+
+/// The control plane actor.
+pub struct ControlPlane {
+    cfg: MqttIngestConfig,
+    gateway_id: String,
+    operator: Arc<Operator>,
+    metrics: Metrics,
+}
+
+impl ControlPlane {
+    /// A control plane on the broker of `cfg` (the ingest connection's
+    /// settings; the client id gets a `-control` suffix).
+    pub fn new(
+        cfg: &MqttIngestConfig,
+        gateway_id: &str,
+        operator: Arc<Operator>,
+        metrics: Metrics,
+    ) -> Self {
+        let mut cfg = cfg.clone();
+        cfg.client_id = format!("{}-control", cfg.client_id);
+        Self {
+            cfg,
+            gateway_id: gateway_id.to_string(),
+            operator,
+            metrics,
+        }
+    }
+}
+
+impl Actor for ControlPlane {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let (cfg, id, op) = (
+            self.cfg.clone(),
+            self.gateway_id.clone(),
+            self.operator.clone(),
+        );
+        let run = async move {
+            match cfg.version {
+                MqttVersion::V311 => v4::run(cfg, id, op).await,
+                MqttVersion::V5 => v5::run(cfg, id, op).await,
+            }
+        };
+        ctx.spawn(run.into_actor(self).map(|res: Result<(), String>, act, ctx| {
+            act.operator.set_device_publisher(None);
+            tracing::error!(error = %res.err().unwrap_or_default(), "control plane loop ended; restarting it");
+            ctx.stop();
+        }));
+    }
+}
+
+impl Supervised for ControlPlane {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.metrics
+            .actor_restarts
+            .with_label_values(&["ControlPlane"])
+            .inc();
+        tracing::warn!(actor = "ControlPlane", "restarting");
+    }
+}
+
+/// A request id usable as one topic level.
+fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.contains(['/', '+', '#', '\0'])
+}
+
+/// Runs one control message; returns the reply topic and payload.
+pub async fn handle_message(
+    operator: &Operator,
+    gateway_id: &str,
+    topic: &str,
+    payload: &[u8],
+) -> (String, Value) {
+    let prefix = format!("gateway/{gateway_id}/control/");
+    let command = topic.strip_prefix(&prefix).unwrap_or("");
+    let body: Result<serde_json::Map<String, Value>, _> = serde_json::from_slice(payload);
+    let mut args = match body {
+        Ok(m) => m,
+        Err(e) => {
+            let err = OpError::BadRequest(format!("the payload must be a JSON object: {e}"));
+            tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %err, "operator command");
+            return (
+                format!("{prefix}reply/invalid"),
+                json!({"request_id": null, "ok": false, "error": err.to_json()}),
+            );
+        }
+    };
+    let request_id = match args.remove("request_id") {
+        Some(Value::String(s)) if valid_request_id(&s) => s,
+        other => {
+            let err = OpError::BadRequest(
+                "\"request_id\" must be a string of 1 to 128 characters without '/', '+' or '#'"
+                    .into(),
+            );
+            tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %err, "operator command");
+            return (
+                format!("{prefix}reply/invalid"),
+                json!({"request_id": other, "ok": false, "error": err.to_json()}),
+            );
+        }
+    };
+    let reply_topic = format!("{prefix}reply/{request_id}");
+    let result = match Command::parse(command, Value::Object(args)) {
+        Ok(cmd) => operator.execute(cmd, "mqtt").await,
+        Err(e) => {
+            tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %e, "operator command");
+            Err(e)
+        }
+    };
+    let reply = match result {
+        Ok(v) => json!({"request_id": request_id, "ok": true, "result": v}),
+        Err(e) => json!({"request_id": request_id, "ok": false, "error": e.to_json()}),
+    };
+    (reply_topic, reply)
+}
+
+/// The event loop, written once for both protocol versions: the caller's
+/// scope provides `AsyncClient`, `Event`, `Packet`, `QoS` and `$publish`,
+/// a closure that sends one reply.
+macro_rules! control_loop {
+    ($cfg:expr, $gateway_id:expr, $operator:expr, $client:expr, $eventloop:expr, $topic_of:expr, $reply:expr) => {{
+        let filter = format!("gateway/{}/control/+", $gateway_id);
+        let publisher = $client.clone();
+        $operator.set_device_publisher(Some(Arc::new(move |topic: String, payload: Vec<u8>| {
+            let c = publisher.clone();
+            Box::pin(async move {
+                c.publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .map_err(|e| format!("MQTT publish: {e}"))
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>
+        })));
+        let mut failures = 0u32;
+        loop {
+            match $eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    if let Err(e) = $client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                        tracing::error!(error = %e, "control plane cannot subscribe");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    tracing::info!(topic = %filter, "control plane subscribed");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic: String = $topic_of(&p);
+                    let (op, id, client) = ($operator.clone(), $gateway_id.clone(), $client.clone());
+                    let reply = $reply;
+                    actix_rt::spawn(async move {
+                        let (reply_topic, body) = handle_message(&op, &id, &topic, &p.payload).await;
+                        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+                        reply(client, p, reply_topic, bytes).await;
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    let delay = $cfg.reconnect_delay(failures);
+                    tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64, "control plane disconnected; reconnecting");
+                    actix_rt::time::sleep(delay).await;
+                }
+            }
+        }
+    }};
+}
+
+/// TLS and credentials on the options (same for both versions).
+macro_rules! secure {
+    ($opts:expr, $cfg:expr) => {{
+        if let Some(tls) = &$cfg.tls {
+            $opts.set_transport(Transport::tls_with_config(
+                TlsConfiguration::NativeConnector(tls_connector(tls)?),
+            ));
+        }
+        if let Some(u) = &$cfg.username {
+            $opts.set_credentials(u.clone(), $cfg.password.clone().unwrap_or_default());
+        }
+    }};
+}
+
+mod v4 {
+    use rumqttc::{
+        AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
+    };
+
+    use super::*;
+
+    pub(super) async fn run(
+        cfg: MqttIngestConfig,
+        gateway_id: String,
+        operator: Arc<Operator>,
+    ) -> Result<(), String> {
+        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+        opts.set_keep_alive(cfg.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+        secure!(opts, cfg);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let topic_of = |p: &Publish| p.topic.clone();
+        let reply = |c: AsyncClient, _req: Publish, topic: String, body: Bytes| async move {
+            if let Err(e) = c.publish(topic, QoS::AtLeastOnce, false, body).await {
+                tracing::warn!(error = %e, "control plane cannot send a reply");
+            }
+        };
+        control_loop!(cfg, gateway_id, operator, client, eventloop, topic_of, reply)
+    }
+}
+
+mod v5 {
+    use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::{TlsConfiguration, Transport};
+
+    use super::*;
+
+    pub(super) async fn run(
+        cfg: MqttIngestConfig,
+        gateway_id: String,
+        operator: Arc<Operator>,
+    ) -> Result<(), String> {
+        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+        opts.set_keep_alive(cfg.keep_alive)
+            .set_clean_start(true)
+            .set_max_packet_size(Some(cfg.max_packet_bytes as u32));
+        secure!(opts, cfg);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let topic_of = |p: &Publish| String::from_utf8_lossy(&p.topic).into_owned();
+        let reply = |c: AsyncClient, req: Publish, topic: String, body: Bytes| async move {
+            if let Err(e) = c
+                .publish(topic, QoS::AtLeastOnce, false, body.clone())
+                .await
+            {
+                tracing::warn!(error = %e, "control plane cannot send a reply");
+            }
+            let Some(props) = req.properties else { return };
+            let Some(response_topic) = props.response_topic else {
+                return;
+            };
+            let out = PublishProperties {
+                correlation_data: props.correlation_data,
+                ..Default::default()
+            };
+            if let Err(e) = c
+                .publish_with_properties(response_topic, QoS::AtLeastOnce, false, body, out)
+                .await
+            {
+                tracing::warn!(error = %e, "control plane cannot send a reply to the response topic");
+            }
+        };
+        control_loop!(cfg, gateway_id, operator, client, eventloop, topic_of, reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_must_be_one_topic_level() {
+        assert!(valid_request_id("abc-123"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("a/b"));
+        assert!(!valid_request_id("a+"));
+        assert!(!valid_request_id(&"x".repeat(129)));
+    }
+}

@@ -1,0 +1,276 @@
+//! Runtime settings changed by operators (`config.set`), persisted in the
+//! data dir as `runtime.json` and re-applied over the configuration at every
+//! start.
+//!
+//! Only settings that are safe to change while running live here: the log
+//! level, the per-device rate limit, and per sink `paused` and the retry
+//! settings. Keys are the configuration file's own (`log.level`,
+//! `ingest.rate_limit_per_device`, `sinks.NAME.paused`, …).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::dispatcher::DispatchConfig;
+use crate::ingest::RateLimit;
+
+/// The file name in the data dir.
+pub const RUNTIME_FILE: &str = "runtime.json";
+
+/// Per-sink runtime settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SinkOverrides {
+    /// Delivery paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// Attempts per batch before Dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<u32>,
+    /// First backoff delay, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_base_ms: Option<u64>,
+    /// Largest backoff delay, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_max_ms: Option<u64>,
+}
+
+/// Everything set at run time; `None` = the configuration's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeOverrides {
+    /// `log.level`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// `ingest.rate_limit_per_device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_device: Option<f64>,
+    /// `ingest.rate_limit_burst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_burst: Option<f64>,
+    /// `sinks.NAME.*`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sinks: BTreeMap<String, SinkOverrides>,
+}
+
+/// One validated `config.set` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Setting {
+    /// `log.level`.
+    LogLevel(String),
+    /// `ingest.rate_limit_per_device`.
+    RatePerDevice(f64),
+    /// `ingest.rate_limit_burst`.
+    RateBurst(f64),
+    /// `sinks.NAME.paused`.
+    Paused(String, bool),
+    /// `sinks.NAME.retry_budget`.
+    RetryBudget(String, u32),
+    /// `sinks.NAME.retry_base_ms`.
+    RetryBase(String, u64),
+    /// `sinks.NAME.retry_max_ms`.
+    RetryMax(String, u64),
+}
+
+/// The keys `config.set` takes.
+pub const SETTABLE_KEYS: &str =
+    "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, \
+    sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms";
+
+impl Setting {
+    /// Parses `key = value`; `sinks` are the configured sink names.
+    pub fn parse(key: &str, value: &Value, sinks: &[String]) -> Result<Setting, String> {
+        let num = |min: f64| -> Result<f64, String> {
+            match value.as_f64() {
+                Some(v) if v.is_finite() && v >= min => Ok(v),
+                _ => Err(format!("{key}: expected a number >= {min}, got {value}")),
+            }
+        };
+        let int = |min: u64| -> Result<u64, String> {
+            match value.as_u64() {
+                Some(v) if v >= min => Ok(v),
+                _ => Err(format!("{key}: expected an integer >= {min}, got {value}")),
+            }
+        };
+        match key {
+            "log.level" => match value.as_str() {
+                Some(s) if !s.trim().is_empty() => Ok(Setting::LogLevel(s.trim().to_string())),
+                _ => Err(format!(
+                    "{key}: expected a level or filter directive string"
+                )),
+            },
+            "ingest.rate_limit_per_device" => Ok(Setting::RatePerDevice(num(0.0)?)),
+            "ingest.rate_limit_burst" => Ok(Setting::RateBurst(num(0.0)?)),
+            _ => {
+                let parts: Vec<&str> = key.splitn(3, '.').collect();
+                let [root, sink, field] = parts[..] else {
+                    return Err(format!(
+                        "unknown setting {key:?}; settable: {SETTABLE_KEYS}"
+                    ));
+                };
+                if root != "sinks" {
+                    return Err(format!(
+                        "unknown setting {key:?}; settable: {SETTABLE_KEYS}"
+                    ));
+                }
+                if !sinks.iter().any(|s| s == sink) {
+                    return Err(format!("{key}: no sink named {sink:?} is configured"));
+                }
+                let sink = sink.to_string();
+                match field {
+                    "paused" => match value.as_bool() {
+                        Some(b) => Ok(Setting::Paused(sink, b)),
+                        None => Err(format!("{key}: expected true or false, got {value}")),
+                    },
+                    "retry_budget" => Ok(Setting::RetryBudget(
+                        sink,
+                        int(1)?.min(u32::MAX as u64) as u32,
+                    )),
+                    "retry_base_ms" => Ok(Setting::RetryBase(sink, int(1)?)),
+                    "retry_max_ms" => Ok(Setting::RetryMax(sink, int(1)?)),
+                    _ => Err(format!(
+                        "unknown setting {key:?}; settable: {SETTABLE_KEYS}"
+                    )),
+                }
+            }
+        }
+    }
+}
+
+impl RuntimeOverrides {
+    /// The file in `data_dir`.
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(RUNTIME_FILE)
+    }
+
+    /// Reads `data_dir/runtime.json`; a missing file is no overrides.
+    pub fn load(data_dir: &Path) -> Result<Self, String> {
+        let path = Self::path(data_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: not valid runtime settings: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Writes `data_dir/runtime.json` atomically and durably (temp file,
+    /// fsync, rename, fsync of the directory).
+    pub fn save(&self, data_dir: &Path) -> Result<(), String> {
+        let path = Self::path(data_dir);
+        let tmp = data_dir.join(format!("{RUNTIME_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(data_dir)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()
+        };
+        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    /// Records `s`.
+    pub fn set(&mut self, s: &Setting) {
+        match s {
+            Setting::LogLevel(l) => self.log_level = Some(l.clone()),
+            Setting::RatePerDevice(v) => self.rate_limit_per_device = Some(*v),
+            Setting::RateBurst(v) => self.rate_limit_burst = Some(*v),
+            Setting::Paused(sink, b) => {
+                self.sinks.entry(sink.clone()).or_default().paused = Some(*b)
+            }
+            Setting::RetryBudget(sink, v) => {
+                self.sinks.entry(sink.clone()).or_default().retry_budget = Some(*v)
+            }
+            Setting::RetryBase(sink, v) => {
+                self.sinks.entry(sink.clone()).or_default().retry_base_ms = Some(*v)
+            }
+            Setting::RetryMax(sink, v) => {
+                self.sinks.entry(sink.clone()).or_default().retry_max_ms = Some(*v)
+            }
+        }
+    }
+
+    /// The rate limit in force: `base` with the overrides applied.
+    pub fn rate_limit(&self, base: RateLimit) -> RateLimit {
+        let per_second = self.rate_limit_per_device.unwrap_or(base.per_second);
+        let burst = self.rate_limit_burst.unwrap_or(base.burst);
+        if per_second <= 0.0 {
+            return RateLimit::OFF;
+        }
+        RateLimit {
+            per_second,
+            // The configuration's rule: 0 means twice the rate, at least one record.
+            burst: if burst <= 0.0 {
+                (per_second * 2.0).max(1.0)
+            } else {
+                burst
+            },
+        }
+    }
+
+    /// Applies the sink's overrides to its dispatch settings.
+    pub fn apply_to(&self, d: &mut DispatchConfig) {
+        let Some(o) = self.sinks.get(&d.sink) else {
+            return;
+        };
+        if let Some(p) = o.paused {
+            d.paused = p;
+        }
+        if let Some(b) = o.retry_budget {
+            d.retry_budget = b.max(1);
+        }
+        if let Some(ms) = o.retry_base_ms {
+            d.retry_base = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = o.retry_max_ms {
+            d.retry_max = Duration::from_millis(ms.max(1));
+        }
+        d.retry_max = d.retry_max.max(d.retry_base);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn settings_are_validated_and_survive_a_save_and_load() {
+        let sinks = vec!["s3".to_string()];
+        assert!(Setting::parse("sinks.nope.paused", &json!(true), &sinks).is_err());
+        assert!(Setting::parse("sinks.s3.paused", &json!("yes"), &sinks).is_err());
+        assert!(Setting::parse("sinks.s3.retry_budget", &json!(0), &sinks).is_err());
+        assert!(Setting::parse("ingest.rate_limit_per_device", &json!(-1), &sinks).is_err());
+        assert!(Setting::parse("http.addr", &json!("0.0.0.0:1"), &sinks)
+            .unwrap_err()
+            .contains("settable"));
+        let mut o = RuntimeOverrides::default();
+        for (k, v) in [
+            ("log.level", json!("debug")),
+            ("ingest.rate_limit_per_device", json!(2.5)),
+            ("sinks.s3.paused", json!(true)),
+            ("sinks.s3.retry_budget", json!(3)),
+        ] {
+            o.set(&Setting::parse(k, &v, &sinks).unwrap());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        o.save(dir.path()).unwrap();
+        let back = RuntimeOverrides::load(dir.path()).unwrap();
+        assert_eq!(back, o);
+        let mut d = DispatchConfig::new("s3");
+        back.apply_to(&mut d);
+        assert!(d.paused);
+        assert_eq!(d.retry_budget, 3);
+        let r = back.rate_limit(RateLimit::OFF);
+        assert_eq!((r.per_second, r.burst), (2.5, 5.0));
+        assert_eq!(
+            RuntimeOverrides::load(&dir.path().join("none")).unwrap(),
+            RuntimeOverrides::default()
+        );
+    }
+}

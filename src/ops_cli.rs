@@ -1,0 +1,638 @@
+//! The operator subcommands of the CLI (`gateway dlq …`, `replay`, `wal …`,
+//! `sink …`, `config get|set`, `device-send`, `ping`).
+//!
+//! Each builds one control-plane command (name + JSON arguments) and runs it
+//! where it is safe:
+//! - **gateway stopped** (the data-dir lock is free): the CLI takes the lock,
+//!   opens the WAL itself and runs the command through the same `Operator`
+//!   the gateway uses;
+//! - **gateway running** (the lock is held): the command goes to the running
+//!   gateway's admin API (`POST /admin/commands/{name}`), which runs it on
+//!   its WAL writer thread. The CLI never writes to a live WAL.
+//!
+//! `dlq export` only reads: it streams from a read-only SQLite connection in
+//! both cases (SQLite's own locking keeps that safe beside a live writer).
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Actor as _;
+use gateway_actors::control::{Command, OpError, Operator, OperatorParts, RuntimeOverrides};
+use gateway_actors::wal::{
+    now_ms, parse_time_ms, DlqFilter, Wal, WalError, WalHealth, WalReader, WalStore,
+};
+use gateway_actors::Metrics;
+use serde_json::{json, Value};
+
+use crate::cli::{
+    Cli, Command as CliCommand, ConfigCommand, DlqCommand, DlqFilterArgs, SinkCommand, WalCommand,
+};
+use crate::config::{Loaded, Settings};
+use crate::lock::{try_lock, LockState};
+
+/// Exit status when `wal check` leaves problems.
+const EXIT_PROBLEMS: u8 = 3;
+/// Exit status when `--wait` sees no progress.
+const EXIT_STALLED: u8 = 4;
+
+/// How a command's result is shown without `--json`.
+#[derive(Clone, Copy)]
+enum Show {
+    Json,
+    WalStats,
+    WalCheck,
+    DlqList,
+    Sinks,
+}
+
+/// Where a command runs.
+enum Target {
+    /// The gateway is stopped: we hold the data dir.
+    Offline {
+        /// Held until the command is done.
+        _lock: crate::lock::DataDirLock,
+    },
+    /// The gateway runs: its admin API.
+    Live {
+        base: String,
+        token: String,
+        ca: Option<PathBuf>,
+    },
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+/// A time from the command line: RFC 3339, epoch ms, or a duration ago.
+pub fn parse_cli_time(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = parse_time_ms(&Value::String(s.to_string())) {
+        return Ok(ms);
+    }
+    humantime::parse_duration(s)
+        .map(|d| now_ms() - d.as_millis() as i64)
+        .map_err(|_| {
+            format!(
+                "{s:?} is not a time: use RFC 3339, epoch milliseconds or a duration ago like 30m"
+            )
+        })
+}
+
+fn filter_json(f: &DlqFilterArgs) -> Result<serde_json::Map<String, Value>, String> {
+    let mut m = serde_json::Map::new();
+    if let Some(s) = &f.sink {
+        m.insert("sink".into(), json!(s));
+    }
+    if let Some(d) = &f.device {
+        m.insert("device".into(), json!(d));
+    }
+    if let Some(t) = &f.since {
+        m.insert("since".into(), json!(parse_cli_time(t)?));
+    }
+    if let Some(t) = &f.until {
+        m.insert("until".into(), json!(parse_cli_time(t)?));
+    }
+    if let Some(e) = &f.error {
+        m.insert("error".into(), json!(e));
+    }
+    Ok(m)
+}
+
+/// A config value from the command line: JSON, or a bare word as a string.
+fn cli_value(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
+}
+
+/// The command for a CLI subcommand: (name, args, how to show, wait for sink).
+type Request = (&'static str, Value, Show, Option<Option<String>>);
+
+fn request(cmd: &CliCommand) -> Result<Option<Request>, String> {
+    Ok(Some(match cmd {
+        CliCommand::Ping => ("ping", json!({}), Show::Json, None),
+        CliCommand::Config(ConfigCommand::Get) => ("config.get", json!({}), Show::Json, None),
+        CliCommand::Config(ConfigCommand::Set { key, value }) => (
+            "config.set",
+            json!({"key": key, "value": cli_value(value)}),
+            Show::Json,
+            None,
+        ),
+        CliCommand::DeviceSend { device, payload } => {
+            let p: Value = serde_json::from_str(payload)
+                .map_err(|e| format!("the payload must be JSON: {e}"))?;
+            (
+                "device.send",
+                json!({"device_id": device, "payload": p}),
+                Show::Json,
+                None,
+            )
+        }
+        CliCommand::Dlq(DlqCommand::List {
+            filter,
+            limit,
+            after_seq,
+        }) => {
+            let mut m = filter_json(filter)?;
+            m.insert("limit".into(), json!(limit));
+            if let Some(a) = after_seq {
+                m.insert("after_seq".into(), json!(a));
+            }
+            ("dlq.list", Value::Object(m), Show::DlqList, None)
+        }
+        CliCommand::Dlq(DlqCommand::Requeue { filter, wait }) => (
+            "dlq.requeue",
+            Value::Object(filter_json(filter)?),
+            Show::Json,
+            wait.then(|| filter.sink.clone()),
+        ),
+        CliCommand::Dlq(DlqCommand::Purge { filter }) => (
+            "dlq.purge",
+            Value::Object(filter_json(filter)?),
+            Show::Json,
+            None,
+        ),
+        CliCommand::Replay {
+            sink,
+            since,
+            until,
+            wait,
+        } => {
+            let since = parse_cli_time(since)?;
+            let until = match until {
+                Some(u) => parse_cli_time(u)?,
+                None => now_ms() + 1,
+            };
+            (
+                "replay",
+                json!({"sink": sink, "since": since, "until": until}),
+                Show::Json,
+                wait.then(|| Some(sink.clone())),
+            )
+        }
+        CliCommand::Wal(WalCommand::Stats) => ("wal.stats", json!({}), Show::WalStats, None),
+        CliCommand::Wal(WalCommand::Check { repair }) => {
+            ("wal.check", json!({"repair": repair}), Show::WalCheck, None)
+        }
+        CliCommand::Wal(WalCommand::Compact) => ("wal.compact", json!({}), Show::Json, None),
+        CliCommand::Sink(SinkCommand::List) => ("sinks.list", json!({}), Show::Sinks, None),
+        CliCommand::Sink(SinkCommand::Pause { name }) => {
+            ("sink.pause", json!({"sink": name}), Show::Json, None)
+        }
+        CliCommand::Sink(SinkCommand::Resume { name }) => {
+            ("sink.resume", json!({"sink": name}), Show::Json, None)
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// Runs an operator subcommand; `None` when `cmd` is not one.
+pub fn run(cli: &Cli, cmd: &CliCommand) -> Option<ExitCode> {
+    let settings =
+        match Loaded::load(cli.config.as_deref(), true, &cli.flags()).and_then(|l| l.settings()) {
+            Ok(s) => s,
+            Err(e) => return Some(fail(format!("configuration: {e}"), 2)),
+        };
+    if let CliCommand::Dlq(DlqCommand::Export { filter, output }) = cmd {
+        return Some(export(&settings, filter, output.as_ref()));
+    }
+    let (name, args, show, wait) = match request(cmd) {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
+        Err(e) => return Some(fail(e, 2)),
+    };
+    let target = match target(cli, &settings) {
+        Ok(t) => t,
+        Err(e) => return Some(fail(e, 1)),
+    };
+    let live = matches!(target, Target::Live { .. });
+    let system = actix::System::new();
+    let result = system.block_on(execute(&settings, &target, name, args));
+    let value = match result {
+        Ok(v) => v,
+        Err(e) => return Some(fail(e, 1)),
+    };
+    let mut code = present(&value, show, cli.json);
+    if let (Some(sink), Target::Live { .. }) = (&wait, &target) {
+        code = system.block_on(wait_for_sink(&target, sink.as_deref()));
+    } else if wait.is_some() && !live {
+        eprintln!("note: the gateway is stopped; the records are delivered when it starts");
+    }
+    drop(target);
+    Some(code)
+}
+
+fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
+    match try_lock(&settings.data_dir)
+        .map_err(|e| format!("cannot lock {}: {e}", settings.data_dir.display()))?
+    {
+        LockState::Acquired(lock) => Ok(Target::Offline { _lock: lock }),
+        LockState::Held(pid) => {
+            let base = cli.admin_url.clone().unwrap_or_else(|| {
+                let addr = settings.http.addr;
+                let tls = settings.http.tls.is_some();
+                let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+                    if tls {
+                        "localhost".to_string()
+                    } else {
+                        "127.0.0.1".to_string()
+                    }
+                } else {
+                    addr.ip().to_string()
+                };
+                format!(
+                    "{}://{host}:{}",
+                    if tls { "https" } else { "http" },
+                    addr.port()
+                )
+            });
+            let path = crate::auth::admin_token_path(settings);
+            let token = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "the gateway (pid {}) is running, and its admin token {} cannot be read: {e}",
+                    pid.map_or("?".into(), |p| p.to_string()),
+                    path.display()
+                )
+            })?;
+            Ok(Target::Live {
+                base: base.trim_end_matches('/').to_string(),
+                token: token.trim().to_string(),
+                ca: cli.admin_ca_file.clone(),
+            })
+        }
+    }
+}
+
+async fn execute(
+    settings: &Settings,
+    target: &Target,
+    name: &str,
+    args: Value,
+) -> Result<Value, String> {
+    match target {
+        Target::Offline { .. } => offline(settings, name, args)
+            .await
+            .map_err(|e| format!("{} ({})", e, e.code())),
+        Target::Live { base, token, ca } => live(base, token, ca.as_ref(), name, args).await,
+    }
+}
+
+async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, OpError> {
+    let cmd = Command::parse(name, args)?;
+    let cfg = settings.wal_config();
+    if !cfg.path.exists() {
+        return Err(OpError::BadRequest(format!(
+            "no WAL at {}: nothing to operate on (is data_dir right?)",
+            cfg.path.display()
+        )));
+    }
+    let path = cfg.path.clone();
+    let wal = Wal::open(cfg).map_err(OpError::from)?;
+    let metrics = Metrics::unregistered();
+    let store = WalStore::new(wal, metrics.clone(), Arc::new(WalHealth::default())).start();
+    let reader = WalReader::open(&path, 2)?;
+    let runtime = RuntimeOverrides::load(&settings.data_dir).map_err(OpError::BadRequest)?;
+    let operator = Operator::new(OperatorParts {
+        gateway_id: settings.gateway_id.clone(),
+        data_dir: settings.data_dir.clone(),
+        wal: store,
+        reader,
+        router: None,
+        base_rate: settings.ingest.rate,
+        base_log_level: settings.log_level.clone(),
+        sinks: settings
+            .sinks
+            .iter()
+            .map(|(n, s)| (n.clone(), (s.dispatch.clone(), None)))
+            .collect(),
+        runtime,
+        log: Arc::new(crate::telemetry::Logs),
+        config_text: settings.rendered.clone(),
+        metrics,
+    });
+    operator.execute(cmd, "cli").await
+}
+
+async fn live(
+    base: &str,
+    token: &str,
+    ca: Option<&PathBuf>,
+    name: &str,
+    args: Value,
+) -> Result<Value, String> {
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(600));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
+        b = b.add_root_certificate(cert);
+    }
+    let client = b.build().map_err(|e| e.to_string())?;
+    let url = format!("{base}/admin/commands/{name}");
+    let resp = client
+        .post(&url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(args.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let msg = body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| body.to_string());
+        Err(format!(
+            "{msg} (HTTP {status}, {})",
+            body["error"]["code"].as_str().unwrap_or("?")
+        ))
+    }
+}
+
+fn present(v: &Value, show: Show, json_out: bool) -> ExitCode {
+    let problems = matches!(show, Show::WalCheck) && v["ok"] != Value::Bool(true);
+    if json_out {
+        println!("{v}");
+    } else {
+        match show {
+            Show::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+            Show::WalStats => show_stats(v),
+            Show::WalCheck => show_check(v),
+            Show::DlqList => show_dlq(v),
+            Show::Sinks => show_sinks(v),
+        }
+    }
+    if problems {
+        ExitCode::from(EXIT_PROBLEMS)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A table cell: strings without quotes, null as "-".
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn age(secs: &Value) -> String {
+    match secs.as_i64() {
+        None => "-".into(),
+        Some(s) => humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string(),
+    }
+}
+
+fn show_stats(v: &Value) {
+    println!(
+        "head seq {}, {} records stored, {} bytes, {} bytes free on disk, backpressure {}",
+        v["head"], v["stored_records"], v["live_bytes"], v["disk_free_bytes"], v["backpressure"]
+    );
+    println!(
+        "{:<16} {:>10} {:>9} {:>9} {:>14} {:>14}",
+        "SINK", "PENDING", "INFLIGHT", "DEAD", "OLDEST", "PENDING BYTES"
+    );
+    if let Some(sinks) = v["sinks"].as_object() {
+        for (name, s) in sinks {
+            println!(
+                "{:<16} {:>10} {:>9} {:>9} {:>14} {:>14}",
+                name,
+                cell(&s["enqueued"]),
+                cell(&s["inflight"]),
+                cell(&s["dead"]),
+                age(&s["oldest_pending_age_s"]),
+                cell(&s["pending_bytes"])
+            );
+        }
+    }
+}
+
+fn show_check(v: &Value) {
+    let problems = v["problems"].as_array().cloned().unwrap_or_default();
+    println!(
+        "WAL check: {} ({} records, {} dead letters, {} problem(s))",
+        if v["ok"] == Value::Bool(true) {
+            "ok"
+        } else {
+            "PROBLEMS"
+        },
+        v["records"],
+        v["dead_letters"],
+        problems.len()
+    );
+    for p in problems {
+        let state = if p["repaired"] == Value::Bool(true) {
+            "repaired"
+        } else if p["repairable"] == Value::Bool(true) {
+            "repairable with --repair"
+        } else {
+            "not repairable"
+        };
+        println!(
+            "- [{}] {} ({state})",
+            p["kind"].as_str().unwrap_or("?"),
+            p["detail"].as_str().unwrap_or("")
+        );
+    }
+}
+
+fn show_dlq(v: &Value) {
+    let list = v["dead_letters"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} dead letter(s) match; showing {}",
+        v["total"],
+        list.len()
+    );
+    for d in &list {
+        let when = d["dead_ms"]
+            .as_i64()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        println!(
+            "seq {:<10} sink {:<12} device {:<20} dead {} attempts {} error: {}",
+            cell(&d["seq"]),
+            d["sink"].as_str().unwrap_or(""),
+            d["device_id"].as_str().unwrap_or(""),
+            when,
+            cell(&d["attempts"]),
+            d["error"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(n) = v["next_after_seq"].as_u64() {
+        println!("more: --after-seq {n}");
+    }
+}
+
+fn show_sinks(v: &Value) {
+    println!(
+        "{:<16} {:<8} {:<8} {:>10} {:>9} {:>9}",
+        "SINK", "PAUSED", "CIRCUIT", "PENDING", "INFLIGHT", "DEAD"
+    );
+    for s in v.as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<16} {:<8} {:<8} {:>10} {:>9} {:>9}",
+            s["name"].as_str().unwrap_or(""),
+            cell(&s["state"]["paused"]),
+            if s["state"]["circuit_open"] == Value::Bool(true) {
+                "open"
+            } else {
+                "closed"
+            },
+            cell(&s["wal"]["enqueued"]),
+            cell(&s["wal"]["inflight"]),
+            cell(&s["wal"]["dead"])
+        );
+    }
+}
+
+/// A progress line on a terminal (stderr), nothing when piped.
+struct Progress {
+    on: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            on: std::io::stderr().is_terminal(),
+            last: Instant::now() - Duration::from_secs(1),
+        }
+    }
+
+    fn show(&mut self, done: u64, total: u64, what: &str, force: bool) {
+        if !self.on || (!force && self.last.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        self.last = Instant::now();
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let width = 30usize;
+        let filled = ((pct / 100.0) * width as f64).round() as usize;
+        eprint!(
+            "\r[{}{}] {done}/{total} {what} ({pct:.0}%)",
+            "#".repeat(filled.min(width)),
+            "-".repeat(width - filled.min(width))
+        );
+        if force {
+            eprintln!();
+        }
+    }
+}
+
+/// Polls the running gateway until `sink` (or every sink) has nothing
+/// pending, showing delivery progress.
+async fn wait_for_sink(target: &Target, sink: Option<&str>) -> ExitCode {
+    let Target::Live { base, token, ca } = target else {
+        return ExitCode::SUCCESS;
+    };
+    let pending = |v: &Value| -> u64 {
+        v["sinks"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(n, _)| sink.is_none_or(|s| s == n.as_str()))
+                    .map(|(_, s)| {
+                        s["enqueued"].as_u64().unwrap_or(0) + s["inflight"].as_u64().unwrap_or(0)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let mut progress = Progress::new();
+    let mut first = None;
+    let mut best = u64::MAX;
+    let mut since_progress = Instant::now();
+    loop {
+        let v = match live(base, token, ca.as_ref(), "wal.stats", json!({})).await {
+            Ok(v) => v,
+            Err(e) => return fail(e, 1),
+        };
+        let p = pending(&v);
+        let total = *first.get_or_insert(p);
+        if p < best {
+            best = p;
+            since_progress = Instant::now();
+        }
+        progress.show(total.saturating_sub(p), total, "delivered", p == 0);
+        if p == 0 {
+            return ExitCode::SUCCESS;
+        }
+        if since_progress.elapsed() > Duration::from_secs(60) {
+            return fail(
+                format!("{p} record(s) still pending after a minute without progress: is the sink down? (gateway sink list)"),
+                EXIT_STALLED,
+            );
+        }
+        actix_rt::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `gateway dlq export`: NDJSON from a read-only connection.
+fn export(settings: &Settings, filter: &DlqFilterArgs, output: Option<&PathBuf>) -> ExitCode {
+    let f: DlqFilter = match filter_json(filter)
+        .and_then(|m| serde_json::from_value(Value::Object(m)).map_err(|e| e.to_string()))
+    {
+        Ok(f) => f,
+        Err(e) => return fail(e, 2),
+    };
+    let path = settings.wal_config().path;
+    let reader = match WalReader::open(&path, 1) {
+        Ok(r) => r,
+        Err(e) => return fail(e, 1),
+    };
+    let total = match reader.count_dead(&f) {
+        Ok(n) => n,
+        Err(e) => return fail(e, 1),
+    };
+    let file;
+    let mut out: Box<dyn std::io::Write> = match output {
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => {
+                file = f;
+                Box::new(std::io::BufWriter::with_capacity(1 << 16, &file))
+            }
+            Err(e) => return fail(format!("{}: {e}", p.display()), 1),
+        },
+        None => Box::new(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::io::stdout().lock(),
+        )),
+    };
+    let mut progress = Progress::new();
+    let mut n = 0u64;
+    let res = reader.for_each_dead::<WalError>(&f, |d| {
+        let io = |e: std::io::Error| WalError::Unavailable(format!("writing the export: {e}"));
+        serde_json::to_writer(&mut out, &d).map_err(|e| io(e.into()))?;
+        out.write_all(b"\n").map_err(io)?;
+        n += 1;
+        progress.show(n, total, "dead letters exported", false);
+        Ok(())
+    });
+    if let Err(e) = res.and_then(|_| {
+        out.flush()
+            .map_err(|e| WalError::Unavailable(format!("writing the export: {e}")))
+    }) {
+        return fail(e, 1);
+    }
+    drop(out);
+    if let Some(p) = output {
+        if let Err(e) = std::fs::File::open(p).and_then(|f| f.sync_all()) {
+            return fail(format!("{}: {e}", p.display()), 1);
+        }
+    }
+    progress.show(n, total, "dead letters exported", true);
+    ExitCode::SUCCESS
+}
