@@ -1,6 +1,7 @@
 //! Integration tests of the HTTP API and delivery, each on its own port and
 //! data dir. Modules by area; helpers in `helpers.rs`.
 
+mod admin;
 mod auth;
 #[allow(dead_code)]
 #[path = "../mqtt/broker.rs"]
