@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use actix::Actor as _;
 use gateway_actors::control::{Command, OpError, Operator, OperatorParts, RuntimeOverrides};
 use gateway_actors::wal::{
-    now_ms, parse_time_ms, DlqFilter, Wal, WalError, WalHealth, WalReader, WalStore,
+    integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalError, WalHealth, WalReader,
+    WalStore,
 };
 use gateway_actors::Metrics;
 use serde_json::{json, Value};
@@ -289,7 +290,13 @@ async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, 
         )));
     }
     let path = cfg.path.clone();
-    let wal = Wal::open(cfg).map_err(OpError::from)?;
+    let wal = match Wal::open(cfg) {
+        Ok(w) => w,
+        Err(e) if matches!(cmd, Command::WalCheck { .. }) => {
+            return Ok(serde_json::to_value(integrity_report(&path, &e)).unwrap_or_default());
+        }
+        Err(e) => return Err(OpError::from(e)),
+    };
     let metrics = Metrics::unregistered();
     let store = WalStore::new(wal, metrics.clone(), Arc::new(WalHealth::default())).start();
     let reader = WalReader::open(&path, 2)?;

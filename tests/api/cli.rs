@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-fn gateway(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+pub fn gateway(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(args)
         .env_remove("GATEWAY_CONFIG")

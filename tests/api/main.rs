@@ -13,4 +13,5 @@ mod disk;
 mod health;
 mod helpers;
 mod ingest;
+mod ops_cli;
 mod tls;

@@ -297,6 +297,33 @@ impl CheckReport {
     }
 }
 
+/// SQLite's own integrity check of the database at `path`, for a WAL that
+/// [`Wal::open`] refuses (a damaged file): the report says what SQLite
+/// found instead of only "malformed".
+pub fn integrity_report(path: &std::path::Path, open_error: &WalError) -> CheckReport {
+    let mut rep = CheckReport::default();
+    let found: Result<Vec<String>, rusqlite::Error> = (|| {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let mut stmt = conn.prepare("PRAGMA integrity_check(20)")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    })();
+    let detail = match found {
+        Ok(lines) => lines.join("; "),
+        Err(e) => format!("SQLite cannot read the file: {e}"),
+    };
+    rep.add(
+        "integrity",
+        format!(
+            "the WAL cannot be opened ({open_error}); SQLite integrity check: {detail}. \
+             Restore from a copy or export what is readable with `gateway dlq export`"
+        ),
+        false,
+        false,
+    );
+    rep
+}
+
 impl SinkState {
     /// Makes the finished records in `set` Enqueued again (see the module doc).
     fn reopen(&mut self, set: &RangeSet) {

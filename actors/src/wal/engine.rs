@@ -12,8 +12,8 @@ use super::ranges::RangeSet;
 #[path = "admin.rs"]
 mod admin;
 pub use admin::{
-    count_dead, for_each_dead, list_dead, parse_time_ms, time_ms, CheckReport, DeadLetter,
-    DlqFilter, Problem, ReplayOutcome,
+    count_dead, for_each_dead, integrity_report, list_dead, parse_time_ms, time_ms, CheckReport,
+    DeadLetter, DlqFilter, Problem, ReplayOutcome,
 };
 
 const SCHEMA_VERSION: i64 = 1;

@@ -80,10 +80,10 @@ mod reader;
 mod store;
 
 pub use engine::{
-    count_dead, for_each_dead, list_dead, now_ms, parse_time_ms, splice_record, time_ms,
-    AppendOutcome, BackpressurePolicy, Batch, CheckReport, DeadLetter, DlqFilter, NewRecord,
-    Problem, ReplayOutcome, SinkStats, StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
-    WriteResult,
+    count_dead, for_each_dead, integrity_report, list_dead, now_ms, parse_time_ms, splice_record,
+    time_ms, AppendOutcome, BackpressurePolicy, Batch, CheckReport, DeadLetter, DlqFilter,
+    NewRecord, Problem, ReplayOutcome, SinkStats, StoredRecord, Wal, WalConfig, WalError, WalStats,
+    WriteOp, WriteResult,
 };
 pub use ranges::RangeSet;
 pub use reader::WalReader;
