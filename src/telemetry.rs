@@ -77,6 +77,17 @@ pub struct Logs;
 
 impl gateway_actors::control::LogControl for Logs {
     fn check(&self, level: &str) -> Result<(), String> {
+        // EnvFilter takes a bare word as a target name ("debgu" would silence
+        // every log line): each directive must end in a level.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for part in level.split(',').map(str::trim) {
+            let lvl = part.rsplit_once('=').map_or(part, |(_, l)| l);
+            if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+                return Err(format!(
+                    "{part:?} does not end in a level (trace, debug, info, warn, error, off)"
+                ));
+            }
+        }
         EnvFilter::try_new(directive(level))
             .map(|_| ())
             .map_err(|e| format!("{level:?} is not a level or filter directive: {e}"))

@@ -281,3 +281,68 @@ pub fn publish_lines(port: u16, topic: &str, lines: &[String], extra: &[&str]) -
     }
     child.wait().map(|s| s.success()).unwrap_or(false)
 }
+
+/// `mosquitto_sub -v` at QoS 1 on `topics` (plus `args`), writing what
+/// arrives to a file of its own; killed when dropped.
+pub struct Subscriber {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Subscriber {
+    pub fn start(port: u16, dir: &Path, topics: &[&str], args: &[&str]) -> Subscriber {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let out = dir.join(format!("received-{}.txt", N.fetch_add(1, Ordering::SeqCst)));
+        let file = std::fs::File::create(&out).unwrap();
+        let mut c = Command::new("mosquitto_sub");
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v"]);
+        for t in topics {
+            c.args(["-t", t]);
+        }
+        let child = c
+            .args(args)
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub is installed");
+        std::thread::sleep(Duration::from_millis(300));
+        Subscriber { child, out }
+    }
+
+    /// (topic, payload) of everything received so far.
+    pub fn messages(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (topic, payload) = l.split_once(' ')?;
+                Some((topic.to_string(), payload.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until a message on `topic` arrives; returns its payload as JSON.
+    pub fn wait_json(&self, topic: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((_, p)) = self.messages().into_iter().find(|(t, _)| t == topic) {
+                return serde_json::from_str(&p)
+                    .unwrap_or_else(|e| panic!("{topic}: not JSON ({e}): {p}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing on {topic} within {timeout:?}; got {:?}",
+                self.messages()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,6 +2,7 @@
 //! embedded broker).
 
 mod broker;
+mod control;
 #[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;

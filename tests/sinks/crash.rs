@@ -9,7 +9,7 @@ use crate::analytics::Analytics;
 use crate::broker::Mosquitto;
 use crate::helpers::{archived_records, free_port, spawn_gateway_binary, telemetry, wait_until};
 use crate::kafka::Tansu;
-use crate::mqtt::Subscriber;
+use crate::mqtt::{cloud_subscriber, received};
 use crate::s3::Moto;
 
 #[test]
@@ -21,7 +21,7 @@ fn after_kill_9_with_batches_in_flight_every_sink_gets_every_acknowledged_record
     moto.create_bucket("lake");
     let api = Analytics::start();
     let cloud = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
-    let sub = Subscriber::start(cloud.port, tmp.path());
+    let sub = cloud_subscriber(cloud.port, tmp.path());
     std::fs::write(tmp.path().join("key"), "test").unwrap();
     let archive = tmp.path().join("archive");
     let config = tmp.path().join("gateway.toml");
@@ -100,7 +100,7 @@ fn after_kill_9_with_batches_in_flight_every_sink_gets_every_acknowledged_record
                     .collect(),
             );
             let posted = keys(api.accepted_record_keys());
-            let cloud = keys(sub.received().into_iter().map(|(_, k)| k).collect());
+            let cloud = keys(received(&sub).into_iter().map(|(_, k)| k).collect());
             acked.is_subset(&archived) && acked.is_subset(&posted) && acked.is_subset(&cloud)
         },
     );

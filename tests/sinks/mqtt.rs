@@ -1,72 +1,28 @@
 //! The `mqtt` sink against a second, real Mosquitto (the "cloud" broker).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::broker::Mosquitto;
 use crate::helpers::{spawn_app, telemetry, wait_until};
 
-/// `mosquitto_sub` on a persistent session, writing "topic payload" lines.
-pub struct Subscriber {
-    child: Child,
-    out: PathBuf,
+pub use crate::broker::Subscriber;
+
+/// A persistent-session subscriber to `cloud/#` on the cloud broker.
+pub fn cloud_subscriber(port: u16, dir: &Path) -> Subscriber {
+    Subscriber::start(port, dir, &["cloud/#"], &["-c", "-i", "cloud-sub"])
 }
 
-impl Subscriber {
-    pub fn start(port: u16, dir: &Path) -> Subscriber {
-        let out = dir.join("received.txt");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&out)
-            .unwrap();
-        let child = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                "1",
-                "-c",
-                "-i",
-                "cloud-sub",
-                "-v",
-                "-t",
-                "cloud/#",
-            ])
-            .stdout(file)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub is installed");
-        std::thread::sleep(Duration::from_millis(300));
-        Subscriber { child, out }
-    }
-
-    /// (topic, idempotency key) of everything received.
-    pub fn received(&self) -> Vec<(String, String)> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let (topic, payload) = l.split_once(' ')?;
-                let v: serde_json::Value = serde_json::from_str(payload).ok()?;
-                Some((
-                    topic.to_string(),
-                    v["idempotency_key"].as_str()?.to_string(),
-                ))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// (topic, idempotency key) of everything the subscriber received.
+pub fn received(sub: &Subscriber) -> Vec<(String, String)> {
+    sub.messages()
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let v: serde_json::Value = serde_json::from_str(&payload).ok()?;
+            Some((topic, v["idempotency_key"].as_str()?.to_string()))
+        })
+        .collect()
 }
 
 fn mqtt_sink(port: u16) -> String {
@@ -80,7 +36,7 @@ fn mqtt_sink(port: u16) -> String {
 fn the_mqtt_sink_publishes_every_record_to_the_cloud_broker_under_its_device_topic() {
     let tmp = tempfile::tempdir().unwrap();
     let cloud = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
-    let sub = Subscriber::start(cloud.port, tmp.path());
+    let sub = cloud_subscriber(cloud.port, tmp.path());
     let app = spawn_app(&mqtt_sink(cloud.port));
     for i in 0..30 {
         let device = format!("dev-{}", i % 3);
@@ -94,7 +50,7 @@ fn the_mqtt_sink_publishes_every_record_to_the_cloud_broker_under_its_device_top
         "30 records at the cloud broker",
         Duration::from_secs(15),
         || {
-            sub.received()
+            received(&sub)
                 .iter()
                 .map(|(_, k)| k.clone())
                 .collect::<HashSet<_>>()
@@ -102,7 +58,7 @@ fn the_mqtt_sink_publishes_every_record_to_the_cloud_broker_under_its_device_top
                 == 30
         },
     );
-    for (topic, key) in sub.received() {
+    for (topic, key) in received(&sub) {
         let device = key.split(':').next().unwrap();
         assert_eq!(topic, format!("cloud/edge/{device}/telemetry"));
     }
@@ -116,7 +72,7 @@ fn records_wait_in_the_wal_while_the_cloud_broker_is_down_and_arrive_after_it_re
     let tmp = tempfile::tempdir().unwrap();
     let mut cloud = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
     // Register the subscriber's persistent session, then take the broker away.
-    drop(Subscriber::start(cloud.port, tmp.path()));
+    drop(cloud_subscriber(cloud.port, tmp.path()));
     cloud.stop();
     let app = spawn_app(&mqtt_sink(cloud.port));
     for i in 0..20 {
@@ -131,13 +87,13 @@ fn records_wait_in_the_wal_while_the_cloud_broker_is_down_and_arrive_after_it_re
     });
     assert_eq!(app.metric(r#"gateway_sink_up{sink="cloud"}"#), 0.0);
     cloud.restart();
-    let sub = Subscriber::start(cloud.port, tmp.path());
+    let sub = cloud_subscriber(cloud.port, tmp.path());
     let want: HashSet<String> = (0..20).map(|i| format!("dev-1:m{i}")).collect();
     wait_until(
         "everything delivered after the broker returned",
         Duration::from_secs(20),
         || {
-            sub.received()
+            received(&sub)
                 .into_iter()
                 .map(|(_, k)| k)
                 .collect::<HashSet<_>>()
