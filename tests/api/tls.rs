@@ -68,3 +68,33 @@ fn https_with_client_certificates_accepts_a_certified_client_and_refuses_others(
     ]);
     assert_ne!(code, 0, "plain HTTP must not be served on the HTTPS port");
 }
+
+#[test]
+fn the_admin_certificate_opens_the_admin_api_and_a_device_certificate_gets_403() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), &["dev-1", "gateway-admin"]);
+    let app = spawn_app(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        certs.path("server.crt"),
+        certs.path("server.key"),
+        certs.path("ca.crt")
+    ));
+    let url = app.base.replace("http://", "https://") + "/admin/wal";
+    let as_client = |name: &str| {
+        curl(&[
+            "--cacert",
+            &certs.path("ca.crt"),
+            "--cert",
+            &certs.path(&format!("{name}.crt")),
+            "--key",
+            &certs.path(&format!("{name}.key")),
+            &url,
+        ])
+    };
+    let (code, out) = as_client("gateway-admin");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("200") && out.contains("\"sinks\""), "{out}");
+    let (code, out) = as_client("dev-1");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("403") && out.contains("forbidden"), "{out}");
+}
