@@ -28,13 +28,20 @@ pub struct Cli {
     /// Overrides `log.level`.
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
-    /// Operator commands on a running gateway go to this admin API base URL
-    /// (default: derived from `http.addr` and `http.tls_*`).
+    /// Operator commands go to the admin API at this base URL (a remote or
+    /// running gateway). Without it: the local gateway's API, derived from
+    /// `http.addr`, when it runs; the data dir itself when it is stopped.
     #[arg(long, global = true, env = "GATEWAY_ADMIN_URL", value_name = "URL")]
     pub admin_url: Option<String>,
     /// CA certificate (PEM) that the admin API's HTTPS certificate chains to.
     #[arg(long, global = true, value_name = "FILE")]
     pub admin_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for an admin API that requires one (CN = `http.admin_cert_cn`).
+    #[arg(long, global = true, value_name = "FILE", requires = "admin_key_file")]
+    pub admin_cert_file: Option<PathBuf>,
+    /// Its PKCS#8 private key (PEM).
+    #[arg(long, global = true, value_name = "FILE", requires = "admin_cert_file")]
+    pub admin_key_file: Option<PathBuf>,
     /// Machine-readable output: one JSON document (NDJSON for exports).
     #[arg(long, global = true)]
     pub json: bool,

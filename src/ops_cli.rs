@@ -9,6 +9,8 @@
 //! - **gateway running** (the lock is held): the command goes to the running
 //!   gateway's admin API (`POST /admin/commands/{name}`), which runs it on
 //!   its WAL writer thread. The CLI never writes to a live WAL.
+//! - **`--admin-url`** given: always that admin API (a remote gateway too),
+//!   with the admin token or an admin client certificate.
 //!
 //! `dlq export` only reads: it streams from a read-only SQLite connection in
 //! both cases (SQLite's own locking keeps that safe beside a live writer).
@@ -57,11 +59,16 @@ enum Target {
         _lock: crate::lock::DataDirLock,
     },
     /// The gateway runs: its admin API.
-    Live {
-        base: String,
-        token: String,
-        ca: Option<PathBuf>,
-    },
+    Live(AdminClient),
+}
+
+/// How to reach an admin API.
+struct AdminClient {
+    base: String,
+    /// Bearer token; `None` when a client certificate identifies us.
+    token: Option<String>,
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -208,7 +215,7 @@ pub fn run(cli: &Cli, cmd: &CliCommand) -> Option<ExitCode> {
         Ok(t) => t,
         Err(e) => return Some(fail(e, 1)),
     };
-    let live = matches!(target, Target::Live { .. });
+    let live = matches!(target, Target::Live(_));
     let system = actix::System::new();
     let result = system.block_on(execute(&settings, &target, name, args));
     let value = match result {
@@ -216,7 +223,7 @@ pub fn run(cli: &Cli, cmd: &CliCommand) -> Option<ExitCode> {
         Err(e) => return Some(fail(e, 1)),
     };
     let mut code = present(&value, show, cli.json);
-    if let (Some(sink), Target::Live { .. }) = (&wait, &target) {
+    if let (Some(sink), Target::Live(_)) = (&wait, &target) {
         code = system.block_on(wait_for_sink(&target, sink.as_deref()));
     } else if wait.is_some() && !live {
         eprintln!("note: the gateway is stopped; the records are delivered when it starts");
@@ -226,12 +233,31 @@ pub fn run(cli: &Cli, cmd: &CliCommand) -> Option<ExitCode> {
 }
 
 fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
+    let identity = cli.admin_cert_file.clone().zip(cli.admin_key_file.clone());
+    let token_path = crate::auth::admin_token_path(settings);
+    if let Some(url) = &cli.admin_url {
+        // An explicit API: that gateway, wherever it runs.
+        let token = match std::fs::read_to_string(&token_path) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(_) if identity.is_some() => None,
+            Err(e) => return Err(format!(
+                "admin token {} cannot be read: {e} (or give --admin-cert-file/--admin-key-file)",
+                token_path.display()
+            )),
+        };
+        return Ok(Target::Live(AdminClient {
+            base: url.trim_end_matches('/').to_string(),
+            token,
+            ca: cli.admin_ca_file.clone(),
+            identity,
+        }));
+    }
     match try_lock(&settings.data_dir)
         .map_err(|e| format!("cannot lock {}: {e}", settings.data_dir.display()))?
     {
         LockState::Acquired(lock) => Ok(Target::Offline { _lock: lock }),
         LockState::Held(pid) => {
-            let base = cli.admin_url.clone().unwrap_or_else(|| {
+            let base = {
                 let addr = settings.http.addr;
                 let tls = settings.http.tls.is_some();
                 let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
@@ -248,20 +274,20 @@ fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
                     if tls { "https" } else { "http" },
                     addr.port()
                 )
-            });
-            let path = crate::auth::admin_token_path(settings);
-            let token = std::fs::read_to_string(&path).map_err(|e| {
+            };
+            let token = std::fs::read_to_string(&token_path).map_err(|e| {
                 format!(
                     "the gateway (pid {}) is running, and its admin token {} cannot be read: {e}",
                     pid.map_or("?".into(), |p| p.to_string()),
-                    path.display()
+                    token_path.display()
                 )
             })?;
-            Ok(Target::Live {
-                base: base.trim_end_matches('/').to_string(),
-                token: token.trim().to_string(),
+            Ok(Target::Live(AdminClient {
+                base,
+                token: Some(token.trim().to_string()),
                 ca: cli.admin_ca_file.clone(),
-            })
+                identity,
+            }))
         }
     }
 }
@@ -276,7 +302,7 @@ async fn execute(
         Target::Offline { .. } => offline(settings, name, args)
             .await
             .map_err(|e| format!("{} ({})", e, e.code())),
-        Target::Live { base, token, ca } => live(base, token, ca.as_ref(), name, args).await,
+        Target::Live(client) => client.call(name, args).await,
     }
 }
 
@@ -322,44 +348,47 @@ async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, 
     operator.execute(cmd, "cli").await
 }
 
-async fn live(
-    base: &str,
-    token: &str,
-    ca: Option<&PathBuf>,
-    name: &str,
-    args: Value,
-) -> Result<Value, String> {
-    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(600));
-    if let Some(ca) = ca {
-        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
-        b = b.add_root_certificate(cert);
-    }
-    let client = b.build().map_err(|e| e.to_string())?;
-    let url = format!("{base}/admin/commands/{name}");
-    let resp = client
-        .post(&url)
-        .bearer_auth(token)
-        .header("content-type", "application/json")
-        .body(args.to_string())
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
-    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if status.is_success() {
-        Ok(body)
-    } else {
-        let msg = body["error"]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| body.to_string());
-        Err(format!(
-            "{msg} (HTTP {status}, {})",
-            body["error"]["code"].as_str().unwrap_or("?")
-        ))
+impl AdminClient {
+    /// `POST /admin/commands/{name}` with `args`; the result, or the error message.
+    async fn call(&self, name: &str, args: Value) -> Result<Value, String> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(600));
+        if let Some(ca) = &self.ca {
+            let cert = reqwest::Certificate::from_pem(&read(ca)?)
+                .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
+            b = b.add_root_certificate(cert);
+        }
+        if let Some((cert, key)) = &self.identity {
+            let id = reqwest::Identity::from_pkcs8_pem(&read(cert)?, &read(key)?).map_err(|e| {
+                format!("admin client certificate (the key must be PKCS#8 PEM): {e}")
+            })?;
+            b = b.identity(id);
+        }
+        let client = b.build().map_err(|e| e.to_string())?;
+        let url = format!("{}/admin/commands/{name}", self.base);
+        let mut req = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(args.to_string());
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let msg = body["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| body.to_string());
+            Err(format!(
+                "{msg} (HTTP {status}, {})",
+                body["error"]["code"].as_str().unwrap_or("?")
+            ))
+        }
     }
 }
 
@@ -542,7 +571,7 @@ impl Progress {
 /// Polls the running gateway until `sink` (or every sink) has nothing
 /// pending, showing delivery progress.
 async fn wait_for_sink(target: &Target, sink: Option<&str>) -> ExitCode {
-    let Target::Live { base, token, ca } = target else {
+    let Target::Live(client) = target else {
         return ExitCode::SUCCESS;
     };
     let pending = |v: &Value| -> u64 {
@@ -563,7 +592,7 @@ async fn wait_for_sink(target: &Target, sink: Option<&str>) -> ExitCode {
     let mut best = u64::MAX;
     let mut since_progress = Instant::now();
     loop {
-        let v = match live(base, token, ca.as_ref(), "wal.stats", json!({})).await {
+        let v = match client.call("wal.stats", json!({})).await {
             Ok(v) => v,
             Err(e) => return fail(e, 1),
         };

@@ -97,4 +97,35 @@ fn the_admin_certificate_opens_the_admin_api_and_a_device_certificate_gets_403()
     let (code, out) = as_client("dev-1");
     assert_eq!(code, 0, "{out}");
     assert!(out.ends_with("403") && out.contains("forbidden"), "{out}");
+
+    // The CLI reaches the same API with the admin certificate and no token.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let api = app.base.replace("http://127.0.0.1", "https://localhost");
+    let cli = |cert: &str| {
+        crate::cli::gateway(
+            &[
+                "--data-dir",
+                elsewhere.path().to_str().unwrap(),
+                "--admin-url",
+                &api,
+                "--admin-ca-file",
+                &certs.path("ca.crt"),
+                "--admin-cert-file",
+                &certs.path(&format!("{cert}.crt")),
+                "--admin-key-file",
+                &certs.path(&format!("{cert}.key")),
+                "--json",
+                "sink",
+                "list",
+            ],
+            &[],
+        )
+    };
+    let (code, out, err) = cli("gateway-admin");
+    assert_eq!(code, 0, "{err}");
+    let sinks: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(sinks[0]["name"], "archive");
+    let (code, _, err) = cli("dev-1");
+    assert_eq!(code, 1);
+    assert!(err.contains("403"), "{err}");
 }

@@ -30,7 +30,6 @@ use serde_json::{json, Value};
 
 use super::ops::{Command, OpError, Operator};
 use crate::metrics::Metrics;
-use crate::mqtt::tls::tls_connector;
 use crate::mqtt::{MqttIngestConfig, MqttVersion};
 
 /// The control plane actor.
@@ -198,24 +197,8 @@ macro_rules! control_loop {
     }};
 }
 
-/// TLS and credentials on the options (same for both versions).
-macro_rules! secure {
-    ($opts:expr, $cfg:expr) => {{
-        if let Some(tls) = &$cfg.tls {
-            $opts.set_transport(Transport::tls_with_config(
-                TlsConfiguration::NativeConnector(tls_connector(tls)?),
-            ));
-        }
-        if let Some(u) = &$cfg.username {
-            $opts.set_credentials(u.clone(), $cfg.password.clone().unwrap_or_default());
-        }
-    }};
-}
-
 mod v4 {
-    use rumqttc::{
-        AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
-    };
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 
     use super::*;
 
@@ -228,7 +211,7 @@ mod v4 {
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(true)
             .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
-        secure!(opts, cfg);
+        crate::mqtt::tls::secure_options!(opts, cfg);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let topic_of = |p: &Publish| p.topic.clone();
         let reply = |c: AsyncClient, _req: Publish, topic: String, body: Bytes| async move {
@@ -244,7 +227,6 @@ mod v5 {
     use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use rumqttc::{TlsConfiguration, Transport};
 
     use super::*;
 
@@ -257,7 +239,7 @@ mod v5 {
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_start(true)
             .set_max_packet_size(Some(cfg.max_packet_bytes as u32));
-        secure!(opts, cfg);
+        crate::mqtt::tls::secure_options!(opts, cfg);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let topic_of = |p: &Publish| String::from_utf8_lossy(&p.topic).into_owned();
         let reply = |c: AsyncClient, req: Publish, topic: String, body: Bytes| async move {

@@ -42,7 +42,6 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 
 use super::config::{MqttIngestConfig, MqttVersion};
-use super::tls::tls_connector;
 use crate::ingest::{IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Source};
 use crate::metrics::Metrics;
 
@@ -222,14 +221,7 @@ macro_rules! ingest_loop {
 /// TLS, credentials and the client: the same for both protocol versions.
 macro_rules! connect {
     ($opts:expr, $cfg:expr, $client:ident) => {{
-        if let Some(tls) = &$cfg.tls {
-            $opts.set_transport(Transport::tls_with_config(
-                TlsConfiguration::NativeConnector(tls_connector(tls)?),
-            ));
-        }
-        if let Some(u) = &$cfg.username {
-            $opts.set_credentials(u.clone(), $cfg.password.clone().unwrap_or_default());
-        }
+        crate::mqtt::tls::secure_options!($opts, $cfg);
         $client::new($opts, usize::from($cfg.receive_maximum) * 2 + 16)
     }};
 }
@@ -315,9 +307,7 @@ fn note_disconnected(
 }
 
 mod v4 {
-    use rumqttc::{
-        AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
-    };
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 
     use super::*;
 
@@ -345,7 +335,6 @@ mod v5 {
     use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use rumqttc::{TlsConfiguration, Transport};
 
     use super::*;
 
