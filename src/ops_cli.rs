@@ -240,10 +240,12 @@ fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
         let token = match std::fs::read_to_string(&token_path) {
             Ok(t) => Some(t.trim().to_string()),
             Err(_) if identity.is_some() => None,
-            Err(e) => return Err(format!(
+            Err(e) => {
+                return Err(format!(
                 "admin token {} cannot be read: {e} (or give --admin-cert-file/--admin-key-file)",
                 token_path.display()
-            )),
+            ))
+            }
         };
         return Ok(Target::Live(AdminClient {
             base: url.trim_end_matches('/').to_string(),
@@ -345,7 +347,37 @@ async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, 
         config_text: settings.rendered.clone(),
         metrics,
     });
-    operator.execute(cmd, "cli").await
+    let (command, args) = (cmd.name(), format!("{cmd:?}"));
+    let result = operator.execute(cmd, "cli").await;
+    audit_offline(settings, command, &args, &result);
+    result
+}
+
+/// The gateway's audit log is its stdout; with the gateway stopped, the CLI
+/// appends its actions to `{data_dir}/audit.log` (JSON lines) instead.
+fn audit_offline(settings: &Settings, command: &str, args: &str, result: &Result<Value, OpError>) {
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        // SAFETY: getuid has no preconditions and cannot fail.
+        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }));
+    let line = json!({
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "target": "audit",
+        "actor": format!("cli:{who}"),
+        "command": command,
+        "args": args,
+        "outcome": if result.is_ok() { "ok" } else { "error" },
+        "error": result.as_ref().err().map(|e| e.to_string()),
+    });
+    let path = settings.data_dir.join("audit.log");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        eprintln!("warning: cannot append to {}: {e}", path.display());
+    }
 }
 
 impl AdminClient {

@@ -218,6 +218,32 @@ fn offline_commands_work_on_the_data_dir_and_the_gateway_applies_them_at_start()
     let (code, _, err) = gateway(&["--data-dir", d, "sink", "pause", "nope"], &[]);
     assert_eq!(code, 1);
     assert!(err.contains("unknown sink"), "{err}");
+    // Offline actions leave an audit trail in the data dir.
+    let audit: Vec<Value> = std::fs::read_to_string(data.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let commands: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["command"].as_str().unwrap(),
+                a["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        commands,
+        [
+            ("dlq.list", "ok"),
+            ("sink.pause", "ok"),
+            ("dlq.requeue", "ok"),
+            ("wal.stats", "ok"),
+            ("sink.pause", "error")
+        ]
+    );
+    assert!(audit[0]["actor"].as_str().unwrap().starts_with("cli:"));
 
     // The gateway starts paused (runtime.json), holds the records, and
     // delivers them when resumed through the CLI, which now goes through
