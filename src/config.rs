@@ -66,7 +66,15 @@ struct RawConfig {
     #[serde(default)]
     wal: RawWal,
     #[serde(default)]
+    otlp: RawOtlp,
+    #[serde(default)]
     sinks: BTreeMap<String, RawSink>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawOtlp {
+    endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -232,9 +240,11 @@ struct EnvLayer {
     wal_dedup_window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wal_policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
 }
 
-const SECTIONS: [&str; 5] = ["log", "http", "ingest", "mqtt", "wal"];
+const SECTIONS: [&str; 6] = ["log", "http", "ingest", "mqtt", "wal", "otlp"];
 
 fn env_key_path(field: &str) -> Vec<String> {
     if field == "id" {
@@ -486,6 +496,19 @@ impl Loaded {
             ));
         }
 
+        let otlp_endpoint = match raw.otlp.endpoint.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(e) if e.starts_with("http://") || e.starts_with("https://") => {
+                Some(e.trim_end_matches('/').to_string())
+            }
+            Some(e) => {
+                return Err(self.invalid(
+                    "otlp.endpoint",
+                    format!("{e:?} must be an http:// or https:// base URL (the exporter appends /v1/traces)"),
+                ))
+            }
+        };
+
         let addr_text = raw.http.addr.clone().unwrap_or_default();
         let addr: SocketAddr = addr_text.parse().map_err(|e| {
             self.invalid("http.addr", format!("{addr_text:?} is not host:port ({e})"))
@@ -626,6 +649,7 @@ impl Loaded {
             },
             mqtt,
             wal,
+            otlp_endpoint,
             sinks,
         })
     }
@@ -1185,6 +1209,9 @@ pub struct Settings {
     pub mqtt: MqttMode,
     /// WAL limits.
     pub wal: WalSettings,
+    /// OTLP/HTTP base URL for traces (`otlp.endpoint`, without `/v1/traces`);
+    /// `None` = traces off unless the standard `OTEL_EXPORTER_OTLP_*` variables say where.
+    pub otlp_endpoint: Option<String>,
     /// Sinks by name.
     pub sinks: BTreeMap<String, SinkSettings>,
 }

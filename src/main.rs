@@ -70,14 +70,18 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
         Ok(s) => s,
         Err(e) => return config_error(e),
     };
-    gateway::telemetry::init_logging(&settings.log_level);
+    let telemetry = gateway::telemetry::init_with_traces(
+        &settings.log_level,
+        settings.otlp_endpoint.as_deref(),
+        &settings.gateway_id,
+    );
     let system = actix::System::new();
     let result = system.block_on(async move {
         let app = Application::build(settings).await?;
         app.run_until_stopped().await?;
         anyhow::Ok(())
     });
-    match result {
+    let code = match result {
         Ok(()) => {
             tracing::info!("gateway stopped");
             ExitCode::SUCCESS
@@ -87,5 +91,8 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Exports the spans still queued.
+    telemetry.shutdown();
+    code
 }

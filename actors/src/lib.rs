@@ -14,6 +14,8 @@
 //! - [`mqtt`]: the `MqttIngest` actor: QoS 1, persistent session, PUBACK
 //!   only after the WAL commit.
 //! - [`metrics`]: the Prometheus metrics every actor moves.
+//! - [`trace`]: the pipeline spans (`ingest` … `sink.publish`) and the W3C
+//!   `traceparent` they travel with; off unless the binary exports traces.
 //!
 //! Every guarantee comes from the WAL: actor mailboxes are not durable, so an
 //! ingest is answered only after `WalStore` committed it, and a batch is
@@ -28,6 +30,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod sink;
+pub mod trace;
 pub mod wal;
 
 pub use metrics::Metrics;
