@@ -1364,6 +1364,21 @@ mod tests {
     }
 
     #[test]
+    fn otlp_endpoint_is_off_by_default_and_must_be_an_http_base_url() {
+        assert_eq!(Settings::from_toml("").unwrap().otlp_endpoint, None);
+        let s = Settings::from_toml("[otlp]\nendpoint = \"https://otel.example:4318/\"\n").unwrap();
+        assert_eq!(
+            s.otlp_endpoint.as_deref(),
+            Some("https://otel.example:4318")
+        );
+        let e = Settings::from_toml("[otlp]\nendpoint = \"otel.example:4317\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("otlp.endpoint"), "{e}");
+        assert_eq!(env_key_path("otlp_endpoint"), ["otlp", "endpoint"]);
+    }
+
+    #[test]
     fn an_invalid_file_value_names_the_key_and_the_file() {
         let err = Settings::from_toml("[http]\naddr = \"nonsense\"\n")
             .unwrap_err()
