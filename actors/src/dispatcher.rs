@@ -246,13 +246,8 @@ impl Dispatcher {
                         error = %e,
                         "sink publish failed; will retry"
                     );
-                    let retry = trace::retry_span(
-                        &span,
-                        &sink,
-                        attempt,
-                        delay.as_millis() as u64,
-                        &e.to_string(),
-                    );
+                    let retry =
+                        trace::retry_span(&span, &sink, attempt, delay.as_millis() as u64, &e);
                     ctx.run_later(delay, move |act, ctx| {
                         drop(retry);
                         act.publish(batch, span, attempt + 1, counted, ctx)

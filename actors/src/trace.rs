@@ -207,7 +207,13 @@ pub fn publish_span(dispatch: &Span, sink: &str, batch_size: usize, attempt: u32
 }
 
 /// The `sink.retry` span: the backoff wait before attempt `attempt + 1`.
-pub fn retry_span(dispatch: &Span, sink: &str, attempt: u32, delay_ms: u64, error: &str) -> Span {
+pub fn retry_span(
+    dispatch: &Span,
+    sink: &str,
+    attempt: u32,
+    delay_ms: u64,
+    error: &dyn std::fmt::Display,
+) -> Span {
     if dispatch.is_disabled() {
         return Span::none();
     }
@@ -218,7 +224,7 @@ pub fn retry_span(dispatch: &Span, sink: &str, attempt: u32, delay_ms: u64, erro
         sink,
         attempt = i64::from(attempt),
         delay_ms = delay_ms as i64,
-        error,
+        error = %error,
     )
 }
 
@@ -272,6 +278,47 @@ mod tests {
             record_traceparent(r#"{"a":1,"traceparent":"00-x-y-01"}"#),
             Some("00-x-y-01")
         );
+    }
+
+    fn batch_of(tps: &[Option<&str>]) -> Batch {
+        let records = tps
+            .iter()
+            .enumerate()
+            .map(|(i, tp)| crate::wal::StoredRecord {
+                seq: i as u64 + 1,
+                device_id: "d".into(),
+                idempotency_key: format!("d:{i}"),
+                correlation_id: "c".into(),
+                receive_ms: 0,
+                json: match tp {
+                    Some(tp) => format!(r#"{{"device_id":"d","traceparent":"{tp}"}}"#),
+                    None => r#"{"device_id":"d"}"#.into(),
+                },
+            })
+            .collect();
+        Batch {
+            sink: "s".into(),
+            ranges: vec![],
+            records,
+        }
+    }
+
+    #[test]
+    fn without_traces_a_sink_passes_on_the_traceparent_only_when_the_whole_batch_shares_it() {
+        set_enabled(false);
+        let a = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let b = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            outgoing_traceparent(&batch_of(&[Some(a)])).as_deref(),
+            Some(a)
+        );
+        assert_eq!(
+            outgoing_traceparent(&batch_of(&[Some(a), Some(a)])).as_deref(),
+            Some(a)
+        );
+        assert_eq!(outgoing_traceparent(&batch_of(&[Some(a), Some(b)])), None);
+        assert_eq!(outgoing_traceparent(&batch_of(&[Some(a), None])), None);
+        assert_eq!(outgoing_traceparent(&batch_of(&[None])), None);
     }
 
     #[test]

@@ -235,6 +235,9 @@ impl Handler<IngestTelemetry> for IngestRouter {
     fn handle(&mut self, msg: IngestTelemetry, _: &mut Context<Self>) -> Self::Result {
         let source = msg.source;
         let own_traceparent = trace::traceparent_of(&msg.span);
+        // Rejections logged below become events of the ingest span.
+        let span = msg.span.clone();
+        let _in_span = span.enter();
         let enrich = Enrichment {
             gateway_id: &self.gateway_id,
             correlation_id: &msg.correlation_id,
