@@ -97,8 +97,9 @@ impl LoggedGateway {
     }
 }
 
-/// `python -m oteltap --port P`: an OTLP/HTTP protobuf receiver printing
-/// each span as a JSON line; killed on drop.
+/// A real OTLP/HTTP protobuf receiver from the test virtualenv printing JSON
+/// lines: `python -m oteltap --port P` (one line per span) or
+/// `tests/support/otlp_resources.py P` (one line per export); killed on drop.
 pub struct OtelTap {
     child: Child,
     pub port: u16,
@@ -114,11 +115,26 @@ impl Drop for OtelTap {
 
 impl OtelTap {
     pub fn start(dir: &Path) -> OtelTap {
+        Self::spawn(dir, &["-m", "oteltap", "--port"])
+    }
+
+    /// `tests/support/otlp_resources.py`: prints each export's resource
+    /// attributes and span names (oteltap prints spans only).
+    pub fn start_resource_printer(dir: &Path) -> OtelTap {
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/otlp_resources.py");
+        Self::spawn(dir, &[script.to_str().unwrap()])
+    }
+
+    /// `python -u {args} PORT`, stdout to a file.
+    fn spawn(dir: &Path, args: &[&str]) -> OtelTap {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let port = free_port();
-        let out = dir.join("oteltap.out");
+        let out = dir.join(format!("otlp-receiver-{port}.out"));
         let child = Command::new(root.join(".venv-test/bin/python"))
-            .args(["-u", "-m", "oteltap", "--port", &port.to_string()])
+            .arg("-u")
+            .args(args)
+            .arg(port.to_string())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(dir.join("oteltap.err")).unwrap())
             .spawn()
@@ -134,13 +150,20 @@ impl OtelTap {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The spans received so far (the JSON lines of its output).
-    pub fn spans(&self) -> Vec<Value> {
+    /// The JSON lines of its output so far.
+    pub fn lines(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.out)
             .unwrap_or_default()
             .lines()
             .filter(|l| l.starts_with('{'))
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
+    /// The spans oteltap received so far.
+    pub fn spans(&self) -> Vec<Value> {
+        self.lines()
+            .into_iter()
             .filter(|v| v.get("spanId").is_some())
             .collect()
     }

@@ -285,3 +285,41 @@ retry_base_ms = 300
     // The log stayed JSON lines with traces on.
     assert!(!gw.log_lines().is_empty());
 }
+
+#[test]
+fn the_standard_otel_endpoint_variable_turns_traces_on_with_the_gateway_resource() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = OtelTap::start_resource_printer(dir.path());
+    let config = "gateway_id = \"edge-env\"\n[mqtt]\nurl = \"off\"\n";
+    let mut gw = LoggedGateway::start(
+        dir.path(),
+        config,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint().as_str())],
+    );
+    let resp = request(
+        ureq::post(&gw.url("/ingest/dev-env")).set("Content-Type", "application/json"),
+        Some(&telemetry("m-env", 1.0)),
+    );
+    assert_eq!(resp.status, 202, "{}", resp.text);
+    gw.stop();
+    wait_until("an export", Duration::from_secs(15), || {
+        !receiver.lines().is_empty()
+    });
+    let exports = receiver.lines();
+    let e = &exports[0];
+    assert_eq!(e["path"], "/v1/traces", "{e}");
+    assert_eq!(e["content_type"], "application/x-protobuf", "{e}");
+    let r = &e["resource"];
+    assert_eq!(r["service.name"], "iot-gateway", "{e}");
+    assert_eq!(r["service.version"], env!("CARGO_PKG_VERSION"), "{e}");
+    assert_eq!(r["service.instance.id"], "edge-env", "{e}");
+    assert_eq!(r["gateway.id"], "edge-env", "{e}");
+    let names: Vec<&str> = exports
+        .iter()
+        .flat_map(|e| e["spans"].as_array().unwrap())
+        .filter_map(Value::as_str)
+        .collect();
+    for name in ["ingest", "wal.append", "POST /ingest/{device_id}"] {
+        assert!(names.contains(&name), "{name} not in {names:?}");
+    }
+}
