@@ -16,13 +16,15 @@
 //! lets the trace spans through, whatever the log level.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
@@ -143,7 +145,10 @@ fn build_provider(
         // exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT itself.
         exporter = exporter.with_endpoint(traces_url(base));
     }
-    let exporter = exporter.build()?;
+    let exporter = ReportingExporter::new(
+        exporter.build()?,
+        otlp_endpoint.map_or_else(|| "OTEL_EXPORTER_OTLP_* endpoint".into(), traces_url),
+    );
     let mut resource = Resource::builder().with_attributes([
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         KeyValue::new("service.instance.id", gateway_id.to_string()),
@@ -156,6 +161,111 @@ fn build_provider(
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build())
+}
+
+/// How often a receiver that stays down is reported again.
+const EXPORT_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// The OTLP exporter, logging when exports start failing, once a minute while
+/// they keep failing, and when they work again — not once per batch (at full
+/// load that would be hundreds of lines a second).
+#[derive(Debug)]
+struct ReportingExporter<E> {
+    inner: E,
+    endpoint: String,
+    state: Mutex<ExportState>,
+}
+
+#[derive(Debug, Default)]
+struct ExportState {
+    /// Since when exports fail; `None` while they work.
+    failing_since: Option<Instant>,
+    last_report: Option<Instant>,
+    /// Failed batches and spans since the last report.
+    batches: u64,
+    spans: u64,
+}
+
+impl<E> ReportingExporter<E> {
+    fn new(inner: E, endpoint: String) -> Self {
+        Self {
+            inner,
+            endpoint,
+            state: Mutex::default(),
+        }
+    }
+
+    fn note(&self, result: &OTelSdkResult, spans: usize) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                if let Some(since) = st.failing_since.take() {
+                    tracing::info!(
+                        endpoint = %self.endpoint,
+                        failed_for_s = since.elapsed().as_secs(),
+                        dropped_spans = st.spans,
+                        "trace export works again"
+                    );
+                    st.batches = 0;
+                    st.spans = 0;
+                }
+            }
+            Err(e) => {
+                st.batches += 1;
+                st.spans += spans as u64;
+                let report = match (st.failing_since, st.last_report) {
+                    (None, _) => true,
+                    (Some(_), Some(last)) => now.duration_since(last) >= EXPORT_REPORT_EVERY,
+                    (Some(_), None) => true,
+                };
+                if st.failing_since.is_none() {
+                    st.failing_since = Some(now);
+                }
+                if report {
+                    tracing::error!(
+                        endpoint = %self.endpoint,
+                        error = %e,
+                        failed_batches = st.batches,
+                        dropped_spans = st.spans,
+                        "cannot export traces; spans are dropped until the receiver answers"
+                    );
+                    st.last_report = Some(now);
+                    st.batches = 0;
+                    st.spans = 0;
+                }
+            }
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for ReportingExporter<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let spans = batch.len();
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            self.note(&result, spans);
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// `level` plus our defaults for chatty dependencies, unless the operator
@@ -241,6 +351,30 @@ pub fn set_log_level(level: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_receiver_is_reported_once_then_counted_until_it_answers() {
+        let x = ReportingExporter::new((), "http://collector/v1/traces".into());
+        let down = Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+            "connection refused".into(),
+        ));
+        x.note(&down, 512);
+        {
+            let st = x.state.lock().unwrap();
+            assert!(st.failing_since.is_some() && st.last_report.is_some());
+            assert_eq!((st.batches, st.spans), (0, 0), "reported and reset");
+        }
+        x.note(&down, 512);
+        x.note(&down, 100);
+        {
+            let st = x.state.lock().unwrap();
+            assert_eq!((st.batches, st.spans), (2, 612), "counted, not reported");
+        }
+        x.note(&Ok(()), 10);
+        let st = x.state.lock().unwrap();
+        assert!(st.failing_since.is_none());
+        assert_eq!((st.batches, st.spans), (0, 0));
+    }
 
     #[test]
     fn the_traces_url_appends_the_signal_path_to_the_base() {
