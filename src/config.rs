@@ -66,7 +66,15 @@ struct RawConfig {
     #[serde(default)]
     wal: RawWal,
     #[serde(default)]
+    otlp: RawOtlp,
+    #[serde(default)]
     sinks: BTreeMap<String, RawSink>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawOtlp {
+    endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -235,9 +243,11 @@ struct EnvLayer {
     wal_dedup_window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wal_policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
 }
 
-const SECTIONS: [&str; 5] = ["log", "http", "ingest", "mqtt", "wal"];
+const SECTIONS: [&str; 6] = ["log", "http", "ingest", "mqtt", "wal", "otlp"];
 
 fn env_key_path(field: &str) -> Vec<String> {
     if field == "id" {
@@ -489,6 +499,19 @@ impl Loaded {
             ));
         }
 
+        let otlp_endpoint = match raw.otlp.endpoint.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(e) if e.starts_with("http://") || e.starts_with("https://") => {
+                Some(e.trim_end_matches('/').to_string())
+            }
+            Some(e) => {
+                return Err(self.invalid(
+                    "otlp.endpoint",
+                    format!("{e:?} must be an http:// or https:// base URL (the exporter appends /v1/traces)"),
+                ))
+            }
+        };
+
         let addr_text = raw.http.addr.clone().unwrap_or_default();
         let addr: SocketAddr = addr_text.parse().map_err(|e| {
             self.invalid("http.addr", format!("{addr_text:?} is not host:port ({e})"))
@@ -634,6 +657,7 @@ impl Loaded {
             },
             mqtt,
             wal,
+            otlp_endpoint,
             sinks,
             rendered: String::new(),
         };
@@ -1196,6 +1220,9 @@ pub struct Settings {
     pub mqtt: MqttMode,
     /// WAL limits.
     pub wal: WalSettings,
+    /// OTLP/HTTP base URL for traces (`otlp.endpoint`, without `/v1/traces`);
+    /// `None` = traces off unless the standard `OTEL_EXPORTER_OTLP_*` variables say where.
+    pub otlp_endpoint: Option<String>,
     /// Sinks by name.
     pub sinks: BTreeMap<String, SinkSettings>,
     /// The effective configuration as TOML, secrets redacted (`config print`, `config.get`).
@@ -1350,6 +1377,21 @@ mod tests {
         }
         assert!(matches!(s.mqtt, MqttMode::Embedded { .. }));
         assert_eq!(s.wal.retention, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn otlp_endpoint_is_off_by_default_and_must_be_an_http_base_url() {
+        assert_eq!(Settings::from_toml("").unwrap().otlp_endpoint, None);
+        let s = Settings::from_toml("[otlp]\nendpoint = \"https://otel.example:4318/\"\n").unwrap();
+        assert_eq!(
+            s.otlp_endpoint.as_deref(),
+            Some("https://otel.example:4318")
+        );
+        let e = Settings::from_toml("[otlp]\nendpoint = \"otel.example:4317\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("otlp.endpoint"), "{e}");
+        assert_eq!(env_key_path("otlp_endpoint"), ["otlp", "endpoint"]);
     }
 
     #[test]

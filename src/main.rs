@@ -80,7 +80,11 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
         Ok(s) => s,
         Err(e) => return config_error(e),
     };
-    gateway::telemetry::init_logging(&settings.log_level);
+    let telemetry = gateway::telemetry::init_with_traces(
+        &settings.log_level,
+        settings.otlp_endpoint.as_deref(),
+        &settings.gateway_id,
+    );
     // One gateway per data dir; the CLI uses the admin API while we hold it.
     let _lock = match gateway::lock::try_lock(&settings.data_dir) {
         Ok(LockState::Acquired(l)) => l,
@@ -107,7 +111,7 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
         app.run_until_stopped().await?;
         anyhow::Ok(())
     });
-    match result {
+    let code = match result {
         Ok(()) => {
             tracing::info!("gateway stopped");
             ExitCode::SUCCESS
@@ -117,5 +121,8 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Exports the spans still queued.
+    telemetry.shutdown();
+    code
 }

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix::{Addr, Supervisor};
-use actix_web::middleware::from_fn;
+use actix_web::middleware::{from_fn, Condition};
 use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
 use anyhow::{bail, Context as _};
@@ -238,11 +238,17 @@ impl Application {
         let listener = TcpListener::bind(settings.http.addr)
             .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
         let port = listener.local_addr()?.port();
+        // Request spans only when they are exported: without a trace layer
+        // nobody reads them, and building one costs every request.
+        let traces = gateway_actors::trace::enabled();
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap(from_fn(http::correlation))
                 .wrap(prometheus.clone())
-                .wrap(tracing_actix_web::TracingLogger::default())
+                .wrap(Condition::new(
+                    traces,
+                    tracing_actix_web::TracingLogger::default(),
+                ))
                 .app_data(state.clone())
                 .configure(http::configure)
         })
@@ -265,6 +271,7 @@ impl Application {
             sinks = ?settings.sinks.keys().collect::<Vec<_>>(),
             data_dir = %settings.data_dir.display(),
             version = env!("CARGO_PKG_VERSION"),
+            traces,
             "gateway started"
         );
         Ok(Self {

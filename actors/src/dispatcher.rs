@@ -22,9 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tracing::Span;
 
 use crate::metrics::Metrics;
 use crate::sink::{PublishBatch, SinkActor, SinkError};
+use crate::trace;
 use crate::wal::{now_ms, AckBatch, Batch, FetchBatch, MarkDead, ReleaseSink, WalStore};
 
 /// Delivery settings of one sink.
@@ -140,7 +142,10 @@ impl Dispatcher {
             max_wait: self.cfg.batch_max_wait,
         });
         ctx.spawn(fetch.into_actor(self).map(|res, act, ctx| match res {
-            Ok(Ok(Some(batch))) => act.publish(Arc::new(batch), 1, 0, ctx),
+            Ok(Ok(Some(batch))) => {
+                let span = trace::dispatch_span(&act.cfg.sink, &batch);
+                act.publish(Arc::new(batch), span, 1, 0, ctx)
+            }
             Ok(Ok(None)) => act.idle(act.cfg.idle_poll(), ctx),
             Ok(Err(e)) => {
                 tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
@@ -158,12 +163,22 @@ impl Dispatcher {
         ctx.run_later(after, |act, ctx| act.step(ctx));
     }
 
-    fn publish(&mut self, batch: Arc<Batch>, attempt: u32, counted: u32, ctx: &mut Context<Self>) {
+    /// One attempt at `batch`; `span` is its `dispatch` span.
+    fn publish(
+        &mut self,
+        batch: Arc<Batch>,
+        span: Span,
+        attempt: u32,
+        counted: u32,
+        ctx: &mut Context<Self>,
+    ) {
         let started = Instant::now();
+        let publish_span = trace::publish_span(&span, &self.cfg.sink, batch.records.len(), attempt);
         let send = self
             .sink
             .send(PublishBatch {
                 batch: batch.clone(),
+                span: publish_span.clone(),
             })
             .timeout(self.cfg.publish_timeout);
         ctx.spawn(send.into_actor(self).map(move |res, act, ctx| {
@@ -182,11 +197,20 @@ impl Dispatcher {
                     Err(SinkError::Retryable("sink actor unavailable".into()))
                 }
             };
+            match &res {
+                Ok(()) => publish_span.record("outcome", "ok"),
+                Err(e) if e.is_retryable() => publish_span.record("outcome", "retry"),
+                Err(_) => publish_span.record("outcome", "dead"),
+            };
+            if let Err(e) = &res {
+                publish_span.record("error", tracing::field::display(e));
+            }
+            drop(publish_span);
             match res {
                 Ok(()) => {
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
-                    act.ack(batch, attempt, ctx);
+                    act.ack(batch, span, attempt, ctx);
                 }
                 Err(e) if e.is_retryable() => {
                     // A target that is down is not the batch's fault: those
@@ -194,7 +218,7 @@ impl Dispatcher {
                     let counted = counted + u32::from(!matches!(e, SinkError::Unavailable(_)));
                     act.metrics.sink_up.with_label_values(&[&sink]).set(0);
                     if counted >= act.cfg.retry_budget {
-                        act.dead(batch, attempt, e.to_string(), ctx);
+                        act.dead(batch, span, attempt, e.to_string(), ctx);
                         return;
                     }
                     act.note_failure();
@@ -222,13 +246,16 @@ impl Dispatcher {
                         error = %e,
                         "sink publish failed; will retry"
                     );
+                    let retry =
+                        trace::retry_span(&span, &sink, attempt, delay.as_millis() as u64, &e);
                     ctx.run_later(delay, move |act, ctx| {
-                        act.publish(batch, attempt + 1, counted, ctx)
+                        drop(retry);
+                        act.publish(batch, span, attempt + 1, counted, ctx)
                     });
                 }
                 Err(e) => {
                     act.metrics.sink_up.with_label_values(&[&sink]).set(0);
-                    act.dead(batch, attempt, e.to_string(), ctx);
+                    act.dead(batch, span, attempt, e.to_string(), ctx);
                 }
             }
         }));
@@ -264,7 +291,7 @@ impl Dispatcher {
         }
     }
 
-    fn ack(&mut self, batch: Arc<Batch>, attempt: u32, ctx: &mut Context<Self>) {
+    fn ack(&mut self, batch: Arc<Batch>, span: Span, attempt: u32, ctx: &mut Context<Self>) {
         let msg = AckBatch {
             sink: self.cfg.sink.clone(),
             ranges: batch.ranges.clone(),
@@ -296,6 +323,7 @@ impl Dispatcher {
                             attempt,
                             "batch delivered"
                         );
+                        span.record("outcome", "delivered");
                         act.busy = false;
                         act.step(ctx);
                     }
@@ -325,7 +353,14 @@ impl Dispatcher {
         );
     }
 
-    fn dead(&mut self, batch: Arc<Batch>, attempts: u32, error: String, ctx: &mut Context<Self>) {
+    fn dead(
+        &mut self,
+        batch: Arc<Batch>,
+        span: Span,
+        attempts: u32,
+        error: String,
+        ctx: &mut Context<Self>,
+    ) {
         let msg = MarkDead {
             sink: self.cfg.sink.clone(),
             ranges: batch.ranges.clone(),
@@ -346,12 +381,13 @@ impl Dispatcher {
                     error = %error,
                     "batch dead-lettered for this sink"
                 );
+                span.record("outcome", "dead");
                 act.busy = false;
                 act.step(ctx);
             }
             _ => {
                 tracing::warn!(sink = %act.cfg.sink, "cannot record dead letters; retrying");
-                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.dead(batch, attempts, error, ctx));
+                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.dead(batch, span, attempts, error, ctx));
             }
         }));
     }

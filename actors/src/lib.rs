@@ -16,6 +16,8 @@
 //! - [`control`]: operator commands (`Operator`), the MQTT `ControlPlane`
 //!   and runtime settings persisted in the data dir.
 //! - [`metrics`]: the Prometheus metrics every actor moves.
+//! - [`trace`]: the pipeline spans (`ingest` … `sink.publish`) and the W3C
+//!   `traceparent` they travel with; off unless the binary exports traces.
 //!
 //! Every guarantee comes from the WAL: actor mailboxes are not durable, so an
 //! ingest is answered only after `WalStore` committed it, and a batch is
@@ -31,6 +33,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod sink;
+pub mod trace;
 pub mod wal;
 
 pub use metrics::Metrics;

@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 use gateway_actors::ingest::validate::is_traceparent;
 use gateway_actors::ingest::validate::{check_device_id, check_idempotency_header};
 use gateway_actors::ingest::{IngestError, IngestTelemetry, PayloadFormat, Source};
+use gateway_actors::trace;
 use serde_json::json;
 
 use super::error::ApiError;
@@ -36,6 +37,8 @@ pub async fn ingest(
         .get::<CorrelationId>()
         .map(|c| c.0.clone())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // A child of the request span, which continues the `traceparent` header.
+    let span = trace::ingest_span(Source::Http, &device_id, &correlation_id, None);
     let reject = |status, code, message: String| {
         state
             .metrics
@@ -123,6 +126,7 @@ pub async fn ingest(
         correlation_id: correlation_id.clone(),
         idempotency_key,
         traceparent,
+        span: span.clone(),
     };
     let receipt = match state.router.send(msg).await {
         Ok(Ok(r)) => r,

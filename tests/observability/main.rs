@@ -3,10 +3,22 @@
 //! Prometheus (Debian's `prometheus` package, see scripts/test-deps.sh)
 //! scrapes in-process gateways and evaluates every dashboard and alert
 //! expression. Grafana itself is not installable on the build machine.
+//!
+//! `traces`: the real binary's spans reach a real OTLP receiver (`oteltap`);
+//! `logs`: the real binary's stdout is JSON lines, one event each.
 
+#[allow(dead_code)]
+#[path = "../sinks/analytics.rs"]
+mod analytics;
+mod binary;
+#[allow(dead_code)]
+#[path = "../mqtt/broker.rs"]
+mod broker;
 #[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;
+mod logs;
+mod traces;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
+use tracing::Instrument as _;
 
 use super::validate::{parse_payload, Enrichment, IngestLimits, Rejection, Source};
 use crate::metrics::Metrics;
+use crate::trace;
 use crate::wal::{now_ms, AppendOutcome, AppendRecords, WalError, WalHealth, WalStore};
 
 /// Per-device rate limit: a token bucket refilled at `per_second` records
@@ -248,8 +250,13 @@ pub struct IngestTelemetry {
     pub correlation_id: String,
     /// Producer idempotency key (HTTP header), if any.
     pub idempotency_key: Option<String>,
-    /// W3C traceparent, if any.
+    /// W3C traceparent of the producer, if any (stored with the records
+    /// when traces are off).
     pub traceparent: Option<String>,
+    /// The `ingest` span ([`trace::ingest_span`]; `Span::none()` when traces
+    /// are off). When it is on, its context is the `traceparent` stored with
+    /// the records, and `wal.append` is its child.
+    pub span: tracing::Span,
 }
 impl Message for IngestTelemetry {
     type Result = Result<IngestReceipt, IngestError>;
@@ -259,16 +266,20 @@ impl Handler<IngestTelemetry> for IngestRouter {
 
     fn handle(&mut self, msg: IngestTelemetry, _: &mut Context<Self>) -> Self::Result {
         let source = msg.source;
+        let own_traceparent = trace::traceparent_of(&msg.span);
+        // Rejections logged below become events of the ingest span.
+        let span = msg.span.clone();
+        let _in_span = span.enter();
         let enrich = Enrichment {
             gateway_id: &self.gateway_id,
             correlation_id: &msg.correlation_id,
             receive_ms: now_ms(),
             source,
             idempotency_key: msg.idempotency_key.as_deref(),
-            traceparent: msg
+            traceparent: own_traceparent.as_deref().or(msg
                 .traceparent
                 .as_deref()
-                .filter(|t| super::validate::is_traceparent(t)),
+                .filter(|t| super::validate::is_traceparent(t))),
         };
         let looks_json = matches!(msg.payload.trim_ascii_start().first(), Some(b'{' | b'['));
         let protobuf = match msg.payload_format {
@@ -326,9 +337,10 @@ impl Handler<IngestTelemetry> for IngestRouter {
         }
         let correlation_id = msg.correlation_id;
         let metrics = self.metrics.clone();
+        let append_span = trace::wal_append_span(&msg.span, records.len());
         let send = self.wal.send(AppendRecords { records });
         Box::pin(async move {
-            let outcomes = match send.await {
+            let outcomes = match send.instrument(append_span).await {
                 Ok(Ok(o)) => o,
                 Ok(Err(WalError::Backpressure(why))) => {
                     metrics

@@ -129,6 +129,12 @@ async fn ingest_until_ackable(
 ) {
     let device_id = device_of(&topic).to_string();
     let correlation_id = uuid::Uuid::new_v4().to_string();
+    let span = crate::trace::ingest_span(
+        Source::Mqtt,
+        &device_id,
+        &correlation_id,
+        traceparent.as_deref(),
+    );
     let mut warned = false;
     loop {
         let msg = IngestTelemetry {
@@ -139,6 +145,7 @@ async fn ingest_until_ackable(
             correlation_id: correlation_id.clone(),
             idempotency_key: None,
             traceparent: traceparent.clone(),
+            span: span.clone(),
         };
         match router.send(msg).await {
             // Stored, or refused for good (counted and logged by the router):

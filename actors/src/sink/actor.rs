@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use futures_util::FutureExt;
+use tracing::Instrument as _;
 
 use super::{Sink, SinkError};
 use crate::metrics::Metrics;
@@ -78,6 +79,9 @@ impl Supervised for SinkActor {
 pub struct PublishBatch {
     /// The batch (shared with the dispatcher, which may retry it).
     pub batch: Arc<Batch>,
+    /// The attempt's `sink.publish` span (`Span::none()` when traces are
+    /// off): current while the sink publishes, so it can pass it on.
+    pub span: tracing::Span,
 }
 impl Message for PublishBatch {
     type Result = Result<(), SinkError>;
@@ -88,9 +92,14 @@ impl Handler<PublishBatch> for SinkActor {
     fn handle(&mut self, msg: PublishBatch, _: &mut Context<Self>) -> Self::Result {
         let fut = match self.ensure_sink() {
             Ok(sink) => {
-                let batch = msg.batch;
-                match std::panic::catch_unwind(AssertUnwindSafe(|| sink.publish(batch))) {
-                    Ok(f) => AssertUnwindSafe(f).catch_unwind().boxed_local(),
+                let (batch, span) = (msg.batch, msg.span);
+                let made = span.in_scope(|| {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| sink.publish(batch)))
+                });
+                match made {
+                    Ok(f) => AssertUnwindSafe(f.instrument(span))
+                        .catch_unwind()
+                        .boxed_local(),
                     Err(p) => async move { Err(p) }.boxed_local(),
                 }
             }

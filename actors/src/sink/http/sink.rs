@@ -1,4 +1,6 @@
-//! The HTTP sink: one POST per batch with an `Idempotency-Key`.
+//! The HTTP sink: one POST per batch with an `Idempotency-Key` and, when
+//! there is one, a W3C `traceparent` (the `sink.publish` span's when traces
+//! are on, else the records' own when the whole batch shares one).
 //!
 //! Outcomes: 2xx = delivered; 408, 429, 5xx, timeouts and connection errors
 //! are retried (honouring `Retry-After` in seconds); any other 4xx means the
@@ -109,6 +111,9 @@ impl Sink for HttpSink {
                 .body(encode(&batch, cfg.format));
             if let Some(t) = &cfg.token {
                 req = req.bearer_auth(t);
+            }
+            if let Some(tp) = crate::trace::outgoing_traceparent(&batch) {
+                req = req.header("traceparent", tp);
             }
             let resp = req.send().await.map_err(|e| {
                 if e.is_timeout() {

@@ -1,0 +1,115 @@
+//! The real binary's log under a short mixed load: JSON lines only.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::binary::LoggedGateway;
+use crate::broker::{mosquitto_pub, Mosquitto};
+use crate::helpers::{request, telemetry, wait_until, Resp};
+
+const LEVELS: [&str; 5] = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"];
+
+fn post(gw: &LoggedGateway, device: &str, ct: &str, corr: &str, body: &str) -> Resp {
+    request(
+        ureq::post(&gw.url(&format!("/ingest/{device}")))
+            .set("Content-Type", ct)
+            .set("X-Correlation-Id", corr),
+        Some(body),
+    )
+}
+
+#[test]
+fn every_line_the_binary_logs_under_mixed_load_is_one_json_event_with_level_target_and_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true", "");
+    let config = format!(
+        "gateway_id = \"edge-logs\"\n[log]\nlevel = \"info\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        broker.port
+    );
+    let mut gw = LoggedGateway::start(dir.path(), &config, &[]);
+
+    for i in 0..20 {
+        let r = post(
+            &gw,
+            "dev-1",
+            "application/json",
+            &format!("good-{i}"),
+            &telemetry(&format!("m{i}"), 20.0 + f64::from(i)),
+        );
+        assert_eq!(r.status, 202, "{}", r.text);
+    }
+    let bad = [
+        ("dev-1", "application/json", "bad-json", "{not json"),
+        ("dev-1", "text/plain", "bad-type", "{}"),
+        ("-bad", "application/json", "bad-device", "{}"),
+        (
+            "dev-1",
+            "application/json",
+            "bad-schema",
+            r#"{"metrics":"x"}"#,
+        ),
+    ];
+    for (device, ct, corr, body) in bad {
+        let r = post(&gw, device, ct, corr, body);
+        assert!((400..500).contains(&r.status), "{corr}: {}", r.text);
+    }
+    let topic = "devices/dev-mqtt/telemetry";
+    let (ok, err) = mosquitto_pub(broker.port, topic, &["-m", &telemetry("mq-1", 1.0)]);
+    assert!(ok, "{err}");
+    let (ok, err) = mosquitto_pub(broker.port, topic, &["-m", "{broken"]);
+    assert!(ok, "{err}");
+    wait_until(
+        "the MQTT rejection is logged",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&gw.log)
+                .unwrap_or_default()
+                .contains(r#""source":"mqtt""#)
+        },
+    );
+    gw.stop();
+
+    let lines = gw.log_lines();
+    assert!(lines.len() >= 8, "{lines:?}");
+    for l in &lines {
+        assert!(l.is_object(), "{l}");
+        assert!(
+            LEVELS.contains(&l["level"].as_str().unwrap_or_default()),
+            "level: {l}"
+        );
+        assert!(
+            l["target"].as_str().is_some_and(|t| !t.is_empty()),
+            "target: {l}"
+        );
+        assert!(
+            l["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "message: {l}"
+        );
+        assert!(l["timestamp"].as_str().is_some(), "timestamp: {l}");
+    }
+    let rejected = |corr: &str| -> Option<&Value> {
+        lines
+            .iter()
+            .find(|l| l["message"] == "telemetry rejected" && l["correlation_id"] == corr)
+    };
+    for (device, _, corr, _) in bad {
+        let l = rejected(corr).unwrap_or_else(|| panic!("no rejection logged for {corr}"));
+        assert_eq!(l["device_id"], device, "{l}");
+        assert_eq!(l["source"], "http", "{l}");
+        assert!(l["reason"].as_str().is_some(), "{l}");
+    }
+    let mqtt = lines
+        .iter()
+        .find(|l| l["message"] == "telemetry rejected" && l["source"] == "mqtt")
+        .expect("the MQTT rejection");
+    assert_eq!(mqtt["device_id"], "dev-mqtt");
+    assert_eq!(mqtt["reason"], "invalid_json");
+    assert_eq!(
+        mqtt["correlation_id"].as_str().map(str::len),
+        Some(36),
+        "{mqtt}"
+    );
+    assert!(lines.iter().any(|l| l["message"] == "gateway started"));
+    assert!(lines.iter().any(|l| l["message"] == "gateway stopped"));
+}
