@@ -18,16 +18,21 @@ fn curl(args: &[&str]) -> (i32, String) {
     )
 }
 
-#[test]
-fn https_with_client_certificates_accepts_a_certified_client_and_refuses_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::generate(dir.path(), &["dev-1"]);
-    let app = spawn_app(&format!(
+/// A gateway on HTTPS that requires client certificates from `certs`' CA.
+fn spawn_mtls_app(certs: &Certs) -> crate::helpers::TestApp {
+    spawn_app(&format!(
         "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
         certs.path("server.crt"),
         certs.path("server.key"),
         certs.path("ca.crt")
-    ));
+    ))
+}
+
+#[test]
+fn https_with_client_certificates_accepts_a_certified_client_and_refuses_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), &["dev-1"]);
+    let app = spawn_mtls_app(&certs);
     let url = app.base.replace("http://", "https://") + "/ingest/dev-1";
     let body = telemetry("tls-1", 1.0);
     let (code, out) = curl(&[
@@ -73,12 +78,7 @@ fn https_with_client_certificates_accepts_a_certified_client_and_refuses_others(
 fn the_admin_certificate_opens_the_admin_api_and_a_device_certificate_gets_403() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::generate(dir.path(), &["dev-1", "gateway-admin"]);
-    let app = spawn_app(&format!(
-        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
-        certs.path("server.crt"),
-        certs.path("server.key"),
-        certs.path("ca.crt")
-    ));
+    let app = spawn_mtls_app(&certs);
     let url = app.base.replace("http://", "https://") + "/admin/wal";
     let as_client = |name: &str| {
         curl(&[
