@@ -113,3 +113,67 @@ fn every_line_the_binary_logs_under_mixed_load_is_one_json_event_with_level_targ
     assert!(lines.iter().any(|l| l["message"] == "gateway started"));
     assert!(lines.iter().any(|l| l["message"] == "gateway stopped"));
 }
+
+/// Correlation ids of the "telemetry rejected" lines in the log.
+fn rejected(gw: &LoggedGateway) -> Vec<String> {
+    gw.log_lines()
+        .iter()
+        .filter(|l| l["message"] == "telemetry rejected")
+        .filter_map(|l| l["correlation_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn the_log_level_changes_at_run_time_through_the_operator_and_holds_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "gateway_id = \"edge-level\"\n[log]\nlevel = \"warn\"\n[mqtt]\nurl = \"off\"\n";
+    let mut gw = LoggedGateway::start(dir.path(), config, &[]);
+    let bad = |gw: &LoggedGateway, corr: &str| {
+        let r = post(gw, "dev-1", "application/json", corr, "{not json");
+        assert_eq!(r.status, 400);
+    };
+    bad(&gw, "quiet-1");
+    // The CLI finds the running gateway (data-dir lock) and goes through its admin API.
+    let set = |gw: &LoggedGateway, level: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args([
+                "--config",
+                dir.path().join("gateway.toml").to_str().unwrap(),
+            ])
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .args(["--http-addr", gw.base.trim_start_matches("http://")])
+            .args(["config", "set", "log.level", level])
+            .env_remove("GATEWAY_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = set(&gw, "info");
+    assert!(out.contains("\"applied\": true"), "{out}");
+    bad(&gw, "loud-1");
+    wait_until("the info line is logged", Duration::from_secs(5), || {
+        rejected(&gw).contains(&"loud-1".to_string())
+    });
+    assert!(
+        !rejected(&gw).contains(&"quiet-1".to_string()),
+        "warn hid it"
+    );
+
+    // Restarted with the same configuration (warn), the runtime setting wins.
+    gw.stop();
+    let gw = LoggedGateway::start(dir.path(), config, &[]);
+    bad(&gw, "loud-2");
+    wait_until("info after the restart", Duration::from_secs(5), || {
+        rejected(&gw).contains(&"loud-2".to_string())
+    });
+    let out = set(&gw, "warn");
+    assert!(out.contains("\"applied\": true"), "{out}");
+    bad(&gw, "quiet-2");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!rejected(&gw).contains(&"quiet-2".to_string()));
+}
