@@ -413,7 +413,7 @@ impl Wal {
         }
         tx.commit()?;
         for (sink, mut st) in updated {
-            st.dirty = false;
+            st.mark_persisted();
             self.sinks.insert(sink, st);
         }
         Ok(total)
@@ -474,7 +474,7 @@ impl Wal {
         let tx = self.conn.transaction()?;
         persist_sink(&tx, sink, &st)?;
         tx.commit()?;
-        st.dirty = false;
+        st.mark_persisted();
         self.sinks.insert(sink.to_string(), st);
         let (m, r) = (matched.len(), finished.len());
         Ok(ReplayOutcome {
@@ -531,7 +531,10 @@ impl Wal {
                 }
             }
             tx.commit()?;
-            self.sinks.values_mut().for_each(|s| s.dirty = false);
+            self.sinks
+                .values_mut()
+                .filter(|s| s.dirty)
+                .for_each(|s| s.mark_persisted());
         }
 
         let integrity: Vec<String> = {
@@ -760,6 +763,7 @@ impl Wal {
                 reloaded.insert(name.clone(), st);
             }
             tx.commit()?;
+            reloaded.values_mut().for_each(|s| s.mark_persisted());
             self.sinks = reloaded;
             self.next_seq = self.next_seq.max(head + 1);
         }

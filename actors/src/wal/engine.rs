@@ -259,6 +259,11 @@ struct SinkState {
     dead_count: u64,
     /// The stored cursor/done rows are behind the in-memory state.
     dirty: bool,
+    /// The cursor and done ranges as last committed to disk (`None`:
+    /// unknown, rewrite them whole). Lets a commit write only the ranges
+    /// that changed: after a requeue of scattered dead letters a sink can
+    /// hold tens of thousands of ranges.
+    stored: Option<(u64, RangeSet)>,
 }
 
 impl SinkState {
@@ -273,6 +278,12 @@ impl SinkState {
             self.cursor = self.cursor.max(end);
         }
         self.dirty = true;
+    }
+
+    /// The state was committed as it is in memory.
+    fn mark_persisted(&mut self) {
+        self.dirty = false;
+        self.stored = Some((self.cursor, self.done.clone()));
     }
 
     fn excluded(&self) -> RangeSet {
@@ -411,7 +422,9 @@ impl Wal {
             Ok(out) => {
                 // Every sink touched is now stored as it is in memory.
                 for st in self.sinks.values_mut() {
-                    st.dirty = false;
+                    if st.dirty {
+                        st.mark_persisted();
+                    }
                 }
                 Ok(out)
             }
@@ -869,6 +882,7 @@ impl Wal {
                             "DELETE FROM sink_done WHERE sink = ?1 AND last <= ?2",
                             params![name, st.cursor],
                         )?;
+                        st.stored = None;
                     }
                 }
                 tx.commit()?;
@@ -933,19 +947,72 @@ fn load_sink(conn: &Connection, name: &str, head: u64) -> Result<SinkState, WalE
     Ok(st)
 }
 
-/// Stores one sink's cursor and done ranges as they are in memory.
+/// Stores one sink's cursor and done ranges as they are in memory: only
+/// what changed since the last commit when that is known, else everything.
+/// The caller calls `mark_persisted` once the transaction committed.
 fn persist_sink(conn: &Connection, name: &str, st: &SinkState) -> Result<(), WalError> {
-    conn.execute(
-        "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
-        params![name, st.cursor],
-    )?;
-    conn.execute("DELETE FROM sink_done WHERE sink = ?1", [name])?;
-    let mut ins =
-        conn.prepare_cached("INSERT INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)")?;
-    for &(a, b) in st.done.ranges() {
+    let Some((cursor, old)) = &st.stored else {
+        conn.execute(
+            "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+            params![name, st.cursor],
+        )?;
+        conn.execute("DELETE FROM sink_done WHERE sink = ?1", [name])?;
+        let mut ins =
+            conn.prepare_cached("INSERT INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)")?;
+        for &(a, b) in st.done.ranges() {
+            ins.execute(params![name, a, b])?;
+        }
+        return Ok(());
+    };
+    if *cursor != st.cursor {
+        conn.execute(
+            "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+            params![name, st.cursor],
+        )?;
+    }
+    let (gone, added) = range_changes(old.ranges(), st.done.ranges());
+    let mut del = conn.prepare_cached("DELETE FROM sink_done WHERE sink = ?1 AND first = ?2")?;
+    for (a, _) in gone {
+        del.execute(params![name, a])?;
+    }
+    let mut ins = conn
+        .prepare_cached("INSERT OR REPLACE INTO sink_done(sink, first, last) VALUES(?1, ?2, ?3)")?;
+    for (a, b) in added {
         ins.execute(params![name, a, b])?;
     }
     Ok(())
+}
+
+/// The ranges only in `old` and those only in `new` (both sorted), in one pass.
+fn range_changes(old: &[(u64, u64)], new: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    let (mut gone, mut added) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o == n => {
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o.0 < n.0 || (o.0 == n.0 && o.1 != n.1) => {
+                gone.push(*o);
+                i += 1;
+            }
+            (Some(_), Some(n)) => {
+                added.push(*n);
+                j += 1;
+            }
+            (Some(o), None) => {
+                gone.push(*o);
+                i += 1;
+            }
+            (None, Some(n)) => {
+                added.push(*n);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (gone, added)
 }
 
 fn wal_file_size(db: &Path) -> u64 {
@@ -982,6 +1049,16 @@ mod tests {
             receive_ms: now_ms(),
             body: format!("{{\"idempotency_key\":\"{key}\"}}"),
         }
+    }
+
+    #[test]
+    fn range_changes_lists_what_to_delete_and_insert() {
+        let old = [(1, 2), (5, 7), (9, 9)];
+        let new = [(1, 2), (5, 8), (12, 13)];
+        let (gone, added) = range_changes(&old, &new);
+        assert_eq!(gone, [(5, 7), (9, 9)]);
+        assert_eq!(added, [(5, 8), (12, 13)]);
+        assert_eq!(range_changes(&new, &new), (vec![], vec![]));
     }
 
     #[test]

@@ -38,48 +38,41 @@ impl RangeSet {
     }
 
     /// Adds `first..=last`, merging with overlapping or adjacent ranges.
+    /// O(log n) to find the place, one splice to put it there.
     pub fn insert(&mut self, first: u64, last: u64) {
         debug_assert!(first <= last);
+        // ranges[lo..hi] overlap or touch first..=last.
+        let lo = self
+            .ranges
+            .partition_point(|&(_, b)| b.saturating_add(1) < first);
+        let hi = self
+            .ranges
+            .partition_point(|&(a, _)| a <= last.saturating_add(1));
         let (mut a, mut b) = (first, last);
-        let mut out = Vec::with_capacity(self.ranges.len() + 1);
-        let mut placed = false;
-        for &(x, y) in &self.ranges {
-            if y.saturating_add(1) < a {
-                out.push((x, y));
-            } else if b.saturating_add(1) < x {
-                if !placed {
-                    out.push((a, b));
-                    placed = true;
-                }
-                out.push((x, y));
-            } else {
-                a = a.min(x);
-                b = b.max(y);
-            }
+        if lo < hi {
+            a = a.min(self.ranges[lo].0);
+            b = b.max(self.ranges[hi - 1].1);
         }
-        if !placed {
-            out.push((a, b));
-        }
-        out.sort_unstable();
-        self.ranges = out;
+        self.ranges.splice(lo..hi, [(a, b)]);
     }
 
     /// Removes `first..=last` from the set.
     pub fn remove(&mut self, first: u64, last: u64) {
-        let mut out = Vec::with_capacity(self.ranges.len() + 1);
-        for &(x, y) in &self.ranges {
-            if y < first || x > last {
-                out.push((x, y));
-                continue;
-            }
-            if x < first {
-                out.push((x, first - 1));
-            }
-            if y > last {
-                out.push((last + 1, y));
-            }
+        // ranges[lo..hi] overlap first..=last.
+        let lo = self.ranges.partition_point(|&(_, b)| b < first);
+        let hi = self.ranges.partition_point(|&(a, _)| a <= last);
+        if lo >= hi {
+            return;
         }
-        self.ranges = out;
+        let (a0, b1) = (self.ranges[lo].0, self.ranges[hi - 1].1);
+        let mut keep = Vec::with_capacity(2);
+        if a0 < first {
+            keep.push((a0, first - 1));
+        }
+        if b1 > last {
+            keep.push((last + 1, b1));
+        }
+        self.ranges.splice(lo..hi, keep);
     }
 
     /// Removes every value `<= upto`.
@@ -151,13 +144,33 @@ impl RangeSet {
         RangeSet { ranges: out }
     }
 
-    /// The union of two sets.
+    /// The union of two sets, in one merge pass.
     pub fn union(&self, other: &RangeSet) -> RangeSet {
-        let mut out = self.clone();
-        for &(a, b) in &other.ranges {
-            out.insert(a, b);
+        let (x, y) = (&self.ranges, &other.ranges);
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(x.len() + y.len());
+        let (mut i, mut j) = (0, 0);
+        while i < x.len() || j < y.len() {
+            let next = match (x.get(i), y.get(j)) {
+                (Some(a), Some(b)) if a.0 <= b.0 => {
+                    i += 1;
+                    *a
+                }
+                (_, Some(b)) => {
+                    j += 1;
+                    *b
+                }
+                (Some(a), None) => {
+                    i += 1;
+                    *a
+                }
+                (None, None) => break,
+            };
+            match out.last_mut() {
+                Some(last) if next.0 <= last.1.saturating_add(1) => last.1 = last.1.max(next.1),
+                _ => out.push(next),
+            }
         }
-        out
+        RangeSet { ranges: out }
     }
 }
 
@@ -207,6 +220,47 @@ mod tests {
             slow.remove(a, b);
         }
         assert_eq!(slow, s.difference(&cut));
+    }
+
+    #[test]
+    fn insert_remove_and_union_agree_with_a_set_of_values() {
+        use std::collections::BTreeSet;
+        let mut rng = 7u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            rng >> 33
+        };
+        let (mut s, mut t) = (RangeSet::new(), RangeSet::new());
+        let (mut sv, mut tv) = (BTreeSet::new(), BTreeSet::new());
+        for _ in 0..2000 {
+            let a = next() % 300;
+            let b = a + next() % 8;
+            match next() % 4 {
+                0 | 1 => {
+                    s.insert(a, b);
+                    sv.extend(a..=b);
+                }
+                2 => {
+                    s.remove(a, b);
+                    (a..=b).for_each(|v| {
+                        sv.remove(&v);
+                    });
+                }
+                _ => {
+                    t.insert(a, b);
+                    tv.extend(a..=b);
+                }
+            }
+            assert_eq!(s, RangeSet::from_sorted(sv.iter().copied()));
+            let u = s.union(&t);
+            assert_eq!(u, RangeSet::from_sorted(sv.union(&tv).copied()));
+            assert_eq!(
+                s.difference(&t),
+                RangeSet::from_sorted(sv.difference(&tv).copied())
+            );
+        }
     }
 
     #[test]
