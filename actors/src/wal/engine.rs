@@ -983,8 +983,10 @@ fn persist_sink(conn: &Connection, name: &str, st: &SinkState) -> Result<(), Wal
     Ok(())
 }
 
+type Ranges = Vec<(u64, u64)>;
+
 /// The ranges only in `old` and those only in `new` (both sorted), in one pass.
-fn range_changes(old: &[(u64, u64)], new: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+fn range_changes(old: &[(u64, u64)], new: &[(u64, u64)]) -> (Ranges, Ranges) {
     let (mut gone, mut added) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     while i < old.len() || j < new.len() {
