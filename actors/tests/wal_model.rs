@@ -4,8 +4,11 @@
 //! `Append` (1–5 records, sometimes reusing an idempotency key), `Fetch`
 //! (sink `a` or `b`, max 1–8, `Duration::ZERO` max_wait), `Ack`, `Fail`
 //! (= `release`) and `Dead` of an outstanding batch, a repeated `ack`/`dead`
-//! of an already finished batch, `ReleaseAll(sink)` and `Restart` (drop the
-//! `Wal`, `Wal::open` it again with the same config). Each sequence runs
+//! of an already finished batch, `ReleaseAll(sink)`, the operator actions
+//! `Requeue` (a sink's dead letters, of one device or all), `Purge` and
+//! `Replay` (every retained record to one sink), and `Restart` (drop the
+//! `Wal`, `Wal::open` it again with the same config). After every step the
+//! consistency check (`Wal::check`) must find nothing. Each sequence runs
 //! against the real engine on a SQLite file in a temp dir and against a small
 //! in-memory model; after every step the two must agree.
 //!
@@ -43,7 +46,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use gateway_actors::wal::{now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig};
+use gateway_actors::wal::{now_ms, AppendOutcome, Batch, DlqFilter, NewRecord, Wal, WalConfig};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -86,6 +89,19 @@ enum Op {
     ReleaseAll {
         sink: usize,
     },
+    /// `requeue` the sink's dead letters (of one device, or all).
+    Requeue {
+        sink: usize,
+        device: Option<u64>,
+    },
+    /// `purge` the sink's dead letters.
+    Purge {
+        sink: usize,
+    },
+    /// `replay` every retained record to the sink.
+    Replay {
+        sink: usize,
+    },
     Restart,
 }
 
@@ -99,6 +115,10 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|pick| Op::Dead { pick }),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, dead)| Op::Repeat { pick, dead }),
         1 => (0..SINKS.len()).prop_map(|sink| Op::ReleaseAll { sink }),
+        1 => (0..SINKS.len(), proptest::option::of(0u64..3))
+            .prop_map(|(sink, device)| Op::Requeue { sink, device }),
+        1 => (0..SINKS.len()).prop_map(|sink| Op::Purge { sink }),
+        1 => (0..SINKS.len()).prop_map(|sink| Op::Replay { sink }),
         1 => Just(Op::Restart),
     ]
 }
@@ -394,7 +414,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Repeat { pick, dead } if !finished.is_empty() => {
-                // Finished is final: nothing of the model changes.
+                // Finished is final: nothing of the model changes, unless a
+                // requeue or replay made some of it Enqueued again, which a
+                // repeated ack or dead finishes like a first one.
                 let held = &finished[pick % finished.len()];
                 let name = SINKS[held.sink];
                 if dead {
@@ -404,12 +426,90 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     w.ack(name, &held.batch.ranges)
                         .map_err(|e| TestCaseError::fail(format!("repeated ack: {e}")))?;
                 }
+                let m = &mut model.sinks[held.sink];
+                for s in held.seqs() {
+                    if !m.finished.contains(&s) {
+                        // The engine finishes by range, whichever batch holds it.
+                        m.inflight.remove(&s);
+                        if dead {
+                            m.dead.insert(s);
+                        }
+                        m.finished.insert(s);
+                    }
+                }
             }
             Op::ReleaseAll { sink } => {
                 w.release_all(SINKS[sink])
                     .map_err(|e| TestCaseError::fail(format!("release_all: {e}")))?;
                 outstanding.retain(|h| h.sink != sink);
                 model.sinks[sink].inflight.clear();
+            }
+            Op::Requeue { sink, device } => {
+                let filter = DlqFilter {
+                    sink: Some(SINKS[sink].to_string()),
+                    device: device.map(|d| format!("dev-{d}")),
+                    ..DlqFilter::default()
+                };
+                let got = w
+                    .requeue(&filter)
+                    .map_err(|e| TestCaseError::fail(format!("requeue: {e}")))?;
+                let m = &mut model.sinks[sink];
+                let back: Vec<u64> = m
+                    .dead
+                    .iter()
+                    .copied()
+                    .filter(|s| {
+                        device.is_none_or(|d| {
+                            model.records[*s as usize - 1].device_id == format!("dev-{d}")
+                        })
+                    })
+                    .collect();
+                for s in &back {
+                    m.dead.remove(s);
+                    m.finished.remove(s);
+                }
+                prop_assert_eq!(got, back.len() as u64, "requeued at step {}", step);
+            }
+            Op::Purge { sink } => {
+                let filter = DlqFilter {
+                    sink: Some(SINKS[sink].to_string()),
+                    ..DlqFilter::default()
+                };
+                let got = w
+                    .purge(&filter)
+                    .map_err(|e| TestCaseError::fail(format!("purge: {e}")))?;
+                let m = &mut model.sinks[sink];
+                prop_assert_eq!(got, m.dead.len() as u64, "purged at step {}", step);
+                // Purged letters stay finished: they are never delivered.
+                m.dead.clear();
+            }
+            Op::Replay { sink } => {
+                let got = w
+                    .replay(SINKS[sink], 0, i64::MAX)
+                    .map_err(|e| TestCaseError::fail(format!("replay: {e}")))?;
+                let m = &mut model.sinks[sink];
+                let head = model.records.len() as u64;
+                let candidates: Vec<u64> = (1..=head).filter(|s| !m.dead.contains(s)).collect();
+                let again: Vec<u64> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|s| m.finished.contains(s))
+                    .collect();
+                for s in &again {
+                    m.finished.remove(s);
+                }
+                prop_assert_eq!(
+                    got.matched,
+                    candidates.len() as u64,
+                    "matched at step {}",
+                    step
+                );
+                prop_assert_eq!(
+                    got.replayed,
+                    again.len() as u64,
+                    "replayed at step {}",
+                    step
+                );
             }
             Op::Restart => {
                 drop(wal.take());
@@ -439,6 +539,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Ack { .. } | Op::Fail { .. } | Op::Dead { .. } | Op::Repeat { .. } => {}
         }
         check_stats(wal.as_ref().unwrap(), &model, step)?;
+        let report = wal
+            .as_mut()
+            .unwrap()
+            .check(false)
+            .map_err(|e| TestCaseError::fail(format!("check: {e}")))?;
+        prop_assert!(
+            report.ok,
+            "wal check after step {}: {:?}",
+            step,
+            report.problems
+        );
     }
 
     // Finally, every record not finished for a sink is still fetched for it

@@ -40,8 +40,9 @@
 //!    is fetched by every sink until that sink acks it or marks it dead.
 //! 2. `fetch` returns records in `seq` order, never a record that is finished
 //!    or InFlight for that sink, and never more than asked for.
-//! 3. `ack` and `dead` are idempotent; finished is final for a sink (until a
-//!    dead letter is requeued).
+//! 3. `ack` and `dead` are idempotent; finished is final for a sink until an
+//!    operator requeues the dead letter or replays the record (then it is
+//!    Enqueued again, and the next ack or dead of its range finishes it).
 //! 4. After a restart no record is InFlight.
 //! 5. An idempotency key seen within the dedup window yields the original
 //!    `seq` and correlation id and stores nothing.
@@ -66,6 +67,16 @@
 //! file); the [`Wal`] then reloads cursors and done ranges, sets the next seq
 //! above both the highest stored record and `seq_floor`, and starts with
 //! nothing InFlight.
+//!
+//! # Operator actions
+//!
+//! Dead letters (list, export, requeue, purge), replay of a time range to
+//! one sink, the consistency check with safe repair, and compaction on
+//! demand live in `admin.rs`; see its module doc for how requeue and replay
+//! reopen finished records without leaving the cursor + ranges form. They
+//! run on the writer thread ([`WithWal`]); read-only listings go through
+//! [`WalReader`]. The model test exercises requeue, purge and replay, and
+//! runs the consistency check after every step.
 //!
 //! # Backpressure and retention
 //!
