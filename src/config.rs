@@ -123,6 +123,7 @@ struct RawMqtt {
     client_key_file: Option<PathBuf>,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    control: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -223,6 +224,8 @@ struct EnvLayer {
     mqtt_client_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_payload_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_control: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_ca_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -737,6 +740,7 @@ impl Loaded {
         cfg.version = version;
         cfg.payload_format = payload_format;
         cfg.topic = topic;
+        cfg.control = m.control.unwrap_or(true);
         cfg.max_packet_bytes = max_payload_bytes + 4096;
         if let Some(k) = &m.keep_alive {
             cfg.keep_alive = self.duration("mqtt.keep_alive", k)?;

@@ -207,7 +207,7 @@ impl Application {
             config_text: settings.rendered.clone(),
             metrics: metrics.clone(),
         }));
-        let control = settings.mqtt.ingest().map(|cfg| {
+        let control = settings.mqtt.ingest().filter(|c| c.control).map(|cfg| {
             let (c, id, op, m) = (
                 cfg.clone(),
                 settings.gateway_id.clone(),

@@ -269,3 +269,31 @@ fn config_set_over_mqtt_changes_behaviour_and_survives_a_restart() {
     );
     assert_eq!(got["result"]["overrides"]["rate_limit_burst"], 1.0);
 }
+
+#[test]
+fn the_control_plane_can_be_turned_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let mqtt = format!(
+        "gateway_id = \"{ID}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        broker.port
+    );
+    let on = spawn_app(&mqtt);
+    assert!(on.handles.control.is_some());
+    drop(on);
+    let off = spawn_app(&format!("{mqtt}control = false\n"));
+    assert!(off.handles.control.is_none());
+    let sub = subscriber(broker.port, tmp.path());
+    let (ok, _) = mosquitto_pub(
+        broker.port,
+        &format!("gateway/{ID}/control/ping"),
+        &["-m", r#"{"request_id":"nobody-home"}"#],
+    );
+    assert!(ok);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        sub.messages().is_empty(),
+        "no reply from a gateway without control plane: {:?}",
+        sub.messages()
+    );
+}

@@ -64,6 +64,8 @@ pub struct MqttIngestConfig {
     pub reconnect_max: Duration,
     /// Largest incoming packet.
     pub max_packet_bytes: usize,
+    /// Run the control plane (`gateway/{id}/control/+`) on this broker.
+    pub control: bool,
 }
 
 impl std::fmt::Debug for MqttIngestConfig {
@@ -100,6 +102,7 @@ impl MqttIngestConfig {
             reconnect_base: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             max_packet_bytes: 256 * 1024,
+            control: true,
         }
     }
 
