@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build test test-deps fmt lint bench clean-data help
+.PHONY: run build test test-deps fmt lint bench clean-data certs up down help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,6 +30,17 @@ bench: ## WAL, HTTP, MQTT and sink-drain benchmarks; results in bench/results/la
 	scripts/bench.sh
 	scripts/bench-mqtt.sh
 	scripts/bench-sinks.sh
+
+certs: ## development CA and certificates (+ a dev-1 device token) in certs/out, for `make up`
+	certs/gen-dev-certs.sh certs/out gateway gateway-admin prometheus dev-1
+	certs/dev-device-token.sh certs/out dev-1
+
+up: certs ## build and start the stack in Docker: gateway, Mosquitto (mTLS, ACLs), Prometheus, Grafana, Tempo
+	GIT_COMMIT=$$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown) \
+		docker compose -f compose/compose.yml up -d --build
+
+down: ## stop the stack (volumes are kept; `docker compose -f compose/compose.yml down -v` deletes them)
+	docker compose -f compose/compose.yml down
 
 clean-data: ## delete the local data dir of `make run`
 	rm -rf ./data

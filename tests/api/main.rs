@@ -9,6 +9,7 @@ mod broker;
 mod cli;
 mod crash;
 mod delivery;
+mod deploy;
 mod disk;
 mod health;
 mod helpers;

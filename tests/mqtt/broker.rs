@@ -119,103 +119,28 @@ impl Drop for Mosquitto {
 }
 
 /// A throwaway CA with a server certificate for 127.0.0.1/localhost and
-/// client certificates whose CN is the client's name.
+/// client certificates whose CN is the client's name, made by the same
+/// script operators use (`certs/gen-dev-certs.sh`, `make certs`).
 pub struct Certs {
     pub dir: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 impl Certs {
     pub fn generate(dir: &Path, clients: &[&str]) -> Certs {
         let dir = dir.join("certs");
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = |name: &str| {
-            openssl(
-                &dir,
-                &[
-                    "genpkey",
-                    "-algorithm",
-                    "EC",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-out",
-                    &format!("{name}.key"),
-                ],
-            );
-        };
-        key("ca");
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                "ca.key",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test-ca",
-                "-out",
-                "ca.crt",
-            ],
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs/gen-dev-certs.sh");
+        let out = Command::new(script)
+            .arg(&dir)
+            .args(clients)
+            .env("CERT_DAYS", "2")
+            .env_remove("SERVER_SANS")
+            .output()
+            .expect("certs/gen-dev-certs.sh runs");
+        assert!(
+            out.status.success(),
+            "gen-dev-certs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let sign = |name: &str, ext: &str| {
-            key(name);
-            openssl(
-                &dir,
-                &[
-                    "req",
-                    "-new",
-                    "-key",
-                    &format!("{name}.key"),
-                    "-subj",
-                    &format!("/CN={name}"),
-                    "-out",
-                    &format!("{name}.csr"),
-                ],
-            );
-            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-            openssl(
-                &dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                    "-out",
-                    &format!("{name}.crt"),
-                ],
-            );
-        };
-        sign(
-            "server",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        );
-        for c in clients {
-            sign(c, "extendedKeyUsage=clientAuth\n");
-        }
         Certs { dir }
     }
 
