@@ -28,11 +28,14 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libssl3 libcurl4 curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin gateway \
+    && groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /data --shell /usr/sbin/nologin gateway \
     && mkdir -p /data \
     && chown gateway:gateway /data
 COPY --from=build /usr/local/bin/gateway /usr/local/bin/gateway
 USER 10001:10001
+# Environment variables win over a mounted configuration file: a deployment
+# with another address sets GATEWAY_HTTP_ADDR too (compose/compose.yml does).
 ENV GATEWAY_DATA_DIR=/data \
     GATEWAY_HTTP_ADDR=0.0.0.0:8080
 VOLUME ["/data"]
