@@ -275,3 +275,76 @@ fn the_compose_gateway_broker_and_prometheus_files_work_together() {
         .arg(&prom_file));
     assert!(text.contains("SUCCESS"), "{text}");
 }
+
+/// `KEY=VALUE` pairs of the Dockerfile's `ENV` instructions.
+fn dockerfile_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let mut out = Vec::new();
+    let mut in_env = false;
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("ENV ") {
+            in_env = true;
+            out.extend(pairs(rest));
+        } else if in_env && !l.is_empty() && !l.starts_with('#') {
+            out.extend(pairs(l));
+        }
+        if !l.ends_with('\\') {
+            in_env = false;
+        }
+    }
+    out
+}
+
+fn pairs(s: &str) -> Vec<(String, String)> {
+    s.trim_end_matches('\\')
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn the_image_environment_does_not_override_the_compose_configuration() {
+    let env = dockerfile_env();
+    assert!(env.iter().any(|(k, _)| k == "GATEWAY_HTTP_ADDR"), "{env:?}");
+    // The gateway service's environment in compose.yml (it wins over the image's).
+    let compose = std::fs::read_to_string(root().join("compose/compose.yml")).unwrap();
+    let service = compose
+        .split("\n  gateway:\n")
+        .nth(1)
+        .unwrap()
+        .split("\n  mosquitto:\n")
+        .next()
+        .unwrap();
+    let mut merged: Vec<(String, String)> = env;
+    for line in service.lines() {
+        if let Some((k, v)) = line.trim().split_once(": ") {
+            if k.starts_with("GATEWAY_") && k != "GATEWAY_CONFIG" {
+                merged.retain(|(x, _)| x != k);
+                merged.push((k.to_string(), v.trim().to_string()));
+            }
+        }
+    }
+    // The compose file's configuration with its files mapped here; its
+    // address and data dir must be what the container ends up with.
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    make_certs(&certs);
+    let toml = std::fs::read_to_string(root().join("compose/gateway/gateway.toml"))
+        .unwrap()
+        .replace("/etc/gateway/tls", certs.to_str().unwrap());
+    let cfg = tmp.path().join("gateway.toml");
+    std::fs::write(&cfg, &toml).unwrap();
+    let printed = run(Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["config", "print", "--config"])
+        .arg(&cfg)
+        .env_remove("GATEWAY_CONFIG")
+        .envs(merged.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+    assert!(printed.contains("addr = \"0.0.0.0:8443\""), "{printed}");
+    assert!(printed.contains("data_dir = \"/data\""), "{printed}");
+    assert!(
+        compose.contains("\"8443:8443\""),
+        "compose publishes the port the gateway listens on"
+    );
+}
