@@ -30,6 +30,9 @@ pub struct Metrics {
     pub wal_bytes: IntGauge,
     /// `gateway_wal_disk_free_bytes`: free bytes on the WAL's file system.
     pub wal_disk_free_bytes: IntGauge,
+    /// `gateway_wal_pending_bytes{sink,state}`: estimated WAL bytes of the
+    /// records a sink has not finished (enqueued, inflight) or dead-lettered.
+    pub wal_pending_bytes: IntGaugeVec,
     /// `gateway_wal_oldest_pending_age_seconds{sink}`: age of the oldest record not yet delivered.
     pub wal_oldest_pending_age: IntGaugeVec,
     /// `gateway_wal_compacted_records_total`: acked records removed after retention.
@@ -94,6 +97,13 @@ impl Metrics {
             wal_stored_records: IntGauge::new("gateway_wal_stored_records", "Records stored in the WAL, delivered or not, before compaction.")?,
             wal_bytes: IntGauge::new("gateway_wal_bytes", "Bytes of live data in the WAL database.")?,
             wal_disk_free_bytes: IntGauge::new("gateway_wal_disk_free_bytes", "Free bytes on the file system that holds the WAL.")?,
+            wal_pending_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_wal_pending_bytes",
+                    "Estimated WAL bytes held for a sink, by state (enqueued, inflight, dead): records times the mean stored record size.",
+                ),
+                &["sink", "state"],
+            )?,
             wal_oldest_pending_age: IntGaugeVec::new(
                 Opts::new("gateway_wal_oldest_pending_age_seconds", "Age of the oldest record not yet delivered to the sink."),
                 &["sink"],
@@ -159,6 +169,7 @@ impl Metrics {
         registry.register(Box::new(m.wal_records.clone()))?;
         registry.register(Box::new(m.wal_stored_records.clone()))?;
         registry.register(Box::new(m.wal_bytes.clone()))?;
+        registry.register(Box::new(m.wal_pending_bytes.clone()))?;
         registry.register(Box::new(m.wal_disk_free_bytes.clone()))?;
         registry.register(Box::new(m.wal_oldest_pending_age.clone()))?;
         registry.register(Box::new(m.wal_compacted.clone()))?;
