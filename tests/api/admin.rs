@@ -319,6 +319,11 @@ fn a_paused_sink_holds_its_records_and_resumes_and_the_pause_is_persisted() {
             .unwrap()
             > 0
     );
+    wait_until(
+        "bytes held for the paused sink",
+        Duration::from_secs(5),
+        || app.metric(r#"gateway_wal_pending_bytes{sink="archive",state="enqueued"}"#) > 0.0,
+    );
 
     assert_eq!(
         admin(&app, "POST", "/admin/sinks/archive/resume", None).status,
