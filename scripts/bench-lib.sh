@@ -41,3 +41,20 @@ thread_ticks() {
         echo "${t##*/} $comm $(( ${12} + ${13} ))"
     done
 }
+
+# metric_sum FILE NAME [LABEL=VALUE ...]: sum of the samples of NAME carrying every given label.
+metric_sum() {
+    local file="$1" name="$2"; shift 2
+    awk -v name="$name" -v want="$*" '
+        $0 ~ /^#/ { next }
+        {
+            split($1, a, "{"); if (a[1] != name) next
+            n = split(want, w, " "); ok = 1
+            for (i = 1; i <= n; i++) {
+                split(w[i], kv, "="); pat = kv[1] "=\"" kv[2] "\""
+                if (index($1, pat) == 0) ok = 0
+            }
+            if (ok) s += $NF
+        }
+        END { printf "%.0f\n", s }' "$file"
+}

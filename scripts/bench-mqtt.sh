@@ -165,22 +165,6 @@ proc_ticks() {
     set -- $s
     echo $(( ${12} + ${13} ))
 }
-# metric FILE NAME [LABEL=VALUE ...]: sum of the samples of NAME carrying every given label.
-metric() {
-    local file="$1" name="$2"; shift 2
-    awk -v name="$name" -v want="$*" '
-        $0 ~ /^#/ { next }
-        {
-            split($1, a, "{"); if (a[1] != name) next
-            n = split(want, w, " "); ok = 1
-            for (i = 1; i <= n; i++) {
-                split(w[i], kv, "="); pat = kv[1] "=\"" kv[2] "\""
-                if (index($1, pat) == 0) ok = 0
-            }
-            if (ok) s += $NF
-        }
-        END { printf "%.0f\n", s }' "$file"
-}
 # children_ticks: CPU (1/100 s) of every child this shell has waited for
 # (publishers, subscriber, curl polls). `times` must run in this shell, not in $(...).
 # Sets C_TICKS.
@@ -406,10 +390,10 @@ for INFLIGHT in $INFLIGHTS; do
             clean_session "$BROKER_PORT" "$CLIENT_ID"
 
             MF="$WORK/$RUN-metrics.txt"
-            ACC="$(metric "$MF" gateway_ingest_records_total source=mqtt outcome=accepted)"
-            DUP="$(metric "$MF" gateway_ingest_records_total source=mqtt outcome=duplicate)"
-            REJ="$(( $(metric "$MF" gateway_ingest_records_total source=mqtt outcome=rejected) + $(metric "$MF" gateway_ingest_rejected_total source=mqtt) ))"
-            RECON="$(metric "$MF" gateway_mqtt_reconnects_total)"
+            ACC="$(metric_sum "$MF" gateway_ingest_records_total source=mqtt outcome=accepted)"
+            DUP="$(metric_sum "$MF" gateway_ingest_records_total source=mqtt outcome=duplicate)"
+            REJ="$(( $(metric_sum "$MF" gateway_ingest_records_total source=mqtt outcome=rejected) + $(metric_sum "$MF" gateway_ingest_rejected_total source=mqtt) ))"
+            RECON="$(metric_sum "$MF" gateway_mqtt_reconnects_total)"
             GS_SUM="$(metric_f "$MF" gateway_wal_group_size_sum)"; GS_CNT="$(metric_f "$MF" gateway_wal_group_size_count)"
             AP_SUM="$(metric_f "$MF" gateway_wal_append_seconds_sum)"; AP_CNT="$(metric_f "$MF" gateway_wal_append_seconds_count)"
             MEAN_GROUP="$(awk -v s="${GS_SUM:-0}" -v c="${GS_CNT:-0}" 'BEGIN { if (c > 0) printf "%.1f", s / c; else print "n/a" }')"

@@ -175,22 +175,8 @@ GW_THREADS="$(awk '/^Threads/ {print $2}' /proc/"$GW_PID"/status)"
 
 # ------------------------------------------------------------------ evaluate
 bench_kv() { { grep '^BENCH ' "$WORK/wrk.txt" || true; } | tr ' ' '\n' | awk -F= -v k="$1" '$1 == k {print $2}'; }
-# metric NAME [LABEL=VALUE ...]: sum of the samples of NAME carrying every given label.
-metric() {
-    local name="$1"; shift
-    awk -v name="$name" -v want="$*" '
-        $0 ~ /^#/ { next }
-        {
-            split($1, a, "{"); if (a[1] != name) next
-            n = split(want, w, " "); ok = 1
-            for (i = 1; i <= n; i++) {
-                split(w[i], kv, "="); pat = kv[1] "=\"" kv[2] "\""
-                if (index($1, pat) == 0) ok = 0
-            }
-            if (ok) s += $NF
-        }
-        END { printf "%.0f\n", s }' "$WORK/metrics.txt"
-}
+# metric NAME [LABEL=VALUE ...]: metric_sum over the scraped /metrics.
+metric() { metric_sum "$WORK/metrics.txt" "$@"; }
 metric_f() { awk -v name="$1" '$1 == name {print $NF}' "$WORK/metrics.txt"; }
 
 REQS="$(bench_kv requests)"
