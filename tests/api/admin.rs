@@ -7,7 +7,9 @@ use std::time::Duration;
 use gateway::auth::new_token;
 use serde_json::{json, Value};
 
-use crate::helpers::{archived_records, request, spawn_app, telemetry, wait_until, TestApp};
+use crate::helpers::{
+    archived_keys, archived_records, request, spawn_app, telemetry, wait_until, TestApp,
+};
 
 fn admin_token(app: &TestApp) -> String {
     std::fs::read_to_string(app.dir.path().join("admin.token"))
@@ -21,15 +23,6 @@ fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> crate:
         .set("Authorization", &format!("Bearer {}", admin_token(app)))
         .set("Content-Type", "application/json");
     request(req, body.map(|b| b.to_string()).as_deref())
-}
-
-fn keys(records: &[Value]) -> Vec<String> {
-    let mut k: Vec<String> = records
-        .iter()
-        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-        .collect();
-    k.sort();
-    k
 }
 
 #[test]
@@ -182,8 +175,10 @@ fn dead_letters_are_listed_exported_requeued_after_the_fix_and_purged() {
         || archived_records(&target).len() == 4,
     );
     assert_eq!(
-        keys(&archived_records(&target)),
-        (0..4).map(|i| format!("dev-a:m{i}")).collect::<Vec<_>>()
+        archived_keys(&target),
+        (0..4)
+            .map(|i| format!("dev-a:m{i}"))
+            .collect::<HashSet<_>>()
     );
     let stats = admin(&app, "GET", "/admin/wal", None);
     assert_eq!(stats.body["sinks"]["flaky"]["dead"], 6);
@@ -262,7 +257,7 @@ fn replay_redelivers_a_time_range_to_the_named_sink_only() {
         Duration::from_secs(10),
         || delivered("one") == 13.0,
     );
-    let archived: HashSet<String> = keys(&archived_records(&one)).into_iter().collect();
+    let archived = archived_keys(&one);
     assert_eq!(archived.len(), 8, "every record is still in the archive");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(delivered("two"), 8.0, "the other sink got nothing again");

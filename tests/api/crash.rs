@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helpers::{archived_records, free_port, spawn_gateway_binary, telemetry, wait_until};
+use crate::helpers::{archived_keys, free_port, spawn_gateway_binary, telemetry, wait_until};
 
 #[test]
 fn every_acknowledged_record_survives_kill_9_and_reaches_the_archive() {
@@ -64,12 +64,7 @@ fn every_acknowledged_record_survives_kill_9_and_reaches_the_archive() {
         &[],
     );
     let archive = dir.path().join("archive");
-    let archived = || -> HashSet<String> {
-        archived_records(&archive)
-            .iter()
-            .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let archived = || archived_keys(&archive);
     let mut missing = 0;
     for _ in 0..600 {
         let have = archived();

@@ -11,14 +11,7 @@ use gateway_actors::sink::s3::ObjectStoreSink;
 use gateway_actors::sink::{PublishFuture, Sink};
 use gateway_actors::wal::Batch;
 
-use crate::helpers::{archived_records, spawn_app, spawn_app_with, telemetry, wait_until};
-
-fn keys(records: &[serde_json::Value]) -> HashSet<String> {
-    records
-        .iter()
-        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-        .collect()
-}
+use crate::helpers::{archived_keys, spawn_app, spawn_app_with, telemetry, wait_until};
 
 #[test]
 fn an_unwritable_archive_keeps_records_pending_with_backoff_and_delivers_them_all_once_writable() {
@@ -62,10 +55,10 @@ fn an_unwritable_archive_keeps_records_pending_with_backoff_and_delivers_them_al
 
     std::fs::remove_file(&blocker).unwrap();
     wait_until("all records delivered", Duration::from_secs(15), || {
-        keys(&archived_records(&target)).len() == 20
+        archived_keys(&target).len() == 20
     });
     let expected: HashSet<String> = (0..20).map(|i| format!("dev-1:m{i}")).collect();
-    assert_eq!(keys(&archived_records(&target)), expected);
+    assert_eq!(archived_keys(&target), expected);
     wait_until("sink up", Duration::from_secs(5), || {
         app.metric(r#"gateway_sink_up{sink="archive"}"#) == 1.0
     });
@@ -91,7 +84,7 @@ fn a_tiny_retry_budget_dead_letters_records_for_that_sink_only() {
         );
     }
     wait_until("good sink has all", Duration::from_secs(10), || {
-        keys(&archived_records(&good)).len() == 10
+        archived_keys(&good).len() == 10
     });
     wait_until(
         "bad sink dead-lettered all",
@@ -157,7 +150,7 @@ fn a_panicking_sink_actor_is_restarted_and_delivery_continues() {
     wait_until(
         "all delivered after the restart",
         Duration::from_secs(15),
-        || keys(&archived_records(&app.archive_dir())).len() == 5,
+        || archived_keys(&app.archive_dir()).len() == 5,
     );
     assert!(panicked.load(Ordering::SeqCst));
     assert!(app.metric(r#"gateway_actor_restarts_total{actor="SinkActor"}"#) >= 1.0);
@@ -204,6 +197,6 @@ fn a_crashed_wal_writer_is_restarted_and_nothing_acknowledged_is_lost() {
     wait_until(
         "every acknowledged record delivered",
         Duration::from_secs(15),
-        || keys(&archived_records(&app.archive_dir())) == acked,
+        || archived_keys(&app.archive_dir()) == acked,
     );
 }

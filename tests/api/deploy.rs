@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::broker::{mosquitto_pub, Mosquitto, Subscriber};
-use crate::helpers::{archived_records, free_port, wait_until, GatewayProcess};
+use crate::helpers::{archived_keys, archived_records, free_port, wait_until, GatewayProcess};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -206,12 +206,9 @@ fn the_compose_gateway_broker_and_prometheus_files_work_together() {
         archived_records(&archive).len() >= 2
     });
     std::thread::sleep(Duration::from_millis(500));
-    let keys: Vec<String> = archived_records(&archive)
-        .iter()
-        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-        .collect();
-    assert!(keys.contains(&"dev-1:own".to_string()), "{keys:?}");
-    assert!(keys.contains(&"dev-2:http".to_string()), "{keys:?}");
+    let keys = archived_keys(&archive);
+    assert!(keys.contains("dev-1:own"), "{keys:?}");
+    assert!(keys.contains("dev-2:http"), "{keys:?}");
     assert!(
         !keys.iter().any(|k| k.contains("spoofed")),
         "the ACL let a device spoof another: {keys:?}"

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::helpers::{archived_records, is_root, spawn_app_at, telemetry, wait_until, SmallDisk};
+use crate::helpers::{
+    archived_keys, archived_records, is_root, spawn_app_at, telemetry, wait_until, SmallDisk,
+};
 
 #[test]
 fn low_free_disk_turns_on_backpressure_and_ingest_resumes_by_itself_when_space_returns() {
@@ -102,10 +104,7 @@ fn a_really_full_disk_fails_appends_with_503_and_loses_nothing_acknowledged() {
         "acknowledged records delivered",
         Duration::from_secs(30),
         || {
-            let have: std::collections::HashSet<String> = archived_records(&app.archive_dir())
-                .iter()
-                .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-                .collect();
+            let have = archived_keys(&app.archive_dir());
             acked.iter().all(|k| have.contains(k))
         },
     );

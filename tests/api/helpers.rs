@@ -1,7 +1,7 @@
 //! `spawn_app()` and friends: every test gets its own gateway on port 0 with
 //! its own temp data dir, running in its own actix system thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -201,6 +201,19 @@ pub fn telemetry(msg_id: &str, t: f64) -> String {
 }
 
 /// Every record in every `.ndjson.gz` object under `dir`.
+/// The `idempotency_key`s of canonical records (archived, dumped from S3, …).
+pub fn record_keys<'a>(records: impl IntoIterator<Item = &'a Value>) -> HashSet<String> {
+    records
+        .into_iter()
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The idempotency keys of every record archived under `dir`.
+pub fn archived_keys(dir: &Path) -> HashSet<String> {
+    record_keys(&archived_records(dir))
+}
+
 pub fn archived_records(dir: &Path) -> Vec<Value> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];

@@ -7,20 +7,14 @@ use std::time::Duration;
 
 use crate::broker::{mosquitto_pub, publish_lines, Certs, Mosquitto};
 use crate::helpers::{
-    archived_records, free_port, metric_value, spawn_app, spawn_gateway_binary, wait_until, TestApp,
+    archived_keys, archived_records, free_port, metric_value, spawn_app, spawn_gateway_binary,
+    wait_until, TestApp,
 };
 
 fn line(msg_id: &str) -> String {
     format!(
         r#"{{"msg_id":"{msg_id}","ts":1764057600123,"metrics":{{"t":21.5}},"tags":{{"fw":"1.0"}}}}"#
     )
-}
-
-fn keys(dir: &Path) -> HashSet<String> {
-    archived_records(dir)
-        .iter()
-        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-        .collect()
 }
 
 fn wait_mqtt_ready(app: &TestApp) {
@@ -52,7 +46,7 @@ fn qos1_records_from_several_devices_reach_the_archive_with_device_ids_and_enric
             expected.extend((0..20).map(|i| format!("dev-{d}:m{i}")));
         }
         wait_until("60 records archived", Duration::from_secs(20), || {
-            keys(&app.archive_dir()) == expected
+            archived_keys(&app.archive_dir()) == expected
         });
         for r in archived_records(&app.archive_dir()) {
             assert_eq!(r["source"], "mqtt");
@@ -160,7 +154,7 @@ fn invalid_payloads_are_acked_counted_and_never_stored_and_protobuf_is_accepted(
 
     let expected: HashSet<String> = ["dev-1:pb-1".to_string(), "dev-1:valid".to_string()].into();
     wait_until("the two valid records", Duration::from_secs(10), || {
-        keys(&app.archive_dir()) == expected
+        archived_keys(&app.archive_dir()) == expected
     });
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -211,7 +205,7 @@ fn the_gateway_reconnects_after_the_broker_restarts_and_loses_nothing() {
         &[]
     ));
     wait_until("first half archived", Duration::from_secs(10), || {
-        keys(&app.archive_dir()).len() == 50
+        archived_keys(&app.archive_dir()).len() == 50
     });
 
     broker.stop();
@@ -233,7 +227,7 @@ fn the_gateway_reconnects_after_the_broker_restarts_and_loses_nothing() {
         .flat_map(|i| [format!("dev-1:a{i}"), format!("dev-1:b{i}")])
         .collect();
     wait_until("everything archived", Duration::from_secs(20), || {
-        keys(&app.archive_dir()) == expected
+        archived_keys(&app.archive_dir()) == expected
     });
 }
 
@@ -285,11 +279,11 @@ fn mutual_tls_connects_the_gateway_refuses_clients_without_certificates_and_acls
     let expected: HashSet<String> =
         ["device-1:own".to_string(), "device-2:own2".to_string()].into();
     wait_until("both legitimate records", Duration::from_secs(10), || {
-        keys(&app.archive_dir()) == expected
+        archived_keys(&app.archive_dir()) == expected
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        keys(&app.archive_dir()),
+        archived_keys(&app.archive_dir()),
         expected,
         "the ACL let device-1 publish as device-2"
     );
@@ -305,7 +299,7 @@ fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive
     let (ok, err) = mosquitto_pub(port, "devices/dev-9/telemetry", &["-m", &line("e1")]);
     assert!(ok, "{err}");
     wait_until("archived", Duration::from_secs(10), || {
-        keys(&app.archive_dir()).contains("dev-9:e1")
+        archived_keys(&app.archive_dir()).contains("dev-9:e1")
     });
 }
 
@@ -362,7 +356,7 @@ fn ten_thousand_qos1_messages_survive_kill_9_of_the_gateway_mid_stream() {
     let archive = data.join("archive");
     let mut missing = expected.len();
     for _ in 0..1200 {
-        missing = expected.difference(&keys(&archive)).count();
+        missing = expected.difference(&archived_keys(&archive)).count();
         if missing == 0 {
             break;
         }
@@ -403,7 +397,7 @@ fn under_wal_backpressure_messages_are_held_unacknowledged_and_ingested_when_spa
         &[]
     ));
     wait_until("first record", Duration::from_secs(10), || {
-        keys(&app.archive_dir()).len() == 1
+        archived_keys(&app.archive_dir()).len() == 1
     });
 
     let filler = disk.fill(1 << 20);
@@ -428,7 +422,7 @@ fn under_wal_backpressure_messages_are_held_unacknowledged_and_ingested_when_spa
     );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        keys(&app.archive_dir()).len(),
+        archived_keys(&app.archive_dir()).len(),
         1,
         "nothing may be stored under backpressure"
     );
@@ -439,7 +433,7 @@ fn under_wal_backpressure_messages_are_held_unacknowledged_and_ingested_when_spa
     wait_until(
         "held messages ingested after space returned",
         Duration::from_secs(15),
-        || keys(&app.archive_dir()) == expected,
+        || archived_keys(&app.archive_dir()) == expected,
     );
     drop(app);
 }

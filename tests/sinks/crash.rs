@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use crate::analytics::Analytics;
 use crate::broker::Mosquitto;
-use crate::helpers::{archived_records, free_port, spawn_gateway_binary, telemetry, wait_until};
-use crate::kafka::Tansu;
+use crate::helpers::{
+    archived_keys, free_port, record_keys, spawn_gateway_binary, telemetry, wait_until,
+};
+use crate::kafka::{keys_of, Tansu};
 use crate::mqtt::{cloud_subscriber, received};
 use crate::s3::Moto;
 
@@ -93,25 +95,13 @@ fn after_kill_9_with_batches_in_flight_every_sink_gets_every_acknowledged_record
         "every sink has every record",
         Duration::from_secs(90),
         || {
-            let archived = keys(
-                archived_records(&archive)
-                    .iter()
-                    .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-                    .collect(),
-            );
+            let archived = archived_keys(&archive);
             let posted = keys(api.accepted_record_keys());
             let cloud = keys(received(&sub).into_iter().map(|(_, k)| k).collect());
             acked.is_subset(&archived) && acked.is_subset(&posted) && acked.is_subset(&cloud)
         },
     );
-    let lake = || {
-        keys(
-            moto.dump("lake")
-                .into_iter()
-                .map(|(_, _, r)| r["idempotency_key"].as_str().unwrap().to_string())
-                .collect(),
-        )
-    };
+    let lake = || record_keys(moto.dump("lake").iter().map(|(_, _, r)| r));
     wait_until(
         "the S3 sink has every record",
         Duration::from_secs(60),
@@ -121,20 +111,7 @@ fn after_kill_9_with_batches_in_flight_every_sink_gets_every_acknowledged_record
     // The topic may hold more than the acknowledged records (records committed
     // whose 202 was lost in the kill): read until every acknowledged key is
     // there, not until a count is reached.
-    let kafka_keys = || {
-        keys(
-            tansu
-                .dump("telemetry", usize::MAX, Duration::from_secs(4))
-                .iter()
-                .map(|m| {
-                    m["headers"]["idempotency-key"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string()
-                })
-                .collect(),
-        )
-    };
+    let kafka_keys = || keys_of(&tansu.dump("telemetry", usize::MAX, Duration::from_secs(4)));
     let mut got = kafka_keys();
     for _ in 0..10 {
         if acked.is_subset(&got) {

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::analytics::Analytics;
 use crate::helpers::{
-    archived_records, free_port, python_json_lines, spawn_app, telemetry, wait_until,
+    archived_keys, free_port, python_json_lines, spawn_app, telemetry, wait_until,
 };
 
 fn tansu_bin() -> PathBuf {
@@ -146,7 +146,8 @@ fn kafka_sink(t: &Tansu) -> String {
     )
 }
 
-fn keys_of(messages: &[Value]) -> HashSet<String> {
+/// The `idempotency-key` headers of consumed messages.
+pub fn keys_of(messages: &[Value]) -> HashSet<String> {
     messages
         .iter()
         .map(|m| {
@@ -243,10 +244,7 @@ fn with_kafka_down_the_other_sinks_keep_delivering_and_kafka_drains_its_backlog_
         "archive, API and cloud broker got everything",
         Duration::from_secs(10),
         || {
-            let archived: HashSet<String> = archived_records(&archive)
-                .iter()
-                .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
-                .collect();
+            let archived = archived_keys(&archive);
             let posted: HashSet<String> = api.accepted_record_keys().into_iter().collect();
             let cloud_ok =
                 app.metric(r#"gateway_sink_records_total{outcome="ok",sink="cloud"}"#) >= 110.0;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{free_port, python_json_lines, spawn_app, telemetry, wait_until};
+use crate::helpers::{free_port, python_json_lines, record_keys, spawn_app, telemetry, wait_until};
 
 fn venv() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-test")
@@ -101,12 +101,7 @@ fn the_s3_sink_writes_every_record_as_gzip_ndjson_objects_keyed_by_seq_range() {
         assert_eq!(r.status, 202, "{}", r.text);
     }
     wait_until("120 records in S3", Duration::from_secs(20), || {
-        let keys: std::collections::HashSet<String> = moto
-            .dump("telemetry")
-            .iter()
-            .map(|(_, _, r)| r["idempotency_key"].as_str().unwrap().to_string())
-            .collect();
-        keys.len() == 120
+        record_keys(moto.dump("telemetry").iter().map(|(_, _, r)| r)).len() == 120
     });
     let dump = moto.dump("telemetry");
     let pattern = regex_lite_key();
