@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use actix::Actor as _;
 use gateway_actors::control::{Command, OpError, Operator, OperatorParts, RuntimeOverrides};
 use gateway_actors::wal::{
-    integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalError, WalHealth, WalReader,
-    WalStore,
+    integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalHealth, WalReader, WalStore,
 };
 use gateway_actors::Metrics;
 use serde_json::{json, Value};
@@ -62,13 +61,12 @@ enum Target {
     Live(AdminClient),
 }
 
-/// How to reach an admin API.
+/// How to reach an admin API: one HTTP client for every call.
 struct AdminClient {
     base: String,
     /// Bearer token; `None` when a client certificate identifies us.
     token: Option<String>,
-    ca: Option<PathBuf>,
-    identity: Option<(PathBuf, PathBuf)>,
+    client: reqwest::Client,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -235,63 +233,49 @@ pub fn run(cli: &Cli, cmd: &CliCommand) -> Option<ExitCode> {
 fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
     let identity = cli.admin_cert_file.clone().zip(cli.admin_key_file.clone());
     let token_path = crate::auth::admin_token_path(settings);
-    if let Some(url) = &cli.admin_url {
+    let base = match &cli.admin_url {
         // An explicit API: that gateway, wherever it runs.
-        let token = match std::fs::read_to_string(&token_path) {
-            Ok(t) => Some(t.trim().to_string()),
-            Err(_) if identity.is_some() => None,
-            Err(e) => {
-                return Err(format!(
-                "admin token {} cannot be read: {e} (or give --admin-cert-file/--admin-key-file)",
-                token_path.display()
-            ))
-            }
-        };
-        return Ok(Target::Live(AdminClient {
-            base: url.trim_end_matches('/').to_string(),
-            token,
-            ca: cli.admin_ca_file.clone(),
-            identity,
-        }));
-    }
-    match try_lock(&settings.data_dir)
-        .map_err(|e| format!("cannot lock {}: {e}", settings.data_dir.display()))?
-    {
-        LockState::Acquired(lock) => Ok(Target::Offline { _lock: lock }),
-        LockState::Held(pid) => {
-            let base = {
-                let addr = settings.http.addr;
-                let tls = settings.http.tls.is_some();
-                let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
-                    if tls {
-                        "localhost".to_string()
-                    } else {
-                        "127.0.0.1".to_string()
-                    }
-                } else {
-                    addr.ip().to_string()
-                };
-                format!(
-                    "{}://{host}:{}",
-                    if tls { "https" } else { "http" },
-                    addr.port()
-                )
-            };
-            let token = std::fs::read_to_string(&token_path).map_err(|e| {
-                format!(
-                    "the gateway (pid {}) is running, and its admin token {} cannot be read: {e}",
-                    pid.map_or("?".into(), |p| p.to_string()),
-                    token_path.display()
-                )
-            })?;
-            Ok(Target::Live(AdminClient {
-                base,
-                token: Some(token.trim().to_string()),
-                ca: cli.admin_ca_file.clone(),
-                identity,
-            }))
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => match try_lock(&settings.data_dir)
+            .map_err(|e| format!("cannot lock {}: {e}", settings.data_dir.display()))?
+        {
+            LockState::Acquired(lock) => return Ok(Target::Offline { _lock: lock }),
+            // The local gateway runs: its admin API.
+            LockState::Held(_) => local_admin_url(settings),
+        },
+    };
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) => Some(t.trim().to_string()),
+        Err(_) if identity.is_some() => None,
+        Err(e) => {
+            return Err(format!(
+            "the admin token {} cannot be read: {e} (or give --admin-cert-file/--admin-key-file)",
+            token_path.display()
+        ))
         }
-    }
+    };
+    AdminClient::new(base, token, cli.admin_ca_file.as_ref(), identity.as_ref()).map(Target::Live)
+}
+
+/// The local gateway's admin API, from `http.addr` and `http.tls_*`.
+fn local_admin_url(settings: &Settings) -> String {
+    let addr = settings.http.addr;
+    let tls = settings.http.tls.is_some();
+    let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+        // The dev certificate names localhost; plain HTTP takes the address.
+        if tls {
+            "localhost".to_string()
+        } else {
+            "127.0.0.1".to_string()
+        }
+    } else {
+        addr.ip().to_string()
+    };
+    format!(
+        "{}://{host}:{}",
+        if tls { "https" } else { "http" },
+        addr.port()
+    )
 }
 
 async fn execute(
@@ -381,24 +365,40 @@ fn audit_offline(settings: &Settings, command: &str, args: &str, result: &Result
 }
 
 impl AdminClient {
-    /// `POST /admin/commands/{name}` with `args`; the result, or the error message.
-    async fn call(&self, name: &str, args: Value) -> Result<Value, String> {
+    /// A client trusting `ca` (else the system roots) and presenting
+    /// `identity` (certificate, PKCS#8 key), both PEM files.
+    fn new(
+        base: String,
+        token: Option<String>,
+        ca: Option<&PathBuf>,
+        identity: Option<&(PathBuf, PathBuf)>,
+    ) -> Result<Self, String> {
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(600));
-        if let Some(ca) = &self.ca {
+        if let Some(ca) = ca {
             let cert = reqwest::Certificate::from_pem(&read(ca)?)
                 .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
             b = b.add_root_certificate(cert);
         }
-        if let Some((cert, key)) = &self.identity {
+        if let Some((cert, key)) = identity {
             let id = reqwest::Identity::from_pkcs8_pem(&read(cert)?, &read(key)?).map_err(|e| {
                 format!("admin client certificate (the key must be PKCS#8 PEM): {e}")
             })?;
             b = b.identity(id);
         }
         let client = b.build().map_err(|e| e.to_string())?;
+        Ok(Self {
+            base,
+            token,
+            client,
+        })
+    }
+
+    /// `POST /admin/commands/{name}` with `args`; the result, or the error message.
+    async fn call(&self, name: &str, args: Value) -> Result<Value, String> {
         let url = format!("{}/admin/commands/{name}", self.base);
-        let mut req = client
+        let mut req = self
+            .client
             .post(&url)
             .header("content-type", "application/json")
             .body(args.to_string());
@@ -680,21 +680,12 @@ fn export(settings: &Settings, filter: &DlqFilterArgs, output: Option<&PathBuf>)
         )),
     };
     let mut progress = Progress::new();
-    let mut n = 0u64;
-    let res = reader.for_each_dead::<WalError>(&f, |d| {
-        let io = |e: std::io::Error| WalError::Unavailable(format!("writing the export: {e}"));
-        serde_json::to_writer(&mut out, &d).map_err(|e| io(e.into()))?;
-        out.write_all(b"\n").map_err(io)?;
-        n += 1;
-        progress.show(n, total, "dead letters exported", false);
-        Ok(())
-    });
-    if let Err(e) = res.and_then(|_| {
-        out.flush()
-            .map_err(|e| WalError::Unavailable(format!("writing the export: {e}")))
+    let n = match reader.export_ndjson(&f, &mut out, |n| {
+        progress.show(n, total, "dead letters exported", false)
     }) {
-        return fail(e, 1);
-    }
+        Ok(n) => n,
+        Err(e) => return fail(e, 1),
+    };
     drop(out);
     if let Some(p) = output {
         if let Err(e) = std::fs::File::open(p).and_then(|f| f.sync_all()) {

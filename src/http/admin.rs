@@ -10,7 +10,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::web::Bytes;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use gateway_actors::control::{Command, OpError};
-use gateway_actors::wal::{DeadLetter, DlqFilter, WalError};
+use gateway_actors::wal::DlqFilter;
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -112,27 +112,19 @@ fn body_json(body: &Bytes) -> Result<Value, ApiError> {
     })
 }
 
+/// The dead-letter filter from the query string: the parameters become a
+/// JSON object of strings, so the same rules apply as for JSON bodies.
 fn filter(q: &str) -> Result<DlqFilter, ApiError> {
-    serde_urlencoded_filter(q).map_err(|e| {
+    let bad = |e: String| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("query: {e}"),
         )
-    })
-}
-
-/// Query parameters as a JSON object of strings, then the filter (so the
-/// same parsing rules apply as for JSON bodies).
-fn serde_urlencoded_filter(q: &str) -> Result<DlqFilter, String> {
-    let pairs: Vec<(String, String)> = web::Query::<Vec<(String, String)>>::from_query(q)
-        .map_err(|e| e.to_string())?
-        .into_inner();
-    let mut obj = serde_json::Map::new();
-    for (k, v) in pairs {
-        obj.insert(k, Value::String(v));
-    }
-    serde_json::from_value(Value::Object(obj)).map_err(|e| e.to_string())
+    };
+    let params = web::Query::<serde_json::Map<String, Value>>::from_query(q)
+        .map_err(|e| bad(e.to_string()))?;
+    serde_json::from_value(Value::Object(params.into_inner())).map_err(|e| bad(e.to_string()))
 }
 
 async fn wal_stats(who: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -246,6 +238,23 @@ async fn command(
     run(&state, &who, cmd).await
 }
 
+/// The response body's sender as an `io::Write` (each write is one chunk;
+/// a `BufWriter` in front makes them ~64 KiB).
+struct ChunkSender(tokio::sync::mpsc::Sender<Result<Bytes, String>>);
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// `GET /admin/dlq/export?sink=…`: every matching dead letter as NDJSON,
 /// streamed from a read-only connection (memory does not grow with the
 /// count, and the WAL writer is never held up).
@@ -262,30 +271,10 @@ async fn dlq_export(
     std::thread::Builder::new()
         .name("dlq-export".into())
         .spawn(move || {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            let flush = |buf: &mut Vec<u8>| -> Result<(), WalError> {
-                let chunk = Bytes::from(std::mem::take(buf));
-                tx.blocking_send(Ok(chunk))
-                    .map_err(|_| WalError::Unavailable("client went away".into()))
-            };
-            let res = reader.for_each_dead::<WalError>(&f, |d: DeadLetter| {
-                serde_json::to_writer(&mut buf, &d)
-                    .map_err(|e| WalError::Unavailable(e.to_string()))?;
-                buf.push(b'\n');
-                if buf.len() >= 60 * 1024 {
-                    flush(&mut buf)?;
-                }
-                Ok(())
-            });
-            match res {
-                Ok(()) if !buf.is_empty() => {
-                    let _ = flush(&mut buf);
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "dead-letter export ended early");
-                    let _ = tx.blocking_send(Err(e.to_string()));
-                }
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, ChunkSender(tx.clone()));
+            if let Err(e) = reader.export_ndjson(&f, &mut out, |_| {}) {
+                tracing::warn!(error = %e, "dead-letter export ended early");
+                let _ = tx.blocking_send(Err(e.to_string()));
             }
         })
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;

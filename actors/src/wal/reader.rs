@@ -61,6 +61,29 @@ impl WalReader {
         list_dead(&*self.conn()?, f)
     }
 
+    /// Writes every dead letter matching `f` to `out` as NDJSON (one
+    /// [`DeadLetter`] per line), calling `progress` with the count written so
+    /// far after each line; returns the count. What the admin export and
+    /// `gateway dlq export` both stream.
+    pub fn export_ndjson(
+        &self,
+        f: &DlqFilter,
+        out: &mut impl std::io::Write,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, WalError> {
+        let io = |e: std::io::Error| WalError::Unavailable(format!("writing the export: {e}"));
+        let mut n = 0u64;
+        self.for_each_dead::<WalError>(f, |d| {
+            serde_json::to_writer(&mut *out, &d).map_err(|e| io(e.into()))?;
+            out.write_all(b"\n").map_err(io)?;
+            n += 1;
+            progress(n);
+            Ok(())
+        })?;
+        out.flush().map_err(io)?;
+        Ok(n)
+    }
+
     /// See [`for_each_dead`].
     pub fn for_each_dead<E: From<WalError>>(
         &self,
