@@ -107,16 +107,16 @@ pub async fn handle_message(
 ) -> (String, Value) {
     let prefix = format!("gateway/{gateway_id}/control/");
     let command = topic.strip_prefix(&prefix).unwrap_or("");
-    let body: Result<serde_json::Map<String, Value>, _> = serde_json::from_slice(payload);
-    let mut args = match body {
+    let refused = |request_id: Value, err: OpError| {
+        tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %err, "operator command");
+        json!({"request_id": request_id, "ok": false, "error": err.to_json()})
+    };
+    let invalid = format!("{prefix}reply/invalid");
+    let mut args: serde_json::Map<String, Value> = match serde_json::from_slice(payload) {
         Ok(m) => m,
         Err(e) => {
             let err = OpError::BadRequest(format!("the payload must be a JSON object: {e}"));
-            tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %err, "operator command");
-            return (
-                format!("{prefix}reply/invalid"),
-                json!({"request_id": null, "ok": false, "error": err.to_json()}),
-            );
+            return (invalid, refused(Value::Null, err));
         }
     };
     let request_id = match args.remove("request_id") {
@@ -126,24 +126,16 @@ pub async fn handle_message(
                 "\"request_id\" must be a string of 1 to 128 characters without '/', '+' or '#'"
                     .into(),
             );
-            tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %err, "operator command");
-            return (
-                format!("{prefix}reply/invalid"),
-                json!({"request_id": other, "ok": false, "error": err.to_json()}),
-            );
+            return (invalid, refused(other.unwrap_or(Value::Null), err));
         }
     };
     let reply_topic = format!("{prefix}reply/{request_id}");
-    let result = match Command::parse(command, Value::Object(args)) {
-        Ok(cmd) => operator.execute(cmd, "mqtt").await,
-        Err(e) => {
-            tracing::warn!(target: "audit", actor = "mqtt", command, outcome = "error", error = %e, "operator command");
-            Err(e)
-        }
-    };
-    let reply = match result {
-        Ok(v) => json!({"request_id": request_id, "ok": true, "result": v}),
-        Err(e) => json!({"request_id": request_id, "ok": false, "error": e.to_json()}),
+    let reply = match Command::parse(command, Value::Object(args)) {
+        Err(e) => refused(json!(request_id), e),
+        Ok(cmd) => match operator.execute(cmd, "mqtt").await {
+            Ok(v) => json!({"request_id": request_id, "ok": true, "result": v}),
+            Err(e) => json!({"request_id": request_id, "ok": false, "error": e.to_json()}),
+        },
     };
     (reply_topic, reply)
 }
