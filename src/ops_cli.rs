@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Actor as _;
-use gateway_actors::control::{Command, OpError, Operator, OperatorParts, RuntimeOverrides};
+use gateway_actors::control::{Command, OpError, Operator, RuntimeOverrides};
 use gateway_actors::wal::{
     integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalHealth, WalReader, WalStore,
 };
@@ -313,24 +313,15 @@ async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, 
     let store = WalStore::new(wal, metrics.clone(), Arc::new(WalHealth::default())).start();
     let reader = WalReader::open(&path, 2)?;
     let runtime = RuntimeOverrides::load(&settings.data_dir).map_err(OpError::BadRequest)?;
-    let operator = Operator::new(OperatorParts {
-        gateway_id: settings.gateway_id.clone(),
-        data_dir: settings.data_dir.clone(),
-        wal: store,
+    let operator = Operator::new(crate::startup::operator_parts(
+        settings,
+        store,
         reader,
-        router: None,
-        base_rate: settings.ingest.rate,
-        base_log_level: settings.log_level.clone(),
-        sinks: settings
-            .sinks
-            .iter()
-            .map(|(n, s)| (n.clone(), (s.dispatch.clone(), None)))
-            .collect(),
+        None,
+        &[],
         runtime,
-        log: Arc::new(crate::telemetry::Logs),
-        config_text: settings.rendered.clone(),
         metrics,
-    });
+    ));
     let (command, args) = (cmd.name(), format!("{cmd:?}"));
     let result = operator.execute(cmd, "cli").await;
     audit_offline(settings, command, &args, &result);

@@ -85,6 +85,43 @@ pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
     }
 }
 
+/// What the operator works with: for a running gateway its router and
+/// dispatchers, for the CLI on a stopped one `None` and none.
+pub fn operator_parts(
+    settings: &Settings,
+    wal: Addr<WalStore>,
+    reader: WalReader,
+    router: Option<Addr<IngestRouter>>,
+    dispatchers: &[(String, Addr<Dispatcher>)],
+    runtime: RuntimeOverrides,
+    metrics: Metrics,
+) -> OperatorParts {
+    let dispatcher = |name: &str| {
+        dispatchers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone())
+    };
+    OperatorParts {
+        gateway_id: settings.gateway_id.clone(),
+        data_dir: settings.data_dir.clone(),
+        wal,
+        reader,
+        router,
+        base_rate: settings.ingest.rate,
+        base_log_level: settings.log_level.clone(),
+        sinks: settings
+            .sinks
+            .iter()
+            .map(|(n, s)| (n.clone(), (s.dispatch.clone(), dispatcher(n))))
+            .collect(),
+        runtime,
+        log: Arc::new(crate::telemetry::Logs),
+        config_text: settings.rendered.clone(),
+        metrics,
+    }
+}
+
 impl Application {
     /// Builds everything; must run inside an actix `System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
@@ -174,7 +211,6 @@ impl Application {
         };
         let mut dispatchers = Vec::new();
         let mut sinks = Vec::new();
-        let mut operated = std::collections::BTreeMap::new();
         for (name, s) in &settings.sinks {
             let factory = make_sink(name, &s.target);
             let sink = {
@@ -187,26 +223,20 @@ impl Application {
                 let (w, sk, m) = (wal.clone(), sink.clone(), metrics.clone());
                 Supervisor::start(move |_| Dispatcher::new(cfg, w, sk, m))
             };
-            operated.insert(name.clone(), (s.dispatch.clone(), Some(disp.clone())));
             sinks.push((name.clone(), sink));
             dispatchers.push((name.clone(), disp));
         }
 
         let reader = WalReader::open(&settings.wal_config().path, 4)?;
-        let operator = Arc::new(Operator::new(OperatorParts {
-            gateway_id: settings.gateway_id.clone(),
-            data_dir: settings.data_dir.clone(),
-            wal: wal.clone(),
+        let operator = Arc::new(Operator::new(operator_parts(
+            &settings,
+            wal.clone(),
             reader,
-            router: Some(router.clone()),
-            base_rate: settings.ingest.rate,
-            base_log_level: settings.log_level.clone(),
-            sinks: operated,
+            Some(router.clone()),
+            &dispatchers,
             runtime,
-            log: Arc::new(crate::telemetry::Logs),
-            config_text: settings.rendered.clone(),
-            metrics: metrics.clone(),
-        }));
+            metrics.clone(),
+        )));
         let control = settings.mqtt.ingest().filter(|c| c.control).map(|cfg| {
             let (c, id, op, m) = (
                 cfg.clone(),
