@@ -159,6 +159,16 @@ fn the_log_level_changes_at_run_time_through_the_operator_and_holds_after_a_rest
     wait_until("the info line is logged", Duration::from_secs(5), || {
         rejected(&gw).contains(&"loud-1".to_string())
     });
+    // The change is in the audit log, naming who and what.
+    let audit: Vec<Value> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["target"] == "audit" && l["command"] == "config.set")
+        .collect();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["actor"], "admin-http:token");
+    assert_eq!(audit[0]["outcome"], "ok");
+    assert!(audit[0]["args"].as_str().unwrap().contains("log.level"));
     assert!(
         !rejected(&gw).contains(&"quiet-1".to_string()),
         "warn hid it"
