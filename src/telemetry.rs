@@ -278,6 +278,11 @@ fn directive(level: &str) -> String {
     } else {
         format!("{level},rumqttd::router::routing=off")
     };
+    // Operator actions are always logged (target `audit`), whatever the
+    // level, unless the directive names the target itself.
+    if !level.contains("audit") {
+        d.push_str(",audit=info");
+    }
     if TRACES_ON.load(Ordering::Relaxed) {
         d.push(',');
         d.push_str(gateway_actors::trace::TARGET);

@@ -186,4 +186,11 @@ fn the_log_level_changes_at_run_time_through_the_operator_and_holds_after_a_rest
     bad(&gw, "quiet-2");
     std::thread::sleep(Duration::from_millis(300));
     assert!(!rejected(&gw).contains(&"quiet-2".to_string()));
+    // Audit lines are kept whatever the level: the switch to warn is logged too.
+    let audit = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["target"] == "audit" && l["command"] == "config.set")
+        .count();
+    assert_eq!(audit, 1, "the config.set to warn is in the audit log");
 }
