@@ -71,6 +71,11 @@ impl Analytics {
     }
 
     /// Idempotency keys of the records in accepted requests.
+    /// The distinct idempotency keys of the records the API accepted.
+    pub fn accepted_keys(&self) -> std::collections::HashSet<String> {
+        self.accepted_record_keys().into_iter().collect()
+    }
+
     pub fn accepted_record_keys(&self) -> Vec<String> {
         self.seen()
             .iter()

@@ -96,7 +96,7 @@ fn after_kill_9_with_batches_in_flight_every_sink_gets_every_acknowledged_record
         Duration::from_secs(90),
         || {
             let archived = archived_keys(&archive);
-            let posted = keys(api.accepted_record_keys());
+            let posted = api.accepted_keys();
             let cloud = keys(received(&sub).into_iter().map(|(_, k)| k).collect());
             acked.is_subset(&archived) && acked.is_subset(&posted) && acked.is_subset(&cloud)
         },

@@ -245,7 +245,7 @@ fn with_kafka_down_the_other_sinks_keep_delivering_and_kafka_drains_its_backlog_
         Duration::from_secs(10),
         || {
             let archived = archived_keys(&archive);
-            let posted: HashSet<String> = api.accepted_record_keys().into_iter().collect();
+            let posted = api.accepted_keys();
             let cloud_ok =
                 app.metric(r#"gateway_sink_records_total{outcome="ok",sink="cloud"}"#) >= 110.0;
             during.is_subset(&archived) && during.is_subset(&posted) && cloud_ok
