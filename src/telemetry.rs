@@ -353,25 +353,30 @@ pub fn set_log_level(level: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a `log.level` value: a level or EnvFilter directives, each of
+/// which must end in a level. (EnvFilter alone takes a bare word as a target
+/// name: "debgu" would silence every log line.)
+pub fn check_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for part in level.split(',').map(str::trim) {
+        let lvl = part.rsplit_once('=').map_or(part, |(_, l)| l);
+        if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{part:?} does not end in a level (trace, debug, info, warn, error, off)"
+            ));
+        }
+    }
+    EnvFilter::try_new(directive(level))
+        .map(|_| ())
+        .map_err(|e| format!("{level:?} is not a level or filter directive: {e}"))
+}
+
 /// The log level switch handed to the operator (`config.set log.level`).
 pub struct Logs;
 
 impl gateway_actors::control::LogControl for Logs {
     fn check(&self, level: &str) -> Result<(), String> {
-        // EnvFilter takes a bare word as a target name ("debgu" would silence
-        // every log line): each directive must end in a level.
-        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-        for part in level.split(',').map(str::trim) {
-            let lvl = part.rsplit_once('=').map_or(part, |(_, l)| l);
-            if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
-                return Err(format!(
-                    "{part:?} does not end in a level (trace, debug, info, warn, error, off)"
-                ));
-            }
-        }
-        EnvFilter::try_new(directive(level))
-            .map(|_| ())
-            .map_err(|e| format!("{level:?} is not a level or filter directive: {e}"))
+        check_level(level)
     }
 
     fn set(&self, level: &str) -> Result<(), String> {
