@@ -495,11 +495,8 @@ impl Loaded {
             return Err(self.invalid("data_dir", "must not be empty"));
         }
         let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(self.invalid(
-                "log.level",
-                format!("{log_level:?} is not a level or filter directive"),
-            ));
+        if let Err(why) = crate::telemetry::check_level(&log_level) {
+            return Err(self.invalid("log.level", why));
         }
 
         let otlp_endpoint = match raw.otlp.endpoint.as_deref().map(str::trim) {
@@ -1381,6 +1378,21 @@ mod tests {
         }
         assert!(matches!(s.mqtt, MqttMode::Embedded { .. }));
         assert_eq!(s.wal.retention, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn log_level_directives_must_end_in_a_level() {
+        for ok in ["debug", "info,gateway_actors::dispatcher=debug", "WARN"] {
+            assert!(
+                Settings::from_toml(&format!("[log]\nlevel = \"{ok}\"\n")).is_ok(),
+                "{ok}"
+            );
+        }
+        // EnvFilter alone would take "debgu" as a target and log nothing.
+        let e = Settings::from_toml("[log]\nlevel = \"debgu\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level") && e.contains("debgu"), "{e}");
     }
 
     #[test]
