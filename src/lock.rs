@@ -9,20 +9,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, Write as _};
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The held lock; dropping it releases it.
 #[derive(Debug)]
 pub struct DataDirLock {
     _file: File,
-    path: PathBuf,
-}
-
-impl DataDirLock {
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Either the lock, or the pid written by whoever holds it.
@@ -59,7 +51,7 @@ pub fn try_lock(data_dir: &Path) -> std::io::Result<LockState> {
     file.rewind()?;
     writeln!(file, "{}", std::process::id())?;
     file.flush()?;
-    Ok(LockState::Acquired(DataDirLock { _file: file, path }))
+    Ok(LockState::Acquired(DataDirLock { _file: file }))
 }
 
 #[cfg(test)]

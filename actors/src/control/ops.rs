@@ -179,10 +179,6 @@ fn args<T: for<'de> Deserialize<'de>>(command: &str, v: Value) -> Result<T, OpEr
     serde_json::from_value(v).map_err(|e| OpError::BadRequest(format!("{command}: {e}")))
 }
 
-/// The command names, for error messages and help.
-pub const COMMANDS: &str = "ping, config.get, config.set, device.send, dlq.list, dlq.requeue, \
-    dlq.purge, replay, sinks.list, sink.pause, sink.resume, wal.stats, wal.check, wal.compact";
-
 impl Command {
     /// Builds a command from its name and JSON arguments (an object, or
     /// null for none).
