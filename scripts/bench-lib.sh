@@ -1,5 +1,12 @@
 # Shell helpers shared by the benchmark scripts (sourced, not run).
-# Set BENCH_NAME before sourcing; it prefixes error messages.
+# Set BENCH_NAME (prefixes error messages) before sourcing.
+
+# The project root, where cargo builds (absolute) and where results go.
+ROOT="${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+RESULTS_DIR="$ROOT/bench/results"
+RESULTS="$RESULTS_DIR/latest.md"
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf '%s: error: %s\n' "${BENCH_NAME:-bench}" "$*" >&2; exit 1; }

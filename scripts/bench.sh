@@ -37,10 +37,6 @@ WRK_CONNS="${BENCH_WRK_CONNS:-256}"
 WRK_DURATION="${BENCH_WRK_DURATION:-15s}"
 DEVICES="${BENCH_DEVICES:-50}"
 LOG_LEVEL="${BENCH_LOG_LEVEL:-info}"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
-RESULTS_DIR="$ROOT/bench/results"
-RESULTS="$RESULTS_DIR/latest.md"
 
 BENCH_NAME=bench
 # shellcheck source=scripts/bench-lib.sh
