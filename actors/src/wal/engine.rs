@@ -17,29 +17,10 @@ pub use admin::{
 };
 
 const SCHEMA_VERSION: i64 = 1;
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records(
-    seq INTEGER PRIMARY KEY,
-    idem_key TEXT NOT NULL,
-    correlation_id TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    receive_ms INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_idem ON records(idem_key);
-CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sink_done(
-    sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
-    PRIMARY KEY(sink, first)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead(
-    sink TEXT NOT NULL, seq INTEGER NOT NULL, attempts INTEGER NOT NULL,
-    error TEXT NOT NULL, dead_ms INTEGER NOT NULL,
-    PRIMARY KEY(sink, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dead_seq ON dead(seq);
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-";
+/// Records compacted per step (keeps commit latency low).
+pub(crate) const COMPACT_CHUNK: usize = 5000;
+/// The on-disk schema (the one copy; the module doc of [`crate::wal`] shows it).
+const SCHEMA: &str = include_str!("schema.sql");
 
 /// Errors of the WAL engine.
 #[derive(Debug, thiserror::Error)]
@@ -415,6 +396,14 @@ impl Wal {
         &mut self,
         ops: &[WriteOp],
     ) -> Result<Vec<Result<WriteResult, WalError>>, WalError> {
+        if self.backpressure.is_some()
+            && self.live_bytes > self.cfg.max_bytes
+            && ops.iter().any(|op| matches!(op, WriteOp::Append(_)))
+        {
+            // Only data that a sink still needs may refuse an append:
+            // delivered records make room first.
+            self.make_room(COMPACT_CHUNK)?;
+        }
         let seq_before = self.next_seq;
         let stored_before = self.stored_records;
         let res = self.write_inner(ops);
@@ -777,14 +766,18 @@ impl Wal {
 
     /// Re-reads the database size and free disk space and re-evaluates
     /// backpressure.
+    ///
+    /// The size counted against `max_bytes` is the database pages that hold
+    /// data (pages less the free list). SQLite's `-wal` journal is not: its
+    /// pages are copies that checkpoints fold back in, and it is bounded on
+    /// its own (`journal_size_limit`, periodic checkpoints).
     pub fn refresh_space(&mut self) -> Result<(), WalError> {
         let page_size: u64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let pages: u64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
         let free: u64 = self
             .conn
             .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-        let wal_file = wal_file_size(&self.cfg.path);
-        self.live_bytes = pages.saturating_sub(free) * page_size + wal_file;
+        self.live_bytes = pages.saturating_sub(free) * page_size;
         let dir = self
             .cfg
             .path
@@ -801,7 +794,7 @@ impl Wal {
             && self.cfg.policy == BackpressurePolicy::Block
         {
             Some(format!(
-                "WAL holds {} bytes, above wal.max_bytes {}",
+                "WAL holds {} bytes of records that a sink still needs, above wal.max_bytes {}",
                 self.live_bytes, self.cfg.max_bytes
             ))
         } else {
@@ -810,45 +803,26 @@ impl Wal {
         Ok(())
     }
 
+    /// Above this size delivered records give way before their retention
+    /// ends, so that a WAL at its limit with healthy sinks keeps headroom
+    /// for new data: 90 % of `max_bytes`.
+    fn room_mark(&self) -> u64 {
+        self.cfg.max_bytes / 10 * 9
+    }
+
     /// One step of housekeeping: compacts up to `chunk` records that every
-    /// sink finished and that are past retention, and under `drop_oldest`
-    /// drops up to `chunk` of the oldest records while over `max_bytes`.
-    /// Returns (compacted, dropped).
+    /// sink finished and that are past retention; above the room mark (90 %
+    /// of `max_bytes`) also compacts delivered records still in retention,
+    /// chunk by chunk, until the WAL is back under the mark or nothing
+    /// delivered is left; under `drop_oldest` drops up to `chunk` of the
+    /// oldest records while over `max_bytes`. Returns (compacted, dropped).
     pub fn compact(&mut self, now: i64, chunk: usize) -> Result<(u64, u64), WalError> {
         let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
-        // Over the size limit, delivered records give way before retention ends:
-        // replay history is worth less than accepting new data.
-        let cutoff = if self.live_bytes > self.cfg.max_bytes {
-            i64::MAX
-        } else {
-            now - keep
-        };
-        let min_cursor = self
-            .sinks
-            .values()
-            .map(|s| s.cursor)
-            .min()
-            .unwrap_or_else(|| self.head());
-        // Find the highest seq that is both finished everywhere and old enough.
-        let boundary: Option<u64> = self.conn.query_row(
-            "SELECT MAX(seq) FROM (SELECT seq, receive_ms FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead) ORDER BY seq LIMIT ?2) WHERE receive_ms < ?3",
-            params![min_cursor, chunk as i64, cutoff],
-            |r| r.get(0),
-        )?;
-        let mut compacted = 0;
-        if let Some(upto) = boundary {
-            let tx = self.conn.transaction()?;
-            compacted = tx.execute(
-                "DELETE FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead WHERE seq <= ?1)",
-                [upto],
-            )? as u64;
-            tx.execute(
-                "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
-                [upto],
-            )?;
-            tx.commit()?;
-            self.stored_records = self.stored_records.saturating_sub(compacted);
-        }
+        let mut compacted = self.compact_delivered(now - keep, chunk)?;
+        // Room is made on the size as it is now: appends since the last
+        // refresh may have crossed the mark.
+        self.refresh_space()?;
+        compacted += self.make_room(chunk)?;
 
         let mut dropped = 0;
         if self.cfg.policy == BackpressurePolicy::DropOldest && self.live_bytes > self.cfg.max_bytes
@@ -894,12 +868,61 @@ impl Wal {
                     )?;
                 }
                 self.stored_records = self.stored_records.saturating_sub(dropped);
+                self.refresh_space()?;
             }
         }
-        if compacted + dropped > 0 {
+        Ok((compacted, dropped))
+    }
+
+    /// Over the room mark, delivered records (finished by every sink, not
+    /// dead) give way before their retention ends: replay history is worth
+    /// less than accepting new data. Deletes them oldest first, `chunk` at a
+    /// time, until the WAL is under the mark or nothing delivered is left.
+    /// Returns how many it deleted.
+    fn make_room(&mut self, chunk: usize) -> Result<u64, WalError> {
+        let mut total = 0;
+        while self.live_bytes > self.room_mark() {
+            let n = self.compact_delivered(i64::MAX, chunk)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
             self.refresh_space()?;
         }
-        Ok((compacted, dropped))
+        Ok(total)
+    }
+
+    /// Deletes up to `chunk` of the oldest records that every sink finished,
+    /// that are not dead letters and that were received before `cutoff`
+    /// (epoch ms); moves the seq floor up. Returns how many it deleted.
+    fn compact_delivered(&mut self, cutoff: i64, chunk: usize) -> Result<u64, WalError> {
+        let min_cursor = self
+            .sinks
+            .values()
+            .map(|s| s.cursor)
+            .min()
+            .unwrap_or_else(|| self.head());
+        // Find the highest seq that is both finished everywhere and old enough.
+        let boundary: Option<u64> = self.conn.query_row(
+            "SELECT MAX(seq) FROM (SELECT seq, receive_ms FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead) ORDER BY seq LIMIT ?2) WHERE receive_ms < ?3",
+            params![min_cursor, chunk as i64, cutoff],
+            |r| r.get(0),
+        )?;
+        let Some(upto) = boundary else {
+            return Ok(0);
+        };
+        let tx = self.conn.transaction()?;
+        let compacted = tx.execute(
+            "DELETE FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead WHERE seq <= ?1)",
+            [upto],
+        )? as u64;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
+            [upto],
+        )?;
+        tx.commit()?;
+        self.stored_records = self.stored_records.saturating_sub(compacted);
+        Ok(compacted)
     }
 
     /// Runs a passive checkpoint so the -wal file does not grow without bound.
@@ -1015,14 +1038,6 @@ fn range_changes(old: &[(u64, u64)], new: &[(u64, u64)]) -> (Ranges, Ranges) {
         }
     }
     (gone, added)
-}
-
-fn wal_file_size(db: &Path) -> u64 {
-    let mut p = db.as_os_str().to_owned();
-    p.push("-wal");
-    std::fs::metadata(PathBuf::from(p))
-        .map(|m| m.len())
-        .unwrap_or(0)
 }
 
 /// Builds the full canonical record from the stored body by splicing in `v`
@@ -1149,6 +1164,74 @@ mod tests {
         assert_eq!(
             wal.append(vec![rec("new")]).unwrap()[0],
             AppendOutcome::Appended { seq: 7 }
+        );
+    }
+
+    /// A WAL at its size limit whose sink keeps up: delivered records (still
+    /// in retention) make room, so no append is refused; a stalled sink does
+    /// fill it, and then appends are refused.
+    #[test]
+    fn at_the_size_limit_delivered_records_make_room_and_only_pending_data_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a"]);
+        cfg.max_bytes = 512 << 10;
+        cfg.min_free_disk_bytes = 0;
+        let mut wal = Wal::open(cfg).unwrap();
+        let blob = "x".repeat(1000);
+        let big = |i: usize| {
+            let mut r = rec(&format!("k{i}"));
+            r.body = format!("{{\"idempotency_key\":\"k{i}\",\"blob\":\"{blob}\"}}");
+            r
+        };
+        // 4 MB through a 512 KiB WAL, acked as it goes; housekeeping (as the
+        // writer thread runs it) every 10 rounds.
+        let mut n = 0;
+        for round in 0..400 {
+            let recs: Vec<_> = (0..10)
+                .map(|_| {
+                    n += 1;
+                    big(n)
+                })
+                .collect();
+            let out = wal.append(recs);
+            assert!(
+                out.is_ok(),
+                "round {round}: {:?} (size {})",
+                out,
+                wal.live_bytes
+            );
+            let b = wal.fetch("a", 100, Duration::ZERO).unwrap().unwrap();
+            wal.ack("a", &b.ranges).unwrap();
+            if round % 10 == 0 {
+                wal.compact(now_ms(), COMPACT_CHUNK).unwrap();
+                wal.refresh_space().unwrap();
+            }
+        }
+        assert!(
+            wal.stats().unwrap().stored_records < 4000,
+            "delivered records were compacted"
+        );
+        // Now the sink stops acking: pending data fills the WAL and refuses appends.
+        let mut refused = None;
+        for round in 0..400 {
+            let recs: Vec<_> = (0..10)
+                .map(|_| {
+                    n += 1;
+                    big(n)
+                })
+                .collect();
+            if let Err(e) = wal.append(recs) {
+                refused = Some(e);
+                break;
+            }
+            if round % 10 == 0 {
+                wal.compact(now_ms(), COMPACT_CHUNK).unwrap();
+                wal.refresh_space().unwrap();
+            }
+        }
+        assert!(
+            matches!(refused, Some(WalError::Backpressure(_))),
+            "pending data above max_bytes must refuse appends: {refused:?}"
         );
     }
 

@@ -6,16 +6,10 @@
 //! One SQLite database, `{data_dir}/wal.db`, in WAL journal mode with
 //! `synchronous=FULL`: a commit returns only after the WAL file is fsync'd.
 //!
+//! The schema (`schema.sql`, the one copy, applied at every open):
+//!
 //! ```sql
-//! records(seq INTEGER PRIMARY KEY,      -- assigned by the writer, strictly increasing, never reused
-//!         idem_key TEXT,                -- "{device_id}:{msg_id}" or a payload hash; indexed (dedup)
-//!         correlation_id TEXT, device_id TEXT,
-//!         receive_ms INTEGER,           -- gateway receive time, epoch ms
-//!         body TEXT)                    -- canonical record JSON without "v" and "seq" (spliced in on read)
-//! sinks(name TEXT PRIMARY KEY, cursor INTEGER)      -- every seq <= cursor is finished for the sink
-//! sink_done(sink, first, last)          -- finished ranges above the cursor (out-of-order completions)
-//! dead(sink, seq, attempts, error, dead_ms)         -- dead letters, kept until requeued or purged
-//! meta(key TEXT PRIMARY KEY, value INTEGER)          -- schema_version, seq_floor (highest compacted seq)
+#![doc = include_str!("schema.sql")]
 //! ```
 //!
 //! # Delivery state per sink
@@ -49,8 +43,9 @@
 //! 6. `seq` never goes backwards, even after every record was compacted
 //!    (`meta.seq_floor`), and a failed group commit does not consume seqs.
 //! 7. Compaction removes a record only when every configured sink finished
-//!    it, it is older than `max(retention, dedup_window)`, and it is no sink's
-//!    dead letter.
+//!    it, it is no sink's dead letter, and it is older than
+//!    `max(retention, dedup_window)` or the WAL is above 90 % of `max_bytes`
+//!    (then delivered records give way early, oldest first).
 //!
 //! # Group commit
 //!
@@ -80,9 +75,15 @@
 //!
 //! # Backpressure and retention
 //!
-//! Live data above `max_bytes` or free disk below `min_free_disk_bytes`
-//! turns backpressure on: with policy `block` appends are refused until
-//! compaction or delivery frees space; with `drop_oldest` the oldest records
+//! Only data that some sink still needs may hold back ingest. Above 90 % of
+//! `max_bytes` (the database pages holding data; SQLite's own `-wal` journal
+//! is bounded separately) housekeeping compacts delivered records before
+//! their retention ends, oldest first, until the WAL is back under that
+//! mark; and an append that finds the WAL over `max_bytes` first makes room
+//! the same way. Backpressure is on only while the WAL stays above
+//! `max_bytes` with nothing delivered left to remove, or while free disk is
+//! below `min_free_disk_bytes`: with policy `block` appends are then refused
+//! until delivery or space frees room; with `drop_oldest` the oldest records
 //! are deleted (counted) and every sink's cursor moves past them.
 
 mod engine;

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::engine::{
     now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
-    WriteResult,
+    WriteResult, COMPACT_CHUNK,
 };
 use crate::metrics::Metrics;
 
@@ -32,8 +32,6 @@ use crate::metrics::Metrics;
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(500);
 /// Upper bound of requests taken into one group commit.
 const MAX_GROUP_REQUESTS: usize = 4096;
-/// Records compacted per housekeeping step (keeps commit latency low).
-const COMPACT_CHUNK: usize = 5000;
 /// How often a passive checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,34 @@
+-- The WAL's on-disk schema, applied at every open (idempotent). The one
+-- copy: engine.rs loads it with include_str! and the module doc of
+-- actors/src/wal/mod.rs includes it.
+--
+-- records: every stored record. seq is assigned by the writer, strictly
+--   increasing, never reused (meta.seq_floor keeps it above compacted ones);
+--   idem_key is "{device_id}:{msg_id}" or a payload hash (dedup);
+--   receive_ms is the gateway receive time (epoch ms); body is the canonical
+--   record JSON without "v" and "seq" (spliced in on read).
+-- sinks: every seq <= cursor is finished (acked or dead) for the sink.
+-- sink_done: finished ranges above the cursor (out-of-order completions).
+-- dead: dead letters, kept until requeued or purged.
+-- meta: schema_version, seq_floor (highest compacted seq).
+CREATE TABLE IF NOT EXISTS records(
+    seq INTEGER PRIMARY KEY,
+    idem_key TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    receive_ms INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_idem ON records(idem_key);
+CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_done(
+    sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY(sink, first)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead(
+    sink TEXT NOT NULL, seq INTEGER NOT NULL, attempts INTEGER NOT NULL,
+    error TEXT NOT NULL, dead_ms INTEGER NOT NULL,
+    PRIMARY KEY(sink, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dead_seq ON dead(seq);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
