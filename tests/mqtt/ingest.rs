@@ -303,6 +303,84 @@ fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive
     });
 }
 
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// The zero-config default used to grow ~20 MB a minute under steady load:
+/// rumqttd kept every message in its in-memory log (10 segments of 64 MB)
+/// long after the gateway had it. Now the log is bounded (32 MiB): after a
+/// warm-up that fills it, 40 MB more of steady traffic must not show up in
+/// the gateway's resident memory.
+#[test]
+fn the_embedded_broker_memory_stays_flat_under_steady_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (http_port, mqtt_port) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{mqtt_port}");
+    let gw = spawn_gateway_binary(
+        &tmp.path().join("data"),
+        http_port,
+        &[],
+        &[("GATEWAY_MQTT_EMBEDDED_ADDR", addr.as_str())],
+    );
+    let pad = "p".repeat(240);
+    let metrics = format!("http://127.0.0.1:{http_port}/metrics");
+    // Steady load: 2,000 messages of ~1 KB at a time, each chunk ingested
+    // before the next (the debug build ingests slower than a publisher
+    // can publish, and the broker's log is also its lag window).
+    let steady = |from: usize, n: usize| {
+        for chunk in (from..from + n).step_by(2000) {
+            let lines: Vec<String> = (chunk..chunk + 2000)
+                .map(|i| {
+                    format!(
+                        r#"{{"msg_id":"m{i}","ts":1764057600123,"metrics":{{"t":21.5}},"tags":{{"a":"{pad}","b":"{pad}","c":"{pad}","d":"{pad}"}}}}"#
+                    )
+                })
+                .collect();
+            assert!(publish_lines(
+                mqtt_port,
+                "devices/dev-1/telemetry",
+                &lines,
+                &[]
+            ));
+            wait_until("the gateway ingested them", Duration::from_secs(60), || {
+                ureq::get(&metrics)
+                    .call()
+                    .ok()
+                    .and_then(|r| r.into_string().ok())
+                    .map(|t| {
+                        metric_value(
+                            &t,
+                            r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#,
+                        ) >= (chunk + 2000) as f64
+                    })
+                    .unwrap_or(false)
+            });
+        }
+    };
+    // Warm-up: fills the broker's bounded log, allocator pools and the WAL
+    // page cache.
+    steady(0, 40_000);
+    let warm = rss_bytes(gw.id());
+    steady(40_000, 40_000);
+    let after = rss_bytes(gw.id());
+    let grown = after.saturating_sub(warm);
+    assert!(
+        grown < 16 << 20,
+        "RSS grew by {} MB (from {} MB to {} MB) over 40 MB of steady MQTT traffic",
+        grown >> 20,
+        warm >> 20,
+        after >> 20
+    );
+}
+
 fn start_gateway(data: &Path, http_port: u16, mqtt_port: u16) -> crate::helpers::GatewayProcess {
     let url = format!("mqtt://127.0.0.1:{mqtt_port}");
     spawn_gateway_binary(
