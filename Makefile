@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build test test-deps fmt lint bench clean-data certs up down help
+.PHONY: run build test test-deps fmt lint bench soak clean-data certs up down help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,10 +26,14 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: ## WAL, HTTP, MQTT and sink-drain benchmarks; results in bench/results/latest.md
+bench: ## WAL, HTTP, MQTT, sink-drain and a 2-minute soak; results in bench/results/latest.md
 	scripts/bench.sh
 	scripts/bench-mqtt.sh
 	scripts/bench-sinks.sh
+	scripts/bench-soak.sh
+
+soak: ## the soak at full scale: 1 hour per run (embedded broker; HTTP at the WAL size limit)
+	SOAK_SECS=3600 scripts/bench-soak.sh
 
 certs: ## development CA and certificates (+ a dev-1 device token) in certs/out, for `make up`
 	certs/gen-dev-certs.sh certs/out gateway gateway-admin prometheus dev-1

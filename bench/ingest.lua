@@ -1,7 +1,9 @@
 -- wrk script for the gateway's HTTP ingest (used by scripts/bench.sh).
 --
---   wrk -t2 -c256 -d15s --latency -s bench/ingest.lua http://127.0.0.1:PORT -- RUN_ID [DEVICES]
+--   wrk -t2 -c256 -d15s --latency -s bench/ingest.lua http://127.0.0.1:PORT -- RUN_ID [DEVICES] [DELAY_MS]
 --
+-- DELAY_MS (default 0, as fast as possible) paces each connection: C
+-- connections give about C * 1000 / DELAY_MS requests/s (the soak uses it).
 -- Every request is a unique telemetry record: msg_id = RUN_ID-THREAD-COUNTER,
 -- spread over DEVICES device ids (default 50), so the gateway never answers
 -- a duplicate (200) and every accepted request is one durable WAL append.
@@ -20,6 +22,7 @@ end
 function init(args)
    run = args[1] or tostring(os.time())
    devices = tonumber(args[2] or "50")
+   pace_ms = tonumber(args[3] or "0")
    n = 0
    ok202 = 0
    dup200 = 0
@@ -27,6 +30,10 @@ function init(args)
    sample = ""
    base_ts = os.time() * 1000
    headers = { ["Content-Type"] = "application/json" }
+end
+
+function delay()
+   return pace_ms
 end
 
 function request()

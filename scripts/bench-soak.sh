@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Soak benchmark behind `make bench` (short scale) and `make soak` (long):
+# the two long-run defects of the lean-cloud-path issue, measured.
+#
+#   scripts/bench-soak.sh
+#
+# 1. embedded: the zero-config default (embedded broker, the default archive
+#    sink) under SOAK_RATE MQTT QoS 1 messages/s plus SOAK_RATE HTTP
+#    requests/s for SOAK_SECS. RSS is sampled every SOAK_SAMPLE_SECS; the
+#    figure is the growth after warm-up (the first quarter) in MB a minute.
+# 2. limit: HTTP only at 2 x SOAK_RATE requests/s with wal.max_bytes =
+#    SOAK_LIMIT_BYTES, so the WAL sits at its size limit with a healthy sink.
+#    The figure is the share of requests refused (want 0) and the RSS growth.
+#
+# Knobs (environment):
+#   SOAK_SECS=120  SOAK_RATE=1000  SOAK_SAMPLE_SECS=5  SOAK_LIMIT_BYTES=20971520
+#   BENCH_KEEP=1   keep the scratch directory (data dirs, logs)
+#
+# Appends a section to bench/results/latest.md and writes
+# bench/results/soak.json.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BENCH_NAME=bench-soak
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+
+SECS="${SOAK_SECS:-120}"
+RATE="${SOAK_RATE:-1000}"
+SAMPLE="${SOAK_SAMPLE_SECS:-5}"
+LIMIT="${SOAK_LIMIT_BYTES:-20971520}"
+
+PIDS=()
+WORK=""
+cleanup() {
+    local rc=$? p
+    for p in "${PIDS[@]}"; do stop_pid "$p" 5; done
+    remove_work "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for t in wrk mosquitto_pub curl python3; do
+    command -v "$t" >/dev/null || die "$t is required (make test-deps; apt-get install -y wrk)"
+done
+log "building the release gateway"
+cargo build --release -p gateway --bin gateway
+GATEWAY_BIN="$TARGET_DIR/release/gateway"
+mkdir -p "$RESULTS_DIR"
+WORK="$(mktemp -d "$TARGET_DIR/soak-tmp.XXXXXX")"
+while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^GATEWAY_' || true)
+
+free_port() {
+    local p
+    while :; do
+        p=$(( 20000 + (RANDOM * 32768 + RANDOM) % 30000 ))
+        port_in_use "$p" || { echo "$p"; return; }
+    done
+}
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# start_gw NAME HTTP_PORT [ENV=VALUE ...]: starts the gateway, waits for /readyz.
+start_gw() {
+    local name="$1" port="$2" i; shift 2
+    mkdir -p "$WORK/$name"
+    env GATEWAY_LOG_LEVEL=warn GATEWAY_INGEST_RATE_LIMIT_PER_DEVICE=0 "$@" \
+        "$GATEWAY_BIN" run --data-dir "$WORK/$name/data" --http-addr "127.0.0.1:$port" \
+        >"$WORK/$name/gateway.log" 2>&1 &
+    GW=$!
+    PIDS+=("$GW")
+    for i in $(seq 1 150); do
+        curl -sf -o /dev/null "http://127.0.0.1:$port/readyz" && return 0
+        kill -0 "$GW" 2>/dev/null || break
+        sleep 0.2
+    done
+    die "$name: the gateway did not become ready; log: $(tail -5 "$WORK/$name/gateway.log")"
+}
+
+# mqtt_load PORT RATE SECS: paced QoS 1 publishes from one client.
+mqtt_load() {
+    python3 - "$2" "$3" <<'PY' | mosquitto_pub -h 127.0.0.1 -p "$1" -q 1 -i soak-pub -t devices/soak-1/telemetry -l &
+import sys, time
+rate, secs = int(sys.argv[1]), float(sys.argv[2])
+start, n, tick = time.monotonic(), 0, 0.01
+while time.monotonic() - start < secs:
+    due = int((time.monotonic() - start) * rate)
+    while n < due:
+        sys.stdout.write('{"msg_id":"s%d","ts":1764057600123,"metrics":{"t":21.5,"rh":40},"tags":{"fw":"1.4.2","site":"soak"}}\n' % n)
+        n += 1
+    sys.stdout.flush()
+    time.sleep(tick)
+PY
+    PIDS+=("$!")
+}
+
+# http_load PORT RATE SECS OUT: paced requests, 20 connections.
+http_load() {
+    local conns=20 delay
+    delay=$(( conns * 1000 / $2 ))
+    wrk -t2 -c"$conns" -d"$3s" -s bench/ingest.lua "http://127.0.0.1:$1" -- "soak$RANDOM" 50 "$delay" >"$4" 2>&1 &
+    PIDS+=("$!")
+}
+
+# sample PID SECS OUT: one "elapsed_s rss_kb" line every SAMPLE seconds.
+sample() {
+    local start=$SECONDS
+    : >"$3"
+    while (( SECONDS - start < $2 )); do
+        echo "$(( SECONDS - start )) $(rss_kb "$1")" >>"$3"
+        sleep "$SAMPLE"
+    done
+    echo "$(( SECONDS - start )) $(rss_kb "$1")" >>"$3"
+}
+
+# growth FILE: "warm_mb end_mb peak_mb slope_mb_per_min" after the first quarter.
+growth() {
+    awk -v secs="$SECS" '
+        { t[NR] = $1; r[NR] = $2 / 1024; if ($2 / 1024 > peak) peak = $2 / 1024 }
+        END {
+            w = 1; while (w < NR && t[w] < secs / 4) w++
+            # least-squares slope over the samples after warm-up
+            n = 0; sx = sy = sxx = sxy = 0
+            for (i = w; i <= NR; i++) { n++; sx += t[i]; sy += r[i]; sxx += t[i] * t[i]; sxy += t[i] * r[i] }
+            slope = (n > 1 && n * sxx - sx * sx != 0) ? (n * sxy - sx * sy) / (n * sxx - sx * sx) * 60 : 0
+            printf "%.1f %.1f %.1f %.2f\n", r[w], r[NR], peak, slope
+        }' "$1"
+}
+
+# ------------------------------------------------------------------ embedded
+HP="$(free_port)"; MP="$(free_port)"
+log "embedded: ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s (HTTP $HP, MQTT $MP)"
+start_gw embedded "$HP" GATEWAY_MQTT_EMBEDDED_ADDR="127.0.0.1:$MP"
+EMB_PID=$GW
+mqtt_load "$MP" "$RATE" "$SECS"
+http_load "$HP" "$RATE" "$SECS" "$WORK/embedded/wrk.txt"
+sample "$EMB_PID" "$SECS" "$WORK/embedded/rss.txt"
+sleep 2
+curl -s "http://127.0.0.1:$HP/metrics" >"$WORK/embedded/metrics.txt"
+read -r E_WARM E_END E_PEAK E_SLOPE < <(growth "$WORK/embedded/rss.txt")
+E_MQTT=$(metric_sum "$WORK/embedded/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
+E_HTTP=$(metric_sum "$WORK/embedded/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
+stop_pid "$EMB_PID" 10
+
+# ------------------------------------------------------------------ at the WAL size limit
+HP="$(free_port)"
+LRATE=$(( RATE * 2 ))
+log "limit: ${LRATE}/s HTTP for ${SECS}s with wal.max_bytes=$LIMIT (HTTP $HP)"
+start_gw limit "$HP" GATEWAY_MQTT_URL=off GATEWAY_WAL_MAX_BYTES="$LIMIT"
+LIM_PID=$GW
+http_load "$HP" "$LRATE" "$SECS" "$WORK/limit/wrk.txt"
+sample "$LIM_PID" "$SECS" "$WORK/limit/rss.txt"
+sleep 2
+curl -s "http://127.0.0.1:$HP/metrics" >"$WORK/limit/metrics.txt"
+read -r L_WARM L_END L_PEAK L_SLOPE < <(growth "$WORK/limit/rss.txt")
+bench_field() { grep -o "$1=[0-9.]*" "$2" | head -1 | cut -d= -f2; }
+L_REQ=$(bench_field requests "$WORK/limit/wrk.txt")
+L_OK=$(bench_field status_202 "$WORK/limit/wrk.txt")
+L_OTHER=$(bench_field status_other "$WORK/limit/wrk.txt")
+L_BYTES=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_bytes)
+L_COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records_total)
+stop_pid "$LIM_PID" 10
+L_REFUSED_PCT=$(awk -v o="${L_OTHER:-0}" -v r="${L_REQ:-0}" 'BEGIN { printf "%.2f", r > 0 ? 100 * o / r : 0 }')
+
+GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+cat >"$RESULTS_DIR/soak.json" <<JSON
+{"commit":"$GIT_REV","secs":$SECS,"rate":$RATE,
+ "embedded":{"rss_warm_mb":$E_WARM,"rss_end_mb":$E_END,"rss_peak_mb":$E_PEAK,"slope_mb_per_min":$E_SLOPE,"mqtt_accepted":$E_MQTT,"http_accepted":$E_HTTP},
+ "limit":{"max_bytes":$LIMIT,"requests":${L_REQ:-0},"accepted":${L_OK:-0},"refused":${L_OTHER:-0},"refused_pct":$L_REFUSED_PCT,"wal_bytes_end":$L_BYTES,"compacted":$L_COMPACTED,"rss_warm_mb":$L_WARM,"rss_end_mb":$L_END,"rss_peak_mb":$L_PEAK,"slope_mb_per_min":$L_SLOPE}}
+JSON
+{
+    echo
+    echo "## Soak (${SECS}s, commit $GIT_REV)"
+    echo
+    echo "| run | load | RSS after warm-up | RSS at end | peak | growth after warm-up | refused |"
+    echo "|---|---|---|---|---|---|---|"
+    echo "| embedded broker (default config) | ${RATE}/s MQTT + ${RATE}/s HTTP ($E_MQTT + $E_HTTP accepted) | $E_WARM MB | $E_END MB | $E_PEAK MB | $E_SLOPE MB/min | - |"
+    echo "| HTTP at wal.max_bytes = $LIMIT | ${LRATE}/s HTTP (${L_REQ:-0} requests, $L_COMPACTED compacted early) | $L_WARM MB | $L_END MB | $L_PEAK MB | $L_SLOPE MB/min | ${L_OTHER:-0} (${L_REFUSED_PCT} %) |"
+} | tee -a "$RESULTS"
