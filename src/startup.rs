@@ -179,6 +179,27 @@ impl Application {
         let wal_health = Arc::new(WalHealth::default());
         let wal = Wal::open(settings.wal_config())
             .with_context(|| format!("opening the WAL in {}", settings.data_dir.display()))?;
+        let reader = WalReader::open(&settings.wal_config().path, 4)?;
+        let prometheus = PrometheusMetricsBuilder::new("gateway")
+            .registry(registry.clone())
+            .endpoint("/metrics")
+            .mask_unmatched_patterns("UNKNOWN")
+            .build()
+            .map_err(|e| anyhow::anyhow!("building HTTP metrics: {e}"))?;
+        let listener = TcpListener::bind(settings.http.addr)
+            .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
+        let port = listener.local_addr()?.port();
+        let tls = settings.http.tls.as_ref().map(tls_acceptor).transpose()?;
+        #[cfg(feature = "embedded-broker")]
+        if let (MqttMode::Embedded { addr, .. }, Some(cfg)) =
+            (&settings.mqtt, settings.mqtt.ingest())
+        {
+            crate::broker::start_embedded(*addr, cfg.max_packet_bytes)?;
+        }
+
+        // Every step that can fail has run: only now start the actors. An
+        // actor started and then dropped unpolled (start-up failed after
+        // it) runs its `started` outside the runtime and panics.
         let wal = {
             let (m, h) = (metrics.clone(), wal_health.clone());
             Supervisor::start(move |_| WalStore::new(wal, m, h))
@@ -195,10 +216,6 @@ impl Application {
         let (mqtt, mqtt_status) = match settings.mqtt.ingest() {
             None => (None, None),
             Some(cfg) => {
-                #[cfg(feature = "embedded-broker")]
-                if let MqttMode::Embedded { addr, .. } = &settings.mqtt {
-                    crate::broker::start_embedded(*addr, cfg.max_packet_bytes)?;
-                }
                 metrics.mqtt_enabled.set(1);
                 let status = Arc::new(MqttStatus::default());
                 let (c, r, st, m) = (cfg.clone(), router.clone(), status.clone(), metrics.clone());
@@ -227,7 +244,6 @@ impl Application {
             dispatchers.push((name.clone(), disp));
         }
 
-        let reader = WalReader::open(&settings.wal_config().path, 4)?;
         let operator = Arc::new(Operator::new(operator_parts(
             &settings,
             wal.clone(),
@@ -247,12 +263,6 @@ impl Application {
             Supervisor::start(move |_| ControlPlane::new(&c, &id, op, m))
         });
 
-        let prometheus = PrometheusMetricsBuilder::new("gateway")
-            .registry(registry.clone())
-            .endpoint("/metrics")
-            .mask_unmatched_patterns("UNKNOWN")
-            .build()
-            .map_err(|e| anyhow::anyhow!("building HTTP metrics: {e}"))?;
         let state = web::Data::new(AppState {
             router: router.clone(),
             auth,
@@ -265,9 +275,6 @@ impl Application {
             operator: operator.clone(),
         });
 
-        let listener = TcpListener::bind(settings.http.addr)
-            .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
-        let port = listener.local_addr()?.port();
         // Request spans only when they are exported: without a trace layer
         // nobody reads them, and building one costs every request.
         let traces = gateway_actors::trace::enabled();
@@ -288,8 +295,8 @@ impl Application {
         if settings.http.workers > 0 {
             server = server.workers(settings.http.workers);
         }
-        let server = match &settings.http.tls {
-            Some(tls) => server.listen_openssl(listener, tls_acceptor(tls)?)?,
+        let server = match tls {
+            Some(tls) => server.listen_openssl(listener, tls)?,
             None => server.listen(listener)?,
         }
         .run();

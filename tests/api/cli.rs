@@ -119,3 +119,91 @@ fn version_names_the_build() {
         "{out}"
     );
 }
+
+/// `gateway run` with everything it needs except one thing: exits non-zero
+/// with one line on stderr naming the cause, and no panic.
+fn run_fails_with_one_line(
+    data: &std::path::Path,
+    env: &[(&str, &str)],
+    config: Option<&str>,
+    want: &str,
+) {
+    let mqtt = crate::helpers::free_port();
+    let embedded = format!("127.0.0.1:{mqtt}");
+    let mut args = vec!["run", "--data-dir", data.to_str().unwrap()];
+    let file = data.with_extension("toml");
+    if let Some(toml) = config {
+        std::fs::write(&file, toml).unwrap();
+        args.extend(["--config", file.to_str().unwrap()]);
+    }
+    let mut all = vec![
+        ("GATEWAY_HTTP_ADDR", "127.0.0.1:0"),
+        ("GATEWAY_MQTT_EMBEDDED_ADDR", embedded.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let (code, _, err) = gateway(&args, &all);
+    assert_ne!(code, 0, "it started: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error:") && lines[0].contains(want),
+        "want one line naming {want:?}, got:\n{err}"
+    );
+}
+
+#[test]
+fn every_start_up_error_is_one_line_and_a_non_zero_exit_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    // The HTTP port is taken (it used to panic on the way out).
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    run_fails_with_one_line(
+        &d("http"),
+        &[("GATEWAY_HTTP_ADDR", &busy_addr)],
+        None,
+        "http.addr",
+    );
+    // The embedded broker's port is taken.
+    run_fails_with_one_line(
+        &d("mqtt"),
+        &[("GATEWAY_MQTT_EMBEDDED_ADDR", &busy_addr)],
+        None,
+        "mqtt.embedded_addr",
+    );
+    // An unreadable certificate, and an unreadable secret.
+    let missing = d("missing.pem");
+    let missing = missing.to_str().unwrap();
+    run_fails_with_one_line(
+        &d("tls"),
+        &[
+            ("GATEWAY_HTTP_TLS_CERT_FILE", missing),
+            ("GATEWAY_HTTP_TLS_KEY_FILE", missing),
+        ],
+        None,
+        "missing.pem",
+    );
+    run_fails_with_one_line(
+        &d("tokens"),
+        &[("GATEWAY_HTTP_DEVICE_TOKENS_FILE", missing)],
+        None,
+        "missing.pem",
+    );
+    // A bad sink configuration.
+    run_fails_with_one_line(
+        &d("sink"),
+        &[],
+        Some("[sinks.cloud]\nkind = \"kafka\"\n"),
+        "sinks.cloud",
+    );
+    // The data dir is locked by a running gateway.
+    let port = crate::helpers::free_port();
+    let mqtt = crate::helpers::free_port().to_string();
+    let held = d("held");
+    let _running = crate::helpers::spawn_gateway_binary(
+        &held,
+        port,
+        &[],
+        &[("GATEWAY_MQTT_EMBEDDED_ADDR", &format!("127.0.0.1:{mqtt}"))],
+    );
+    run_fails_with_one_line(&held, &[], None, "in use");
+}
