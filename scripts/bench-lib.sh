@@ -65,3 +65,15 @@ metric_sum() {
         }
         END { printf "%.0f\n", s }' "$file"
 }
+
+# need_wrk: installs wrk with apt-get when it is missing.
+need_wrk() {
+    command -v wrk >/dev/null && return 0
+    log "wrk is missing: installing it with apt-get"
+    if [ "$(id -u)" = 0 ]; then
+        apt-get install -y wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y wrk >/dev/null; }
+    elif command -v sudo >/dev/null; then
+        sudo apt-get install -y wrk >/dev/null 2>&1 || { sudo apt-get update -qq && sudo apt-get install -y wrk >/dev/null; }
+    fi
+    command -v wrk >/dev/null || die "wrk is required (apt-get install -y wrk)"
+}

@@ -43,7 +43,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-for t in wrk mosquitto_pub curl python3; do
+need_wrk
+for t in mosquitto_pub curl python3; do
     command -v "$t" >/dev/null || die "$t is required (make test-deps; apt-get install -y wrk)"
 done
 log "building the release gateway"

@@ -57,15 +57,7 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------------ tools
 command -v cargo >/dev/null || die "cargo not found"
 command -v curl >/dev/null || die "curl not found"
-if ! command -v wrk >/dev/null; then
-    log "wrk is missing: installing it with apt-get"
-    if [ "$(id -u)" = 0 ]; then
-        apt-get install -y wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y wrk >/dev/null; }
-    elif command -v sudo >/dev/null; then
-        sudo apt-get install -y wrk >/dev/null 2>&1 || { sudo apt-get update -qq && sudo apt-get install -y wrk >/dev/null; }
-    fi
-    command -v wrk >/dev/null || die "wrk is required (apt-get install -y wrk)"
-fi
+need_wrk
 
 # ------------------------------------------------------------------ build
 log "building release binaries (cargo waits if another build holds the lock)"

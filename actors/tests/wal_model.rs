@@ -36,7 +36,8 @@
 //!    head + 2, …`, also after restarts. Compaction (`seq_floor`) and failed
 //!    group commits are not exercised.
 //!
-//! Invariant 7 (compaction) is not checked: `compact` is never called.
+//! Invariant 7 (compaction) is checked by `wal_compaction_model.rs`, which
+//! also covers invariant 6 across compaction; here `compact` is never called.
 //!
 //! After every step `stats()` must match the model: `head`, `stored_records`,
 //! and per sink `cursor` (largest `n` with all of `1..=n` finished),

@@ -20,7 +20,9 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{load_sink, persist_sink, splice_record, RangeSet, SinkState, Wal, WalError};
+use super::delivery::{load_sink, persist_sink, SinkState};
+use super::engine::{splice_record, Wal, WalError};
+use super::ranges::RangeSet;
 
 /// Which dead letters an action applies to. Every field is optional; all
 /// given ones must match.
@@ -490,7 +492,7 @@ impl Wal {
     pub fn compact_now(&mut self) -> Result<(u64, u64), WalError> {
         let (mut compacted, mut dropped) = (0, 0);
         loop {
-            let (c, d) = self.compact(super::now_ms(), 50_000)?;
+            let (c, d) = self.compact(super::engine::now_ms(), 50_000)?;
             compacted += c;
             dropped += d;
             if c + d == 0 {
@@ -562,12 +564,12 @@ impl Wal {
                 |r| r.get(0),
             )
             .optional()?;
-        if version != Some(super::SCHEMA_VERSION) {
+        if version != Some(super::engine::SCHEMA_VERSION) {
             rep.add(
                 "schema_version",
                 format!(
                     "schema version is {version:?}, this gateway writes {}",
-                    super::SCHEMA_VERSION
+                    super::engine::SCHEMA_VERSION
                 ),
                 false,
                 false,
@@ -774,8 +776,8 @@ impl Wal {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{now_ms, NewRecord, WalConfig};
     use super::*;
+    use crate::wal::{now_ms, NewRecord, WalConfig};
     use std::time::Duration;
 
     fn rec(i: u64, device: &str, ms: i64) -> NewRecord {
@@ -927,7 +929,7 @@ mod tests {
         assert_eq!(kinds, ["bad_record"], "{after:?}");
         // Seqs continue above the cursor that was ahead: nothing new is hidden.
         let o = wal.append(vec![rec(100, "d", now_ms())]).unwrap();
-        assert!(matches!(o[0], super::super::AppendOutcome::Appended { seq } if seq > 99));
+        assert!(matches!(o[0], crate::wal::AppendOutcome::Appended { seq } if seq > 99));
         // Sink b: 1, 3, 4, 5 and the new record; 2 stays a dead letter.
         let b = drain(&mut wal, "b");
         assert_eq!(&b[..4], [1, 3, 4, 5]);

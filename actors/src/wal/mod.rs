@@ -28,7 +28,7 @@
 //! A sink that appears in the configuration for the first time starts at the
 //! current head: it receives records appended from then on.
 //!
-//! # Invariants (checked by the model test in `tests/wal_model.rs`)
+//! # Invariants (checked by the model tests: 1–6 in `tests/wal_model.rs`, 6 and 7 with compaction in `tests/wal_compaction_model.rs`)
 //!
 //! 1. An append that returned `Ok` survives a crash (kill -9, power loss) and
 //!    is fetched by every sink until that sink acks it or marks it dead.
@@ -63,6 +63,19 @@
 //! above both the highest stored record and `seq_floor`, and starts with
 //! nothing InFlight.
 //!
+//! # Rooms
+//!
+//! - `engine.rs`: the types, [`Wal::open`] and recovery.
+//! - `append.rs`: appends with dedup, and the group write (one transaction,
+//!   one commit for appends, acks, dead letters and releases).
+//! - `delivery.rs`: per-sink delivery state (cursor + done ranges), fetch,
+//!   ack, dead, release, stats.
+//! - `space.rs`: the size counted against `max_bytes`, free disk,
+//!   backpressure and compaction.
+//! - `admin.rs`: operator commands (below).
+//! - `store.rs`: the writer thread and its actor ([`WalStore`]);
+//!   `reader.rs`: read-only connections ([`WalReader`]); `ranges.rs`.
+//!
 //! # Operator actions
 //!
 //! Dead letters (list, export, requeue, purge), replay of a time range to
@@ -86,16 +99,22 @@
 //! until delivery or space frees room; with `drop_oldest` the oldest records
 //! are deleted (counted) and every sink's cursor moves past them.
 
+mod admin;
+mod append;
+mod delivery;
 mod engine;
 mod ranges;
 mod reader;
+mod space;
 mod store;
 
+pub use admin::{
+    count_dead, for_each_dead, integrity_report, list_dead, parse_time_ms, time_ms, CheckReport,
+    DeadLetter, DlqFilter, Problem, ReplayOutcome,
+};
 pub use engine::{
-    count_dead, for_each_dead, integrity_report, list_dead, now_ms, parse_time_ms, splice_record,
-    time_ms, AppendOutcome, BackpressurePolicy, Batch, CheckReport, DeadLetter, DlqFilter,
-    NewRecord, Problem, ReplayOutcome, SinkStats, StoredRecord, Wal, WalConfig, WalError, WalStats,
-    WriteOp, WriteResult,
+    now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, NewRecord, SinkStats,
+    StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
 };
 pub use ranges::RangeSet;
 pub use reader::WalReader;

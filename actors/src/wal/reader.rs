@@ -12,7 +12,8 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::OpenFlags;
 
-use super::engine::{count_dead, for_each_dead, list_dead, DeadLetter, DlqFilter, WalError};
+use super::admin::{count_dead, for_each_dead, list_dead, DeadLetter, DlqFilter};
+use super::engine::WalError;
 
 /// A pool of read-only connections.
 #[derive(Clone)]

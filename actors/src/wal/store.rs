@@ -24,8 +24,9 @@ use tokio::sync::oneshot;
 
 use super::engine::{
     now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
-    WriteResult, COMPACT_CHUNK,
+    WriteResult,
 };
+use super::space::COMPACT_CHUNK;
 use crate::metrics::Metrics;
 
 /// How often the writer thread refreshes space, stats and compaction.

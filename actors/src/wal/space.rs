@@ -1,0 +1,367 @@
+//! Space: the size counted against `wal.max_bytes`, free disk, backpressure,
+//! and compaction (retention, making room at the size limit, `drop_oldest`).
+
+use std::path::Path;
+
+use rusqlite::params;
+
+use super::engine::{BackpressurePolicy, Wal, WalError};
+
+/// Records compacted per step (keeps commit latency low).
+pub(crate) const COMPACT_CHUNK: usize = 5000;
+
+fn free_disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return u64::MAX;
+    };
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is a
+    // valid NUL-terminated string for the duration of the call.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) == 0 {
+            (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
+        } else {
+            u64::MAX
+        }
+    }
+}
+
+impl Wal {
+    /// Re-reads the database size and free disk space and re-evaluates
+    /// backpressure.
+    ///
+    /// The size counted against `max_bytes` is the database pages that hold
+    /// data (pages less the free list). SQLite's `-wal` journal is not: its
+    /// pages are copies that checkpoints fold back in, and it is bounded on
+    /// its own (`journal_size_limit`, periodic checkpoints).
+    pub fn refresh_space(&mut self) -> Result<(), WalError> {
+        let page_size: u64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages: u64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: u64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        self.live_bytes = pages.saturating_sub(free) * page_size;
+        let dir = self
+            .cfg
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        self.disk_free = free_disk_bytes(dir);
+        self.backpressure = if self.disk_free < self.cfg.min_free_disk_bytes {
+            Some(format!(
+                "free disk {} bytes is below wal.min_free_disk_bytes {}",
+                self.disk_free, self.cfg.min_free_disk_bytes
+            ))
+        } else if self.live_bytes > self.cfg.max_bytes
+            && self.cfg.policy == BackpressurePolicy::Block
+        {
+            Some(format!(
+                "WAL holds {} bytes of records that a sink still needs, above wal.max_bytes {}",
+                self.live_bytes, self.cfg.max_bytes
+            ))
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Above this size delivered records give way before their retention
+    /// ends, so that a WAL at its limit with healthy sinks keeps headroom
+    /// for new data: 90 % of `max_bytes`.
+    fn room_mark(&self) -> u64 {
+        self.cfg.max_bytes / 10 * 9
+    }
+
+    /// One step of housekeeping: compacts up to `chunk` records that every
+    /// sink finished and that are past retention; above the room mark (90 %
+    /// of `max_bytes`) also compacts delivered records still in retention,
+    /// chunk by chunk, until the WAL is back under the mark or nothing
+    /// delivered is left; under `drop_oldest` drops up to `chunk` of the
+    /// oldest records while over `max_bytes`. Returns (compacted, dropped).
+    pub fn compact(&mut self, now: i64, chunk: usize) -> Result<(u64, u64), WalError> {
+        let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
+        let mut compacted = self.compact_delivered(now - keep, chunk)?;
+        // Room is made on the size as it is now: appends since the last
+        // refresh may have crossed the mark.
+        self.refresh_space()?;
+        compacted += self.make_room(chunk)?;
+
+        let mut dropped = 0;
+        if self.cfg.policy == BackpressurePolicy::DropOldest && self.live_bytes > self.cfg.max_bytes
+        {
+            let upto: Option<u64> = self.conn.query_row(
+                "SELECT MAX(seq) FROM (SELECT seq FROM records ORDER BY seq LIMIT ?1)",
+                [chunk as i64],
+                |r| r.get(0),
+            )?;
+            if let Some(upto) = upto {
+                let tx = self.conn.transaction()?;
+                dropped = tx.execute("DELETE FROM records WHERE seq <= ?1", [upto])? as u64;
+                tx.execute("DELETE FROM dead WHERE seq <= ?1", [upto])?;
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
+                    [upto],
+                )?;
+                for (name, st) in self.sinks.iter_mut() {
+                    if st.cursor < upto {
+                        st.cursor = upto;
+                        st.done.remove_upto(upto);
+                        st.inflight.remove_upto(upto);
+                        while let Some(end) = st.done.pop_contiguous(st.cursor + 1) {
+                            st.cursor = st.cursor.max(end);
+                        }
+                        tx.execute(
+                            "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+                            params![name, st.cursor],
+                        )?;
+                        tx.execute(
+                            "DELETE FROM sink_done WHERE sink = ?1 AND last <= ?2",
+                            params![name, st.cursor],
+                        )?;
+                        st.stored = None;
+                    }
+                }
+                tx.commit()?;
+                for (name, st) in self.sinks.iter_mut() {
+                    st.dead_count = self.conn.query_row(
+                        "SELECT COUNT(*) FROM dead WHERE sink = ?1",
+                        [name],
+                        |r| r.get(0),
+                    )?;
+                }
+                self.stored_records = self.stored_records.saturating_sub(dropped);
+                self.refresh_space()?;
+            }
+        }
+        Ok((compacted, dropped))
+    }
+
+    /// Over the room mark, delivered records (finished by every sink, not
+    /// dead) give way before their retention ends: replay history is worth
+    /// less than accepting new data. Deletes them oldest first, `chunk` at a
+    /// time, until the WAL is under the mark or nothing delivered is left.
+    /// Returns how many it deleted.
+    pub(super) fn make_room(&mut self, chunk: usize) -> Result<u64, WalError> {
+        let mut total = 0;
+        while self.live_bytes > self.room_mark() {
+            let n = self.compact_delivered(i64::MAX, chunk)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            self.refresh_space()?;
+        }
+        Ok(total)
+    }
+
+    /// Deletes up to `chunk` of the oldest records that every sink finished,
+    /// that are not dead letters and that were received before `cutoff`
+    /// (epoch ms); moves the seq floor up. Returns how many it deleted.
+    fn compact_delivered(&mut self, cutoff: i64, chunk: usize) -> Result<u64, WalError> {
+        let min_cursor = self
+            .sinks
+            .values()
+            .map(|s| s.cursor)
+            .min()
+            .unwrap_or_else(|| self.head());
+        // Find the highest seq that is both finished everywhere and old enough.
+        let boundary: Option<u64> = self.conn.query_row(
+            "SELECT MAX(seq) FROM (SELECT seq, receive_ms FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead) ORDER BY seq LIMIT ?2) WHERE receive_ms < ?3",
+            params![min_cursor, chunk as i64, cutoff],
+            |r| r.get(0),
+        )?;
+        let Some(upto) = boundary else {
+            return Ok(0);
+        };
+        let tx = self.conn.transaction()?;
+        let compacted = tx.execute(
+            "DELETE FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead WHERE seq <= ?1)",
+            [upto],
+        )? as u64;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
+            [upto],
+        )?;
+        tx.commit()?;
+        self.stored_records = self.stored_records.saturating_sub(compacted);
+        Ok(compacted)
+    }
+
+    /// Runs a passive checkpoint so the -wal file does not grow without bound.
+    pub fn checkpoint(&mut self) -> Result<(), WalError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::wal::engine::test_record;
+    use crate::wal::{now_ms, AppendOutcome, WalConfig};
+
+    #[test]
+    fn compaction_removes_only_records_every_sink_finished_keeps_dead_letters_and_never_reuses_seqs(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a", "b"]);
+        cfg.retention = Duration::ZERO;
+        cfg.dedup_window = Duration::ZERO;
+        let mut wal = Wal::open(cfg.clone()).unwrap();
+        wal.append((0..6).map(|i| test_record(&format!("k{i}"))).collect())
+            .unwrap();
+        let later = now_ms() + 1000;
+        // Nothing is finished for "b": nothing may go.
+        wal.ack("a", &[(1, 6)]).unwrap();
+        assert_eq!(wal.compact(later, 100).unwrap(), (0, 0));
+        // "b" finishes 1..=4 (3 as a dead letter); 5 and 6 stay pending.
+        wal.ack("b", &[(1, 2), (4, 4)]).unwrap();
+        wal.dead("b", &[(3, 3)], "refused", 3).unwrap();
+        assert_eq!(
+            wal.compact(later, 100).unwrap(),
+            (3, 0),
+            "1, 2 and 4 go; dead letter 3 stays"
+        );
+        let stats = wal.stats().unwrap();
+        assert_eq!(stats.stored_records, 3);
+        assert_eq!(stats.sinks["b"].dead, 1);
+        assert_eq!(stats.sinks["b"].enqueued, 2);
+        wal.ack("b", &[(5, 6)]).unwrap();
+        assert_eq!(wal.compact(later, 100).unwrap(), (2, 0));
+        drop(wal);
+        let mut wal = Wal::open(cfg).unwrap();
+        assert_eq!(wal.stats().unwrap().stored_records, 1);
+        // seq 6 was compacted and was the highest: the next record still gets 7.
+        assert_eq!(
+            wal.append(vec![test_record("new")]).unwrap()[0],
+            AppendOutcome::Appended { seq: 7 }
+        );
+    }
+
+    /// A WAL at its size limit whose sink keeps up: delivered records (still
+    /// in retention) make room, so no append is refused; a stalled sink does
+    /// fill it, and then appends are refused.
+    #[test]
+    fn at_the_size_limit_delivered_records_make_room_and_only_pending_data_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a"]);
+        cfg.max_bytes = 512 << 10;
+        cfg.min_free_disk_bytes = 0;
+        let mut wal = Wal::open(cfg).unwrap();
+        let blob = "x".repeat(1000);
+        let big = |i: usize| {
+            let mut r = test_record(&format!("k{i}"));
+            r.body = format!("{{\"idempotency_key\":\"k{i}\",\"blob\":\"{blob}\"}}");
+            r
+        };
+        // 4 MB through a 512 KiB WAL, acked as it goes; housekeeping (as the
+        // writer thread runs it) every 10 rounds.
+        let mut n = 0;
+        for round in 0..400 {
+            let recs: Vec<_> = (0..10)
+                .map(|_| {
+                    n += 1;
+                    big(n)
+                })
+                .collect();
+            let out = wal.append(recs);
+            assert!(
+                out.is_ok(),
+                "round {round}: {:?} (size {})",
+                out,
+                wal.live_bytes
+            );
+            let b = wal.fetch("a", 100, Duration::ZERO).unwrap().unwrap();
+            wal.ack("a", &b.ranges).unwrap();
+            if round % 10 == 0 {
+                wal.compact(now_ms(), COMPACT_CHUNK).unwrap();
+                wal.refresh_space().unwrap();
+            }
+        }
+        assert!(
+            wal.stats().unwrap().stored_records < 4000,
+            "delivered records were compacted"
+        );
+        // Now the sink stops acking: pending data fills the WAL and refuses appends.
+        let mut refused = None;
+        for round in 0..400 {
+            let recs: Vec<_> = (0..10)
+                .map(|_| {
+                    n += 1;
+                    big(n)
+                })
+                .collect();
+            if let Err(e) = wal.append(recs) {
+                refused = Some(e);
+                break;
+            }
+            if round % 10 == 0 {
+                wal.compact(now_ms(), COMPACT_CHUNK).unwrap();
+                wal.refresh_space().unwrap();
+            }
+        }
+        assert!(
+            matches!(refused, Some(WalError::Backpressure(_))),
+            "pending data above max_bytes must refuse appends: {refused:?}"
+        );
+    }
+
+    #[test]
+    fn retention_keeps_delivered_records_until_they_are_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a"]);
+        cfg.retention = Duration::from_secs(3600);
+        cfg.dedup_window = Duration::from_secs(60);
+        let mut wal = Wal::open(cfg).unwrap();
+        wal.append(vec![test_record("x")]).unwrap();
+        wal.ack("a", &[(1, 1)]).unwrap();
+        assert_eq!(
+            wal.compact(now_ms() + 120_000, 100).unwrap(),
+            (0, 0),
+            "inside retention"
+        );
+        assert_eq!(
+            wal.compact(now_ms() + 3_700_000, 100).unwrap(),
+            (1, 0),
+            "past retention"
+        );
+    }
+
+    #[test]
+    fn drop_oldest_deletes_the_oldest_records_and_moves_every_cursor_past_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a", "b"]);
+        cfg.policy = BackpressurePolicy::DropOldest;
+        cfg.max_bytes = 1; // always over the limit
+        let mut wal = Wal::open(cfg).unwrap();
+        assert!(
+            wal.backpressure().is_none(),
+            "drop_oldest never refuses appends for size"
+        );
+        wal.append((0..10).map(|i| test_record(&format!("k{i}"))).collect())
+            .unwrap();
+        wal.refresh_space().unwrap();
+        let b = wal.fetch("a", 2, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(b.ranges, vec![(1, 2)]);
+        let (_, dropped) = wal.compact(now_ms(), 4).unwrap();
+        assert_eq!(dropped, 4);
+        let stats = wal.stats().unwrap();
+        for sink in ["a", "b"] {
+            assert_eq!(stats.sinks[sink].cursor, 4, "sink {sink}");
+            assert_eq!(
+                stats.sinks[sink].enqueued + stats.sinks[sink].inflight,
+                6,
+                "sink {sink}"
+            );
+        }
+        let next = wal.fetch("a", 100, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(next.first_seq(), 5);
+        wal.ack("a", &b.ranges).unwrap(); // a late ack of dropped records is harmless
+        assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 4);
+    }
+}
