@@ -163,7 +163,9 @@ pub fn admin_token_path(settings: &crate::config::Settings) -> std::path::PathBu
 /// Reads the admin token; with no `http.admin_token_file` configured, a
 /// random one is created at `{data_dir}/admin.token` (mode 0600) on first
 /// start, so the admin API is never open and the CLI finds the token.
-pub fn load_admin_token(settings: &crate::config::Settings) -> anyhow::Result<String> {
+pub fn load_admin_token(
+    settings: &crate::config::Settings,
+) -> anyhow::Result<gateway_actors::Secret> {
     use anyhow::Context as _;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -183,10 +185,9 @@ pub fn load_admin_token(settings: &crate::config::Settings) -> anyhow::Result<St
         f.sync_all()?;
         tracing::info!(path = %path.display(), "created an admin token for the admin API and the CLI");
     }
-    let token = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the admin token file {}", path.display()))?;
-    let token = token.trim().to_string();
-    if token.len() < 16 {
+    let token = gateway_actors::secret::read_secret_file(&path)
+        .map_err(|e| anyhow::anyhow!("the admin token file {}: {e}", path.display()))?;
+    if token.expose().trim().len() < 16 {
         anyhow::bail!(
             "the admin token in {} is shorter than 16 characters",
             path.display()

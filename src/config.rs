@@ -14,6 +14,7 @@ use gateway_actors::dispatcher::DispatchConfig;
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::mqtt::{MqttIngestConfig, MqttTls, MqttVersion};
+use gateway_actors::secret::{read_secret_file, Secret};
 use gateway_actors::sink::http::{BodyFormat, HttpSinkConfig};
 use gateway_actors::sink::kafka::KafkaSinkConfig;
 use gateway_actors::sink::mqtt::MqttSinkConfig;
@@ -665,6 +666,13 @@ impl Loaded {
         Ok(settings)
     }
 
+    /// A secret from the file named by `key` (or none), through the one
+    /// reader of secret files.
+    fn secret(&self, key: &str, path: Option<&Path>) -> Result<Option<Secret>, ConfigError> {
+        path.map(|p| read_secret_file(p).map_err(|e| self.invalid(key, e)))
+            .transpose()
+    }
+
     fn read_file(&self, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
         std::fs::read(path)
             .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", path.display())))
@@ -821,17 +829,9 @@ impl Loaded {
         prefix: &str,
         scheme: &str,
         f: BrokerFiles<'_>,
-    ) -> Result<(Option<MqttTls>, Option<String>), ConfigError> {
+    ) -> Result<(Option<MqttTls>, Option<Secret>), ConfigError> {
         let key = |k: &str| format!("{prefix}.{k}");
-        let password = match f.password_file {
-            None => None,
-            Some(p) => {
-                let text = self.read_file(&key("password_file"), p)?;
-                let text = String::from_utf8(text)
-                    .map_err(|_| self.invalid(&key("password_file"), "must be UTF-8 text"))?;
-                Some(text.trim_end_matches(['\r', '\n']).to_string())
-            }
-        };
+        let password = self.secret(&key("password_file"), f.password_file.as_deref())?;
         let any_tls_file =
             f.ca_file.is_some() || f.client_cert_file.is_some() || f.client_key_file.is_some();
         if scheme != "mqtts" {
@@ -942,18 +942,6 @@ impl Loaded {
                         "is required for kind s3 (file:///dir or s3://bucket/prefix)",
                     )
                 })?;
-                let secret =
-                    |k: &str, p: &Option<PathBuf>| -> Result<Option<String>, ConfigError> {
-                        match p {
-                            None => Ok(None),
-                            Some(p) => {
-                                let raw = self.read_file(&key(k), p)?;
-                                let text = String::from_utf8(raw)
-                                    .map_err(|_| self.invalid(&key(k), "must be UTF-8 text"))?;
-                                Ok(Some(text.trim().to_string()))
-                            }
-                        }
-                    };
                 let multipart = s.multipart_threshold_bytes.unwrap_or(8 << 20);
                 if multipart < 5 << 20 {
                     return Err(self.invalid(
@@ -968,8 +956,12 @@ impl Loaded {
                     endpoint: s.endpoint.clone(),
                     region: s.region.clone(),
                     path_style: s.path_style,
-                    access_key_id: secret("access_key_id_file", &s.access_key_id_file)?,
-                    secret_access_key: secret("secret_access_key_file", &s.secret_access_key_file)?,
+                    access_key_id: self
+                        .secret(&key("access_key_id_file"), s.access_key_id_file.as_deref())?,
+                    secret_access_key: self.secret(
+                        &key("secret_access_key_file"),
+                        s.secret_access_key_file.as_deref(),
+                    )?,
                     multipart_threshold_bytes: multipart,
                 };
                 if let Some(ep) = &cfg.endpoint {
@@ -994,15 +986,7 @@ impl Loaded {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(self.invalid(&key("url"), "must start with http:// or https://"));
                 }
-                let token = match &s.token_file {
-                    None => None,
-                    Some(p) => {
-                        let raw = self.read_file(&key("token_file"), p)?;
-                        let t = String::from_utf8(raw)
-                            .map_err(|_| self.invalid(&key("token_file"), "must be UTF-8 text"))?;
-                        Some(t.trim().to_string())
-                    }
-                };
+                let token = self.secret(&key("token_file"), s.token_file.as_deref())?;
                 let format = match s.format.as_deref().unwrap_or("ndjson") {
                     "ndjson" => BodyFormat::Ndjson,
                     "json" | "json_array" => BodyFormat::JsonArray,
@@ -1082,20 +1066,8 @@ impl Loaded {
                         "expected none, gzip, snappy, lz4 or zstd",
                     ));
                 }
-                let sasl_password = match &s.sasl_password_file {
-                    None => None,
-                    Some(p) => {
-                        let raw = self.read_file(&key("sasl_password_file"), p)?;
-                        Some(
-                            String::from_utf8(raw)
-                                .map_err(|_| {
-                                    self.invalid(&key("sasl_password_file"), "must be UTF-8 text")
-                                })?
-                                .trim()
-                                .to_string(),
-                        )
-                    }
-                };
+                let sasl_password =
+                    self.secret(&key("sasl_password_file"), s.sasl_password_file.as_deref())?;
                 let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
                 SinkTarget::Kafka(KafkaSinkConfig {
                     brokers,

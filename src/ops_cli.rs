@@ -244,8 +244,8 @@ fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
             LockState::Held(_) => local_admin_url(settings),
         },
     };
-    let token = match std::fs::read_to_string(&token_path) {
-        Ok(t) => Some(t.trim().to_string()),
+    let token = match gateway_actors::secret::read_secret_file(&token_path) {
+        Ok(t) => Some(t.expose().to_string()),
         Err(_) if identity.is_some() => None,
         Err(e) => {
             return Err(format!(

@@ -165,7 +165,7 @@ impl Application {
         }
         let admin_token = crate::auth::load_admin_token(&settings)?;
         let admin = AdminAuth::new(
-            &admin_token,
+            admin_token.expose(),
             settings
                 .http
                 .tls

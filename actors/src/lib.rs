@@ -16,6 +16,8 @@
 //! - [`control`]: operator commands (`Operator`), the MQTT `ControlPlane`
 //!   and runtime settings persisted in the data dir.
 //! - [`metrics`]: the Prometheus metrics every actor moves.
+//! - [`secret`]: the one `Secret` type (redacted wherever it could print)
+//!   and the one reader of secret files.
 //! - [`trace`]: the pipeline spans (`ingest` … `sink.publish`) and the W3C
 //!   `traceparent` they travel with; off unless the binary exports traces.
 //!
@@ -32,8 +34,10 @@ pub mod dispatcher;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod secret;
 pub mod sink;
 pub mod trace;
 pub mod wal;
 
 pub use metrics::Metrics;
+pub use secret::Secret;

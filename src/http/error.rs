@@ -3,6 +3,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
+use gateway_actors::ingest::IngestError;
 use serde_json::json;
 
 /// An HTTP error with a stable code and a message for people.
@@ -48,5 +49,34 @@ impl actix_web::ResponseError for ApiError {
             r.insert_header(("Retry-After", s.to_string()));
         }
         r.json(json!({"error": {"code": self.code, "message": self.message}}))
+    }
+}
+
+/// The status of each way an ingest can fail.
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Rejected(r) => {
+                let status = if r.reason == "too_large" {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                ApiError::new(status, r.reason, r.message)
+            }
+            IngestError::RateLimited { retry_after, .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "device is over its rate limit",
+            )
+            .retry_after(retry_after.as_secs_f64().ceil() as u64),
+            IngestError::Backpressure(why) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backpressure", why).retry_after(5)
+            }
+            IngestError::Unavailable(why) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", why)
+                    .retry_after(1)
+            }
+        }
     }
 }

@@ -4,8 +4,9 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use gateway_actors::ingest::validate::is_traceparent;
-use gateway_actors::ingest::validate::{check_device_id, check_idempotency_header};
-use gateway_actors::ingest::{IngestError, IngestTelemetry, PayloadFormat, Source};
+use gateway_actors::ingest::{
+    count_reject, IngestError, IngestTelemetry, PayloadFormat, Rejection, Source,
+};
 use gateway_actors::trace;
 use serde_json::json;
 
@@ -25,6 +26,13 @@ fn is_json(req: &HttpRequest) -> bool {
 }
 
 /// Accepts one telemetry object or a JSON array of them for `device_id`.
+///
+/// This handler checks what only HTTP knows (credentials, content type,
+/// size) and maps the outcome to a status; the [`IngestRouter`] validates
+/// the device id, the idempotency key and the records, and counts and logs
+/// every reject (through [`count_reject`], also for the refusals here).
+///
+/// [`IngestRouter`]: gateway_actors::ingest::IngestRouter
 pub async fn ingest(
     req: HttpRequest,
     path: web::Path<String>,
@@ -39,24 +47,18 @@ pub async fn ingest(
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // A child of the request span, which continues the `traceparent` header.
     let span = trace::ingest_span(Source::Http, &device_id, &correlation_id, None);
-    let reject = |status, code, message: String| {
-        state
-            .metrics
-            .ingest_rejected
-            .with_label_values(&["http", code])
-            .inc();
-        state
-            .metrics
-            .ingest_records
-            .with_label_values(&["http", "rejected"])
-            .inc();
-        tracing::info!(source = "http", device_id = %device_id, correlation_id = %correlation_id, reason = code, error = %message, "telemetry rejected");
-        ApiError::new(status, code, message)
+    let reject = |status, reason, message: String| {
+        let r = Rejection { reason, message };
+        count_reject(
+            &state.metrics,
+            Source::Http,
+            &device_id,
+            &correlation_id,
+            &r,
+        );
+        ApiError::new(status, r.reason, r.message)
     };
 
-    if let Err(r) = check_device_id(&device_id) {
-        return Err(reject(StatusCode::BAD_REQUEST, r.reason, r.message));
-    }
     match state
         .auth
         .check(header_str(&req, header::AUTHORIZATION.as_str()), &device_id)
@@ -93,13 +95,7 @@ pub async fn ingest(
             ));
         }
     }
-    let idempotency_key = match header_str(&req, "Idempotency-Key") {
-        Some(k) => match check_idempotency_header(k) {
-            Ok(()) => Some(k.to_string()),
-            Err(r) => return Err(reject(StatusCode::BAD_REQUEST, r.reason, r.message)),
-        },
-        None => None,
-    };
+    let idempotency_key = header_str(&req, "Idempotency-Key").map(str::to_string);
     let traceparent = header_str(&req, "traceparent")
         .filter(|t| is_traceparent(t))
         .map(str::to_string);
@@ -128,45 +124,20 @@ pub async fn ingest(
         traceparent,
         span: span.clone(),
     };
-    let receipt = match state.router.send(msg).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(IngestError::Rejected(r))) => {
-            let status = if r.reason == "too_large" {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            return Err(ApiError::new(status, r.reason, r.message));
-        }
-        Ok(Err(IngestError::RateLimited { retry_after, .. })) => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "device is over its rate limit",
-            )
-            .retry_after(retry_after.as_secs_f64().ceil() as u64));
-        }
-        Ok(Err(IngestError::Backpressure(why))) => {
-            return Err(
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backpressure", why).retry_after(5),
-            );
-        }
-        Ok(Err(IngestError::Unavailable(why))) => {
+    let receipt = state.router.send(msg).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+        .retry_after(1)
+    })?
+    .map_err(|e| {
+        if let IngestError::Unavailable(why) = &e {
             tracing::warn!(device_id = %device_id, correlation_id = %correlation_id, error = %why, "ingest not stored");
-            return Err(
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", why)
-                    .retry_after(1),
-            );
         }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                e.to_string(),
-            )
-            .retry_after(1));
-        }
-    };
+        ApiError::from(e)
+    })?;
 
     let all_dup = receipt.records.iter().all(|r| r.duplicate);
     let status = if all_dup {

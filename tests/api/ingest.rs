@@ -76,6 +76,45 @@ fn the_idempotency_key_header_dedups_records_without_msg_id() {
     assert_eq!(app.post_json("dev-1", body).status, 200);
 }
 
+/// The router validates the device id and the Idempotency-Key and counts
+/// each reject once (it used to be the HTTP handler for these two).
+#[test]
+fn a_bad_idempotency_key_or_device_id_is_refused_counted_once_and_not_stored() {
+    let app = spawn_app("");
+    let body = r#"{"ts":1764057600123,"metrics":{"t":1}}"#;
+    let r = request(
+        ureq::post(&app.url("/ingest/dev-1"))
+            .set("Content-Type", "application/json")
+            .set("Idempotency-Key", &"k".repeat(129)),
+        Some(body),
+    );
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "invalid_idempotency_key");
+    let r = app.post_json("bad%20device", body);
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "invalid_device_id", "{}", r.text);
+    assert_eq!(
+        app.metric(
+            r#"gateway_ingest_rejected_total{reason="invalid_idempotency_key",source="http"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        app.metric(r#"gateway_ingest_rejected_total{reason="invalid_device_id",source="http"}"#),
+        1.0
+    );
+    assert_eq!(
+        app.metric(r#"gateway_ingest_records_total{outcome="rejected",source="http"}"#),
+        2.0
+    );
+    let ok = app.post_json("dev-1", body);
+    assert_eq!(
+        ok.body["seq"], 1,
+        "a refused request consumed a seq: {}",
+        ok.text
+    );
+}
+
 #[test]
 fn a_json_array_is_accepted_as_one_batch() {
     let app = spawn_app("");

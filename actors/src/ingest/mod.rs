@@ -5,7 +5,7 @@ mod router;
 pub mod validate;
 
 pub use router::{
-    GetRateLimit, IngestError, IngestReceipt, IngestRouter, IngestTelemetry, PayloadFormat,
-    RateLimit, RecordReceipt, SetRateLimit,
+    count_reject, GetRateLimit, IngestError, IngestReceipt, IngestRouter, IngestTelemetry,
+    PayloadFormat, RateLimit, RecordReceipt, SetRateLimit,
 };
 pub use validate::{IngestLimits, Rejection, Source};

@@ -104,23 +104,38 @@ impl IngestRouter {
     }
 
     fn reject(&self, source: Source, device_id: &str, correlation_id: &str, r: &Rejection) {
-        self.metrics
-            .ingest_rejected
-            .with_label_values(&[source.as_str(), r.reason])
-            .inc();
-        self.metrics
-            .ingest_records
-            .with_label_values(&[source.as_str(), "rejected"])
-            .inc();
-        tracing::info!(
-            source = source.as_str(),
-            device_id,
-            correlation_id,
-            reason = r.reason,
-            error = %r.message,
-            "telemetry rejected"
-        );
+        count_reject(&self.metrics, source, device_id, correlation_id, r);
     }
+}
+
+/// Counts and logs one refused ingest: the one place a reject is counted
+/// (`gateway_ingest_rejected_total{source,reason}` and
+/// `gateway_ingest_records_total{outcome="rejected"}`) and logged. The
+/// router uses it for what it validates; the HTTP layer for what only it
+/// can see (credentials, content type, size before the body is read).
+pub fn count_reject(
+    metrics: &Metrics,
+    source: Source,
+    device_id: &str,
+    correlation_id: &str,
+    r: &Rejection,
+) {
+    metrics
+        .ingest_rejected
+        .with_label_values(&[source.as_str(), r.reason])
+        .inc();
+    metrics
+        .ingest_records
+        .with_label_values(&[source.as_str(), "rejected"])
+        .inc();
+    tracing::info!(
+        source = source.as_str(),
+        device_id,
+        correlation_id,
+        reason = r.reason,
+        error = %r.message,
+        "telemetry rejected"
+    );
 }
 
 /// Changes the per-device rate limit at run time (control plane
@@ -281,6 +296,12 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 .as_deref()
                 .filter(|t| super::validate::is_traceparent(t))),
         };
+        if let Some(key) = &msg.idempotency_key {
+            if let Err(r) = super::validate::check_idempotency_header(key) {
+                self.reject(source, &msg.device_id, &msg.correlation_id, &r);
+                return Box::pin(async move { Err(IngestError::Rejected(r)) });
+            }
+        }
         let looks_json = matches!(msg.payload.trim_ascii_start().first(), Some(b'{' | b'['));
         let protobuf = match msg.payload_format {
             PayloadFormat::Json => false,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::ingest::PayloadFormat;
+use crate::Secret;
 
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,7 @@ impl std::fmt::Debug for MqttTls {
 }
 
 /// Everything `MqttIngest` needs to connect and subscribe.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct MqttIngestConfig {
     /// Broker host.
     pub host: String,
@@ -42,8 +43,8 @@ pub struct MqttIngestConfig {
     pub tls: Option<MqttTls>,
     /// User name, if the broker wants one.
     pub username: Option<String>,
-    /// Password (read from a file; never logged).
-    pub password: Option<String>,
+    /// Password (read from a file).
+    pub password: Option<Secret>,
     /// Client id: the persistent session belongs to it.
     pub client_id: String,
     /// Keep-alive interval.
@@ -66,21 +67,6 @@ pub struct MqttIngestConfig {
     pub max_packet_bytes: usize,
     /// Run the control plane (`gateway/{id}/control/+`) on this broker.
     pub control: bool,
-}
-
-impl std::fmt::Debug for MqttIngestConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttIngestConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("client_id", &self.client_id)
-            .field("version", &self.version)
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
-    }
 }
 
 impl MqttIngestConfig {

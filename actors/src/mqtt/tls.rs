@@ -34,7 +34,13 @@ macro_rules! secure_options {
             ));
         }
         if let Some(u) = &$cfg.username {
-            $opts.set_credentials(u.clone(), $cfg.password.clone().unwrap_or_default());
+            $opts.set_credentials(
+                u.clone(),
+                $cfg.password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+                    .unwrap_or_default(),
+            );
         }
     }};
 }

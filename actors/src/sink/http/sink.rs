@@ -110,7 +110,7 @@ impl Sink for HttpSink {
                 .header("Idempotency-Key", &key)
                 .body(encode(&batch, cfg.format));
             if let Some(t) = &cfg.token {
-                req = req.bearer_auth(t);
+                req = req.bearer_auth(t.expose());
             }
             if let Some(tp) = crate::trace::outgoing_traceparent(&batch) {
                 req = req.header("traceparent", tp);

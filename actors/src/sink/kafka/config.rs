@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::Secret;
+
 /// Settings of one `kafka` sink (`[sinks.NAME]` with `kind = "kafka"`).
 #[derive(Clone)]
 pub struct KafkaSinkConfig {
@@ -26,8 +28,8 @@ pub struct KafkaSinkConfig {
     pub sasl_mechanism: Option<String>,
     /// SASL user name.
     pub sasl_username: Option<String>,
-    /// SASL password (from `sasl_password_file`; never logged).
-    pub sasl_password: Option<String>,
+    /// SASL password (from `sasl_password_file`).
+    pub sasl_password: Option<Secret>,
     /// Any other librdkafka producer property (`[sinks.NAME.librdkafka]`).
     pub extra: BTreeMap<String, String>,
 }
@@ -40,10 +42,8 @@ impl std::fmt::Debug for KafkaSinkConfig {
             .field("compression", &self.compression)
             .field("security_protocol", &self.security_protocol)
             .field("sasl_username", &self.sasl_username)
-            .field(
-                "sasl_password",
-                &self.sasl_password.as_ref().map(|_| "<redacted>"),
-            )
+            .field("sasl_password", &self.sasl_password)
+            // `extra` may hold librdkafka secrets (ssl.key.password …).
             .finish_non_exhaustive()
     }
 }

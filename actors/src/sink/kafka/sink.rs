@@ -44,12 +44,14 @@ impl KafkaSink {
             ("ssl.key.location", &cfg.ssl_key_file),
             ("sasl.mechanism", &cfg.sasl_mechanism),
             ("sasl.username", &cfg.sasl_username),
-            ("sasl.password", &cfg.sasl_password),
         ];
         for (k, v) in opt {
             if let Some(v) = v {
                 c.set(k, v);
             }
+        }
+        if let Some(p) = &cfg.sasl_password {
+            c.set("sasl.password", p.expose());
         }
         for (k, v) in &cfg.extra {
             c.set(k, v);

@@ -63,7 +63,13 @@ impl MqttSink {
             ));
         }
         if let Some(u) = &cfg.username {
-            opts.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
+            opts.set_credentials(
+                u.clone(),
+                cfg.password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+                    .unwrap_or_default(),
+            );
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let (notes, _) = broadcast::channel(8192);

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use crate::sink::SinkError;
+use crate::Secret;
 
 /// Settings of one `s3` sink (`[sinks.NAME]` with `kind = "s3"`).
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct S3SinkConfig {
     /// Where objects go: `s3://bucket/prefix`, or `file:///dir`
     /// (`file://relative/dir`) for a local directory.
@@ -22,29 +23,11 @@ pub struct S3SinkConfig {
     /// Path-style requests (`endpoint/bucket/key`); default true with a custom endpoint.
     pub path_style: Option<bool>,
     /// Access key id (from a file); `None` = `AWS_ACCESS_KEY_ID` and the standard chain.
-    pub access_key_id: Option<String>,
+    pub access_key_id: Option<Secret>,
     /// Secret access key (from a file); `None` = `AWS_SECRET_ACCESS_KEY`.
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     /// Objects larger than this are uploaded in parts (multipart), at least 5 MiB.
     pub multipart_threshold_bytes: usize,
-}
-
-impl std::fmt::Debug for S3SinkConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3SinkConfig")
-            .field("url", &self.url)
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field(
-                "access_key_id",
-                &self.access_key_id.as_ref().map(|_| "<set>"),
-            )
-            .field(
-                "secret_access_key",
-                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
-            )
-            .finish_non_exhaustive()
-    }
 }
 
 /// A parsed target URL.
@@ -108,7 +91,7 @@ mod tests {
             region: None,
             path_style: None,
             access_key_id: None,
-            secret_access_key: Some("s3cr3t".into()),
+            secret_access_key: Some(Secret::new("s3cr3t")),
             multipart_threshold_bytes: 8 << 20,
         }
     }

@@ -63,10 +63,10 @@ impl ObjectStoreSink {
                     b = b.with_virtual_hosted_style_request(!path_style);
                 }
                 if let Some(k) = &cfg.access_key_id {
-                    b = b.with_access_key_id(k);
+                    b = b.with_access_key_id(k.expose());
                 }
                 if let Some(s) = &cfg.secret_access_key {
-                    b = b.with_secret_access_key(s);
+                    b = b.with_secret_access_key(s.expose());
                 }
                 let store = b
                     .build()
