@@ -13,12 +13,15 @@
 //! the subscribers have it yet, and then drops the oldest segment. With
 //! rumqttd's own sizes (tens of MB per segment) a gateway under steady load
 //! grew by ~20 MB a minute, up to 640 MB; here each filter's log holds at
-//! most [`SEGMENT_COUNT`] segments of [`SEGMENT_BYTES`] (32 MiB, or more if
-//! one payload is larger than a segment), then stays flat.
+//! most [`SEGMENT_COUNT`] segments of [`SEGMENT_BYTES`] (4 MiB of topics and
+//! payloads, or more if one payload is larger than a segment), then stays
+//! flat. rumqttd counts only topic and payload bytes: each stored message
+//! also holds its packet struct and properties (~400 bytes), so small
+//! telemetry messages cost about four times the counted size (~16 MB).
 //!
 //! The same bound is the embedded broker's lag window, and rumqttd has no
-//! flow control towards publishers: a gateway that falls more than 32 MiB
-//! of messages behind its devices (a burst far above its ingest rate, or
+//! flow control towards publishers: a gateway that falls more than 4 MiB
+//! of messages (~30,000 small ones) behind its devices (a burst far above its ingest rate, or
 //! WAL backpressure) misses the oldest of them although the broker
 //! acknowledged them (rumqttd logs "jumping to head" at warn). Mosquitto
 //! has no such window: use it where bursts or long backpressure are
@@ -33,9 +36,9 @@ use anyhow::{bail, Context as _};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// Bytes of one segment of a subscription filter's in-memory log.
-pub const SEGMENT_BYTES: usize = 4 << 20;
+pub const SEGMENT_BYTES: usize = 1 << 20;
 /// Segments a filter's log keeps before it drops the oldest.
-pub const SEGMENT_COUNT: usize = 8;
+pub const SEGMENT_COUNT: usize = 4;
 
 /// Starts the broker on its own threads and waits until it accepts connections.
 pub fn start_embedded(addr: SocketAddr, max_payload_bytes: usize) -> anyhow::Result<()> {

@@ -10,15 +10,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gateway_actors::dispatcher::DispatchConfig;
+use gateway_actors::dispatcher::{DispatchConfig, DispatchKeys};
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
-use gateway_actors::mqtt::{MqttIngestConfig, MqttTls, MqttVersion};
-use gateway_actors::secret::{read_secret_file, Secret};
-use gateway_actors::sink::http::{BodyFormat, HttpSinkConfig};
-use gateway_actors::sink::kafka::KafkaSinkConfig;
-use gateway_actors::sink::mqtt::MqttSinkConfig;
-use gateway_actors::sink::s3::S3SinkConfig;
+use gateway_actors::keys::{secret_key, KeyError};
+use gateway_actors::mqtt::{broker_address, broker_tls, MqttIngestConfig, MqttVersion};
+pub use gateway_actors::sink::SinkTarget;
+use gateway_actors::sink::{SinkConfig, SinkContext};
 use gateway_actors::wal::{BackpressurePolicy, WalConfig};
 use serde::{Deserialize, Serialize};
 use toml::Value;
@@ -69,7 +67,9 @@ struct RawConfig {
     #[serde(default)]
     otlp: RawOtlp,
     #[serde(default)]
-    sinks: BTreeMap<String, RawSink>,
+    /// Each `[sinks.NAME]` table as written: its keys belong to the kind
+    /// (`gateway_actors::sink::SinkConfig`) and are checked in validation.
+    sinks: BTreeMap<String, toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -135,50 +135,6 @@ struct RawWal {
     retention: Option<String>,
     dedup_window: Option<String>,
     policy: Option<String>,
-}
-
-/// One `[sinks.NAME]` table as written; fields by kind are checked in validation.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct RawSink {
-    kind: Option<String>,
-    url: Option<String>,
-    batch_max_records: Option<usize>,
-    batch_max_wait_ms: Option<u64>,
-    retry_budget: Option<u32>,
-    retry_base_ms: Option<u64>,
-    retry_max_ms: Option<u64>,
-    publish_timeout_ms: Option<u64>,
-    paused: Option<bool>,
-    gzip_level: Option<u32>,
-    brokers: Option<String>,
-    topic: Option<String>,
-    endpoint: Option<String>,
-    region: Option<String>,
-    topic_prefix: Option<String>,
-    token_file: Option<PathBuf>,
-    path_style: Option<bool>,
-    access_key_id_file: Option<PathBuf>,
-    secret_access_key_file: Option<PathBuf>,
-    multipart_threshold_bytes: Option<usize>,
-    format: Option<String>,
-    ca_file: Option<PathBuf>,
-    client_cert_file: Option<PathBuf>,
-    client_key_file: Option<PathBuf>,
-    username: Option<String>,
-    password_file: Option<PathBuf>,
-    client_id: Option<String>,
-    compression: Option<String>,
-    security_protocol: Option<String>,
-    ssl_ca_file: Option<PathBuf>,
-    ssl_cert_file: Option<PathBuf>,
-    ssl_key_file: Option<PathBuf>,
-    sasl_mechanism: Option<String>,
-    sasl_username: Option<String>,
-    sasl_password_file: Option<PathBuf>,
-    librdkafka: Option<BTreeMap<String, String>>,
-    circuit_threshold: Option<u32>,
-    circuit_cooldown_ms: Option<u64>,
 }
 
 /// `GATEWAY_*` variables (read with envy). `GATEWAY_ID` is `gateway_id`;
@@ -630,14 +586,13 @@ impl Loaded {
 
         let mut raw_sinks = raw.sinks.clone();
         if raw_sinks.is_empty() {
-            raw_sinks.insert(
-                "archive".into(),
-                RawSink {
-                    kind: Some("s3".into()),
-                    url: Some(format!("file://{}", data_dir.join("archive").display())),
-                    ..RawSink::default()
-                },
+            let mut archive = toml::Table::new();
+            archive.insert("kind".into(), Value::String("s3".into()));
+            archive.insert(
+                "url".into(),
+                Value::String(format!("file://{}", data_dir.join("archive").display())),
             );
+            raw_sinks.insert("archive".into(), archive);
         }
         let mut sinks = BTreeMap::new();
         for (name, s) in raw_sinks {
@@ -664,18 +619,6 @@ impl Loaded {
         };
         settings.rendered = self.render(&settings);
         Ok(settings)
-    }
-
-    /// A secret from the file named by `key` (or none), through the one
-    /// reader of secret files.
-    fn secret(&self, key: &str, path: Option<&Path>) -> Result<Option<Secret>, ConfigError> {
-        path.map(|p| read_secret_file(p).map_err(|e| self.invalid(key, e)))
-            .transpose()
-    }
-
-    fn read_file(&self, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-        std::fs::read(path)
-            .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", path.display())))
     }
 
     fn mqtt(
@@ -720,26 +663,23 @@ impl Loaded {
             .topic
             .clone()
             .unwrap_or_else(|| "devices/+/telemetry".into());
-        let (scheme, rest) = match url.split_once("://") {
-            Some((s @ ("mqtt" | "mqtts"), rest)) => (s, rest),
-            _ if url == "embedded" => ("embedded", ""),
-            _ => {
-                return Err(self.invalid(
-                    "mqtt.url",
-                    format!(
-                        "{url:?}: expected off, embedded, mqtt://host:port or mqtts://host:port"
-                    ),
-                ))
-            }
-        };
-        let (host, port) = if scheme == "embedded" {
+        let (scheme, host, port) = if url == "embedded" {
             let addr = self.socket_addr(
                 "mqtt.embedded_addr",
                 m.embedded_addr.as_deref().unwrap_or("127.0.0.1:1883"),
             )?;
-            (addr.ip().to_string(), addr.port())
+            ("embedded", addr.ip().to_string(), addr.port())
         } else {
-            self.host_port("mqtt.url", &url, scheme, rest)?
+            broker_address(&url).map_err(|e| {
+                let e = if url.starts_with("mqtt") {
+                    e
+                } else {
+                    format!(
+                        "{url:?}: expected off, embedded, mqtt://host:port or mqtts://host:port"
+                    )
+                };
+                self.invalid("mqtt.url", e)
+            })?
         };
         let mut cfg = MqttIngestConfig::new(&host, port, &client_id);
         cfg.version = version;
@@ -768,13 +708,16 @@ impl Loaded {
                 .max(cfg.reconnect_base);
         }
         cfg.username = m.username.clone();
-        let files = BrokerFiles {
-            ca_file: &m.ca_file,
-            client_cert_file: &m.client_cert_file,
-            client_key_file: &m.client_key_file,
-            password_file: &m.password_file,
-        };
-        (cfg.tls, cfg.password) = self.broker_secrets("mqtt", scheme, files)?;
+        let key_error = |e: KeyError| self.invalid(&format!("mqtt.{}", e.key), e.message);
+        cfg.password =
+            secret_key("password_file", m.password_file.as_deref()).map_err(key_error)?;
+        cfg.tls = broker_tls(
+            scheme,
+            m.ca_file.as_deref(),
+            m.client_cert_file.as_deref(),
+            m.client_key_file.as_deref(),
+        )
+        .map_err(key_error)?;
         if scheme == "embedded" {
             if !cfg!(feature = "embedded-broker") {
                 return Err(self.invalid(
@@ -794,76 +737,6 @@ impl Loaded {
         Ok(MqttMode::Broker(cfg))
     }
 
-    /// `host[:port]` of an `mqtt://`/`mqtts://` URL (default ports 1883/8883).
-    fn host_port(
-        &self,
-        key: &str,
-        url: &str,
-        scheme: &str,
-        rest: &str,
-    ) -> Result<(String, u16), ConfigError> {
-        let hostport = rest.trim_end_matches('/');
-        let default_port = if scheme == "mqtts" { 8883 } else { 1883 };
-        let (h, p) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let p: u16 = p
-                    .parse()
-                    .map_err(|_| self.invalid(key, format!("{url:?}: bad port")))?;
-                (
-                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                    p,
-                )
-            }
-            _ => (hostport.to_string(), default_port),
-        };
-        if h.is_empty() {
-            return Err(self.invalid(key, format!("{url:?}: host is missing")));
-        }
-        Ok((h, p))
-    }
-
-    /// TLS material (for `mqtts`) and the password of a broker connection
-    /// whose keys live under `prefix` (`mqtt` or `sinks.NAME`).
-    fn broker_secrets(
-        &self,
-        prefix: &str,
-        scheme: &str,
-        f: BrokerFiles<'_>,
-    ) -> Result<(Option<MqttTls>, Option<Secret>), ConfigError> {
-        let key = |k: &str| format!("{prefix}.{k}");
-        let password = self.secret(&key("password_file"), f.password_file.as_deref())?;
-        let any_tls_file =
-            f.ca_file.is_some() || f.client_cert_file.is_some() || f.client_key_file.is_some();
-        if scheme != "mqtts" {
-            if any_tls_file {
-                return Err(self.invalid(&key("url"), "TLS files are set: use an mqtts:// URL"));
-            }
-            return Ok((None, password));
-        }
-        let ca_pem = match f.ca_file {
-            Some(p) => Some(self.read_file(&key("ca_file"), p)?),
-            None => None,
-        };
-        let client = match (f.client_cert_file, f.client_key_file) {
-            (Some(c), Some(k)) => Some((
-                self.read_file(&key("client_cert_file"), c)?,
-                self.read_file(&key("client_key_file"), k)?,
-            )),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(
-                    self.invalid(&key("client_cert_file"), "client_key_file must be set too")
-                )
-            }
-            (None, Some(_)) => {
-                return Err(
-                    self.invalid(&key("client_key_file"), "client_cert_file must be set too")
-                )
-            }
-        };
-        Ok((Some(MqttTls { ca_pem, client }), password))
-    }
-
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         text.parse()
             .map_err(|e| self.invalid(key, format!("{text:?} is not host:port ({e})")))
@@ -878,223 +751,68 @@ impl Loaded {
         })
     }
 
-    fn sink(&self, name: &str, s: &RawSink, gateway_id: &str) -> Result<SinkSettings, ConfigError> {
-        let key = |k: &str| format!("sinks.{name}.{k}");
+    /// One `[sinks.NAME]` table: the shared dispatch keys, then the kind's
+    /// own keys, each validated by the code that owns them; errors name the
+    /// full key and the layer that set it.
+    fn sink(
+        &self,
+        name: &str,
+        table: &toml::Table,
+        gateway_id: &str,
+    ) -> Result<SinkSettings, ConfigError> {
+        let prefix = format!("sinks.{name}");
         if !gateway_actors::ingest::validate::is_valid_device_id(name) {
             return Err(self.invalid(
-                &format!("sinks.{name}"),
+                &prefix,
                 "sink names must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
             ));
         }
-        let mut d = DispatchConfig::new(name);
-        if let Some(v) = s.batch_max_records {
-            if !(1..=100_000).contains(&v) {
-                return Err(self.invalid(&key("batch_max_records"), "must be between 1 and 100000"));
+        let key_error = |e: KeyError| self.invalid(&format!("{prefix}.{}", e.key), e.message);
+        let (shared, own): (toml::Table, toml::Table) = table
+            .clone()
+            .into_iter()
+            .partition(|(k, _)| DispatchKeys::KEYS.contains(&k.as_str()));
+        let dispatch: DispatchKeys = Value::Table(shared)
+            .try_into()
+            .map_err(|e| self.serde_error(&prefix, e))?;
+        let dispatch = dispatch.build(name).map_err(key_error)?;
+        let expected = SinkConfig::KINDS.join(", ");
+        match own.get("kind").and_then(Value::as_str) {
+            None => {
+                return Err(key_error(KeyError::new(
+                    "kind",
+                    format!("is required ({expected})"),
+                )))
             }
-            d.batch_max_records = v;
-        }
-        if let Some(v) = s.batch_max_wait_ms {
-            d.batch_max_wait = Duration::from_millis(v);
-        }
-        if let Some(v) = s.retry_budget {
-            if v == 0 {
-                return Err(self.invalid(
-                    &key("retry_budget"),
-                    "must be at least 1 (attempts before Dead)",
-                ));
+            Some(k) if !SinkConfig::KINDS.contains(&k) => {
+                return Err(key_error(KeyError::new(
+                    "kind",
+                    format!("{k:?}: expected {expected}"),
+                )))
             }
-            d.retry_budget = v;
+            Some(_) => {}
         }
-        if let Some(v) = s.retry_base_ms {
-            d.retry_base = Duration::from_millis(v.max(1));
-        }
-        if let Some(v) = s.retry_max_ms {
-            d.retry_max = Duration::from_millis(v.max(1));
-        }
-        if d.retry_max < d.retry_base {
-            return Err(self.invalid(&key("retry_max_ms"), "must be >= retry_base_ms"));
-        }
-        if let Some(v) = s.publish_timeout_ms {
-            if v == 0 {
-                return Err(self.invalid(&key("publish_timeout_ms"), "must be > 0"));
-            }
-            d.publish_timeout = Duration::from_millis(v);
-        }
-        d.paused = s.paused.unwrap_or(false);
-        if let Some(v) = s.circuit_threshold {
-            if v == 0 {
-                return Err(self.invalid(&key("circuit_threshold"), "must be at least 1"));
-            }
-            d.circuit_threshold = v;
-        }
-        if let Some(v) = s.circuit_cooldown_ms {
-            d.circuit_cooldown = Duration::from_millis(v.max(1));
-        }
-        let kind = s
-            .kind
-            .as_deref()
-            .ok_or_else(|| self.invalid(&key("kind"), "is required (s3, kafka, mqtt or http)"))?;
-        let target = match kind {
-            "s3" => {
-                let url = s.url.clone().ok_or_else(|| {
-                    self.invalid(
-                        &key("url"),
-                        "is required for kind s3 (file:///dir or s3://bucket/prefix)",
-                    )
-                })?;
-                let multipart = s.multipart_threshold_bytes.unwrap_or(8 << 20);
-                if multipart < 5 << 20 {
-                    return Err(self.invalid(
-                        &key("multipart_threshold_bytes"),
-                        "must be at least 5242880 (S3's smallest part)",
-                    ));
-                }
-                let cfg = S3SinkConfig {
-                    url,
-                    gateway_id: gateway_id.to_string(),
-                    gzip_level: s.gzip_level.unwrap_or(1),
-                    endpoint: s.endpoint.clone(),
-                    region: s.region.clone(),
-                    path_style: s.path_style,
-                    access_key_id: self
-                        .secret(&key("access_key_id_file"), s.access_key_id_file.as_deref())?,
-                    secret_access_key: self.secret(
-                        &key("secret_access_key_file"),
-                        s.secret_access_key_file.as_deref(),
-                    )?,
-                    multipart_threshold_bytes: multipart,
-                };
-                if let Some(ep) = &cfg.endpoint {
-                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                        return Err(
-                            self.invalid(&key("endpoint"), "must start with http:// or https://")
-                        );
-                    }
-                }
-                if cfg.gzip_level > 9 {
-                    return Err(self.invalid(&key("gzip_level"), "must be 0 to 9"));
-                }
-                cfg.target()
-                    .map_err(|e| self.invalid(&key("url"), e.to_string()))?;
-                SinkTarget::S3(cfg)
-            }
-            "http" => {
-                let url = s
-                    .url
-                    .clone()
-                    .ok_or_else(|| self.invalid(&key("url"), "is required for kind http"))?;
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(self.invalid(&key("url"), "must start with http:// or https://"));
-                }
-                let token = self.secret(&key("token_file"), s.token_file.as_deref())?;
-                let format = match s.format.as_deref().unwrap_or("ndjson") {
-                    "ndjson" => BodyFormat::Ndjson,
-                    "json" | "json_array" => BodyFormat::JsonArray,
-                    other => {
-                        return Err(self.invalid(
-                            &key("format"),
-                            format!("{other:?}: expected ndjson or json"),
-                        ))
-                    }
-                };
-                SinkTarget::Http(HttpSinkConfig {
-                    name: name.to_string(),
-                    gateway_id: gateway_id.to_string(),
-                    url,
-                    token,
-                    format,
-                    timeout: d.publish_timeout,
-                })
-            }
-            "mqtt" => {
-                let url = s.url.clone().ok_or_else(|| {
-                    self.invalid(
-                        &key("url"),
-                        "is required for kind mqtt (mqtt://host:port or mqtts://host:port)",
-                    )
-                })?;
-                let (scheme, rest) = match url.split_once("://") {
-                    Some((sc @ ("mqtt" | "mqtts"), rest)) => (sc, rest),
-                    _ => {
-                        return Err(self.invalid(
-                            &key("url"),
-                            format!("{url:?}: expected mqtt://host:port or mqtts://host:port"),
-                        ))
-                    }
-                };
-                let (host, port) = self.host_port(&key("url"), &url, scheme, rest)?;
-                let files = BrokerFiles {
-                    ca_file: &s.ca_file,
-                    client_cert_file: &s.client_cert_file,
-                    client_key_file: &s.client_key_file,
-                    password_file: &s.password_file,
-                };
-                let (tls, password) =
-                    self.broker_secrets(&format!("sinks.{name}"), scheme, files)?;
-                SinkTarget::Mqtt(MqttSinkConfig {
-                    host,
-                    port,
-                    tls,
-                    client_id: s
-                        .client_id
-                        .clone()
-                        .unwrap_or_else(|| format!("gateway-{gateway_id}-{name}")),
-                    username: s.username.clone(),
-                    password,
-                    topic_prefix: s
-                        .topic_prefix
-                        .clone()
-                        .unwrap_or_else(|| gateway_id.to_string()),
-                    max_packet_bytes: 1 << 20,
-                })
-            }
-            "kafka" => {
-                let brokers = s.brokers.clone().ok_or_else(|| {
-                    self.invalid(
-                        &key("brokers"),
-                        "is required for kind kafka (host:port[,host:port])",
-                    )
-                })?;
-                let topic = s
-                    .topic
-                    .clone()
-                    .ok_or_else(|| self.invalid(&key("topic"), "is required for kind kafka"))?;
-                let compression = s.compression.clone().unwrap_or_else(|| "lz4".into());
-                if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&compression.as_str()) {
-                    return Err(self.invalid(
-                        &key("compression"),
-                        "expected none, gzip, snappy, lz4 or zstd",
-                    ));
-                }
-                let sasl_password =
-                    self.secret(&key("sasl_password_file"), s.sasl_password_file.as_deref())?;
-                let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-                SinkTarget::Kafka(KafkaSinkConfig {
-                    brokers,
-                    topic,
-                    compression,
-                    message_timeout: d.publish_timeout,
-                    security_protocol: s.security_protocol.clone(),
-                    ssl_ca_file: path(&s.ssl_ca_file),
-                    ssl_cert_file: path(&s.ssl_cert_file),
-                    ssl_key_file: path(&s.ssl_key_file),
-                    sasl_mechanism: s.sasl_mechanism.clone(),
-                    sasl_username: s.sasl_username.clone(),
-                    sasl_password,
-                    extra: s.librdkafka.clone().unwrap_or_default(),
-                })
-            }
-            other => {
-                return Err(self.invalid(
-                    &key("kind"),
-                    format!("{other:?}: expected s3, kafka, mqtt or http"),
-                ))
-            }
+        let kind: SinkConfig = Value::Table(own)
+            .try_into()
+            .map_err(|e| self.serde_error(&prefix, e))?;
+        let ctx = SinkContext {
+            name,
+            gateway_id,
+            publish_timeout: dispatch.publish_timeout,
         };
-        Ok(SinkSettings {
-            dispatch: d,
-            target,
-        })
+        let target = kind.build(&ctx).map_err(key_error)?;
+        Ok(SinkSettings { dispatch, target })
+    }
+
+    /// A section's keys did not deserialize: names the unknown key when
+    /// that is what is wrong, else the section.
+    fn serde_error(&self, section: &str, e: toml::de::Error) -> ConfigError {
+        let message = e.message().to_string();
+        let key = message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+            .map_or_else(|| section.to_string(), |k| format!("{section}.{k}"));
+        self.invalid(&key, message)
     }
 
     /// The effective configuration as TOML, secrets redacted.
@@ -1167,14 +885,6 @@ pub fn default_gateway_id() -> String {
 }
 
 // ------------------------------------------------------------------ settings
-
-/// The file keys of a broker connection.
-struct BrokerFiles<'a> {
-    ca_file: &'a Option<PathBuf>,
-    client_cert_file: &'a Option<PathBuf>,
-    client_key_file: &'a Option<PathBuf>,
-    password_file: &'a Option<PathBuf>,
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -1288,19 +998,6 @@ pub struct SinkSettings {
     pub dispatch: DispatchConfig,
     /// Kind-specific target.
     pub target: SinkTarget,
-}
-
-/// Kind-specific sink settings.
-#[derive(Debug, Clone)]
-pub enum SinkTarget {
-    /// `kind = "s3"`.
-    S3(S3SinkConfig),
-    /// `kind = "http"`.
-    Http(HttpSinkConfig),
-    /// `kind = "mqtt"`.
-    Mqtt(MqttSinkConfig),
-    /// `kind = "kafka"`.
-    Kafka(KafkaSinkConfig),
 }
 
 impl Settings {
@@ -1475,5 +1172,59 @@ mod tests {
         redact(&mut v);
         let out = toml::to_string(&v).unwrap();
         assert!(!out.contains("s3cr3t") && out.contains("/x"), "{out}");
+    }
+
+    #[test]
+    fn a_key_of_another_kind_or_no_kind_is_refused_naming_the_key_and_its_file() {
+        let cases = [
+            ("[sinks.h]\nkind = \"http\"\nurl = \"http://x\"\nbrokers = \"b:9092\"\n", "`sinks.h.brokers`"),
+            ("[sinks.s]\nkind = \"s3\"\nurl = \"s3://b\"\npassword_file = \"/x\"\n", "`sinks.s.password_file`"),
+            ("[sinks.k]\nkind = \"kafka\"\nbrokers = \"b\"\ntopic = \"t\"\nbatch_max_record = 5\n", "`sinks.k.batch_max_record`"),
+            ("[sinks.n]\nurl = \"s3://b\"\n", "`sinks.n.kind`"),
+        ];
+        for (toml, key) in cases {
+            let err = Settings::from_toml(toml).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("gateway.toml"),
+                "{toml}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_shared_dispatch_key_is_a_field_of_dispatch_keys() {
+        let mut t = toml::Table::new();
+        for k in DispatchKeys::KEYS {
+            let v = if *k == "paused" {
+                Value::Boolean(true)
+            } else {
+                Value::Integer(7)
+            };
+            t.insert(k.to_string(), v);
+        }
+        let keys: DispatchKeys = Value::Table(t).try_into().unwrap();
+        let d = keys.build("x").unwrap();
+        assert_eq!(d.batch_max_records, 7);
+        assert_eq!(d.circuit_cooldown, Duration::from_millis(7));
+        assert!(d.paused);
+    }
+
+    #[test]
+    fn settings_never_print_a_secret_read_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cr3t-token\n").unwrap();
+        let s = Settings::from_toml(&format!(
+            "[sinks.h]\nkind = \"http\"\nurl = \"http://x\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ))
+        .unwrap();
+        match &s.sinks["h"].target {
+            SinkTarget::Http(h) => assert_eq!(h.token.as_ref().unwrap().expose(), "s3cr3t-token"),
+            other => panic!("{other:?}"),
+        }
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        assert!(!s.rendered.contains("s3cr3t"), "{}", s.rendered);
     }
 }

@@ -16,11 +16,7 @@ use gateway_actors::control::{
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
 use gateway_actors::mqtt::{MqttIngest, MqttStatus};
-use gateway_actors::sink::http::HttpSink;
-use gateway_actors::sink::kafka::KafkaSink;
-use gateway_actors::sink::mqtt::MqttSink;
-use gateway_actors::sink::s3::ObjectStoreSink;
-use gateway_actors::sink::{Sink, SinkActor, SinkFactory};
+use gateway_actors::sink::{SinkActor, SinkFactory};
 use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore};
 use gateway_actors::Metrics;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
@@ -63,26 +59,9 @@ pub struct Handles {
     pub control: Option<Addr<ControlPlane>>,
 }
 
-/// Builds the client factory of a configured sink.
+/// Builds the client factory of a configured sink ([`gateway_actors::sink::factory`]).
 pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
-    match target {
-        SinkTarget::S3(cfg) => {
-            let cfg = cfg.clone();
-            Arc::new(move || ObjectStoreSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
-        }
-        SinkTarget::Http(cfg) => {
-            let cfg = cfg.clone();
-            Arc::new(move || HttpSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
-        }
-        SinkTarget::Mqtt(cfg) => {
-            let cfg = cfg.clone();
-            Arc::new(move || MqttSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
-        }
-        SinkTarget::Kafka(cfg) => {
-            let cfg = cfg.clone();
-            Arc::new(move || KafkaSink::new(&cfg).map(|s| Box::new(s) as Box<dyn Sink>))
-        }
-    }
+    gateway_actors::sink::factory(target)
 }
 
 /// What the operator works with: for a running gateway its router and

@@ -54,6 +54,99 @@ pub struct DispatchConfig {
     pub circuit_cooldown: Duration,
 }
 
+/// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
+/// circuit breaker (defaults in [`DispatchConfig::new`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchKeys {
+    /// Most records per batch, 1 to 100000 (default 500).
+    pub batch_max_records: Option<usize>,
+    /// How long a partial batch may wait to fill up, ms (default 200).
+    pub batch_max_wait_ms: Option<u64>,
+    /// Attempts per batch before it goes Dead, at least 1 (default 10).
+    pub retry_budget: Option<u32>,
+    /// First backoff delay, ms (default 200).
+    pub retry_base_ms: Option<u64>,
+    /// Largest backoff delay, ms, at least `retry_base_ms` (default 60000).
+    pub retry_max_ms: Option<u64>,
+    /// A publish taking longer is a retryable failure, ms (default 30000).
+    pub publish_timeout_ms: Option<u64>,
+    /// Start paused (default false).
+    pub paused: Option<bool>,
+    /// Failed attempts in a row that open the circuit, at least 1 (default 5).
+    pub circuit_threshold: Option<u32>,
+    /// Probe interval while the circuit is open, ms (default 5000).
+    pub circuit_cooldown_ms: Option<u64>,
+}
+
+impl DispatchKeys {
+    /// The key names, to tell them from a kind's own keys in one table.
+    pub const KEYS: &'static [&'static str] = &[
+        "batch_max_records",
+        "batch_max_wait_ms",
+        "retry_budget",
+        "retry_base_ms",
+        "retry_max_ms",
+        "publish_timeout_ms",
+        "paused",
+        "circuit_threshold",
+        "circuit_cooldown_ms",
+    ];
+
+    /// Validates the keys into the delivery settings of sink `name`.
+    pub fn build(&self, name: &str) -> Result<DispatchConfig, crate::keys::KeyError> {
+        use crate::keys::KeyError;
+        let mut d = DispatchConfig::new(name);
+        if let Some(v) = self.batch_max_records {
+            if !(1..=100_000).contains(&v) {
+                return Err(KeyError::new(
+                    "batch_max_records",
+                    "must be between 1 and 100000",
+                ));
+            }
+            d.batch_max_records = v;
+        }
+        if let Some(v) = self.batch_max_wait_ms {
+            d.batch_max_wait = Duration::from_millis(v);
+        }
+        if let Some(v) = self.retry_budget {
+            if v == 0 {
+                return Err(KeyError::new(
+                    "retry_budget",
+                    "must be at least 1 (attempts before Dead)",
+                ));
+            }
+            d.retry_budget = v;
+        }
+        if let Some(v) = self.retry_base_ms {
+            d.retry_base = Duration::from_millis(v.max(1));
+        }
+        if let Some(v) = self.retry_max_ms {
+            d.retry_max = Duration::from_millis(v.max(1));
+        }
+        if d.retry_max < d.retry_base {
+            return Err(KeyError::new("retry_max_ms", "must be >= retry_base_ms"));
+        }
+        if let Some(v) = self.publish_timeout_ms {
+            if v == 0 {
+                return Err(KeyError::new("publish_timeout_ms", "must be > 0"));
+            }
+            d.publish_timeout = Duration::from_millis(v);
+        }
+        d.paused = self.paused.unwrap_or(false);
+        if let Some(v) = self.circuit_threshold {
+            if v == 0 {
+                return Err(KeyError::new("circuit_threshold", "must be at least 1"));
+            }
+            d.circuit_threshold = v;
+        }
+        if let Some(v) = self.circuit_cooldown_ms {
+            d.circuit_cooldown = Duration::from_millis(v.max(1));
+        }
+        Ok(d)
+    }
+}
+
 impl DispatchConfig {
     /// Defaults for `sink`.
     pub fn new(sink: &str) -> Self {

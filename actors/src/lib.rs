@@ -15,6 +15,7 @@
 //!   only after the WAL commit.
 //! - [`control`]: operator commands (`Operator`), the MQTT `ControlPlane`
 //!   and runtime settings persisted in the data dir.
+//! - [`keys`]: the error a section's own validation returns (`KeyError`).
 //! - [`metrics`]: the Prometheus metrics every actor moves.
 //! - [`secret`]: the one `Secret` type (redacted wherever it could print)
 //!   and the one reader of secret files.
@@ -32,6 +33,7 @@
 pub mod control;
 pub mod dispatcher;
 pub mod ingest;
+pub mod keys;
 pub mod metrics;
 pub mod mqtt;
 pub mod secret;

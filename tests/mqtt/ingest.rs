@@ -316,7 +316,7 @@ fn rss_bytes(pid: u32) -> u64 {
 
 /// The zero-config default used to grow ~20 MB a minute under steady load:
 /// rumqttd kept every message in its in-memory log (10 segments of 64 MB)
-/// long after the gateway had it. Now the log is bounded (32 MiB): after a
+/// long after the gateway had it. Now the log is bounded (4 MiB): after a
 /// warm-up that fills it, 40 MB more of steady traffic must not show up in
 /// the gateway's resident memory.
 #[test]

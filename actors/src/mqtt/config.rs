@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use std::path::Path;
+
 use crate::ingest::PayloadFormat;
+use crate::keys::{file_key, KeyError};
 use crate::Secret;
 
 /// MQTT protocol version.
@@ -102,4 +105,75 @@ impl MqttIngestConfig {
         let half = d / 2;
         half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
     }
+}
+
+/// `host[:port]` of an `mqtt://` or `mqtts://` URL (default ports 1883 and
+/// 8883): the scheme, host and port, or what is wrong with it.
+pub fn broker_address(url: &str) -> Result<(&'static str, String, u16), String> {
+    let (scheme, rest) = match url.split_once("://") {
+        Some(("mqtt", rest)) => ("mqtt", rest),
+        Some(("mqtts", rest)) => ("mqtts", rest),
+        _ => {
+            return Err(format!(
+                "{url:?}: expected mqtt://host:port or mqtts://host:port"
+            ))
+        }
+    };
+    let hostport = rest.trim_end_matches('/');
+    let default_port = if scheme == "mqtts" { 8883 } else { 1883 };
+    let (h, p) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            let p: u16 = p.parse().map_err(|_| format!("{url:?}: bad port"))?;
+            (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p,
+            )
+        }
+        _ => (hostport.to_string(), default_port),
+    };
+    if h.is_empty() {
+        return Err(format!("{url:?}: host is missing"));
+    }
+    Ok((scheme, h, p))
+}
+
+/// The TLS files of a broker connection (ingest or sink), read: TLS only
+/// for `mqtts`; a client certificate needs its key and the other way round.
+pub fn broker_tls(
+    scheme: &str,
+    ca_file: Option<&Path>,
+    client_cert_file: Option<&Path>,
+    client_key_file: Option<&Path>,
+) -> Result<Option<MqttTls>, KeyError> {
+    let any = ca_file.is_some() || client_cert_file.is_some() || client_key_file.is_some();
+    if scheme != "mqtts" {
+        if any {
+            return Err(KeyError::new(
+                "url",
+                "TLS files are set: use an mqtts:// URL",
+            ));
+        }
+        return Ok(None);
+    }
+    let ca_pem = ca_file.map(|p| file_key("ca_file", p)).transpose()?;
+    let client = match (client_cert_file, client_key_file) {
+        (Some(c), Some(k)) => Some((
+            file_key("client_cert_file", c)?,
+            file_key("client_key_file", k)?,
+        )),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(KeyError::new(
+                "client_cert_file",
+                "client_key_file must be set too",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(KeyError::new(
+                "client_key_file",
+                "client_cert_file must be set too",
+            ))
+        }
+    };
+    Ok(Some(MqttTls { ca_pem, client }))
 }

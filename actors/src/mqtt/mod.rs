@@ -4,5 +4,5 @@ mod config;
 mod ingest;
 pub mod tls;
 
-pub use config::{MqttIngestConfig, MqttTls, MqttVersion};
+pub use config::{broker_address, broker_tls, MqttIngestConfig, MqttTls, MqttVersion};
 pub use ingest::{MqttIngest, MqttStatus};

@@ -1,5 +1,11 @@
 //! Sinks: where records go after the WAL. One folder per kind; every kind
 //! implements [`Sink`] and runs inside a [`SinkActor`].
+//!
+//! Each kind owns its configuration: `KIND/config.rs` holds the documented
+//! `[sinks.NAME]` keys of that kind (unknown keys refused) and their
+//! validation. [`SinkConfig`] is the one enum tagged by `kind`, and
+//! [`factory`] the one place a configured sink becomes a client. Adding a
+//! kind is one folder plus one variant in each of the two.
 
 mod actor;
 pub mod http;
@@ -10,6 +16,7 @@ pub mod s3;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use actor::{PublishBatch, SinkActor, SinkFactory};
 
@@ -59,4 +66,71 @@ pub trait Sink: 'static {
     /// Delivers `batch`. `Ok` means the target has it durably: the WAL acks
     /// the batch for this sink on `Ok` and only then.
     fn publish(&mut self, batch: Arc<Batch>) -> PublishFuture;
+}
+
+/// What a kind's validation knows besides its own keys.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkContext<'a> {
+    /// The sink's name (`[sinks.NAME]`).
+    pub name: &'a str,
+    /// The gateway id.
+    pub gateway_id: &'a str,
+    /// The sink's `publish_timeout_ms` (some clients take it as their own timeout).
+    pub publish_timeout: Duration,
+}
+
+/// The kind's own keys of one `[sinks.NAME]` table, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// `kind = "s3"`: an object store (S3 or a local directory).
+    S3(s3::S3Keys),
+    /// `kind = "http"`: an HTTP analytics API.
+    Http(http::HttpKeys),
+    /// `kind = "mqtt"`: an upstream MQTT broker.
+    Mqtt(mqtt::MqttKeys),
+    /// `kind = "kafka"`: a Kafka topic.
+    Kafka(kafka::KafkaKeys),
+}
+
+impl SinkConfig {
+    /// The kinds, as written in `kind = "…"`.
+    pub const KINDS: &'static [&'static str] = &["s3", "kafka", "mqtt", "http"];
+
+    /// Validates the keys into the sink's settings.
+    pub fn build(&self, ctx: &SinkContext<'_>) -> Result<SinkTarget, crate::keys::KeyError> {
+        Ok(match self {
+            SinkConfig::S3(k) => SinkTarget::S3(k.build(ctx)?),
+            SinkConfig::Http(k) => SinkTarget::Http(k.build(ctx)?),
+            SinkConfig::Mqtt(k) => SinkTarget::Mqtt(k.build(ctx)?),
+            SinkConfig::Kafka(k) => SinkTarget::Kafka(k.build(ctx)?),
+        })
+    }
+}
+
+/// A configured sink's validated settings, by kind.
+#[derive(Debug, Clone)]
+pub enum SinkTarget {
+    /// `kind = "s3"`.
+    S3(s3::S3SinkConfig),
+    /// `kind = "http"`.
+    Http(http::HttpSinkConfig),
+    /// `kind = "mqtt"`.
+    Mqtt(mqtt::MqttSinkConfig),
+    /// `kind = "kafka"`.
+    Kafka(kafka::KafkaSinkConfig),
+}
+
+/// The client factory of a configured sink (the [`SinkActor`] calls it at
+/// start and after a restart).
+pub fn factory(target: &SinkTarget) -> SinkFactory {
+    fn boxed<S: Sink>(r: Result<S, SinkError>) -> Result<Box<dyn Sink>, SinkError> {
+        r.map(|s| Box::new(s) as Box<dyn Sink>)
+    }
+    match target.clone() {
+        SinkTarget::S3(cfg) => Arc::new(move || boxed(s3::ObjectStoreSink::new(&cfg))),
+        SinkTarget::Http(cfg) => Arc::new(move || boxed(http::HttpSink::new(&cfg))),
+        SinkTarget::Mqtt(cfg) => Arc::new(move || boxed(mqtt::MqttSink::new(&cfg))),
+        SinkTarget::Kafka(cfg) => Arc::new(move || boxed(kafka::KafkaSink::new(&cfg))),
+    }
 }

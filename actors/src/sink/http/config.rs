@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::keys::{secret_key, KeyError};
+use crate::sink::SinkContext;
 use crate::Secret;
 
 /// How a batch is encoded in the request body.
@@ -28,4 +30,48 @@ pub struct HttpSinkConfig {
     pub format: BodyFormat,
     /// Per-request timeout.
     pub timeout: Duration,
+}
+
+/// The `[sinks.NAME]` keys of `kind = "http"` (besides the shared
+/// [`DispatchKeys`](crate::dispatcher::DispatchKeys)).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpKeys {
+    /// Where batches are POSTed: `http://` or `https://` (required).
+    pub url: Option<String>,
+    /// File holding the bearer token.
+    pub token_file: Option<std::path::PathBuf>,
+    /// `ndjson` (default) or `json` (a JSON array).
+    pub format: Option<String>,
+}
+
+impl HttpKeys {
+    /// Validates the keys into the sink's settings.
+    pub fn build(&self, ctx: &SinkContext<'_>) -> Result<HttpSinkConfig, KeyError> {
+        let url = self
+            .url
+            .clone()
+            .ok_or_else(|| KeyError::new("url", "is required for kind http"))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(KeyError::new("url", "must start with http:// or https://"));
+        }
+        let format = match self.format.as_deref().unwrap_or("ndjson") {
+            "ndjson" => BodyFormat::Ndjson,
+            "json" | "json_array" => BodyFormat::JsonArray,
+            other => {
+                return Err(KeyError::new(
+                    "format",
+                    format!("{other:?}: expected ndjson or json"),
+                ))
+            }
+        };
+        Ok(HttpSinkConfig {
+            name: ctx.name.to_string(),
+            gateway_id: ctx.gateway_id.to_string(),
+            url,
+            token: secret_key("token_file", self.token_file.as_deref())?,
+            format,
+            timeout: ctx.publish_timeout,
+        })
+    }
 }

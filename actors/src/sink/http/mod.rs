@@ -3,5 +3,5 @@
 mod config;
 mod sink;
 
-pub use config::{BodyFormat, HttpSinkConfig};
+pub use config::{BodyFormat, HttpKeys, HttpSinkConfig};
 pub use sink::HttpSink;

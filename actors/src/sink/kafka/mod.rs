@@ -3,5 +3,5 @@
 mod config;
 mod sink;
 
-pub use config::KafkaSinkConfig;
+pub use config::{KafkaKeys, KafkaSinkConfig};
 pub use sink::KafkaSink;

@@ -1,6 +1,10 @@
 //! Configuration of an `mqtt` sink.
 
-use crate::mqtt::MqttTls;
+use std::path::PathBuf;
+
+use crate::keys::{secret_key, KeyError};
+use crate::mqtt::{broker_address, broker_tls, MqttTls};
+use crate::sink::SinkContext;
 use crate::Secret;
 
 /// Settings of one `mqtt` sink (`[sinks.NAME]` with `kind = "mqtt"`).
@@ -22,4 +26,62 @@ pub struct MqttSinkConfig {
     pub topic_prefix: String,
     /// Largest packet.
     pub max_packet_bytes: usize,
+}
+
+/// The `[sinks.NAME]` keys of `kind = "mqtt"` (besides the shared
+/// [`DispatchKeys`](crate::dispatcher::DispatchKeys)).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttKeys {
+    /// `mqtt://host:port` or `mqtts://host:port` (required).
+    pub url: Option<String>,
+    /// CA file (`mqtts` only).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate file for mutual TLS (`mqtts` only).
+    pub client_cert_file: Option<PathBuf>,
+    /// Client key file for mutual TLS (`mqtts` only).
+    pub client_key_file: Option<PathBuf>,
+    /// User name.
+    pub username: Option<String>,
+    /// File holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Client id (default `gateway-{gateway_id}-{sink}`).
+    pub client_id: Option<String>,
+    /// Records go to `{topic_prefix}/{device_id}/telemetry` (default the gateway id).
+    pub topic_prefix: Option<String>,
+}
+
+impl MqttKeys {
+    /// Validates the keys into the sink's settings.
+    pub fn build(&self, ctx: &SinkContext<'_>) -> Result<MqttSinkConfig, KeyError> {
+        let url = self.url.clone().ok_or_else(|| {
+            KeyError::new(
+                "url",
+                "is required for kind mqtt (mqtt://host:port or mqtts://host:port)",
+            )
+        })?;
+        let (scheme, host, port) = broker_address(&url).map_err(|e| KeyError::new("url", e))?;
+        let tls = broker_tls(
+            scheme,
+            self.ca_file.as_deref(),
+            self.client_cert_file.as_deref(),
+            self.client_key_file.as_deref(),
+        )?;
+        Ok(MqttSinkConfig {
+            host,
+            port,
+            tls,
+            client_id: self
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("gateway-{}-{}", ctx.gateway_id, ctx.name)),
+            username: self.username.clone(),
+            password: secret_key("password_file", self.password_file.as_deref())?,
+            topic_prefix: self
+                .topic_prefix
+                .clone()
+                .unwrap_or_else(|| ctx.gateway_id.to_string()),
+            max_packet_bytes: 1 << 20,
+        })
+    }
 }

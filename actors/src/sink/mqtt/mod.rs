@@ -3,5 +3,5 @@
 mod config;
 mod sink;
 
-pub use config::MqttSinkConfig;
+pub use config::{MqttKeys, MqttSinkConfig};
 pub use sink::MqttSink;

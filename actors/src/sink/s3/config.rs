@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::sink::SinkError;
+use crate::keys::{secret_key, KeyError};
+use crate::sink::{SinkContext, SinkError};
 use crate::Secret;
 
 /// Settings of one `s3` sink (`[sinks.NAME]` with `kind = "s3"`).
@@ -75,6 +76,77 @@ impl S3SinkConfig {
             "{}: url must start with file:// or s3://",
             self.url
         )))
+    }
+}
+
+/// The `[sinks.NAME]` keys of `kind = "s3"` (besides the shared
+/// [`DispatchKeys`](crate::dispatcher::DispatchKeys)).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Keys {
+    /// `s3://bucket/prefix` or `file:///dir` (required).
+    pub url: Option<String>,
+    /// gzip level 0-9 (default 1).
+    pub gzip_level: Option<u32>,
+    /// S3 API endpoint (`http://` or `https://`; MinIO, moto, …); none = AWS.
+    pub endpoint: Option<String>,
+    /// Region (default `us-east-1`, or `AWS_REGION`).
+    pub region: Option<String>,
+    /// Path-style requests (default true with a custom endpoint).
+    pub path_style: Option<bool>,
+    /// File holding the access key id (default: the standard AWS chain).
+    pub access_key_id_file: Option<PathBuf>,
+    /// File holding the secret access key.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Objects larger than this go up in parts; at least 5 MiB (default 8 MiB).
+    pub multipart_threshold_bytes: Option<usize>,
+}
+
+impl S3Keys {
+    /// Validates the keys into the sink's settings.
+    pub fn build(&self, ctx: &SinkContext<'_>) -> Result<S3SinkConfig, KeyError> {
+        let url = self.url.clone().ok_or_else(|| {
+            KeyError::new(
+                "url",
+                "is required for kind s3 (file:///dir or s3://bucket/prefix)",
+            )
+        })?;
+        let multipart = self.multipart_threshold_bytes.unwrap_or(8 << 20);
+        if multipart < 5 << 20 {
+            return Err(KeyError::new(
+                "multipart_threshold_bytes",
+                "must be at least 5242880 (S3's smallest part)",
+            ));
+        }
+        if let Some(ep) = &self.endpoint {
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                return Err(KeyError::new(
+                    "endpoint",
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        let gzip_level = self.gzip_level.unwrap_or(1);
+        if gzip_level > 9 {
+            return Err(KeyError::new("gzip_level", "must be 0 to 9"));
+        }
+        let cfg = S3SinkConfig {
+            url,
+            gateway_id: ctx.gateway_id.to_string(),
+            gzip_level,
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            access_key_id: secret_key("access_key_id_file", self.access_key_id_file.as_deref())?,
+            secret_access_key: secret_key(
+                "secret_access_key_file",
+                self.secret_access_key_file.as_deref(),
+            )?,
+            multipart_threshold_bytes: multipart,
+        };
+        cfg.target()
+            .map_err(|e| KeyError::new("url", e.to_string()))?;
+        Ok(cfg)
     }
 }
 

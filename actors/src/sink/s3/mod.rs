@@ -4,5 +4,5 @@
 mod config;
 mod sink;
 
-pub use config::{S3SinkConfig, Target};
+pub use config::{S3Keys, S3SinkConfig, Target};
 pub use sink::{encode_batch, object_key, ObjectStoreSink};
