@@ -30,7 +30,8 @@ use serde_json::{json, Value};
 
 use super::ops::{Command, OpError, Operator};
 use crate::metrics::Metrics;
-use crate::mqtt::{MqttIngestConfig, MqttVersion};
+use crate::mqtt::client::{Event, Message, MqttClient, PublishExtras};
+use crate::mqtt::MqttIngestConfig;
 
 /// The control plane actor.
 pub struct ControlPlane {
@@ -69,13 +70,7 @@ impl Actor for ControlPlane {
             self.gateway_id.clone(),
             self.operator.clone(),
         );
-        let run = async move {
-            match cfg.version {
-                MqttVersion::V311 => v4::run(cfg, id, op).await,
-                MqttVersion::V5 => v5::run(cfg, id, op).await,
-            }
-        };
-        ctx.spawn(run.into_actor(self).map(|res: Result<(), String>, act, ctx| {
+        ctx.spawn(run(cfg, id, op).into_actor(self).map(|res: Result<(), String>, act, ctx| {
             act.operator.set_device_publisher(None);
             tracing::error!(error = %res.err().unwrap_or_default(), "control plane loop ended; restarting it");
             ctx.stop();
@@ -140,123 +135,73 @@ pub async fn handle_message(
     (reply_topic, reply)
 }
 
-/// The event loop, written once for both protocol versions: the caller's
-/// scope provides `AsyncClient`, `Event`, `Packet`, `QoS` and `$publish`,
-/// a closure that sends one reply.
-macro_rules! control_loop {
-    ($cfg:expr, $gateway_id:expr, $operator:expr, $client:expr, $eventloop:expr, $topic_of:expr, $reply:expr) => {{
-        let filter = format!("gateway/{}/control/+", $gateway_id);
-        let publisher = $client.clone();
-        $operator.set_device_publisher(Some(Arc::new(move |topic: String, payload: Vec<u8>| {
-            let c = publisher.clone();
-            Box::pin(async move {
-                c.publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .map_err(|e| format!("MQTT publish: {e}"))
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>
-        })));
-        let mut failures = 0u32;
-        loop {
-            match $eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    failures = 0;
-                    if let Err(e) = $client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                        tracing::error!(error = %e, "control plane cannot subscribe");
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    tracing::info!(topic = %filter, "control plane subscribed");
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let topic: String = $topic_of(&p);
-                    let (op, id, client) = ($operator.clone(), $gateway_id.clone(), $client.clone());
-                    let reply = $reply;
-                    actix_rt::spawn(async move {
-                        let (reply_topic, body) = handle_message(&op, &id, &topic, &p.payload).await;
-                        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
-                        reply(client, p, reply_topic, bytes).await;
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    failures += 1;
-                    let delay = $cfg.reconnect_delay(failures);
-                    tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64, "control plane disconnected; reconnecting");
-                    actix_rt::time::sleep(delay).await;
-                }
+/// Connects through the one MQTT client layer (clean session, the control
+/// subscription) and serves commands until the client task ends.
+async fn run(
+    cfg: MqttIngestConfig,
+    gateway_id: String,
+    operator: Arc<Operator>,
+) -> Result<(), String> {
+    let filter = format!("gateway/{gateway_id}/control/+");
+    let mut opts = cfg.client_options();
+    opts.persistent = false;
+    opts.manual_acks = false;
+    opts.receive_maximum = None;
+    opts.request_capacity = 64;
+    opts.subscribe = Some(filter.clone());
+    let (client, mut events) = MqttClient::connect(&opts)?;
+    let publisher = client.clone();
+    operator.set_device_publisher(Some(Arc::new(move |topic: String, payload: Vec<u8>| {
+        let c = publisher.clone();
+        Box::pin(async move {
+            c.publish(topic, Bytes::from(payload), PublishExtras::default())
+                .await
+                .map_err(|e| format!("MQTT publish: {e}"))
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>
+    })));
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Subscribed => tracing::info!(topic = %filter, "control plane subscribed"),
+            Event::Message(request) => {
+                let (op, id, client) = (operator.clone(), gateway_id.clone(), client.clone());
+                actix_rt::spawn(async move {
+                    let (reply_topic, body) =
+                        handle_message(&op, &id, &request.topic, &request.payload).await;
+                    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+                    reply(&client, &request, reply_topic, bytes).await;
+                });
             }
+            Event::Disconnected {
+                error,
+                failures,
+                retry_in,
+            } => {
+                tracing::warn!(error = %error, failures, retry_in_ms = retry_in.as_millis() as u64, "control plane disconnected; reconnecting");
+            }
+            _ => {}
         }
-    }};
-}
-
-mod v4 {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
-
-    use super::*;
-
-    pub(super) async fn run(
-        cfg: MqttIngestConfig,
-        gateway_id: String,
-        operator: Arc<Operator>,
-    ) -> Result<(), String> {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-        opts.set_keep_alive(cfg.keep_alive)
-            .set_clean_session(true)
-            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
-        crate::mqtt::tls::secure_options!(opts, cfg);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        let topic_of = |p: &Publish| p.topic.clone();
-        let reply = |c: AsyncClient, _req: Publish, topic: String, body: Bytes| async move {
-            if let Err(e) = c.publish(topic, QoS::AtLeastOnce, false, body).await {
-                tracing::warn!(error = %e, "control plane cannot send a reply");
-            }
-        };
-        control_loop!(cfg, gateway_id, operator, client, eventloop, topic_of, reply)
     }
+    Err("control plane event loop ended".to_string())
 }
 
-mod v5 {
-    use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-
-    use super::*;
-
-    pub(super) async fn run(
-        cfg: MqttIngestConfig,
-        gateway_id: String,
-        operator: Arc<Operator>,
-    ) -> Result<(), String> {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-        opts.set_keep_alive(cfg.keep_alive)
-            .set_clean_start(true)
-            .set_max_packet_size(Some(cfg.max_packet_bytes as u32));
-        crate::mqtt::tls::secure_options!(opts, cfg);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        let topic_of = |p: &Publish| String::from_utf8_lossy(&p.topic).into_owned();
-        let reply = |c: AsyncClient, req: Publish, topic: String, body: Bytes| async move {
-            if let Err(e) = c
-                .publish(topic, QoS::AtLeastOnce, false, body.clone())
-                .await
-            {
-                tracing::warn!(error = %e, "control plane cannot send a reply");
-            }
-            let Some(props) = req.properties else { return };
-            let Some(response_topic) = props.response_topic else {
-                return;
-            };
-            let out = PublishProperties {
-                correlation_data: props.correlation_data,
-                ..Default::default()
-            };
-            if let Err(e) = c
-                .publish_with_properties(response_topic, QoS::AtLeastOnce, false, body, out)
-                .await
-            {
-                tracing::warn!(error = %e, "control plane cannot send a reply to the response topic");
-            }
-        };
-        control_loop!(cfg, gateway_id, operator, client, eventloop, topic_of, reply)
+/// Sends a reply to the reply topic and, when the request named one (MQTT
+/// 5), to its response topic with its correlation data.
+async fn reply(client: &MqttClient, request: &Message, topic: String, body: Bytes) {
+    if let Err(e) = client
+        .publish(topic, body.clone(), PublishExtras::default())
+        .await
+    {
+        tracing::warn!(error = %e, "control plane cannot send a reply");
+    }
+    let Some(response_topic) = request.response_topic.clone() else {
+        return;
+    };
+    let extras = PublishExtras {
+        correlation_data: request.correlation_data.clone(),
+        ..PublishExtras::default()
+    };
+    if let Err(e) = client.publish(response_topic, body, extras).await {
+        tracing::warn!(error = %e, "control plane cannot send a reply to the response topic");
     }
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use std::path::Path;
 
+use super::client::{Backoff, ClientOptions};
 use crate::ingest::PayloadFormat;
 use crate::keys::{file_key, KeyError};
 use crate::Secret;
@@ -95,15 +96,27 @@ impl MqttIngestConfig {
         }
     }
 
-    /// Reconnect delay after `failures` consecutive failures: exponential,
-    /// capped, with equal jitter.
-    pub fn reconnect_delay(&self, failures: u32) -> Duration {
-        let exp = self
-            .reconnect_base
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        let d = exp.min(self.reconnect_max);
-        let half = d / 2;
-        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    /// The ingest connection's options: a persistent session, manual acks,
+    /// our Receive Maximum, the telemetry subscription.
+    pub fn client_options(&self) -> ClientOptions {
+        let mut o = ClientOptions::new(&self.host, self.port, &self.client_id);
+        o.tls = self.tls.clone();
+        o.username = self.username.clone();
+        o.password = self.password.clone();
+        o.version = self.version;
+        o.keep_alive = self.keep_alive;
+        o.persistent = true;
+        o.session_expiry = self.session_expiry;
+        o.manual_acks = true;
+        o.receive_maximum = Some(self.receive_maximum);
+        o.max_packet_bytes = self.max_packet_bytes;
+        o.request_capacity = usize::from(self.receive_maximum) * 2 + 16;
+        o.subscribe = Some(self.topic.clone());
+        o.reconnect = Backoff {
+            base: self.reconnect_base,
+            max: self.reconnect_max,
+        };
+        o
     }
 }
 

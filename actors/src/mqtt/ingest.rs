@@ -2,7 +2,7 @@
 //! session and acknowledges each message only after its records are in the
 //! WAL.
 //!
-//! Role: one MQTT client (`rumqttc`, manual acknowledgements, clean
+//! Role: one MQTT client ([`MqttClient`]: manual acknowledgements, clean
 //! session/clean start off, MQTT 3.1.1 or 5) whose event loop runs on its own
 //! task. Every PUBLISH becomes an `IngestTelemetry` for the `IngestRouter`;
 //! the PUBACK is sent when the router answers — after the WAL commit for
@@ -41,7 +41,8 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 
-use super::config::{MqttIngestConfig, MqttVersion};
+use super::client::{Event, Message, MqttClient};
+use super::config::MqttIngestConfig;
 use crate::ingest::{IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Source};
 use crate::metrics::Metrics;
 
@@ -89,13 +90,7 @@ impl Actor for MqttIngest {
             self.status.clone(),
             self.metrics.clone(),
         );
-        let run = async move {
-            match cfg.version {
-                MqttVersion::V311 => v4::run(cfg, router, status, metrics).await,
-                MqttVersion::V5 => v5::run(cfg, router, status, metrics).await,
-            }
-        };
-        ctx.spawn(run.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(run(cfg, router, status, metrics).into_actor(self).map(|res, act, ctx| {
             act.status.connected.store(false, Ordering::SeqCst);
             act.metrics.mqtt_connected.set(0);
             tracing::error!(error = %res.err().unwrap_or_default(), "MQTT ingest loop ended; restarting it");
@@ -170,116 +165,66 @@ async fn ingest_until_ackable(
     }
 }
 
-type AckFuture<P> = Pin<Box<dyn Future<Output = P>>>;
+type AckFuture = Pin<Box<dyn Future<Output = Message>>>;
 
-/// What the event-loop task reports to the ingest loop.
-enum LoopEvent<P> {
-    Connected,
-    Publish(P),
-    Disconnected,
-}
-
-macro_rules! ingest_loop {
-    ($cfg:expr, $router:expr, $client:expr, $events:expr, $topic_of:expr, $traceparent_of:expr) => {{
-        // Acks leave through their own task, in order: `ack().await` waits for
-        // room in the client's request channel without holding up this loop
-        // (which must keep reading for the event-loop task to keep polling).
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-        let acker = $client.clone();
-        actix_rt::spawn(async move {
-            while let Some(publish) = ack_rx.recv().await {
-                if acker.ack(&publish).await.is_err() {
-                    return;
-                }
+/// Connects through the one MQTT client layer and ingests until the client
+/// task ends: every message goes to the router, and its PUBACK leaves, in
+/// arrival order, once the router's answer allows it.
+async fn run(
+    cfg: MqttIngestConfig,
+    router: Addr<IngestRouter>,
+    status: Arc<MqttStatus>,
+    metrics: Metrics,
+) -> Result<(), String> {
+    let (client, mut events) = MqttClient::connect(&cfg.client_options())?;
+    // Acks leave through their own task, in order: `ack().await` waits for
+    // room in the client's request queue without holding up this loop
+    // (which must keep reading for the event-loop task to keep polling).
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Message>();
+    let acker = client.clone();
+    actix_rt::spawn(async move {
+        while let Some(message) = ack_rx.recv().await {
+            if acker.ack(&message).await.is_err() {
+                return;
             }
-        });
-        let limit = usize::from($cfg.receive_maximum).max(1);
-        let mut inflight: FuturesOrdered<AckFuture<_>> = FuturesOrdered::new();
-        loop {
-            tokio::select! {
-                ev = $events.recv(), if inflight.len() < limit => match ev {
-                    None => return Err("MQTT event loop task ended".to_string()),
-                    Some(LoopEvent::Connected) => {}
-                    // The broker redelivers whatever was not acked; the
-                    // ingests already sent still commit (dedup absorbs the
-                    // repeats), their acks are simply not awaited any more.
-                    Some(LoopEvent::Disconnected) => inflight = FuturesOrdered::new(),
-                    Some(LoopEvent::Publish(publish)) => {
-                        let topic: String = $topic_of(&publish);
-                        let traceparent: Option<String> = $traceparent_of(&publish);
-                        let payload = publish.payload.clone();
-                        let fut = ingest_until_ackable($router.clone(), $cfg.payload_format, topic, payload, traceparent);
-                        inflight.push_back(Box::pin(async move {
-                            fut.await;
-                            publish
-                        }));
-                    }
-                },
-                Some(done) = inflight.next(), if !inflight.is_empty() => {
-                    if ack_tx.send(done).is_err() {
-                        return Err("MQTT ack task ended".to_string());
-                    }
+        }
+    });
+    let limit = usize::from(cfg.receive_maximum).max(1);
+    let mut inflight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            ev = events.recv(), if inflight.len() < limit => match ev {
+                None => return Err("MQTT event loop task ended".to_string()),
+                Some(Event::Subscribed) => note_connected(&status, &metrics, &cfg.host, cfg.port),
+                // The broker redelivers whatever was not acked; the
+                // ingests already sent still commit (dedup absorbs the
+                // repeats), their acks are simply not awaited any more.
+                Some(Event::Disconnected { error, failures, retry_in }) => {
+                    note_disconnected(&status, &metrics, &error, failures, retry_in);
+                    inflight = FuturesOrdered::new();
+                }
+                Some(Event::Message(message)) => {
+                    let fut = ingest_until_ackable(
+                        router.clone(),
+                        cfg.payload_format,
+                        message.topic.clone(),
+                        message.payload.clone(),
+                        message.traceparent.clone(),
+                    );
+                    inflight.push_back(Box::pin(async move {
+                        fut.await;
+                        message
+                    }));
+                }
+                Some(_) => {}
+            },
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                if ack_tx.send(done).is_err() {
+                    return Err("MQTT ack task ended".to_string());
                 }
             }
         }
-    }};
-}
-
-/// TLS, credentials and the client: the same for both protocol versions.
-macro_rules! connect {
-    ($opts:expr, $cfg:expr, $client:ident) => {{
-        crate::mqtt::tls::secure_options!($opts, $cfg);
-        $client::new($opts, usize::from($cfg.receive_maximum) * 2 + 16)
-    }};
-}
-
-/// Runs the client's event loop on its own task (it must be polled without
-/// pause for keep-alives), reporting connects, publishes and disconnects,
-/// and reconnecting with backoff. Written once for both protocol versions:
-/// the caller's scope provides `Event`, `Packet`, `Publish` and `QoS`.
-macro_rules! spawn_event_task {
-    ($cfg:expr, $status:expr, $metrics:expr, $client:expr, $eventloop:expr) => {{
-        // Bounded: when the ingest loop holds its limit of unacked messages it
-        // stops reading here, this task stops polling, and the socket's backlog
-        // stays with the broker instead of in our memory.
-        let (tx, events) = mpsc::channel::<LoopEvent<Publish>>(64);
-        let (st, m, c, c2) = ($status.clone(), $metrics.clone(), $cfg.clone(), $client.clone());
-        actix_rt::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                match $eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        failures = 0;
-                        if let Err(e) = c2.try_subscribe(c.topic.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "cannot subscribe");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        note_connected(&st, &m, &c.host, c.port);
-                        if tx.send(LoopEvent::Connected).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(LoopEvent::Publish(p)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failures += 1;
-                        let delay = c.reconnect_delay(failures);
-                        note_disconnected(&st, &m, &e.to_string(), failures, delay);
-                        if tx.send(LoopEvent::Disconnected).await.is_err() {
-                            return;
-                        }
-                        actix_rt::time::sleep(delay).await;
-                    }
-                }
-            }
-        });
-        events
-    }};
+    }
 }
 
 fn note_connected(status: &MqttStatus, metrics: &Metrics, host: &str, port: u16) {
@@ -311,70 +256,6 @@ fn note_disconnected(
         retry_in_ms = delay.as_millis() as u64,
         "MQTT ingest disconnected; reconnecting"
     );
-}
-
-mod v4 {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
-
-    use super::*;
-
-    pub(super) async fn run(
-        cfg: MqttIngestConfig,
-        router: Addr<IngestRouter>,
-        status: Arc<MqttStatus>,
-        metrics: Metrics,
-    ) -> Result<(), String> {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-        opts.set_keep_alive(cfg.keep_alive)
-            .set_clean_session(false)
-            .set_manual_acks(true)
-            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
-            .set_request_channel_capacity(usize::from(cfg.receive_maximum) * 2 + 16);
-        let (client, mut eventloop) = connect!(opts, cfg, AsyncClient);
-        let mut events = spawn_event_task!(cfg, status, metrics, client, eventloop);
-        let topic_of = |p: &Publish| p.topic.clone();
-        let traceparent_of = |_: &Publish| None;
-        ingest_loop!(cfg, router, client, events, topic_of, traceparent_of)
-    }
-}
-
-mod v5 {
-    use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-
-    use super::*;
-
-    pub(super) async fn run(
-        cfg: MqttIngestConfig,
-        router: Addr<IngestRouter>,
-        status: Arc<MqttStatus>,
-        metrics: Metrics,
-    ) -> Result<(), String> {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-        opts.set_keep_alive(cfg.keep_alive)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(
-                cfg.session_expiry.as_secs().min(u32::MAX as u64) as u32
-            ))
-            .set_receive_maximum(Some(cfg.receive_maximum))
-            .set_manual_acks(true)
-            .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
-            .set_request_channel_capacity(usize::from(cfg.receive_maximum) * 2 + 16);
-        let (client, mut eventloop) = connect!(opts, cfg, AsyncClient);
-        let mut events = spawn_event_task!(cfg, status, metrics, client, eventloop);
-        let topic_of = |p: &Publish| String::from_utf8_lossy(&p.topic).into_owned();
-        let traceparent_of = |p: &Publish| {
-            p.properties.as_ref().and_then(|props| {
-                props
-                    .user_properties
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
-                    .map(|(_, v)| v.clone())
-            })
-        };
-        ingest_loop!(cfg, router, client, events, topic_of, traceparent_of)
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
-//! MQTT ingest: the `MqttIngest` actor and its connection settings.
+//! MQTT: the one connection layer ([`client::MqttClient`], used by the
+//! ingest, the control plane and the upstream sink), the `MqttIngest` actor
+//! and its connection settings.
 
+pub mod client;
 mod config;
 mod ingest;
 pub mod tls;

@@ -23,29 +23,6 @@ pub fn tls_connector(tls: &MqttTls) -> Result<native_tls::TlsConnector, String> 
     b.build().map_err(|e| format!("mqtt TLS: {e}"))
 }
 
-/// Puts TLS (when `$cfg.tls` is set) and credentials (when
-/// `$cfg.username` is) on rumqttc options of either protocol version; in a
-/// function returning `Result<_, String>`.
-macro_rules! secure_options {
-    ($opts:expr, $cfg:expr) => {{
-        if let Some(tls) = &$cfg.tls {
-            $opts.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::NativeConnector($crate::mqtt::tls::tls_connector(tls)?),
-            ));
-        }
-        if let Some(u) = &$cfg.username {
-            $opts.set_credentials(
-                u.clone(),
-                $cfg.password
-                    .as_ref()
-                    .map(|p| p.expose().to_string())
-                    .unwrap_or_default(),
-            );
-        }
-    }};
-}
-pub(crate) use secure_options;
-
 /// Splits a PEM bundle into its `label` blocks.
 pub fn pem_blocks(pem: &[u8], label: &str) -> Vec<Vec<u8>> {
     let text = String::from_utf8_lossy(pem);

@@ -1,8 +1,9 @@
 //! The upstream MQTT sink (MQTT 3.1.1, QoS 1): a batch counts as delivered
 //! when the broker has acknowledged every one of its messages.
 //!
-//! The client's event loop runs on its own task and reports the packet id
-//! of each outgoing PUBLISH and each incoming PUBACK; `publish` waits until
+//! It connects through the one MQTT client layer ([`MqttClient`]), whose
+//! event-loop task reports the packet id of each outgoing PUBLISH and each
+//! incoming PUBACK; `publish` waits until
 //! every PUBLISH of its batch has been acked. A lost connection fails the
 //! batch (retryable); the retry republishes it, and every copy carries the
 //! same `idempotency_key` in its payload.
@@ -15,15 +16,12 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use super::config::MqttSinkConfig;
-use crate::mqtt::tls::tls_connector;
+use crate::mqtt::client::{ClientOptions, Event, MqttClient, PublishExtras};
 use crate::sink::{PublishFuture, Sink, SinkError};
 use crate::wal::Batch;
 
@@ -36,7 +34,7 @@ enum Note {
 
 /// Publishes records to an upstream broker.
 pub struct MqttSink {
-    client: AsyncClient,
+    client: MqttClient,
     notes: broadcast::Sender<Note>,
     prefix: Arc<str>,
     task: tokio::task::JoinHandle<()>,
@@ -51,49 +49,28 @@ impl Drop for MqttSink {
 impl MqttSink {
     /// Connects (lazily: the first poll connects) and starts the event loop task.
     pub fn new(cfg: &MqttSinkConfig) -> Result<Self, SinkError> {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
-            .set_inflight(100);
-        if let Some(tls) = &cfg.tls {
-            let connector = tls_connector(tls).map_err(SinkError::Config)?;
-            opts.set_transport(Transport::tls_with_config(
-                TlsConfiguration::NativeConnector(connector),
-            ));
-        }
-        if let Some(u) = &cfg.username {
-            opts.set_credentials(
-                u.clone(),
-                cfg.password
-                    .as_ref()
-                    .map(|p| p.expose().to_string())
-                    .unwrap_or_default(),
-            );
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let mut opts = ClientOptions::new(&cfg.host, cfg.port, &cfg.client_id);
+        opts.tls = cfg.tls.clone();
+        opts.username = cfg.username.clone();
+        opts.password = cfg.password.clone();
+        opts.max_packet_bytes = cfg.max_packet_bytes;
+        opts.outgoing_inflight = 100;
+        opts.request_capacity = 1024;
+        opts.event_capacity = 1024;
+        let (client, mut events) = MqttClient::connect(&opts).map_err(SinkError::Config)?;
         let (notes, _) = broadcast::channel(8192);
         let tx = notes.clone();
+        // Dropping the sink aborts this task; that drops the event receiver,
+        // and the client task ends.
         let task = actix_rt::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        let _ = tx.send(Note::Sent(pkid));
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let _ = tx.send(Note::Acked(ack.pkid));
-                    }
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => failures = 0,
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Note::Lost(e.to_string()));
-                        failures += 1;
-                        let delay = Duration::from_millis(100 << failures.min(8))
-                            .min(Duration::from_secs(10));
-                        actix_rt::time::sleep(delay).await;
-                    }
-                }
+            while let Some(event) = events.recv().await {
+                let note = match event {
+                    Event::Sent(pkid) => Note::Sent(pkid),
+                    Event::Acked(pkid) => Note::Acked(pkid),
+                    Event::Disconnected { error, .. } => Note::Lost(error),
+                    _ => continue,
+                };
+                let _ = tx.send(note);
             }
         });
         Ok(Self {
@@ -115,7 +92,11 @@ impl Sink for MqttSink {
             for r in &batch.records {
                 let topic = format!("{prefix}/{}/telemetry", r.device_id);
                 client
-                    .publish(topic, QoS::AtLeastOnce, false, r.json.clone().into_bytes())
+                    .publish(
+                        topic,
+                        Bytes::from(r.json.clone().into_bytes()),
+                        PublishExtras::default(),
+                    )
                     .await
                     .map_err(|e| SinkError::Retryable(format!("upstream MQTT client: {e}")))?;
             }

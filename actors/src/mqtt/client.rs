@@ -1,0 +1,475 @@
+//! The one MQTT connection layer: the ingest, the control plane and the
+//! upstream sink all connect through [`MqttClient`].
+//!
+//! It hides the two protocol versions (rumqttc's 3.1.1 and 5 clients) behind
+//! one type and owns what every connection needs: TLS (OpenSSL through
+//! native-tls), credentials, an optional QoS 1 subscription renewed after
+//! every CONNACK, and one reconnect policy ([`Backoff`]: exponential, with
+//! jitter, capped). The client's event loop runs on its own task, which
+//! must be polled without pause for keep-alives; it reports plain
+//! [`Event`]s on a bounded channel. A consumer that stops reading stops the
+//! task, and so the socket reads: the backlog stays with the broker.
+//!
+//! Follow a PUBLISH to its PUBACK: the task turns the incoming packet into
+//! an [`Event::Message`] that carries its ack handle; the consumer calls
+//! [`MqttClient::ack`] with it when it may (with `manual_acks`), and
+//! rumqttc sends the PUBACK.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::config::{MqttTls, MqttVersion};
+use crate::Secret;
+
+/// The one reconnect policy: exponential from `base`, capped at `max`,
+/// with jitter (a delay is drawn from its upper half) so that many
+/// gateways or clients do not reconnect in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay.
+    pub base: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait after `failures` failed attempts in a row (1 = the first).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+        let d = exp.min(self.max);
+        let half = d / 2;
+        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    }
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS (`mqtts://`), or plain TCP.
+    pub tls: Option<MqttTls>,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<Secret>,
+    /// Client id.
+    pub client_id: String,
+    /// 3.1.1 or 5.
+    pub version: MqttVersion,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+    /// Keep the session across connections (clean session / clean start off).
+    pub persistent: bool,
+    /// How long the broker keeps a persistent session while we are away (MQTT 5).
+    pub session_expiry: Duration,
+    /// Incoming QoS 1 messages are acknowledged by the consumer
+    /// ([`MqttClient::ack`]), not by the client on receipt.
+    pub manual_acks: bool,
+    /// The Receive Maximum we announce (MQTT 5).
+    pub receive_maximum: Option<u16>,
+    /// Our own QoS 1 publishes in flight at once.
+    pub outgoing_inflight: u16,
+    /// Largest packet either way.
+    pub max_packet_bytes: usize,
+    /// Requests (publishes, acks) queued towards the event loop.
+    pub request_capacity: usize,
+    /// Subscribed at QoS 1 after every CONNACK.
+    pub subscribe: Option<String>,
+    /// Waits between reconnects.
+    pub reconnect: Backoff,
+    /// Events buffered towards the consumer.
+    pub event_capacity: usize,
+}
+
+impl ClientOptions {
+    /// Defaults for `client_id` at `host:port`: MQTT 3.1.1, clean session,
+    /// automatic acks, no subscription.
+    pub fn new(host: &str, port: u16, client_id: &str) -> Self {
+        Self {
+            host: host.to_string(),
+            port,
+            tls: None,
+            username: None,
+            password: None,
+            client_id: client_id.to_string(),
+            version: MqttVersion::V311,
+            keep_alive: Duration::from_secs(30),
+            persistent: false,
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+            manual_acks: false,
+            receive_maximum: None,
+            outgoing_inflight: 100,
+            max_packet_bytes: 1 << 20,
+            request_capacity: 64,
+            subscribe: None,
+            reconnect: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+            },
+            event_capacity: 64,
+        }
+    }
+
+    fn transport(&self) -> Result<Option<rumqttc::Transport>, String> {
+        self.tls
+            .as_ref()
+            .map(|tls| {
+                super::tls::tls_connector(tls).map(|c| {
+                    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(
+                        c,
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    fn credentials(&self) -> Option<(String, String)> {
+        self.username.as_ref().map(|u| {
+            let password = self.password.as_ref().map(Secret::expose).unwrap_or("");
+            (u.clone(), password.to_string())
+        })
+    }
+}
+
+/// An incoming PUBLISH.
+#[derive(Debug)]
+pub struct Message {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Bytes,
+    /// The `traceparent` user property (MQTT 5).
+    pub traceparent: Option<String>,
+    /// Where a request wants its response (MQTT 5 Response Topic).
+    pub response_topic: Option<String>,
+    /// The request's Correlation Data, for the response (MQTT 5).
+    pub correlation_data: Option<Bytes>,
+    ack: Box<Ack>,
+}
+
+#[derive(Debug)]
+enum Ack {
+    V4(rumqttc::Publish),
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+}
+
+/// What the connection reports.
+#[derive(Debug)]
+pub enum Event {
+    /// The broker accepted the connection (CONNACK).
+    Connected,
+    /// The subscription of [`ClientOptions::subscribe`] is in place (SUBACK).
+    Subscribed,
+    /// A PUBLISH arrived.
+    Message(Message),
+    /// One of our publishes left, with this packet id.
+    Sent(u16),
+    /// The broker acknowledged our publish with this packet id (PUBACK).
+    Acked(u16),
+    /// The connection is gone; the task reconnects after `retry_in`.
+    Disconnected {
+        /// What happened.
+        error: String,
+        /// Failed attempts in a row.
+        failures: u32,
+        /// The wait before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+/// Extra properties of an outgoing PUBLISH (sent on MQTT 5, dropped on 3.1.1).
+#[derive(Debug, Clone, Default)]
+pub struct PublishExtras {
+    /// User properties.
+    pub user_properties: Vec<(String, String)>,
+    /// Correlation Data (a response to a request).
+    pub correlation_data: Option<Bytes>,
+}
+
+/// A connection to one broker, either protocol version. Cheap to clone.
+#[derive(Clone)]
+pub struct MqttClient(Client);
+
+#[derive(Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl MqttClient {
+    /// Creates the client and starts its event-loop task (on the current
+    /// actix/tokio runtime); the first poll connects. Fails only on bad TLS
+    /// material.
+    pub fn connect(opts: &ClientOptions) -> Result<(Self, mpsc::Receiver<Event>), String> {
+        let (tx, rx) = mpsc::channel(opts.event_capacity.max(1));
+        let transport = opts.transport()?;
+        let client = match opts.version {
+            MqttVersion::V311 => {
+                let mut o = rumqttc::MqttOptions::new(&opts.client_id, &opts.host, opts.port);
+                o.set_keep_alive(opts.keep_alive)
+                    .set_clean_session(!opts.persistent)
+                    .set_manual_acks(opts.manual_acks)
+                    .set_inflight(opts.outgoing_inflight)
+                    .set_max_packet_size(opts.max_packet_bytes, opts.max_packet_bytes)
+                    .set_request_channel_capacity(opts.request_capacity);
+                if let Some(t) = transport {
+                    o.set_transport(t);
+                }
+                if let Some((u, p)) = opts.credentials() {
+                    o.set_credentials(u, p);
+                }
+                let (client, eventloop) = rumqttc::AsyncClient::new(o, opts.request_capacity);
+                let polled = V4 {
+                    client: client.clone(),
+                    eventloop,
+                };
+                actix_rt::spawn(run(polled, opts.clone(), tx));
+                Client::V4(client)
+            }
+            MqttVersion::V5 => {
+                let mut o = rumqttc::v5::MqttOptions::new(&opts.client_id, &opts.host, opts.port);
+                o.set_keep_alive(opts.keep_alive)
+                    .set_clean_start(!opts.persistent)
+                    .set_manual_acks(opts.manual_acks)
+                    .set_outgoing_inflight_upper_limit(opts.outgoing_inflight)
+                    .set_receive_maximum(opts.receive_maximum)
+                    .set_max_packet_size(Some(opts.max_packet_bytes as u32))
+                    .set_request_channel_capacity(opts.request_capacity);
+                if opts.persistent {
+                    o.set_session_expiry_interval(Some(
+                        opts.session_expiry.as_secs().min(u32::MAX as u64) as u32,
+                    ));
+                }
+                if let Some(t) = transport {
+                    o.set_transport(t);
+                }
+                if let Some((u, p)) = opts.credentials() {
+                    o.set_credentials(u, p);
+                }
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, opts.request_capacity);
+                let polled = V5 {
+                    client: client.clone(),
+                    eventloop,
+                };
+                actix_rt::spawn(run(polled, opts.clone(), tx));
+                Client::V5(client)
+            }
+        };
+        Ok((Self(client), rx))
+    }
+
+    /// Queues a QoS 1 PUBLISH (waits for room in the request queue).
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        extras: PublishExtras,
+    ) -> Result<(), String> {
+        match &self.0 {
+            Client::V4(c) => c
+                .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                if extras.user_properties.is_empty() && extras.correlation_data.is_none() {
+                    c.publish_bytes(topic, qos, false, payload).await
+                } else {
+                    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                        user_properties: extras.user_properties,
+                        correlation_data: extras.correlation_data,
+                        ..Default::default()
+                    };
+                    c.publish_bytes_with_properties(topic, qos, false, payload, props)
+                        .await
+                }
+                .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Acknowledges `message` (sends its PUBACK; with `manual_acks`).
+    pub async fn ack(&self, message: &Message) -> Result<(), String> {
+        match (&self.0, message.ack.as_ref()) {
+            (Client::V4(c), Ack::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Client::V5(c), Ack::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            _ => Err("a message acknowledged on another client".into()),
+        }
+    }
+}
+
+/// One poll of a version's event loop, as the common loop sees it.
+enum Polled {
+    ConnAck,
+    SubAck,
+    Publish(Message),
+    Sent(u16),
+    PubAck(u16),
+    Other,
+}
+
+/// A version's event loop and client, polled by [`run`].
+trait Poll {
+    async fn poll(&mut self) -> Result<Polled, String>;
+    fn subscribe(&self, filter: &str) -> Result<(), String>;
+}
+
+struct V4 {
+    client: rumqttc::AsyncClient,
+    eventloop: rumqttc::EventLoop,
+}
+
+impl Poll for V4 {
+    async fn poll(&mut self) -> Result<Polled, String> {
+        use rumqttc::{Event, Outgoing, Packet};
+        Ok(
+            match self.eventloop.poll().await.map_err(|e| e.to_string())? {
+                Event::Incoming(Packet::ConnAck(_)) => Polled::ConnAck,
+                Event::Incoming(Packet::SubAck(_)) => Polled::SubAck,
+                Event::Incoming(Packet::PubAck(a)) => Polled::PubAck(a.pkid),
+                Event::Incoming(Packet::Publish(p)) => Polled::Publish(Message {
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    traceparent: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    ack: Box::new(Ack::V4(p)),
+                }),
+                Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
+                _ => Polled::Other,
+            },
+        )
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<(), String> {
+        self.client
+            .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .map_err(|e| e.to_string())
+    }
+}
+
+struct V5 {
+    client: rumqttc::v5::AsyncClient,
+    eventloop: rumqttc::v5::EventLoop,
+}
+
+impl Poll for V5 {
+    async fn poll(&mut self) -> Result<Polled, String> {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::Event;
+        use rumqttc::Outgoing;
+        Ok(
+            match self.eventloop.poll().await.map_err(|e| e.to_string())? {
+                Event::Incoming(Packet::ConnAck(_)) => Polled::ConnAck,
+                Event::Incoming(Packet::SubAck(_)) => Polled::SubAck,
+                Event::Incoming(Packet::PubAck(a)) => Polled::PubAck(a.pkid),
+                Event::Incoming(Packet::Publish(p)) => {
+                    let props = p.properties.as_ref();
+                    Polled::Publish(Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.clone(),
+                        traceparent: props.and_then(|props| {
+                            props
+                                .user_properties
+                                .iter()
+                                .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+                                .map(|(_, v)| v.clone())
+                        }),
+                        response_topic: props.and_then(|p| p.response_topic.clone()),
+                        correlation_data: props.and_then(|p| p.correlation_data.clone()),
+                        ack: Box::new(Ack::V5(p)),
+                    })
+                }
+                Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
+                _ => Polled::Other,
+            },
+        )
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<(), String> {
+        self.client
+            .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The event-loop task, for either version: polls without pause, renews
+/// the subscription after every CONNACK, reports events, and reconnects
+/// with the backoff. Ends when the consumer drops its receiver.
+async fn run<P: Poll>(mut polled: P, opts: ClientOptions, tx: mpsc::Sender<Event>) {
+    let mut failures = 0u32;
+    loop {
+        // The consumer went away (actor restarted, sink dropped): stop,
+        // even while the connection is idle.
+        let poll = tokio::select! {
+            r = polled.poll() => r,
+            _ = tx.closed() => return,
+        };
+        let event = match poll {
+            Ok(Polled::ConnAck) => {
+                failures = 0;
+                if let Some(filter) = &opts.subscribe {
+                    if let Err(e) = polled.subscribe(filter) {
+                        tracing::error!(error = %e, topic = %filter, client_id = %opts.client_id, "cannot subscribe");
+                    }
+                }
+                Event::Connected
+            }
+            Ok(Polled::SubAck) => Event::Subscribed,
+            Ok(Polled::Publish(m)) => Event::Message(m),
+            Ok(Polled::Sent(pkid)) => Event::Sent(pkid),
+            Ok(Polled::PubAck(pkid)) => Event::Acked(pkid),
+            Ok(Polled::Other) => continue,
+            Err(error) => {
+                failures += 1;
+                let retry_in = opts.reconnect.delay(failures);
+                if tx
+                    .send(Event::Disconnected {
+                        error,
+                        failures,
+                        retry_in,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                actix_rt::time::sleep(retry_in).await;
+                continue;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        };
+        for failures in 1..40 {
+            let cap = (Duration::from_millis(100) * (1 << (failures - 1).min(16))).min(b.max);
+            let d = b.delay(failures);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{failures}: {d:?} outside {cap:?}/2..={cap:?}"
+            );
+        }
+        let draws: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
+        assert!(draws.len() > 1, "no jitter");
+    }
+}
