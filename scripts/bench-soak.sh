@@ -132,6 +132,20 @@ growth() {
         }' "$1"
 }
 
+# hist_quantile FILE METRIC SINK Q: the upper bound (le) of the bucket of
+# METRIC{sink=SINK} that holds quantile Q, in ms.
+hist_quantile() {
+    awk -v m="${2}_bucket" -v sink="sink=\"$3\"" -v q="$4" '
+        index($0, m "{") == 1 && index($0, sink) {
+            match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5)
+            n++; les[n] = le; cum[n] = $NF
+        }
+        END {
+            total = cum[n]; if (total == 0) { print "-"; exit }
+            for (i = 1; i <= n; i++) if (cum[i] >= q * total) { printf "%s", (les[i] == "+Inf" ? "inf" : les[i] * 1000); exit }
+        }' "$1"
+}
+
 # ------------------------------------------------------------------ embedded
 HP="$(free_port)"; MP="$(free_port)"
 log "embedded: ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s (HTTP $HP, MQTT $MP)"
@@ -145,6 +159,8 @@ curl -s "http://127.0.0.1:$HP/metrics" >"$WORK/embedded/metrics.txt"
 read -r E_WARM E_END E_PEAK E_SLOPE < <(growth "$WORK/embedded/rss.txt")
 E_MQTT=$(metric_sum "$WORK/embedded/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
 E_HTTP=$(metric_sum "$WORK/embedded/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
+E_P50=$(hist_quantile "$WORK/embedded/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
+E_P99=$(hist_quantile "$WORK/embedded/metrics.txt" gateway_e2e_latency_seconds archive 0.99)
 stop_pid "$EMB_PID" 10
 
 # ------------------------------------------------------------------ at the WAL size limit
@@ -170,7 +186,7 @@ L_REFUSED_PCT=$(awk -v o="${L_OTHER:-0}" -v r="${L_REQ:-0}" 'BEGIN { printf "%.2
 GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 cat >"$RESULTS_DIR/soak.json" <<JSON
 {"commit":"$GIT_REV","secs":$SECS,"rate":$RATE,
- "embedded":{"rss_warm_mb":$E_WARM,"rss_end_mb":$E_END,"rss_peak_mb":$E_PEAK,"slope_mb_per_min":$E_SLOPE,"mqtt_accepted":$E_MQTT,"http_accepted":$E_HTTP},
+ "embedded":{"rss_warm_mb":$E_WARM,"rss_end_mb":$E_END,"rss_peak_mb":$E_PEAK,"slope_mb_per_min":$E_SLOPE,"mqtt_accepted":$E_MQTT,"http_accepted":$E_HTTP,"e2e_p50_ms_le":"$E_P50","e2e_p99_ms_le":"$E_P99"},
  "limit":{"max_bytes":$LIMIT,"requests":${L_REQ:-0},"accepted":${L_OK:-0},"refused":${L_OTHER:-0},"refused_pct":$L_REFUSED_PCT,"wal_bytes_end":$L_BYTES,"compacted":$L_COMPACTED,"rss_warm_mb":$L_WARM,"rss_end_mb":$L_END,"rss_peak_mb":$L_PEAK,"slope_mb_per_min":$L_SLOPE}}
 JSON
 {
@@ -180,5 +196,10 @@ JSON
     echo "| run | load | RSS after warm-up | RSS at end | peak | growth after warm-up | refused |"
     echo "|---|---|---|---|---|---|---|"
     echo "| embedded broker (default config) | ${RATE}/s MQTT + ${RATE}/s HTTP ($E_MQTT + $E_HTTP accepted) | $E_WARM MB | $E_END MB | $E_PEAK MB | $E_SLOPE MB/min | - |"
+    echo
+    echo "Receive → archive-ack latency in the embedded run (histogram bucket bounds): p50 ≤ $E_P50 ms, p99 ≤ $E_P99 ms."
+    echo
+    echo "| run | load | RSS after warm-up | RSS at end | peak | growth after warm-up | refused |"
+    echo "|---|---|---|---|---|---|---|"
     echo "| HTTP at wal.max_bytes = $LIMIT | ${LRATE}/s HTTP (${L_REQ:-0} requests, $L_COMPACTED compacted early) | $L_WARM MB | $L_END MB | $L_PEAK MB | $L_SLOPE MB/min | ${L_OTHER:-0} (${L_REFUSED_PCT} %) |"
 } | tee -a "$RESULTS"

@@ -11,6 +11,13 @@
 //! probes `circuit_cooldown` apart until one succeeds. One batch is in flight at a time, so records
 //! reach the sink in seq order (and so in order per device).
 //!
+//! Batching is adaptive by default (`batch_max_wait` zero): a dispatcher
+//! with nothing in flight fetches what is there at once, and an idle one
+//! waits for the WAL's next append ([`WatchAppends`]) instead of polling;
+//! batches grow only while an earlier batch is in flight, up to
+//! `batch_max_records`. A `batch_max_wait` above zero brings back waiting
+//! for a full batch (fewer, larger objects).
+//!
 //! Handles: [`SetPaused`], [`SetRetry`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
@@ -27,7 +34,9 @@ use tracing::Span;
 use crate::metrics::Metrics;
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
-use crate::wal::{now_ms, AckBatch, Batch, FetchBatch, MarkDead, ReleaseSink, WalStore};
+use crate::wal::{
+    now_ms, AckBatch, Batch, FetchBatch, MarkDead, ReleaseSink, WalStore, WatchAppends,
+};
 
 /// Delivery settings of one sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,7 +45,9 @@ pub struct DispatchConfig {
     pub sink: String,
     /// Most records per batch.
     pub batch_max_records: usize,
-    /// How long a partial batch may wait to fill up.
+    /// How long a partial batch may wait to fill up. Zero (the default):
+    /// adaptive batching — a sink with nothing in flight sends what it has
+    /// at once, and batches grow only while an earlier one is in flight.
     pub batch_max_wait: Duration,
     /// Attempts per batch before it goes Dead for this sink (>= 1).
     pub retry_budget: u32,
@@ -61,7 +72,9 @@ pub struct DispatchConfig {
 pub struct DispatchKeys {
     /// Most records per batch, 1 to 100000 (default 500).
     pub batch_max_records: Option<usize>,
-    /// How long a partial batch may wait to fill up, ms (default 200).
+    /// How long a partial batch may wait to fill up, ms (default 0:
+    /// adaptive — send at once what is there; a value trades latency for
+    /// fewer, larger batches, e.g. fewer S3 objects).
     pub batch_max_wait_ms: Option<u64>,
     /// Attempts per batch before it goes Dead, at least 1 (default 10).
     pub retry_budget: Option<u32>,
@@ -153,7 +166,7 @@ impl DispatchConfig {
         Self {
             sink: sink.to_string(),
             batch_max_records: 500,
-            batch_max_wait: Duration::from_millis(200),
+            batch_max_wait: Duration::ZERO,
             retry_budget: 10,
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(60),
@@ -186,6 +199,11 @@ impl DispatchConfig {
     }
 }
 
+/// With adaptive batching, an idle dispatcher looks again after this long
+/// even without an append (records reopened by a release, a requeue or a
+/// replay).
+const IDLE_FALLBACK: Duration = Duration::from_millis(100);
+
 /// The delivery loop of one sink.
 pub struct Dispatcher {
     cfg: DispatchConfig,
@@ -198,6 +216,9 @@ pub struct Dispatcher {
     consecutive_failures: u32,
     /// The target looks down: attempts become spaced-out probes.
     circuit_open: bool,
+    /// Changes after every WAL commit that appended: what an idle
+    /// dispatcher waits on (none until the WAL answered [`WatchAppends`]).
+    appends: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl Dispatcher {
@@ -218,6 +239,7 @@ impl Dispatcher {
             busy: false,
             consecutive_failures: 0,
             circuit_open: false,
+            appends: None,
         }
     }
 
@@ -229,6 +251,10 @@ impl Dispatcher {
             return;
         }
         self.busy = true;
+        // Appends from now on wake the wait below, if this fetch finds nothing.
+        if let Some(rx) = &mut self.appends {
+            rx.borrow_and_update();
+        }
         let fetch = self.wal.send(FetchBatch {
             sink: self.cfg.sink.clone(),
             max_records: self.cfg.batch_max_records,
@@ -239,7 +265,7 @@ impl Dispatcher {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
                 act.publish(Arc::new(batch), span, 1, 0, ctx)
             }
-            Ok(Ok(None)) => act.idle(act.cfg.idle_poll(), ctx),
+            Ok(Ok(None)) => act.wait_for_records(ctx),
             Ok(Err(e)) => {
                 tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
                 act.idle(Duration::from_secs(1), ctx);
@@ -249,6 +275,22 @@ impl Dispatcher {
                 act.idle(Duration::from_secs(1), ctx);
             }
         }));
+    }
+
+    /// Nothing to send: with adaptive batching, wait for the next append
+    /// (or a short fallback: releases, requeues and replays do not append);
+    /// with a `batch_max_wait`, poll.
+    fn wait_for_records(&mut self, ctx: &mut Context<Self>) {
+        match self.appends.clone() {
+            Some(mut rx) if self.cfg.batch_max_wait.is_zero() => {
+                self.busy = false;
+                let wait = async move {
+                    let _ = tokio::time::timeout(IDLE_FALLBACK, rx.changed()).await;
+                };
+                ctx.spawn(wait.into_actor(self).map(|_, act, ctx| act.step(ctx)));
+            }
+            _ => self.idle(self.cfg.idle_poll(), ctx),
+        }
     }
 
     fn idle(&mut self, after: Duration, ctx: &mut Context<Self>) {
@@ -491,6 +533,12 @@ impl Actor for Dispatcher {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.busy = false;
+        ctx.spawn(
+            self.wal
+                .send(WatchAppends)
+                .into_actor(self)
+                .map(|res, act, _| act.appends = res.ok()),
+        );
         let sink = self.cfg.sink.as_str();
         self.metrics
             .sink_paused

@@ -250,3 +250,30 @@ fn a_gateway_at_its_wal_size_limit_with_a_healthy_sink_refuses_nothing() {
         archived_keys(&app.archive_dir()).len() == want
     });
 }
+
+/// Adaptive batching (the default): a sink with nothing in flight sends a
+/// lone record at once. With the old fixed wait every record waited for
+/// its batch (200 ms), so none of these would be acknowledged within 128 ms;
+/// the margin is wide so a slow machine does not fail it.
+#[test]
+fn with_the_default_config_a_lone_record_is_not_held_back_for_a_batch() {
+    let app = spawn_app("");
+    let sent = 10;
+    for i in 0..sent {
+        assert_eq!(
+            app.post_json("dev-1", &telemetry(&format!("lone-{i}"), 1.0))
+                .status,
+            202
+        );
+        let want = (i + 1) as f64;
+        wait_until("delivered", Duration::from_secs(10), || {
+            app.metric(r#"gateway_sink_records_total{outcome="ok",sink="archive"}"#) >= want
+        });
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let fast = app.metric(r#"gateway_e2e_latency_seconds_bucket{sink="archive",le="0.128"}"#);
+    assert!(
+        fast >= (sent - 2) as f64,
+        "only {fast} of {sent} lone records were acknowledged within 128 ms"
+    );
+}

@@ -122,5 +122,5 @@ pub use reader::WalReader;
 pub use store::InjectWriterPanic;
 pub use store::{
     AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch, ReleaseSink,
-    WalHealth, WalStore, WithWal,
+    WalHealth, WalStore, WatchAppends, WithWal,
 };

@@ -47,6 +47,9 @@ pub struct WalHealth {
     pub backpressure: AtomicBool,
     /// Last storage error or backpressure reason, for `/readyz`.
     pub last_problem: Mutex<Option<String>>,
+    /// The head seq after each commit that appended: idle dispatchers wait
+    /// on it instead of polling ([`WatchAppends`]).
+    pub appended: tokio::sync::watch::Sender<u64>,
 }
 
 impl WalHealth {
@@ -239,6 +242,20 @@ impl Handler<AppendRecords> for WalStore {
                 WriteResult::Done => Ok(Vec::new()),
             }
         })
+    }
+}
+
+/// A receiver that changes after every commit that appended records.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchAppends;
+impl Message for WatchAppends {
+    type Result = tokio::sync::watch::Receiver<u64>;
+}
+impl Handler<WatchAppends> for WalStore {
+    type Result = MessageResult<WatchAppends>;
+
+    fn handle(&mut self, _: WatchAppends, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.health.appended.subscribe())
     }
 }
 
@@ -475,6 +492,9 @@ fn commit_group(
             }
             for (res, (_, tx)) in results.into_iter().zip(replies) {
                 let _ = tx.send(res);
+            }
+            if appended > 0 {
+                health.appended.send_replace(wal.head());
             }
         }
         Err(e) => {
