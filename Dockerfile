@@ -19,10 +19,12 @@ WORKDIR /src
 ARG GIT_COMMIT=unknown
 ENV GATEWAY_GIT_COMMIT=${GIT_COMMIT}
 COPY . .
+# The release profile keeps line tables for profiling and backtraces (153 MB);
+# the image gets the stripped binary (22 MB).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin gateway \
-    && cp target/release/gateway /usr/local/bin/gateway
+    && strip -o /usr/local/bin/gateway target/release/gateway
 
 FROM debian:bookworm-slim
 RUN apt-get update \
