@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Sink drain benchmark behind `make bench`: a backlog of BENCH_DRAIN_RECORDS
 # (default 1,000,000) records drained to each sink kind — a local directory,
-# S3 (moto) and Kafka (tansu) — with the process RSS sampled during the drain.
+# S3 (moto), Kafka (tansu) and an upstream MQTT broker (Mosquitto) — with the
+# process RSS sampled during the drain. The MQTT row has a ceiling measured
+# beside it: one `mosquitto_pub -q 1` publishing as many records of the same
+# size to the same broker.
 # Appends a section to bench/results/latest.md.
 set -euo pipefail
 BENCH_NAME=bench-sinks
@@ -58,6 +61,28 @@ if [ -x "$TANSU" ]; then
   rm -rf "$TMP/kafka"
 else
   echo "kafka: skipped (tansu not installed; scripts/test-deps.sh installs it)" | tee -a "$ROWS"
+fi
+
+MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+if [ -x "$MOSQUITTO" ] && command -v mosquitto_pub >/dev/null; then
+  echo "==> mqtt (mosquitto)"
+  P=$(free_port)
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$P" >"$TMP/mosquitto.conf"
+  "$MOSQUITTO" -c "$TMP/mosquitto.conf" >"$TMP/mosquitto.log" 2>&1 & PIDS+=($!)
+  wait_port "$P"
+  # The ceiling: one mosquitto_pub at QoS 1, records of the drain's size.
+  python3 -c "import sys; line='{\"v\":1,\"seq\":0,\"idempotency_key\":\"sensor-0:m\",\"device_id\":\"sensor-0\",\"pad\":\"' + 'x'*220 + '\"}'; sys.stdout.write((line + '\\n') * int(sys.argv[1]))" "$RECORDS" >"$TMP/lines"
+  T0=$(date +%s.%N)
+  mosquitto_pub -h 127.0.0.1 -p "$P" -q 1 -t bench/ceiling -l <"$TMP/lines"
+  T1=$(date +%s.%N)
+  CEIL=$(awk -v n="$RECORDS" -v a="$T0" -v b="$T1" 'BEGIN { printf "%.0f", n / (b - a) }')
+  rm -f "$TMP/lines"
+  "$BIN" mqtt --records "$RECORDS" --batch "$BATCH" --dir "$TMP/mqtt" --broker "mqtt://127.0.0.1:$P" --out "$ROWS"
+  RATE=$(tail -1 "$ROWS" | awk -F'|' '{gsub(/ /, "", $6); print $6}')
+  echo "| mqtt ceiling: mosquitto_pub -q 1 | $RECORDS | - | - | $CEIL | sink at $(awk -v r="$RATE" -v c="$CEIL" 'BEGIN { printf "%.1f", 100 * r / c }') % of it |" >>"$ROWS"
+  rm -rf "$TMP/mqtt"
+else
+  echo "mqtt: skipped (mosquitto not installed; scripts/test-deps.sh installs it)" | tee -a "$ROWS"
 fi
 
 {

@@ -1114,6 +1114,7 @@ mod tests {
             ("[sinks.s]\nkind = \"s3\"\nurl = \"s3://b\"\nendpoint = \"minio:9000\"\n", "`sinks.s.endpoint`"),
             ("[sinks.s]\nkind = \"s3\"\nurl = \"s3://b\"\nretry_budget = 0\n", "`sinks.s.retry_budget`"),
             ("[sinks.x]\nkind = \"carrier-pigeon\"\n", "`sinks.x.kind`"),
+            ("[sinks.m]\nkind = \"mqtt\"\nurl = \"mqtt://x\"\nversion = \"6\"\n", "`sinks.m.version`"),
         ];
         for (toml, key) in cases {
             let err = Settings::from_toml(toml).unwrap_err().to_string();

@@ -163,8 +163,13 @@ enum Ack {
 /// What the connection reports.
 #[derive(Debug)]
 pub enum Event {
-    /// The broker accepted the connection (CONNACK).
-    Connected,
+    /// The broker accepted the connection (CONNACK). Without
+    /// `session_present` the broker starts a new session, and rumqttc drops
+    /// the publishes it still held for the old one.
+    Connected {
+        /// The broker resumed our session.
+        session_present: bool,
+    },
     /// The subscription of [`ClientOptions::subscribe`] is in place (SUBACK).
     Subscribed,
     /// A PUBLISH arrived.
@@ -307,7 +312,7 @@ impl MqttClient {
 
 /// One poll of a version's event loop, as the common loop sees it.
 enum Polled {
-    ConnAck,
+    ConnAck(bool),
     SubAck,
     Publish(Message),
     Sent(u16),
@@ -331,7 +336,7 @@ impl Poll for V4 {
         use rumqttc::{Event, Outgoing, Packet};
         Ok(
             match self.eventloop.poll().await.map_err(|e| e.to_string())? {
-                Event::Incoming(Packet::ConnAck(_)) => Polled::ConnAck,
+                Event::Incoming(Packet::ConnAck(c)) => Polled::ConnAck(c.session_present),
                 Event::Incoming(Packet::SubAck(_)) => Polled::SubAck,
                 Event::Incoming(Packet::PubAck(a)) => Polled::PubAck(a.pkid),
                 Event::Incoming(Packet::Publish(p)) => Polled::Publish(Message {
@@ -367,7 +372,7 @@ impl Poll for V5 {
         use rumqttc::Outgoing;
         Ok(
             match self.eventloop.poll().await.map_err(|e| e.to_string())? {
-                Event::Incoming(Packet::ConnAck(_)) => Polled::ConnAck,
+                Event::Incoming(Packet::ConnAck(c)) => Polled::ConnAck(c.session_present),
                 Event::Incoming(Packet::SubAck(_)) => Polled::SubAck,
                 Event::Incoming(Packet::PubAck(a)) => Polled::PubAck(a.pkid),
                 Event::Incoming(Packet::Publish(p)) => {
@@ -413,14 +418,14 @@ async fn run<P: Poll>(mut polled: P, opts: ClientOptions, tx: mpsc::Sender<Event
             _ = tx.closed() => return,
         };
         let event = match poll {
-            Ok(Polled::ConnAck) => {
+            Ok(Polled::ConnAck(session_present)) => {
                 failures = 0;
                 if let Some(filter) = &opts.subscribe {
                     if let Err(e) = polled.subscribe(filter) {
                         tracing::error!(error = %e, topic = %filter, client_id = %opts.client_id, "cannot subscribe");
                     }
                 }
-                Event::Connected
+                Event::Connected { session_present }
             }
             Ok(Polled::SubAck) => Event::Subscribed,
             Ok(Polled::Publish(m)) => Event::Message(m),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::keys::{secret_key, KeyError};
-use crate::mqtt::{broker_address, broker_tls, MqttTls};
+use crate::mqtt::{broker_address, broker_tls, MqttTls, MqttVersion};
 use crate::sink::SinkContext;
 use crate::Secret;
 
@@ -26,6 +26,8 @@ pub struct MqttSinkConfig {
     pub topic_prefix: String,
     /// Largest packet.
     pub max_packet_bytes: usize,
+    /// 3.1.1 (default) or 5 (the idempotency key also goes as a user property).
+    pub version: MqttVersion,
 }
 
 /// The `[sinks.NAME]` keys of `kind = "mqtt"` (besides the shared
@@ -49,6 +51,9 @@ pub struct MqttKeys {
     pub client_id: Option<String>,
     /// Records go to `{topic_prefix}/{device_id}/telemetry` (default the gateway id).
     pub topic_prefix: Option<String>,
+    /// Protocol version: `3.1.1` (default) or `5` (the idempotency key also
+    /// travels as the user property `idempotency_key`).
+    pub version: Option<String>,
 }
 
 impl MqttKeys {
@@ -82,6 +87,16 @@ impl MqttKeys {
                 .clone()
                 .unwrap_or_else(|| ctx.gateway_id.to_string()),
             max_packet_bytes: 1 << 20,
+            version: match self.version.as_deref().unwrap_or("3.1.1") {
+                "3.1.1" | "311" | "4" | "v4" => MqttVersion::V311,
+                "5" | "5.0" | "v5" => MqttVersion::V5,
+                other => {
+                    return Err(KeyError::new(
+                        "version",
+                        format!("{other:?}: expected \"3.1.1\" or \"5\""),
+                    ))
+                }
+            },
         })
     }
 }
