@@ -303,6 +303,22 @@ fn the_embedded_broker_accepts_mosquitto_pub_and_the_record_lands_in_the_archive
     });
 }
 
+/// MQTT records a gateway binary accepted, from its metrics at `url` (0
+/// while it does not answer).
+fn mqtt_accepted(url: &str) -> f64 {
+    ureq::get(url)
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .map(|t| {
+            metric_value(
+                &t,
+                r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#,
+            )
+        })
+        .unwrap_or(0.0)
+}
+
 /// Resident memory of a process, from /proc.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -351,17 +367,7 @@ fn the_embedded_broker_memory_stays_flat_under_steady_load() {
                 &[]
             ));
             wait_until("the gateway ingested them", Duration::from_secs(60), || {
-                ureq::get(&metrics)
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_string().ok())
-                    .map(|t| {
-                        metric_value(
-                            &t,
-                            r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#,
-                        ) >= (chunk + 2000) as f64
-                    })
-                    .unwrap_or(false)
+                mqtt_accepted(&metrics) >= (chunk + 2000) as f64
             });
         }
     };
@@ -410,17 +416,7 @@ fn ten_thousand_qos1_messages_survive_kill_9_of_the_gateway_mid_stream() {
         .collect();
     let metrics = format!("http://127.0.0.1:{http_port}/metrics");
     wait_until("the gateway is ingesting", Duration::from_secs(60), || {
-        ureq::get(&metrics)
-            .call()
-            .ok()
-            .and_then(|r| r.into_string().ok())
-            .map(|t| {
-                metric_value(
-                    &t,
-                    r#"gateway_ingest_records_total{outcome="accepted",source="mqtt"}"#,
-                ) >= 1500.0
-            })
-            .unwrap_or(false)
+        mqtt_accepted(&metrics) >= 1500.0
     });
     gw.kill().expect("SIGKILL");
     gw.wait().unwrap();
