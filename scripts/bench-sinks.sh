@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sink drain benchmark behind `make bench`: a backlog of BENCH_DRAIN_RECORDS
 # (default 1,000,000) records drained to each sink kind — a local directory,
-# S3 (moto), Kafka (tansu) and an upstream MQTT broker (Mosquitto) — with the
+# S3 (moto), Kafka (tansu), an upstream MQTT broker (Mosquitto) and an HTTP
+# API (a Python server that reads each body and answers 200) — with the
 # process RSS sampled during the drain. The MQTT row has a ceiling measured
 # beside it: one `mosquitto_pub -q 1` publishing as many records of the same
 # size to the same broker.
@@ -91,6 +92,26 @@ if [ -x "$MOSQUITTO" ] && command -v mosquitto_pub >/dev/null; then
 else
   echo "mqtt: skipped (mosquitto not installed; scripts/test-deps.sh installs it)" | tee -a "$ROWS"
 fi
+
+echo "==> http (python http.server)"
+P=$(free_port)
+python3 - "$P" >"$TMP/http.log" 2>&1 <<'PY' & PIDS+=($!)
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+wait_port "$P"
+"$BIN" http --records "$RECORDS" --batch "$BATCH" --dir "$TMP/http" --url "http://127.0.0.1:$P/ingest" --out "$ROWS"
+rm -rf "$TMP/http"
 
 {
   echo

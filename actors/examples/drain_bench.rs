@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! cargo run --release -p gateway-actors --example drain_bench -- KIND [options]
-//!   KIND                file | s3 | kafka | mqtt
+//!   KIND                file | s3 | kafka | mqtt | http
 //!   --records N         backlog size (default 1000000)
 //!   --batch N           batch_max_records (default 5000)
 //!   --dir DIR           data dir (default ./target/drain-bench-PID, removed afterwards)
 //!   --endpoint URL --bucket B     for s3 (credentials from AWS_* env)
 //!   --brokers B --topic T         for kafka (the topic must exist)
 //!   --broker mqtt://HOST:PORT     for mqtt (records go to bench/{device}/telemetry)
+//!   --url http://HOST:PORT/PATH   for http (NDJSON batches are POSTed there)
 //!   --out FILE          append a Markdown row to FILE
 //! ```
 //!
@@ -26,6 +27,7 @@ use actix::Supervisor;
 use gateway_actors::dispatcher::{DispatchConfig, Dispatcher};
 use gateway_actors::ingest::validate::{parse_payload, Enrichment};
 use gateway_actors::ingest::{IngestLimits, Source};
+use gateway_actors::sink::http::{HttpKeys, HttpSink};
 use gateway_actors::sink::kafka::{KafkaSink, KafkaSinkConfig};
 use gateway_actors::sink::mqtt::{MqttKeys, MqttSink};
 use gateway_actors::sink::s3::{ObjectStoreSink, S3SinkConfig};
@@ -54,7 +56,7 @@ fn rss_kb() -> u64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let kind = args.first().cloned().unwrap_or_else(|| {
-        eprintln!("usage: drain_bench file|s3|kafka|mqtt [--records N] [--batch N] [--endpoint URL --bucket B] [--brokers B --topic T] [--broker mqtt://H:P] [--out FILE]");
+        eprintln!("usage: drain_bench file|s3|kafka|mqtt|http [--records N] [--batch N] [--endpoint URL --bucket B] [--brokers B --topic T] [--broker mqtt://H:P] [--url http://H:P/P] [--out FILE]");
         std::process::exit(2)
     });
     let records: u64 = arg(&args, "--records")
@@ -163,6 +165,22 @@ fn main() {
                 std::process::exit(2)
             });
             Arc::new(move || MqttSink::new(&c).map(|s| Box::new(s) as Box<dyn Sink>))
+        }
+        "http" => {
+            let keys = HttpKeys {
+                url: arg(&args, "--url"),
+                ..HttpKeys::default()
+            };
+            let ctx = SinkContext {
+                name: "bench",
+                gateway_id: "bench",
+                publish_timeout: Duration::from_secs(120),
+            };
+            let c = keys.build(&ctx).unwrap_or_else(|e| {
+                eprintln!("--url: {}", e.message);
+                std::process::exit(2)
+            });
+            Arc::new(move || HttpSink::new(&c).map(|s| Box::new(s) as Box<dyn Sink>))
         }
         other => {
             eprintln!("unknown kind {other}");
