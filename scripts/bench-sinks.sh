@@ -25,7 +25,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do port_in_use "$1" && return 0; sleep 0.1; done; die "port $1 never opened"; }
 
 cargo build --release -p gateway-actors --example drain_bench

@@ -56,13 +56,6 @@ mkdir -p "$RESULTS_DIR"
 WORK="$(mktemp -d "$TARGET_DIR/soak-tmp.XXXXXX")"
 while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^GATEWAY_' || true)
 
-free_port() {
-    local p
-    while :; do
-        p=$(( 20000 + (RANDOM * 32768 + RANDOM) % 30000 ))
-        port_in_use "$p" || { echo "$p"; return; }
-    done
-}
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # start_gw NAME HTTP_PORT [ENV=VALUE ...]: starts the gateway, waits for /readyz.

@@ -663,11 +663,15 @@ impl Loaded {
             .topic
             .clone()
             .unwrap_or_else(|| "devices/+/telemetry".into());
-        let (scheme, host, port) = if url == "embedded" {
-            let addr = self.socket_addr(
-                "mqtt.embedded_addr",
-                m.embedded_addr.as_deref().unwrap_or("127.0.0.1:1883"),
-            )?;
+        let embedded = (url == "embedded")
+            .then(|| {
+                self.socket_addr(
+                    "mqtt.embedded_addr",
+                    m.embedded_addr.as_deref().unwrap_or("127.0.0.1:1883"),
+                )
+            })
+            .transpose()?;
+        let (scheme, host, port) = if let Some(addr) = embedded {
             ("embedded", addr.ip().to_string(), addr.port())
         } else {
             broker_address(&url).map_err(|e| {
@@ -718,7 +722,7 @@ impl Loaded {
             m.client_key_file.as_deref(),
         )
         .map_err(key_error)?;
-        if scheme == "embedded" {
+        if let Some(addr) = embedded {
             if !cfg!(feature = "embedded-broker") {
                 return Err(self.invalid(
                     "mqtt.url",
@@ -728,10 +732,6 @@ impl Loaded {
             // The embedded broker listens for MQTT 3.1.1 (what most devices and
             // mosquitto_pub speak); the gateway's own client matches it.
             cfg.version = MqttVersion::V311;
-            let addr = self.socket_addr(
-                "mqtt.embedded_addr",
-                m.embedded_addr.as_deref().unwrap_or("127.0.0.1:1883"),
-            )?;
             return Ok(MqttMode::Embedded { addr, ingest: cfg });
         }
         Ok(MqttMode::Broker(cfg))
@@ -1204,6 +1204,30 @@ mod tests {
             t.insert(k.to_string(), v);
         }
         let keys: DispatchKeys = Value::Table(t).try_into().unwrap();
+        // … and every field is listed in KEYS: serde names them all when it
+        // refuses an unknown one.
+        let mut t = toml::Table::new();
+        t.insert("not_a_key".into(), Value::Boolean(true));
+        let err = Value::Table(t)
+            .try_into::<DispatchKeys>()
+            .unwrap_err()
+            .to_string();
+        let fields: std::collections::BTreeSet<&str> = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{err}"))
+            .split(',')
+            .map(|f| {
+                f.trim()
+                    .trim_matches(|c: char| c == '`' || c.is_whitespace())
+            })
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert_eq!(
+            fields,
+            DispatchKeys::KEYS.iter().copied().collect(),
+            "{err}"
+        );
         let d = keys.build("x").unwrap();
         assert_eq!(d.batch_max_records, 7);
         assert_eq!(d.circuit_cooldown, Duration::from_millis(7));

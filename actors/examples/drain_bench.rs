@@ -27,11 +27,11 @@ use actix::Supervisor;
 use gateway_actors::dispatcher::{DispatchConfig, Dispatcher};
 use gateway_actors::ingest::validate::{parse_payload, Enrichment};
 use gateway_actors::ingest::{IngestLimits, Source};
-use gateway_actors::sink::http::{HttpKeys, HttpSink};
-use gateway_actors::sink::kafka::{KafkaSink, KafkaSinkConfig};
-use gateway_actors::sink::mqtt::{MqttKeys, MqttSink};
-use gateway_actors::sink::s3::{ObjectStoreSink, S3SinkConfig};
-use gateway_actors::sink::{Sink, SinkActor, SinkContext, SinkFactory};
+use gateway_actors::sink::http::HttpKeys;
+use gateway_actors::sink::kafka::KafkaSinkConfig;
+use gateway_actors::sink::mqtt::MqttKeys;
+use gateway_actors::sink::s3::S3SinkConfig;
+use gateway_actors::sink::{factory, SinkActor, SinkConfig, SinkContext, SinkFactory, SinkTarget};
 use gateway_actors::wal::{now_ms, GetWalStats, Wal, WalConfig, WalHealth, WalStore};
 use gateway_actors::Metrics;
 
@@ -130,7 +130,7 @@ fn main() {
                 secret_access_key: None,
                 multipart_threshold_bytes: 8 << 20,
             };
-            Arc::new(move || ObjectStoreSink::new(&c).map(|s| Box::new(s) as Box<dyn Sink>))
+            factory(&SinkTarget::S3(c))
         }
         "kafka" => {
             let c = KafkaSinkConfig {
@@ -147,40 +147,33 @@ fn main() {
                 sasl_password: None,
                 extra: Default::default(),
             };
-            Arc::new(move || KafkaSink::new(&c).map(|s| Box::new(s) as Box<dyn Sink>))
+            factory(&SinkTarget::Kafka(c))
         }
-        "mqtt" => {
-            let keys = MqttKeys {
-                url: arg(&args, "--broker"),
-                topic_prefix: Some("bench".into()),
-                ..MqttKeys::default()
+        "mqtt" | "http" => {
+            let (flag, keys) = if kind == "mqtt" {
+                let keys = MqttKeys {
+                    url: arg(&args, "--broker"),
+                    topic_prefix: Some("bench".into()),
+                    ..MqttKeys::default()
+                };
+                ("--broker", SinkConfig::Mqtt(keys))
+            } else {
+                let keys = HttpKeys {
+                    url: arg(&args, "--url"),
+                    ..HttpKeys::default()
+                };
+                ("--url", SinkConfig::Http(keys))
             };
             let ctx = SinkContext {
                 name: "bench",
                 gateway_id: "bench",
                 publish_timeout: Duration::from_secs(120),
             };
-            let c = keys.build(&ctx).unwrap_or_else(|e| {
-                eprintln!("--broker: {}", e.message);
+            let target = keys.build(&ctx).unwrap_or_else(|e| {
+                eprintln!("{flag}: {}", e.message);
                 std::process::exit(2)
             });
-            Arc::new(move || MqttSink::new(&c).map(|s| Box::new(s) as Box<dyn Sink>))
-        }
-        "http" => {
-            let keys = HttpKeys {
-                url: arg(&args, "--url"),
-                ..HttpKeys::default()
-            };
-            let ctx = SinkContext {
-                name: "bench",
-                gateway_id: "bench",
-                publish_timeout: Duration::from_secs(120),
-            };
-            let c = keys.build(&ctx).unwrap_or_else(|e| {
-                eprintln!("--url: {}", e.message);
-                std::process::exit(2)
-            });
-            Arc::new(move || HttpSink::new(&c).map(|s| Box::new(s) as Box<dyn Sink>))
+            factory(&target)
         }
         other => {
             eprintln!("unknown kind {other}");

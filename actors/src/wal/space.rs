@@ -80,6 +80,7 @@ impl Wal {
     /// chunk by chunk, until the WAL is back under the mark or nothing
     /// delivered is left; under `drop_oldest` drops up to `chunk` of the
     /// oldest records while over `max_bytes`. Returns (compacted, dropped).
+    /// On `Ok` the size, free disk and backpressure are fresh.
     pub fn compact(&mut self, now: i64, chunk: usize) -> Result<(u64, u64), WalError> {
         let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
         let mut compacted = self.compact_delivered(now - keep, chunk)?;
@@ -254,22 +255,20 @@ mod tests {
         cfg.min_free_disk_bytes = 0;
         let mut wal = Wal::open(cfg).unwrap();
         let blob = "x".repeat(1000);
-        let big = |i: usize| {
-            let mut r = test_record(&format!("k{i}"));
-            r.body = format!("{{\"idempotency_key\":\"k{i}\",\"blob\":\"{blob}\"}}");
-            r
+        // Round r appends records k{10r} .. k{10r + 9} of ~1 KB each.
+        let ten = |round: usize| -> Vec<_> {
+            (round * 10..round * 10 + 10)
+                .map(|i| {
+                    let mut r = test_record(&format!("k{i}"));
+                    r.body = format!("{{\"idempotency_key\":\"k{i}\",\"blob\":\"{blob}\"}}");
+                    r
+                })
+                .collect()
         };
         // 4 MB through a 512 KiB WAL, acked as it goes; housekeeping (as the
         // writer thread runs it) every 10 rounds.
-        let mut n = 0;
         for round in 0..400 {
-            let recs: Vec<_> = (0..10)
-                .map(|_| {
-                    n += 1;
-                    big(n)
-                })
-                .collect();
-            let out = wal.append(recs);
+            let out = wal.append(ten(round));
             assert!(
                 out.is_ok(),
                 "round {round}: {:?} (size {})",
@@ -280,7 +279,6 @@ mod tests {
             wal.ack("a", &b.ranges).unwrap();
             if round % 10 == 0 {
                 wal.compact(now_ms(), COMPACT_CHUNK).unwrap();
-                wal.refresh_space().unwrap();
             }
         }
         assert!(
@@ -289,20 +287,13 @@ mod tests {
         );
         // Now the sink stops acking: pending data fills the WAL and refuses appends.
         let mut refused = None;
-        for round in 0..400 {
-            let recs: Vec<_> = (0..10)
-                .map(|_| {
-                    n += 1;
-                    big(n)
-                })
-                .collect();
-            if let Err(e) = wal.append(recs) {
+        for round in 400..800 {
+            if let Err(e) = wal.append(ten(round)) {
                 refused = Some(e);
                 break;
             }
             if round % 10 == 0 {
                 wal.compact(now_ms(), COMPACT_CHUNK).unwrap();
-                wal.refresh_space().unwrap();
             }
         }
         assert!(

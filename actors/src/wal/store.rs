@@ -534,7 +534,10 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
         Ok((compacted, dropped)) => {
             if compacted > 0 {
                 metrics.wal_compacted.inc_by(compacted);
-                tracing::debug!(compacted, "WAL compacted delivered records past retention");
+                tracing::debug!(
+                    compacted,
+                    "WAL compacted delivered records (past retention, or making room)"
+                );
             }
             if dropped > 0 {
                 metrics.wal_dropped.inc_by(dropped);
@@ -544,12 +547,15 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
                 );
             }
         }
-        Err(e) => tracing::warn!(error = %e, "WAL compaction failed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "WAL compaction failed");
+            // A successful compaction leaves the size fresh; this one may not have.
+            if let Err(e) = wal.refresh_space() {
+                tracing::warn!(error = %e, "cannot read WAL size");
+            }
+        }
     }
     let was = health.backpressure.load(Ordering::SeqCst);
-    if let Err(e) = wal.refresh_space() {
-        tracing::warn!(error = %e, "cannot read WAL size");
-    }
     let now = wal.backpressure().map(str::to_string);
     if now.is_some() != was {
         match &now {
