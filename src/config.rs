@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gateway_actors::dispatcher::{DispatchConfig, DispatchKeys};
+use gateway_actors::mqtt::topics::Topics;
+use gateway_actors::route::{self, PriorityRule, SinkPolicy, MAX_SINKS};
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::keys::{secret_key, KeyError};
@@ -70,6 +72,9 @@ struct RawConfig {
     /// Each `[sinks.NAME]` table as written: its keys belong to the kind
     /// (`gateway_actors::sink::SinkConfig`) and are checked in validation.
     sinks: BTreeMap<String, toml::Table>,
+    /// `[[priority]]` rules as written (checked by `gateway_actors::route`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    priority: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -115,6 +120,7 @@ struct RawMqtt {
     client_id: Option<String>,
     keep_alive: Option<String>,
     topic: Option<String>,
+    topics: Option<Vec<String>>,
     payload_format: Option<String>,
     receive_maximum: Option<u16>,
     session_expiry: Option<String>,
@@ -594,10 +600,26 @@ impl Loaded {
             );
             raw_sinks.insert("archive".into(), archive);
         }
+        if raw_sinks.len() > MAX_SINKS {
+            return Err(self.invalid(
+                "sinks",
+                format!("at most {MAX_SINKS} sinks ({} configured)", raw_sinks.len()),
+            ));
+        }
         let mut sinks = BTreeMap::new();
         for (name, s) in raw_sinks {
             sinks.insert(name.clone(), self.sink(&name, &s, &gateway_id)?);
         }
+        let priority = match &raw.priority {
+            None => Vec::new(),
+            Some(v) => {
+                let json = serde_json::to_value(v).map_err(|e| self.invalid("priority", e.to_string()))?;
+                route::parse_priority("priority", &json).map_err(|e| {
+                    let msg = e.strip_prefix("priority: ").unwrap_or(&e).to_string();
+                    self.invalid("priority", msg)
+                })?
+            }
+        };
 
         let mut settings = Settings {
             gateway_id,
@@ -615,6 +637,7 @@ impl Loaded {
             wal,
             otlp_endpoint,
             sinks,
+            priority,
             rendered: String::new(),
         };
         settings.rendered = self.render(&settings);
@@ -659,10 +682,21 @@ impl Loaded {
         if client_id.is_empty() || client_id.len() > 64 {
             return Err(self.invalid("mqtt.client_id", "must be 1 to 64 characters"));
         }
-        let topic = m
-            .topic
-            .clone()
-            .unwrap_or_else(|| "devices/+/telemetry".into());
+        let topics = match (&m.topics, &m.topic) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "mqtt.topic",
+                    "give mqtt.topics (templates) or the older mqtt.topic, not both",
+                ))
+            }
+            (Some(list), None) => {
+                Topics::parse(list).map_err(|e| self.invalid("mqtt.topics", e))?
+            }
+            (None, Some(filter)) => {
+                Topics::from_filter(filter).map_err(|e| self.invalid("mqtt.topic", e))?
+            }
+            (None, None) => Topics::default(),
+        };
         let embedded = (url == "embedded")
             .then(|| {
                 self.socket_addr(
@@ -688,7 +722,7 @@ impl Loaded {
         let mut cfg = MqttIngestConfig::new(&host, port, &client_id);
         cfg.version = version;
         cfg.payload_format = payload_format;
-        cfg.topic = topic;
+        cfg.topics = topics;
         cfg.control = m.control.unwrap_or(true);
         cfg.max_packet_bytes = max_payload_bytes + 4096;
         if let Some(k) = &m.keep_alive {
@@ -768,8 +802,17 @@ impl Loaded {
             ));
         }
         let key_error = |e: KeyError| self.invalid(&format!("{prefix}.{}", e.key), e.message);
-        let (shared, own): (toml::Table, toml::Table) = table
+        let (policy_keys, rest): (toml::Table, toml::Table) = table
             .clone()
+            .into_iter()
+            .partition(|(k, _)| SinkPolicy::KEYS.contains(&k.as_str()));
+        let mut policy = SinkPolicy::new();
+        for (k, v) in &policy_keys {
+            let json = serde_json::to_value(v)
+                .map_err(|e| self.invalid(&format!("{prefix}.{k}"), e.to_string()))?;
+            policy.set(k, &json).map_err(key_error)?;
+        }
+        let (shared, own): (toml::Table, toml::Table) = rest
             .into_iter()
             .partition(|(k, _)| DispatchKeys::KEYS.contains(&k.as_str()));
         let dispatch: DispatchKeys = Value::Table(shared)
@@ -801,7 +844,11 @@ impl Loaded {
             publish_timeout: dispatch.publish_timeout,
         };
         let target = kind.build(&ctx).map_err(key_error)?;
-        Ok(SinkSettings { dispatch, target })
+        Ok(SinkSettings {
+            dispatch,
+            target,
+            policy,
+        })
     }
 
     /// A section's keys did not deserialize: names the unknown key when
@@ -908,6 +955,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Sinks by name.
     pub sinks: BTreeMap<String, SinkSettings>,
+    /// `[[priority]]` rules, first match wins.
+    pub priority: Vec<PriorityRule>,
     /// The effective configuration as TOML, secrets redacted (`config print`, `config.get`).
     pub rendered: String,
 }
@@ -998,6 +1047,8 @@ pub struct SinkSettings {
     pub dispatch: DispatchConfig,
     /// Kind-specific target.
     pub target: SinkTarget,
+    /// Route, TTLs and drain order (DESIGN §6a).
+    pub policy: SinkPolicy,
 }
 
 impl Settings {

@@ -2,6 +2,7 @@
 //! the HTTP server. Tests build an [`Application`] on port 0 exactly as the
 //! binary does.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use gateway_actors::control::{
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
 use gateway_actors::mqtt::{MqttIngest, MqttStatus};
+use gateway_actors::route::SinkPolicy;
 use gateway_actors::sink::{SinkActor, SinkFactory};
 use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore};
 use gateway_actors::Metrics;
@@ -64,6 +66,15 @@ pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
     gateway_actors::sink::factory(target)
 }
 
+/// Every sink's configured route, TTLs and drain order.
+fn base_policies(settings: &Settings) -> BTreeMap<String, SinkPolicy> {
+    settings
+        .sinks
+        .iter()
+        .map(|(n, s)| (n.clone(), s.policy.clone()))
+        .collect()
+}
+
 /// What the operator works with: for a running gateway its router and
 /// dispatchers, for the CLI on a stopped one `None` and none.
 pub fn operator_parts(
@@ -97,6 +108,14 @@ pub fn operator_parts(
         runtime,
         log: Arc::new(crate::telemetry::Logs),
         config_text: settings.rendered.clone(),
+        base_priority: settings.priority.clone(),
+        base_policies: base_policies(settings),
+        topics: settings
+            .mqtt
+            .ingest()
+            .map(|c| c.topics.clone())
+            .unwrap_or_default(),
+        limits: settings.ingest.limits.clone(),
         metrics,
     }
 }
@@ -156,8 +175,15 @@ impl Application {
         let registry = Registry::new();
         let metrics = Metrics::new(&registry).context("registering metrics")?;
         let wal_health = Arc::new(WalHealth::default());
-        let wal = Wal::open(settings.wal_config())
+        let mut wal = Wal::open(settings.wal_config())
             .with_context(|| format!("opening the WAL in {}", settings.data_dir.display()))?;
+        // Routes and priorities in force (configuration, then runtime
+        // settings): the router decides them per record, the WAL drains by them.
+        let policies = base_policies(&settings);
+        let routing = Arc::new(runtime.routing(&settings.priority, &policies, &wal.sink_bits()));
+        for (name, base) in &policies {
+            wal.set_policy(name, runtime.policy(name, base))?;
+        }
         let reader = WalReader::open(&settings.wal_config().path, 4)?;
         let prometheus = PrometheusMetricsBuilder::new("gateway")
             .registry(registry.clone())
@@ -190,7 +216,9 @@ impl Application {
                 settings.ingest.limits.clone(),
                 runtime.rate_limit(settings.ingest.rate),
             );
-            Supervisor::start(move |_| IngestRouter::new(w, h, &id, limits, rate, m))
+            Supervisor::start(move |_| {
+                IngestRouter::new(w, h, &id, limits, rate, routing.clone(), m)
+            })
         };
         let (mqtt, mqtt_status) = match settings.mqtt.ingest() {
             None => (None, None),

@@ -92,6 +92,8 @@ fn main() {
                     source: Source::Mqtt,
                     idempotency_key: None,
                     traceparent: None,
+                    topic_tags: &[],
+                    routing: None,
                 };
                 let device = format!("dev-{}", k % 100);
                 group.extend(

@@ -155,6 +155,8 @@ impl Gen {
             source: Source::Http,
             idempotency_key: None,
             traceparent: None,
+            topic_tags: &[],
+            routing: None,
         };
         let mut v = parse_payload(
             &device,

@@ -36,6 +36,7 @@ pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod route;
 pub mod secret;
 pub mod sink;
 pub mod trace;

@@ -35,6 +35,14 @@ pub struct Metrics {
     pub wal_pending_bytes: IntGaugeVec,
     /// `gateway_wal_oldest_pending_age_seconds{sink}`: age of the oldest record not yet delivered.
     pub wal_oldest_pending_age: IntGaugeVec,
+    /// `gateway_wal_class_records{sink,class}`: records a sink has not finished, per priority class.
+    pub wal_class_records: IntGaugeVec,
+    /// `gateway_wal_class_oldest_pending_age_seconds{sink,class}`: age of the oldest of them.
+    pub wal_class_oldest_age: IntGaugeVec,
+    /// `gateway_wal_expired_total{sink,class}`: records expired for a sink (TTL), now its dead letters.
+    pub wal_expired: IntCounterVec,
+    /// `gateway_ingest_unrouted_total`: records stored that no sink's route took.
+    pub ingest_unrouted: IntCounter,
     /// `gateway_wal_compacted_records_total`: acked records removed after retention.
     pub wal_compacted: IntCounter,
     /// `gateway_wal_dropped_records_total`: records dropped by the `drop_oldest` policy.
@@ -108,6 +116,19 @@ impl Metrics {
                 Opts::new("gateway_wal_oldest_pending_age_seconds", "Age of the oldest record not yet delivered to the sink."),
                 &["sink"],
             )?,
+            wal_class_records: IntGaugeVec::new(
+                Opts::new("gateway_wal_class_records", "Records a sink has not finished (enqueued or inflight), per priority class."),
+                &["sink", "class"],
+            )?,
+            wal_class_oldest_age: IntGaugeVec::new(
+                Opts::new("gateway_wal_class_oldest_pending_age_seconds", "Age of the oldest record of the class not yet delivered to the sink."),
+                &["sink", "class"],
+            )?,
+            wal_expired: IntCounterVec::new(
+                Opts::new("gateway_wal_expired_total", "Records not delivered to a sink within their class's TTL: expired for that sink and kept as its dead letters (reason expired)."),
+                &["sink", "class"],
+            )?,
+            ingest_unrouted: IntCounter::new("gateway_ingest_unrouted_total", "Records stored that no sink's route took (kept for retention and replay).")?,
             wal_compacted: IntCounter::new("gateway_wal_compacted_records_total", "Delivered records removed from the WAL after retention.")?,
             wal_dropped: IntCounter::new("gateway_wal_dropped_records_total", "Records dropped by the drop_oldest backpressure policy.")?,
             backpressure_active: IntGauge::new("gateway_backpressure_active", "1 while ingest is refused because the WAL is full or the disk is low.")?,
@@ -172,6 +193,10 @@ impl Metrics {
         registry.register(Box::new(m.wal_pending_bytes.clone()))?;
         registry.register(Box::new(m.wal_disk_free_bytes.clone()))?;
         registry.register(Box::new(m.wal_oldest_pending_age.clone()))?;
+        registry.register(Box::new(m.wal_class_records.clone()))?;
+        registry.register(Box::new(m.wal_class_oldest_age.clone()))?;
+        registry.register(Box::new(m.wal_expired.clone()))?;
+        registry.register(Box::new(m.ingest_unrouted.clone()))?;
         registry.register(Box::new(m.wal_compacted.clone()))?;
         registry.register(Box::new(m.wal_dropped.clone()))?;
         registry.register(Box::new(m.backpressure_active.clone()))?;

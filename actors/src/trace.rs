@@ -290,6 +290,7 @@ mod tests {
                 idempotency_key: format!("d:{i}"),
                 correlation_id: "c".into(),
                 receive_ms: 0,
+                class: Default::default(),
                 json: match tp {
                     Some(tp) => format!(r#"{{"device_id":"d","traceparent":"{tp}"}}"#),
                     None => r#"{"device_id":"d"}"#.into(),

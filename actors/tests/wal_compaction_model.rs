@@ -119,6 +119,7 @@ fn run(ops: Vec<Op>, size_limited: bool) -> Result<(), TestCaseError> {
                             device_id: "dev-1".into(),
                             receive_ms: now_ms() - 1,
                             body: format!("{{\"idempotency_key\":\"{key}\"}}"),
+                            route: Default::default(),
                         }
                     })
                     .collect();

@@ -276,6 +276,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         device_id: format!("dev-{}", n % 3),
                         receive_ms: now_ms(),
                         body: format!("{{\"idempotency_key\":\"{key}\"}}"),
+                        route: Default::default(),
                     };
                     // Expected outcome; the model is updated record by record, as
                     // a key repeated inside one append is a duplicate too.

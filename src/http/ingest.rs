@@ -123,6 +123,7 @@ pub async fn ingest(
         idempotency_key,
         traceparent,
         span: span.clone(),
+        topic_tags: Vec::new(),
     };
     let receipt = state.router.send(msg).await.map_err(|e| {
         ApiError::new(

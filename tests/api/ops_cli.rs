@@ -24,6 +24,7 @@ fn record(i: u64) -> NewRecord {
         body: format!(
             "{{\"idempotency_key\":\"dev-1:m{i}\",\"device_id\":\"dev-1\",\"metrics\":{{\"n\":{i}}}}}"
         ),
+        route: Default::default(),
     }
 }
 

@@ -23,7 +23,10 @@ use serde_json::{json, Value};
 use super::runtime::{RuntimeOverrides, Setting};
 use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetPaused, SetRetry};
 use crate::ingest::validate::is_valid_device_id;
-use crate::ingest::{IngestRouter, RateLimit, SetRateLimit};
+use crate::ingest::validate::{parse_payload, Enrichment};
+use crate::ingest::{IngestLimits, IngestRouter, RateLimit, SetRateLimit, SetRouting, Source};
+use crate::mqtt::topics::Topics;
+use crate::route::{PriorityRule, Routing, SinkPolicy};
 use crate::metrics::Metrics;
 use crate::wal::{DlqFilter, WalError, WalReader, WalStore, WithWal};
 
@@ -127,6 +130,17 @@ pub enum Command {
     },
     /// `wal.compact`.
     WalCompact,
+    /// `route.test`: which class and sinks a record would get now.
+    RouteTest {
+        /// The device.
+        device_id: String,
+        /// The telemetry (a JSON object or array), as a device sends it.
+        payload: Value,
+        /// `mqtt` or `http` (default `http`, or `mqtt` with a topic).
+        source: Source,
+        /// An MQTT topic: read by the topic templates for the device id and tags.
+        topic: Option<String>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -159,6 +173,17 @@ struct ReplayArgs {
     since: i64,
     #[serde(deserialize_with = "crate::wal::time_ms")]
     until: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTestArgs {
+    device_id: String,
+    payload: Value,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    topic: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -250,6 +275,29 @@ impl Command {
                 args::<NoArgs>(name, a)?;
                 Command::WalCompact
             }
+            "route.test" => {
+                let r: RouteTestArgs = args(name, a)?;
+                let source = match (r.source.as_deref(), &r.topic) {
+                    (Some("mqtt"), _) | (None, Some(_)) => Source::Mqtt,
+                    (Some("http"), None) | (None, None) => Source::Http,
+                    (Some("http"), Some(_)) => {
+                        return Err(OpError::BadRequest(
+                            "route.test: a topic means source mqtt".into(),
+                        ))
+                    }
+                    (Some(other), _) => {
+                        return Err(OpError::BadRequest(format!(
+                            "route.test: source {other:?}: expected mqtt or http"
+                        )))
+                    }
+                };
+                Command::RouteTest {
+                    device_id: r.device_id,
+                    payload: r.payload,
+                    source,
+                    topic: r.topic,
+                }
+            }
             other => return Err(OpError::UnknownCommand(other.to_string())),
         })
     }
@@ -271,6 +319,7 @@ impl Command {
             Command::WalStats => "wal.stats",
             Command::WalCheck { .. } => "wal.check",
             Command::WalCompact => "wal.compact",
+            Command::RouteTest { .. } => "route.test",
         }
     }
 }
@@ -313,6 +362,14 @@ pub struct OperatorParts {
     pub log: Arc<dyn LogControl>,
     /// The effective configuration, secrets redacted (for `config.get`).
     pub config_text: String,
+    /// The configured `[[priority]]` rules (before runtime overrides).
+    pub base_priority: Vec<PriorityRule>,
+    /// Every sink's configured route, TTLs and drain order (before overrides).
+    pub base_policies: BTreeMap<String, SinkPolicy>,
+    /// MQTT topic templates (`route.test` with a topic).
+    pub topics: Topics,
+    /// Ingest limits (`route.test` validates like ingest).
+    pub limits: IngestLimits,
     /// Metrics.
     pub metrics: Metrics,
 }
@@ -531,6 +588,12 @@ impl Operator {
                 let rep = self.with_wal(move |w| w.check(repair)).await?;
                 Ok(serde_json::to_value(rep).unwrap_or_default())
             }
+            Command::RouteTest {
+                device_id,
+                payload,
+                source,
+                topic,
+            } => self.route_test(device_id, payload, source, topic).await,
             Command::WalCompact => {
                 let (c, d, bytes) = self
                     .with_wal(|w| {
@@ -541,6 +604,68 @@ impl Operator {
                 Ok(json!({"compacted": c, "dropped": d, "live_bytes": bytes}))
             }
         }
+    }
+
+    /// The routes and priority rules in force.
+    async fn routing(&self, o: &RuntimeOverrides) -> Result<Routing, OpError> {
+        let bits = self.with_wal(|w| Ok(w.sink_bits())).await?;
+        Ok(o.routing(&self.p.base_priority, &self.p.base_policies, &bits))
+    }
+
+    async fn route_test(
+        &self,
+        device_id: String,
+        payload: Value,
+        source: Source,
+        topic: Option<String>,
+    ) -> Result<Value, OpError> {
+        let mut tags = Vec::new();
+        if let Some(t) = &topic {
+            let m = self.p.topics.read(t).ok_or_else(|| {
+                OpError::BadRequest(format!(
+                    "route.test: topic {t:?} matches no template of mqtt.topics ({})",
+                    self.p.topics.texts().join(", ")
+                ))
+            })?;
+            if m.device_id != device_id {
+                return Err(OpError::BadRequest(format!(
+                    "route.test: topic {t:?} names device {:?}, not {device_id:?}",
+                    m.device_id
+                )));
+            }
+            tags = m.tags;
+        }
+        let routing = self.routing(&self.overrides()).await?;
+        let bytes = serde_json::to_vec(&payload).map_err(|e| OpError::Internal(e.to_string()))?;
+        let enrich = Enrichment {
+            gateway_id: &self.p.gateway_id,
+            correlation_id: "route-test",
+            receive_ms: crate::wal::now_ms(),
+            source,
+            idempotency_key: None,
+            traceparent: None,
+            topic_tags: &tags,
+            routing: Some(&routing),
+        };
+        let records = parse_payload(&device_id, &bytes, &self.p.limits, &enrich)
+            .map_err(|r| OpError::BadRequest(format!("route.test: the record would be refused: {r}")))?;
+        let out: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                let sinks = routing.sink_names(r.route.sinks);
+                json!({
+                    "class": r.route.class,
+                    "unrouted": sinks.is_empty(),
+                    "sinks": sinks,
+                })
+            })
+            .collect();
+        Ok(json!({
+            "device_id": device_id,
+            "source": source.as_str(),
+            "topic_tags": tags.into_iter().collect::<BTreeMap<_, _>>(),
+            "records": out,
+        }))
     }
 
     /// The runtime settings in force.
@@ -566,12 +691,17 @@ impl Operator {
                     })
                 }
             };
+            let mut v = v;
+            if let (Some(base), Value::Object(m)) = (self.p.base_policies.get(name), &mut v) {
+                m.extend(policy_json(&o.policy(name, base)));
+            }
             sinks.insert(name.clone(), v);
         }
         json!({
             "log.level": o.log_level.clone().unwrap_or_else(|| self.p.base_log_level.clone()),
             "ingest.rate_limit_per_device": rate.per_second,
             "ingest.rate_limit_burst": rate.burst,
+            "priority": o.priority.clone().unwrap_or_else(|| self.p.base_priority.clone()),
             "sinks": sinks,
         })
     }
@@ -633,6 +763,21 @@ impl Operator {
                 Some((_, Some(d))) => d.send(SetPaused(*p)).await.map_err(unavailable),
                 _ => Ok(()),
             },
+            Setting::Policy(..) | Setting::Priority(_) => {
+                let routing = self.routing(o).await?;
+                if let Some(r) = &self.p.router {
+                    r.send(SetRouting(Arc::new(routing)))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                if let Setting::Policy(sink, ..) = s {
+                    if let Some(base) = self.p.base_policies.get(sink) {
+                        let (p, sink) = (o.policy(sink, base), sink.clone());
+                        self.with_wal(move |w| w.set_policy(&sink, p)).await?;
+                    }
+                }
+                Ok(())
+            }
             Setting::RetryBudget(sink, _)
             | Setting::RetryBase(sink, _)
             | Setting::RetryMax(sink, _) => match self.p.sinks.get(sink) {
@@ -651,4 +796,22 @@ impl Operator {
             },
         }
     }
+}
+
+/// A sink's route, TTLs and drain order as settings (`config.get`).
+fn policy_json(p: &SinkPolicy) -> serde_json::Map<String, Value> {
+    let ttl: BTreeMap<&str, String> = p
+        .ttl
+        .iter()
+        .map(|(c, d)| (c.as_str(), humantime::format_duration(*d).to_string()))
+        .collect();
+    let mut m = serde_json::Map::new();
+    m.insert("route".into(), json!(p.route));
+    m.insert("ttl".into(), json!(ttl));
+    m.insert("drain".into(), json!(p.drain));
+    m.insert(
+        "live_after".into(),
+        json!(humantime::format_duration(p.live_after).to_string()),
+    );
+    m
 }

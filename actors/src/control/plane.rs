@@ -148,7 +148,7 @@ async fn run(
     opts.manual_acks = false;
     opts.receive_maximum = None;
     opts.request_capacity = 64;
-    opts.subscribe = Some(filter.clone());
+    opts.subscribe = vec![filter.clone()];
     let (client, mut events) = MqttClient::connect(&opts)?;
     let publisher = client.clone();
     operator.set_device_publisher(Some(Arc::new(move |topic: String, payload: Vec<u8>| {

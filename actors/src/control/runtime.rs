@@ -3,9 +3,12 @@
 //! start.
 //!
 //! Only settings that are safe to change while running live here: the log
-//! level, the per-device rate limit, and per sink `paused` and the retry
-//! settings. Keys are the configuration file's own (`log.level`,
-//! `ingest.rate_limit_per_device`, `sinks.NAME.paused`, …).
+//! level, the per-device rate limit, the priority rules, and per sink
+//! `paused`, the retry settings, the route, the TTLs and the drain order.
+//! Keys are the configuration file's own (`log.level`,
+//! `ingest.rate_limit_per_device`, `priority`, `sinks.NAME.paused`,
+//! `sinks.NAME.route`, …). Routes and priority rules apply to records
+//! stored after the change.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -17,6 +20,7 @@ use serde_json::Value;
 
 use crate::dispatcher::DispatchConfig;
 use crate::ingest::RateLimit;
+use crate::route::{parse_priority, PriorityRule, Routing, SinkPolicy};
 
 /// The file name in the data dir.
 pub const RUNTIME_FILE: &str = "runtime.json";
@@ -36,6 +40,10 @@ pub struct SinkOverrides {
     /// Largest backoff delay, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_max_ms: Option<u64>,
+    /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
+    /// `null` clears a route or the TTLs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policy: BTreeMap<String, Value>,
 }
 
 /// Everything set at run time; `None` = the configuration's value.
@@ -50,6 +58,9 @@ pub struct RuntimeOverrides {
     /// `ingest.rate_limit_burst`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_burst: Option<f64>,
+    /// `priority` (the whole list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Vec<PriorityRule>>,
     /// `sinks.NAME.*`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sinks: BTreeMap<String, SinkOverrides>,
@@ -72,12 +83,17 @@ pub enum Setting {
     RetryBase(String, u64),
     /// `sinks.NAME.retry_max_ms`.
     RetryMax(String, u64),
+    /// `sinks.NAME.route|ttl|drain|live_after` (validated).
+    Policy(String, String, Value),
+    /// `priority`.
+    Priority(Vec<PriorityRule>),
 }
 
 /// The keys `config.set` takes.
 pub const SETTABLE_KEYS: &str =
-    "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, \
-    sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms";
+    "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
+    sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -103,6 +119,7 @@ impl Setting {
             },
             "ingest.rate_limit_per_device" => Ok(Setting::RatePerDevice(num(0.0)?)),
             "ingest.rate_limit_burst" => Ok(Setting::RateBurst(num(0.0)?)),
+            "priority" => Ok(Setting::Priority(parse_priority(key, value)?)),
             _ => {
                 let parts: Vec<&str> = key.splitn(3, '.').collect();
                 let [root, sink, field] = parts[..] else {
@@ -130,6 +147,12 @@ impl Setting {
                     )),
                     "retry_base_ms" => Ok(Setting::RetryBase(sink, int(1)?)),
                     "retry_max_ms" => Ok(Setting::RetryMax(sink, int(1)?)),
+                    f if SinkPolicy::KEYS.contains(&f) => {
+                        SinkPolicy::new()
+                            .set(f, value)
+                            .map_err(|e| format!("{key}: {}", e.message))?;
+                        Ok(Setting::Policy(sink, f.to_string(), value.clone()))
+                    }
                     _ => Err(format!(
                         "unknown setting {key:?}; settable: {SETTABLE_KEYS}"
                     )),
@@ -192,6 +215,52 @@ impl RuntimeOverrides {
             Setting::RetryMax(sink, v) => {
                 self.sinks.entry(sink.clone()).or_default().retry_max_ms = Some(*v)
             }
+            Setting::Policy(sink, key, v) => {
+                self.sinks
+                    .entry(sink.clone())
+                    .or_default()
+                    .policy
+                    .insert(key.clone(), v.clone());
+            }
+            Setting::Priority(rules) => self.priority = Some(rules.clone()),
+        }
+    }
+
+    /// The sink's policy in force: `base` with the overrides applied.
+    pub fn policy(&self, sink: &str, base: &SinkPolicy) -> SinkPolicy {
+        let mut p = base.clone();
+        if let Some(o) = self.sinks.get(sink) {
+            for (k, v) in &o.policy {
+                // Validated when set; a hand-edited file that breaks one is
+                // reported and that key left as configured.
+                if let Err(e) = p.set(k, v) {
+                    tracing::warn!(sink, key = %k, error = %e.message, "ignoring a runtime setting");
+                }
+            }
+        }
+        p
+    }
+
+    /// The routes and priority rules in force. `base` holds every sink's
+    /// configured policy, `bits` every sink's bit (`Wal::sink_bits`).
+    pub fn routing(
+        &self,
+        base_priority: &[PriorityRule],
+        base: &BTreeMap<String, SinkPolicy>,
+        bits: &BTreeMap<String, u64>,
+    ) -> Routing {
+        Routing {
+            priority: self
+                .priority
+                .clone()
+                .unwrap_or_else(|| base_priority.to_vec()),
+            sinks: base
+                .iter()
+                .map(|(name, p)| {
+                    let bit = bits.get(name).copied().unwrap_or(0);
+                    (name.clone(), (bit, self.policy(name, p).route))
+                })
+                .collect(),
         }
     }
 

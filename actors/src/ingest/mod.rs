@@ -6,6 +6,6 @@ pub mod validate;
 
 pub use router::{
     count_reject, GetRateLimit, IngestError, IngestReceipt, IngestRouter, IngestTelemetry,
-    PayloadFormat, RateLimit, RecordReceipt, SetRateLimit,
+    PayloadFormat, RateLimit, RecordReceipt, SetRateLimit, SetRouting,
 };
 pub use validate::{IngestLimits, Rejection, Source};

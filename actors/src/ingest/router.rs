@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 
 use super::validate::{parse_payload, Enrichment, IngestLimits, Rejection, Source};
 use crate::metrics::Metrics;
+use crate::route::Routing;
 use crate::trace;
 use crate::wal::{now_ms, AppendOutcome, AppendRecords, WalError, WalHealth, WalStore};
 
@@ -55,6 +56,7 @@ pub struct IngestRouter {
     limits: IngestLimits,
     rate: RateLimit,
     buckets: HashMap<String, Bucket>,
+    routing: Arc<Routing>,
     metrics: Metrics,
 }
 
@@ -66,6 +68,7 @@ impl IngestRouter {
         gateway_id: &str,
         limits: IngestLimits,
         rate: RateLimit,
+        routing: Arc<Routing>,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -75,6 +78,7 @@ impl IngestRouter {
             limits,
             rate,
             buckets: HashMap::new(),
+            routing,
             metrics,
         }
     }
@@ -155,6 +159,20 @@ impl Handler<SetRateLimit> for IngestRouter {
             burst = msg.0.burst,
             "per-device rate limit changed"
         );
+    }
+}
+
+/// Replaces the routes and priority rules (control plane `config.set`):
+/// they apply to records stored from now on.
+pub struct SetRouting(pub Arc<Routing>);
+impl Message for SetRouting {
+    type Result = ();
+}
+impl Handler<SetRouting> for IngestRouter {
+    type Result = ();
+    fn handle(&mut self, msg: SetRouting, _: &mut Context<Self>) {
+        self.routing = msg.0;
+        tracing::info!("routes and priority rules changed; they apply to records stored from now on");
     }
 }
 
@@ -268,6 +286,8 @@ pub struct IngestTelemetry {
     /// W3C traceparent of the producer, if any (stored with the records
     /// when traces are off).
     pub traceparent: Option<String>,
+    /// Tags from the MQTT topic template (empty for HTTP).
+    pub topic_tags: Vec<(String, String)>,
     /// The `ingest` span ([`trace::ingest_span`]; `Span::none()` when traces
     /// are off). When it is on, its context is the `traceparent` stored with
     /// the records, and `wal.append` is its child.
@@ -295,6 +315,8 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 .traceparent
                 .as_deref()
                 .filter(|t| super::validate::is_traceparent(t))),
+            topic_tags: &msg.topic_tags,
+            routing: Some(&self.routing),
         };
         if let Some(key) = &msg.idempotency_key {
             if let Err(r) = super::validate::check_idempotency_header(key) {
@@ -359,6 +381,7 @@ impl Handler<IngestTelemetry> for IngestRouter {
         let correlation_id = msg.correlation_id;
         let metrics = self.metrics.clone();
         let append_span = trace::wal_append_span(&msg.span, records.len());
+        let unrouted: Vec<bool> = records.iter().map(|r| r.route.sinks == Some(0)).collect();
         let send = self.wal.send(AppendRecords { records });
         Box::pin(async move {
             let outcomes = match send.instrument(append_span).await {
@@ -385,6 +408,12 @@ impl Handler<IngestTelemetry> for IngestRouter {
                     return Err(IngestError::Unavailable(e.to_string()));
                 }
             };
+            let stored_unrouted = outcomes
+                .iter()
+                .zip(&unrouted)
+                .filter(|(o, u)| **u && matches!(o, AppendOutcome::Appended { .. }))
+                .count();
+            metrics.ingest_unrouted.inc_by(stored_unrouted as u64);
             let receipts: Vec<RecordReceipt> = outcomes
                 .into_iter()
                 .map(|o| match o {
@@ -443,6 +472,7 @@ mod tests {
                     per_second: 10.0,
                     burst: 5.0,
                 },
+                Arc::default(),
                 Metrics::unregistered(),
             );
             assert!(r.take_tokens("d", 5).is_ok());

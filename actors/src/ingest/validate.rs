@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::route::{RecordRoute, RecordView, Routing};
 use crate::wal::NewRecord;
 
 /// Longest accepted `msg_id`.
@@ -97,6 +98,12 @@ pub struct Enrichment<'a> {
     pub idempotency_key: Option<&'a str>,
     /// W3C traceparent of the producer, stored with the record.
     pub traceparent: Option<&'a str>,
+    /// Tags taken from the MQTT topic (`{tag:NAME}` segments); they win over
+    /// the payload's tags of the same name.
+    pub topic_tags: &'a [(String, String)],
+    /// The rules that give each record its class and sink set (`None`:
+    /// `normal`, every sink).
+    pub routing: Option<&'a Routing>,
 }
 
 /// True when `id` matches `^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`.
@@ -304,11 +311,14 @@ fn to_record(
             }
         }
     }
-    let tags = match obj.remove("tags") {
+    let mut tags = match obj.remove("tags") {
         None => Map::new(),
         Some(Value::Object(t)) => t,
         Some(_) => return Err(Rejection::schema("tags must be an object of strings")),
     };
+    for (k, v) in enrich.topic_tags {
+        tags.insert(k.clone(), Value::String(v.clone()));
+    }
     if tags.len() > MAX_TAGS {
         return Err(Rejection::schema(format!(
             "at most {MAX_TAGS} tags per record"
@@ -350,12 +360,21 @@ fn to_record(
         traceparent: enrich.traceparent,
     };
     let body = serde_json::to_string(&body).map_err(|e| Rejection::schema(e.to_string()))?;
+    let route = enrich.routing.map_or_else(RecordRoute::default, |r| {
+        r.decide(&RecordView {
+            device_id,
+            source: enrich.source.as_str(),
+            tags: &tags,
+            metrics: &metrics,
+        })
+    });
     Ok(NewRecord {
         idempotency_key,
         correlation_id: enrich.correlation_id.to_string(),
         device_id: device_id.to_string(),
         receive_ms: enrich.receive_ms,
         body,
+        route,
     })
 }
 
@@ -401,6 +420,8 @@ mod tests {
             source: Source::Http,
             idempotency_key: None,
             traceparent: None,
+            topic_tags: &[],
+            routing: None,
         }
     }
 

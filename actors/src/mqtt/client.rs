@@ -81,7 +81,7 @@ pub struct ClientOptions {
     /// Requests (publishes, acks) queued towards the event loop.
     pub request_capacity: usize,
     /// Subscribed at QoS 1 after every CONNACK.
-    pub subscribe: Option<String>,
+    pub subscribe: Vec<String>,
     /// Waits between reconnects.
     pub reconnect: Backoff,
     /// Events buffered towards the consumer.
@@ -108,7 +108,7 @@ impl ClientOptions {
             outgoing_inflight: 100,
             max_packet_bytes: 1 << 20,
             request_capacity: 64,
-            subscribe: None,
+            subscribe: Vec::new(),
             reconnect: Backoff {
                 base: Duration::from_millis(100),
                 max: Duration::from_secs(10),
@@ -420,7 +420,7 @@ async fn run<P: Poll>(mut polled: P, opts: ClientOptions, tx: mpsc::Sender<Event
         let event = match poll {
             Ok(Polled::ConnAck(session_present)) => {
                 failures = 0;
-                if let Some(filter) = &opts.subscribe {
+                for filter in &opts.subscribe {
                     if let Err(e) = polled.subscribe(filter) {
                         tracing::error!(error = %e, topic = %filter, client_id = %opts.client_id, "cannot subscribe");
                     }

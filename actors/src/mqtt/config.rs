@@ -1,5 +1,6 @@
 //! Settings of the MQTT ingest connection.
 
+use super::topics::Topics;
 use std::time::Duration;
 
 use std::path::Path;
@@ -55,8 +56,9 @@ pub struct MqttIngestConfig {
     pub keep_alive: Duration,
     /// 3.1.1 or 5.
     pub version: MqttVersion,
-    /// Subscription filter; the device id is the second topic level.
-    pub topic: String,
+    /// Topic templates: what to subscribe, and how a topic gives the device
+    /// id and tags.
+    pub topics: Topics,
     /// JSON, Protobuf or detect.
     pub payload_format: PayloadFormat,
     /// Messages the broker may send before we ack (MQTT 5 Receive Maximum).
@@ -85,7 +87,7 @@ impl MqttIngestConfig {
             client_id: client_id.to_string(),
             keep_alive: Duration::from_secs(30),
             version: MqttVersion::V5,
-            topic: "devices/+/telemetry".into(),
+            topics: Topics::default(),
             payload_format: PayloadFormat::Auto,
             receive_maximum: 1000,
             session_expiry: Duration::from_secs(7 * 24 * 3600),
@@ -111,7 +113,7 @@ impl MqttIngestConfig {
         o.receive_maximum = Some(self.receive_maximum);
         o.max_packet_bytes = self.max_packet_bytes;
         o.request_capacity = usize::from(self.receive_maximum) * 2 + 16;
-        o.subscribe = Some(self.topic.clone());
+        o.subscribe = self.topics.filters();
         o.reconnect = Backoff {
             base: self.reconnect_base,
             max: self.reconnect_max,

@@ -1,6 +1,8 @@
-//! `MqttIngest`: subscribes `devices/+/telemetry` at QoS 1 on a persistent
-//! session and acknowledges each message only after its records are in the
-//! WAL.
+//! `MqttIngest`: subscribes its topic templates (default
+//! `devices/{device_id}/telemetry`, see [`super::topics`]) at QoS 1 on a
+//! persistent session and acknowledges each message only after its records
+//! are in the WAL. A topic that matches no template is refused like any
+//! invalid message (counted, logged, acked, never stored).
 //!
 //! Role: one MQTT client ([`MqttClient`]: manual acknowledgements, clean
 //! session/clean start off, MQTT 3.1.1 or 5) whose event loop runs on its own
@@ -43,7 +45,10 @@ use tokio::sync::mpsc;
 
 use super::client::{Event, Message, MqttClient};
 use super::config::MqttIngestConfig;
-use crate::ingest::{IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Source};
+use super::topics::{TopicMatch, Topics};
+use crate::ingest::{
+    count_reject, IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Rejection, Source,
+};
 use crate::metrics::Metrics;
 
 /// Connection state shared with `/readyz`.
@@ -109,21 +114,29 @@ impl Supervised for MqttIngest {
     }
 }
 
-/// The device id of `devices/{device_id}/telemetry` (any topic: second level).
-fn device_of(topic: &str) -> &str {
-    topic.split('/').nth(1).unwrap_or("")
-}
-
 /// Ingests one message until the router has an answer that allows the ack.
 async fn ingest_until_ackable(
     router: Addr<IngestRouter>,
     format: PayloadFormat,
+    topics: Arc<Topics>,
+    metrics: Metrics,
     topic: String,
     payload: Bytes,
     traceparent: Option<String>,
 ) {
-    let device_id = device_of(&topic).to_string();
     let correlation_id = uuid::Uuid::new_v4().to_string();
+    let Some(TopicMatch {
+        device_id,
+        tags: topic_tags,
+    }) = topics.read(&topic)
+    else {
+        let r = Rejection {
+            reason: "invalid_topic",
+            message: format!("topic {topic:?} matches no template of mqtt.topics"),
+        };
+        count_reject(&metrics, Source::Mqtt, "", &correlation_id, &r);
+        return;
+    };
     let span = crate::trace::ingest_span(
         Source::Mqtt,
         &device_id,
@@ -141,6 +154,7 @@ async fn ingest_until_ackable(
             idempotency_key: None,
             traceparent: traceparent.clone(),
             span: span.clone(),
+            topic_tags: topic_tags.clone(),
         };
         match router.send(msg).await {
             // Stored, or refused for good (counted and logged by the router):
@@ -190,6 +204,7 @@ async fn run(
         }
     });
     let limit = usize::from(cfg.receive_maximum).max(1);
+    let topics = Arc::new(cfg.topics.clone());
     let mut inflight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
     loop {
         tokio::select! {
@@ -207,6 +222,8 @@ async fn run(
                     let fut = ingest_until_ackable(
                         router.clone(),
                         cfg.payload_format,
+                        topics.clone(),
+                        metrics.clone(),
                         message.topic.clone(),
                         message.payload.clone(),
                         message.traceparent.clone(),
@@ -256,15 +273,4 @@ fn note_disconnected(
         retry_in_ms = delay.as_millis() as u64,
         "MQTT ingest disconnected; reconnecting"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_device_id_is_the_second_topic_level() {
-        assert_eq!(device_of("devices/dev-1/telemetry"), "dev-1");
-        assert_eq!(device_of("devices"), "");
-    }
 }

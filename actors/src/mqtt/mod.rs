@@ -6,6 +6,7 @@ pub mod client;
 mod config;
 mod ingest;
 pub mod tls;
+pub mod topics;
 
 pub use config::{broker_address, broker_tls, MqttIngestConfig, MqttTls, MqttVersion};
 pub use ingest::{MqttIngest, MqttStatus};

@@ -340,6 +340,9 @@ impl SinkState {
         while let Some(end) = self.done.pop_contiguous(self.cursor + 1) {
             self.cursor = self.cursor.max(end);
         }
+        // The operator named this sink: it gets them whatever its route says.
+        self.forced = self.forced.union(set);
+        self.hint = [0; 3];
     }
 
     /// The seqs in `1..=head` this sink has not finished.
@@ -761,6 +764,10 @@ impl Wal {
                     st.cursor = st.cursor.max(end);
                 }
                 st.inflight = old.inflight.difference(&st.done);
+                st.bit = old.bit;
+                st.policy = old.policy.clone();
+                st.forced = old.forced.clone();
+                st.ttl_mark = old.ttl_mark;
                 persist_sink(&tx, name, &st)?;
                 reloaded.insert(name.clone(), st);
             }
@@ -787,6 +794,7 @@ mod tests {
             device_id: device.into(),
             receive_ms: ms,
             body: format!("{{\"idempotency_key\":\"k{i}\",\"n\":{i}}}"),
+            route: Default::default(),
         }
     }
 

@@ -62,7 +62,7 @@ impl Wal {
                 "SELECT seq, correlation_id, receive_ms FROM records WHERE idem_key = ?1 ORDER BY seq DESC LIMIT 1",
             )?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records(seq, idem_key, correlation_id, device_id, receive_ms, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO records(seq, idem_key, correlation_id, device_id, receive_ms, body, class, sinks) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             let mut insert_dead = tx.prepare_cached(
                 "INSERT OR REPLACE INTO dead(sink, seq, attempts, error, dead_ms) SELECT ?1, seq, ?2, ?3, ?4 FROM records WHERE seq BETWEEN ?5 AND ?6",
@@ -96,7 +96,9 @@ impl Wal {
                                         rec.correlation_id,
                                         rec.device_id,
                                         rec.receive_ms,
-                                        rec.body
+                                        rec.body,
+                                        rec.route.class.code(),
+                                        rec.route.sinks.map(|s| s as i64)
                                     ])?;
                                     self.next_seq += 1;
                                     self.stored_records += 1;

@@ -11,6 +11,7 @@ use super::engine::{
     WriteResult,
 };
 use super::ranges::RangeSet;
+use crate::route::{Class, DrainMode, SinkPolicy};
 
 #[derive(Debug, Default, Clone)]
 pub(super) struct SinkState {
@@ -20,6 +21,20 @@ pub(super) struct SinkState {
     pub(super) dead_count: u64,
     /// The stored cursor/done rows are behind the in-memory state.
     pub(super) dirty: bool,
+    /// Its bit in a record's sink set (`records.sinks`).
+    pub(super) bit: u32,
+    /// Route, TTLs and drain order (set by the gateway, not stored here).
+    pub(super) policy: SinkPolicy,
+    /// Records reopened by requeue or replay: delivered to this sink whatever
+    /// its route says. In memory only (see the module doc).
+    pub(super) forced: RangeSet,
+    /// Per class: no record of that class in `(cursor, hint]` is Enqueued for
+    /// this sink, so a scan may start above it. Reset to 0 whenever a record
+    /// goes back to Enqueued (release, requeue, replay).
+    pub(super) hint: [u64; 3],
+    /// Per class: the TTL has judged every record up to here
+    /// (`meta` key `ttl/SINK/CLASS`).
+    pub(super) ttl_mark: [u64; 3],
     /// The cursor and done ranges as last committed to disk (`None`:
     /// unknown, rewrite them whole). Lets a commit write only the ranges
     /// that changed: after a requeue of scattered dead letters a sink can
@@ -91,12 +106,23 @@ impl Wal {
         for &(a, b) in ranges {
             st.inflight.remove(a, b);
         }
+        st.hint = [0; 3];
         Ok(())
     }
 
     /// Puts everything InFlight for `sink` back to Enqueued (its dispatcher restarted).
     pub fn release_all(&mut self, sink: &str) -> Result<(), WalError> {
-        self.sink_mut(sink)?.inflight = RangeSet::new();
+        let st = self.sink_mut(sink)?;
+        st.inflight = RangeSet::new();
+        st.hint = [0; 3];
+        Ok(())
+    }
+
+    /// Sets a sink's route, TTLs and drain order (at start and at run time).
+    /// The route applies to records stored from now on; that is the
+    /// router's business: here it only matters for replay.
+    pub fn set_policy(&mut self, sink: &str, policy: SinkPolicy) -> Result<(), WalError> {
+        self.sink_mut(sink)?.policy = policy;
         Ok(())
     }
 
@@ -119,10 +145,15 @@ impl Wal {
         (head - st.cursor).saturating_sub(st.excluded().len())
     }
 
-    /// Takes up to `max_records` Enqueued records for `sink` in seq order and
-    /// marks them InFlight. With `max_wait`, returns `None` while fewer than
-    /// `max_records` are waiting and the oldest of them is younger than
-    /// `max_wait` (so batches fill up under load and still leave on time).
+    /// Takes up to `max_records` Enqueued records for `sink` and marks them
+    /// InFlight: `high` before `normal` before `low`, and within a class in
+    /// seq order (with `live_first` and a backlog older than `live_after`:
+    /// the live records of a class first, then its backlog). Records the
+    /// sink's route did not take are finished for it on the way, unless a
+    /// requeue or replay reopened them for it. With `max_wait`, returns
+    /// `None` while fewer than `max_records` are waiting and the oldest of
+    /// them is younger than `max_wait` (so batches fill up under load and
+    /// still leave on time).
     pub fn fetch(
         &mut self,
         sink: &str,
@@ -140,96 +171,188 @@ impl Wal {
             return Ok(None);
         }
         if (available as usize) < max_records && !max_wait.is_zero() {
-            let first = Self::first_enqueued(st);
-            let oldest: Option<i64> = self
-                .conn
-                .prepare_cached(
-                    "SELECT receive_ms FROM records WHERE seq >= ?1 ORDER BY seq LIMIT 1",
-                )?
-                .query_row([first], |r| r.get(0))
-                .optional()?;
-            if let Some(ms) = oldest {
+            if let Some(ms) = self.receive_ms_from(Self::first_enqueued(st))? {
                 if now_ms() - ms < max_wait.as_millis() as i64 {
                     return Ok(None);
                 }
             }
         }
-        let excluded = st.excluded();
-        let mut records = Vec::with_capacity(max_records.min(available as usize));
-        let mut claimed = Vec::new();
-        let mut pos = st.cursor; // exclusive lower bound
-        let mut q = self.conn.prepare_cached(
-            "SELECT seq, device_id, idem_key, receive_ms, body, correlation_id FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let mut ex_iter = excluded.ranges().iter().peekable();
-        while records.len() < max_records && pos < head {
-            // Skip excluded ranges at or below pos.
-            while let Some(&&(_, b)) = ex_iter.peek() {
-                if b <= pos {
-                    ex_iter.next();
-                } else {
+        let cursor = st.cursor;
+        let regions = match self.live_boundary(st, head)? {
+            // Live records first, then the backlog below them.
+            Some(live) => vec![(live - 1, head), (cursor, live - 1)],
+            None => vec![(cursor, head)],
+        };
+        let mut pick = Pick {
+            max: max_records,
+            bit: 1u64 << st.bit,
+            excluded: st.excluded(),
+            forced: st.forced.clone(),
+            ..Pick::default()
+        };
+        let mut hints = st.hint;
+        for class in Class::ALL {
+            for &(lo, hi) in &regions {
+                if pick.records.len() >= max_records {
                     break;
                 }
-            }
-            let (upper, next_pos) = match ex_iter.peek() {
-                Some(&&(a, b)) if a <= pos + 1 => {
-                    pos = b;
-                    ex_iter.next();
-                    continue;
+                let from = lo.max(hints[class as usize]);
+                let reached = if class == Class::Normal {
+                    self.pick_in_order(&mut pick, from, hi)?
+                } else {
+                    self.pick_class(&mut pick, class, from, hi)?
+                };
+                // Everything of the class up to `reached` is now taken,
+                // finished, InFlight or not this sink's: the next scan may
+                // start there, if this one started at or below the hint.
+                if lo <= hints[class as usize].max(cursor) {
+                    hints[class as usize] = hints[class as usize].max(reached);
                 }
-                Some(&&(a, b)) => (a - 1, Some(b)),
-                None => (head, None),
-            };
-            let want = max_records - records.len();
-            let rows = q.query_map(params![pos, upper, want as i64], |r| {
-                let seq: u64 = r.get(0)?;
-                let body: String = r.get(4)?;
-                Ok(StoredRecord {
-                    seq,
-                    device_id: r.get(1)?,
-                    idempotency_key: r.get(2)?,
-                    receive_ms: r.get(3)?,
-                    correlation_id: r.get(5)?,
-                    json: splice_record(seq, &body),
-                })
-            })?;
-            let mut got = 0usize;
-            let mut last = pos;
-            for row in rows {
-                let rec = row?;
-                last = rec.seq;
-                got += 1;
-                records.push(rec);
             }
-            if got == want {
-                claimed.push((pos + 1, last));
-                break;
-            }
-            // Everything in (pos, upper] was read: claim it whole, gaps included.
-            if upper > pos {
-                claimed.push((pos + 1, upper));
-            }
-            match next_pos {
-                Some(b) => {
-                    pos = b;
-                    ex_iter.next();
-                }
-                None => break,
-            }
-        }
-        drop(q);
-        if records.is_empty() {
-            return Ok(None);
         }
         let st = self.sink_mut(sink)?;
-        for &(a, b) in &claimed {
+        st.hint = hints;
+        for &(a, b) in pick.finished.ranges() {
+            st.finish(a, b);
+        }
+        if pick.records.is_empty() {
+            return Ok(None);
+        }
+        for &(a, b) in pick.taken.ranges() {
             st.inflight.insert(a, b);
         }
         Ok(Some(Batch {
             sink: sink.to_string(),
-            ranges: claimed,
-            records,
+            ranges: pick.taken.ranges().to_vec(),
+            records: pick.records,
         }))
+    }
+
+    /// The receive time of the first stored record at or above `seq`.
+    fn receive_ms_from(&self, seq: u64) -> Result<Option<i64>, WalError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT receive_ms FROM records WHERE seq >= ?1 ORDER BY seq LIMIT 1")?
+            .query_row([seq], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// With `live_first`, when the oldest Enqueued record is older than
+    /// `live_after`: the first seq received since then (found by binary
+    /// search: receive times grow with seq, give or take the few ms that
+    /// concurrent requests race). `None`: plain order.
+    fn live_boundary(&self, st: &SinkState, head: u64) -> Result<Option<u64>, WalError> {
+        if st.policy.drain != DrainMode::LiveFirst {
+            return Ok(None);
+        }
+        let cutoff = now_ms() - st.policy.live_after.as_millis() as i64;
+        let first = Self::first_enqueued(st);
+        match self.receive_ms_from(first)? {
+            Some(ms) if ms < cutoff => {}
+            _ => return Ok(None),
+        }
+        let (mut lo, mut hi) = (first, head + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.receive_ms_from(mid)? {
+                Some(ms) if ms < cutoff => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok((lo <= head).then_some(lo))
+    }
+
+    /// Takes, in seq order from above `from` up to `hi`, every Enqueued
+    /// `high` or `normal` record routed to the sink; finishes the records its
+    /// route did not take; leaves `low` ones for their own pass. Returns the
+    /// highest seq it judged.
+    fn pick_in_order(&self, pick: &mut Pick, from: u64, hi: u64) -> Result<u64, WalError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT seq, device_id, idem_key, receive_ms, body, correlation_id, class, sinks \
+             FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let mut reached = from;
+        for (a, b) in pick.excluded.gaps(from, hi) {
+            let mut pos = a - 1; // judged up to here
+            loop {
+                let want = pick.max - pick.records.len();
+                if want == 0 {
+                    return Ok(reached);
+                }
+                let limit = want + 256;
+                let mut rows = q.query(params![pos, b, limit as i64])?;
+                let mut n = 0usize;
+                while let Some(r) = rows.next()? {
+                    n += 1;
+                    let seq: u64 = r.get(0)?;
+                    if seq > pos + 1 {
+                        // No record there (compacted while finished): nothing to deliver.
+                        pick.finished.insert(pos + 1, seq - 1);
+                    }
+                    let class = Class::from_code(r.get(6)?);
+                    let routed = pick.routed(seq, r.get(7)?);
+                    if !routed {
+                        pick.finished.insert(seq, seq);
+                    } else if class != Class::Low {
+                        pick.take(stored_record(r, seq, class)?);
+                    }
+                    pos = seq;
+                    reached = seq;
+                    if pick.records.len() >= pick.max {
+                        return Ok(reached);
+                    }
+                }
+                if n < limit {
+                    if pos < b {
+                        pick.finished.insert(pos + 1, b);
+                    }
+                    reached = b;
+                    break;
+                }
+            }
+        }
+        Ok(reached.max(hi))
+    }
+
+    /// Takes, in seq order from above `from` up to `hi`, the Enqueued records
+    /// of `class` (`high` or `low`, found through their index) routed to the
+    /// sink. Returns the highest seq it judged.
+    fn pick_class(
+        &self,
+        pick: &mut Pick,
+        class: Class,
+        from: u64,
+        hi: u64,
+    ) -> Result<u64, WalError> {
+        // `class <> 1` lets SQLite use the partial index records_prio.
+        let mut q = self.conn.prepare_cached(
+            "SELECT seq, device_id, idem_key, receive_ms, body, correlation_id, class, sinks \
+             FROM records WHERE class <> 1 AND class = ?4 AND seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let mut pos = from;
+        loop {
+            let want = pick.max - pick.records.len();
+            if want == 0 {
+                return Ok(pos);
+            }
+            let limit = want + 256;
+            let mut rows = q.query(params![pos, hi, limit as i64, class.code()])?;
+            let mut n = 0usize;
+            while let Some(r) = rows.next()? {
+                n += 1;
+                let seq: u64 = r.get(0)?;
+                pos = seq;
+                if !pick.excluded.contains(seq) && pick.routed(seq, r.get(7)?) {
+                    pick.take(stored_record(r, seq, class)?);
+                    if pick.records.len() >= pick.max {
+                        return Ok(pos);
+                    }
+                }
+            }
+            if n < limit {
+                return Ok(hi);
+            }
+        }
     }
 
     /// Counts per sink and for the whole WAL.
@@ -274,6 +397,108 @@ impl Wal {
     }
 }
 
+impl Wal {
+    /// Per sink and class: the records the sink has not finished (Enqueued
+    /// or InFlight) and the receive time of the oldest. Counts subtract the
+    /// first 256 finished ranges above the cursor (more only after a long
+    /// priority drain, when the count is briefly high); the oldest is the
+    /// first such record above the class's scan hint. Costs a scan of the
+    /// backlog: housekeeping calls it every few seconds, not per fetch.
+    pub fn class_stats(&self) -> Result<BTreeMap<String, [(u64, Option<i64>); 3]>, WalError> {
+        let head = self.head();
+        let mut out = BTreeMap::new();
+        let routed = "(sinks IS NULL OR (sinks & ?2) <> 0)";
+        let mut count = self.conn.prepare_cached(&format!(
+            "SELECT class, COUNT(*) FROM records WHERE seq > ?1 AND {routed} GROUP BY class"
+        ))?;
+        let mut count_in = self.conn.prepare_cached(&format!(
+            "SELECT class, COUNT(*) FROM records WHERE seq >= ?1 AND seq <= ?3 AND {routed} GROUP BY class"
+        ))?;
+        let mut first_normal = self.conn.prepare_cached(&format!(
+            "SELECT receive_ms FROM records WHERE seq > ?1 AND {routed} AND class = 1 ORDER BY seq LIMIT 1"
+        ))?;
+        let mut first_other = self.conn.prepare_cached(&format!(
+            "SELECT receive_ms FROM records WHERE class <> 1 AND class = ?3 AND seq > ?1 AND {routed} ORDER BY seq LIMIT 1"
+        ))?;
+        for (name, st) in &self.sinks {
+            let mut per = [(0u64, None); 3];
+            if head > st.cursor {
+                let bit = (1u64 << st.bit) as i64;
+                let mut rows = count.query(params![st.cursor, bit])?;
+                while let Some(r) = rows.next()? {
+                    per[Class::from_code(r.get(0)?) as usize].0 += r.get::<_, u64>(1)?;
+                }
+                for &(a, b) in st.done.ranges().iter().take(256) {
+                    let mut rows = count_in.query(params![a, bit, b])?;
+                    while let Some(r) = rows.next()? {
+                        let slot = &mut per[Class::from_code(r.get(0)?) as usize].0;
+                        *slot = slot.saturating_sub(r.get::<_, u64>(1)?);
+                    }
+                }
+                for class in Class::ALL {
+                    let c = class as usize;
+                    if per[c].0 == 0 {
+                        continue;
+                    }
+                    let from = st.cursor.max(st.hint[c]);
+                    per[c].1 = if class == Class::Normal {
+                        first_normal.query_row(params![from, bit], |r| r.get(0))
+                    } else {
+                        first_other.query_row(params![from, bit, class.code()], |r| r.get(0))
+                    }
+                    .optional()?;
+                }
+            }
+            out.insert(name.clone(), per);
+        }
+        Ok(out)
+    }
+}
+
+/// What one fetch has picked so far.
+#[derive(Default)]
+struct Pick {
+    max: usize,
+    /// The sink's bit.
+    bit: u64,
+    /// Finished or InFlight for the sink.
+    excluded: RangeSet,
+    /// Reopened by requeue or replay: the sink's whatever the route says.
+    forced: RangeSet,
+    records: Vec<StoredRecord>,
+    /// Seqs of `records`.
+    taken: RangeSet,
+    /// Not the sink's (its route did not take them): finished at once.
+    finished: RangeSet,
+}
+
+impl Pick {
+    fn routed(&self, seq: u64, sinks: Option<i64>) -> bool {
+        sinks.is_none_or(|s| s as u64 & self.bit != 0) || self.forced.contains(seq)
+    }
+
+    fn take(&mut self, rec: StoredRecord) {
+        self.taken.insert(rec.seq, rec.seq);
+        // A later pass of the same fetch must not take it again.
+        self.excluded.insert(rec.seq, rec.seq);
+        self.records.push(rec);
+    }
+}
+
+/// A record from a row of `SELECT seq, device_id, idem_key, receive_ms, body, correlation_id, …`.
+fn stored_record(r: &rusqlite::Row<'_>, seq: u64, class: Class) -> rusqlite::Result<StoredRecord> {
+    let body: String = r.get(4)?;
+    Ok(StoredRecord {
+        seq,
+        device_id: r.get(1)?,
+        idempotency_key: r.get(2)?,
+        receive_ms: r.get(3)?,
+        correlation_id: r.get(5)?,
+        class,
+        json: splice_record(seq, &body),
+    })
+}
+
 /// Reads one sink's delivery state; a sink without a row starts at `head`
 /// (documented in the module doc) and gets its row.
 pub(super) fn load_sink(conn: &Connection, name: &str, head: u64) -> Result<SinkState, WalError> {
@@ -308,7 +533,23 @@ pub(super) fn load_sink(conn: &Connection, name: &str, head: u64) -> Result<Sink
     st.dead_count = conn.query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| {
         r.get(0)
     })?;
+    st.policy = SinkPolicy::new();
+    for class in Class::ALL {
+        st.ttl_mark[class as usize] = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [ttl_mark_key(name, class)],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+    }
     Ok(st)
+}
+
+/// The `meta` key of a sink's TTL mark for `class`.
+pub(super) fn ttl_mark_key(sink: &str, class: Class) -> String {
+    format!("ttl/{sink}/{class}")
 }
 
 /// Stores one sink's cursor and done ranges as they are in memory: only

@@ -12,8 +12,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::delivery::{load_sink, SinkState};
+use crate::route::{Class, RecordRoute, MAX_SINKS};
 
-pub(super) const SCHEMA_VERSION: i64 = 1;
+/// 2: records.class, records.sinks, sinks.bit (routes and priorities).
+pub(super) const SCHEMA_VERSION: i64 = 2;
 /// The on-disk schema (the one copy; the module doc of [`crate::wal`] shows it).
 const SCHEMA: &str = include_str!("schema.sql");
 
@@ -103,6 +105,8 @@ pub struct NewRecord {
     pub receive_ms: i64,
     /// Canonical JSON object without `v` and `seq`.
     pub body: String,
+    /// Its class and sink set, decided once (DESIGN §6a).
+    pub route: RecordRoute,
 }
 
 /// What became of one appended record.
@@ -135,6 +139,8 @@ pub struct StoredRecord {
     pub correlation_id: String,
     /// Receive time, epoch ms.
     pub receive_ms: i64,
+    /// Its priority class.
+    pub class: Class,
     /// The full canonical record JSON (one line, no newline).
     pub json: String,
 }
@@ -261,11 +267,18 @@ impl Wal {
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Keep the -wal file bounded after checkpoints.
         conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
+        migrate(&conn)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?1)",
+            "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?1)",
             [SCHEMA_VERSION],
         )?;
+        if cfg.sinks.len() > MAX_SINKS {
+            return Err(WalError::Invalid(format!(
+                "at most {MAX_SINKS} sinks, {} configured",
+                cfg.sinks.len()
+            )));
+        }
 
         let max_seq: u64 =
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
@@ -289,6 +302,7 @@ impl Wal {
         for name in &cfg.sinks {
             sinks.insert(name.clone(), load_sink(&conn, name, head)?);
         }
+        assign_bits(&conn, &cfg.sinks, &mut sinks)?;
 
         let mut wal = Self {
             conn,
@@ -319,11 +333,85 @@ impl Wal {
         self.backpressure.as_deref()
     }
 
+    /// Each configured sink's bit in a record's sink set ([`RecordRoute::sinks`]).
+    pub fn sink_bits(&self) -> BTreeMap<String, u64> {
+        self.sinks
+            .iter()
+            .map(|(n, st)| (n.clone(), 1u64 << st.bit))
+            .collect()
+    }
+
     pub(super) fn sink_mut(&mut self, sink: &str) -> Result<&mut SinkState, WalError> {
         self.sinks
             .get_mut(sink)
             .ok_or_else(|| WalError::UnknownSink(sink.to_string()))
     }
+}
+
+/// Brings a database of an earlier schema up to this one (adds the routing
+/// columns; old records are `normal` and go to every sink, as before).
+fn migrate(conn: &Connection) -> Result<(), WalError> {
+    let columns = |table: &str| -> Result<Vec<String>, WalError> {
+        let mut q = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+        let names = q
+            .query_map([table], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(names)
+    };
+    let records = columns("records")?;
+    if !records.is_empty() && !records.iter().any(|c| c == "class") {
+        conn.execute_batch(
+            "ALTER TABLE records ADD COLUMN class INTEGER NOT NULL DEFAULT 1;
+             ALTER TABLE records ADD COLUMN sinks INTEGER;",
+        )?;
+    }
+    let sinks = columns("sinks")?;
+    if !sinks.is_empty() && !sinks.iter().any(|c| c == "bit") {
+        conn.execute_batch("ALTER TABLE sinks ADD COLUMN bit INTEGER;")?;
+    }
+    Ok(())
+}
+
+/// Gives every configured sink without a bit the lowest free one. A bit held
+/// by a sink no longer configured is taken back only when no other is free
+/// (that sink's row goes: if it comes back, it starts at the head, so the
+/// records it would have misread are never its).
+fn assign_bits(
+    conn: &Connection,
+    names: &[String],
+    sinks: &mut BTreeMap<String, SinkState>,
+) -> Result<(), WalError> {
+    let mut held: BTreeMap<u32, String> = BTreeMap::new();
+    {
+        let mut q = conn.prepare("SELECT name, bit FROM sinks WHERE bit IS NOT NULL")?;
+        for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))? {
+            let (name, bit) = row?;
+            held.insert(bit, name);
+        }
+    }
+    for name in names {
+        if let Some((&bit, _)) = held.iter().find(|(_, n)| *n == name) {
+            sinks.get_mut(name).expect("loaded").bit = bit;
+            continue;
+        }
+        let free = (0..MAX_SINKS as u32).find(|b| !held.contains_key(b));
+        let bit = match free {
+            Some(b) => b,
+            None => {
+                let (&b, stale) = held
+                    .iter()
+                    .find(|(_, n)| !names.contains(n))
+                    .ok_or_else(|| WalError::Invalid(format!("at most {MAX_SINKS} sinks")))?;
+                conn.execute("DELETE FROM sinks WHERE name = ?1", [stale])?;
+                conn.execute("DELETE FROM sink_done WHERE sink = ?1", [stale])?;
+                b
+            }
+        };
+        conn.execute("UPDATE sinks SET bit = ?2 WHERE name = ?1", rusqlite::params![name, bit])?;
+        held.insert(bit, name.clone());
+        sinks.get_mut(name).expect("loaded").bit = bit;
+    }
+    Ok(())
 }
 
 /// Builds the full canonical record from the stored body by splicing in `v`
@@ -349,6 +437,7 @@ pub(super) fn test_record(key: &str) -> NewRecord {
         device_id: "dev-1".into(),
         receive_ms: now_ms(),
         body: format!("{{\"idempotency_key\":\"{key}\"}}"),
+        route: RecordRoute::default(),
     }
 }
 

@@ -103,6 +103,7 @@ mod admin;
 mod append;
 mod delivery;
 mod engine;
+mod expiry;
 mod ranges;
 mod reader;
 mod space;
@@ -116,6 +117,7 @@ pub use engine::{
     now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, NewRecord, SinkStats,
     StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
 };
+pub use expiry::EXPIRED;
 pub use ranges::RangeSet;
 pub use reader::WalReader;
 #[cfg(feature = "fault-injection")]

@@ -32,9 +32,30 @@ impl RangeSet {
         self.ranges.iter().map(|(a, b)| b - a + 1).sum()
     }
 
-    /// True when `v` is in the set.
+    /// True when `v` is in the set (binary search).
     pub fn contains(&self, v: u64) -> bool {
-        self.ranges.iter().any(|&(a, b)| a <= v && v <= b)
+        let i = self.ranges.partition_point(|&(_, b)| b < v);
+        self.ranges.get(i).is_some_and(|&(a, _)| a <= v)
+    }
+
+    /// The maximal ranges of `(after, upto]` outside the set, in order.
+    pub fn gaps(&self, after: u64, upto: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = after; // everything <= pos is handled
+        let start = self.ranges.partition_point(|&(_, b)| b <= after);
+        for &(a, b) in &self.ranges[start..] {
+            if pos >= upto {
+                break;
+            }
+            if a > pos + 1 {
+                out.push((pos + 1, (a - 1).min(upto)));
+            }
+            pos = pos.max(b);
+        }
+        if pos < upto {
+            out.push((pos + 1, upto));
+        }
+        out
     }
 
     /// Adds `first..=last`, merging with overlapping or adjacent ranges.
@@ -270,5 +291,18 @@ mod tests {
         assert_eq!(s.pop_contiguous(4), None);
         assert_eq!(s.pop_contiguous(5), Some(9));
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn gaps_are_what_the_set_leaves_out() {
+        let mut s = RangeSet::new();
+        s.insert(3, 4);
+        s.insert(8, 9);
+        assert_eq!(s.gaps(0, 10), vec![(1, 2), (5, 7), (10, 10)]);
+        assert_eq!(s.gaps(3, 9), vec![(5, 7)]);
+        assert_eq!(s.gaps(4, 8), vec![(5, 7)]);
+        assert_eq!(s.gaps(9, 9), vec![]);
+        assert_eq!(RangeSet::new().gaps(5, 7), vec![(6, 7)]);
+        assert!(s.contains(3) && s.contains(9) && !s.contains(5) && !s.contains(10));
     }
 }

@@ -6,21 +6,31 @@
 --   increasing, never reused (meta.seq_floor keeps it above compacted ones);
 --   idem_key is "{device_id}:{msg_id}" or a payload hash (dedup);
 --   receive_ms is the gateway receive time (epoch ms); body is the canonical
---   record JSON without "v" and "seq" (spliced in on read).
--- sinks: every seq <= cursor is finished (acked or dead) for the sink.
+--   record JSON without "v" and "seq" (spliced in on read); class is its
+--   priority class (0 high, 1 normal, 2 low) and sinks the set of sinks it
+--   goes to (bit sinks.bit per sink; NULL every sink), both decided once
+--   when it was stored. records_prio finds high and low records in seq order
+--   without reading the normal ones.
+-- sinks: every seq <= cursor is finished (acked or dead) for the sink; bit
+--   is the sink's bit in records.sinks (0..62, kept for the sink's life).
 -- sink_done: finished ranges above the cursor (out-of-order completions).
 -- dead: dead letters, kept until requeued or purged.
--- meta: schema_version, seq_floor (highest compacted seq).
+-- meta: schema_version, seq_floor (highest compacted seq), and per sink
+--   and class the TTL mark 'ttl/SINK/CLASS' (records at or below it were
+--   judged by the TTL already: requeued expired records do not expire again).
 CREATE TABLE IF NOT EXISTS records(
     seq INTEGER PRIMARY KEY,
     idem_key TEXT NOT NULL,
     correlation_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
     receive_ms INTEGER NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    class INTEGER NOT NULL DEFAULT 1,
+    sinks INTEGER
 );
 CREATE INDEX IF NOT EXISTS records_idem ON records(idem_key);
-CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_prio ON records(class, seq) WHERE class <> 1;
+CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL, bit INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_done(
     sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
     PRIMARY KEY(sink, first)

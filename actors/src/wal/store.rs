@@ -28,9 +28,12 @@ use super::engine::{
 };
 use super::space::COMPACT_CHUNK;
 use crate::metrics::Metrics;
+use crate::route::Class;
 
 /// How often the writer thread refreshes space, stats and compaction.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(500);
+/// Housekeeping passes between two counts of the backlog per class (5 s).
+const CLASS_STATS_EVERY: u64 = 10;
 /// Upper bound of requests taken into one group commit.
 const MAX_GROUP_REQUESTS: usize = 4096;
 /// How often a passive checkpoint runs.
@@ -412,6 +415,7 @@ fn writer_loop(
     health.writable.store(true, Ordering::SeqCst);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_checkpoint = Instant::now();
+    let mut passes = 0u64;
     publish_stats(&wal, &metrics, &health);
     loop {
         let first = match rx.recv_timeout(HOUSEKEEPING_EVERY) {
@@ -443,6 +447,10 @@ fn writer_loop(
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
             housekeeping(&mut wal, &metrics, &health);
+            passes += 1;
+            if passes % CLASS_STATS_EVERY == 0 {
+                publish_class_stats(&wal, &metrics);
+            }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 last_checkpoint = Instant::now();
                 if let Err(e) = wal.checkpoint() {
@@ -530,6 +538,19 @@ fn serve_read(wal: &mut Wal, r: Request) {
 }
 
 fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
+    match wal.expire(now_ms()) {
+        Ok(expired) => {
+            for (sink, class, n) in expired {
+                metrics
+                    .wal_expired
+                    .with_label_values(&[&sink, class.as_str()])
+                    .inc_by(n as u64);
+                tracing::warn!(sink = %sink, class = %class, records = n,
+                    "records outlived their TTL for this sink: now its dead letters (reason expired)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "TTL expiry failed"),
+    }
     match wal.compact(now_ms(), COMPACT_CHUNK) {
         Ok((compacted, dropped)) => {
             if compacted > 0 {
@@ -613,6 +634,32 @@ fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
             .wal_oldest_pending_age
             .with_label_values(&[sink])
             .set(age);
+    }
+}
+
+/// Per sink and class: the backlog and the age of its oldest record.
+fn publish_class_stats(wal: &Wal, metrics: &Metrics) {
+    let stats = match wal.class_stats() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot count the backlog per class");
+            return;
+        }
+    };
+    let now = now_ms();
+    for (sink, per) in &stats {
+        for class in Class::ALL {
+            let (n, oldest) = per[class as usize];
+            let labels = [sink.as_str(), class.as_str()];
+            metrics
+                .wal_class_records
+                .with_label_values(&labels)
+                .set(n.min(i64::MAX as u64) as i64);
+            metrics
+                .wal_class_oldest_age
+                .with_label_values(&labels)
+                .set(oldest.map_or(0, |ms| (now - ms).max(0) / 1000));
+        }
     }
 }
 
