@@ -94,6 +94,27 @@ pub enum Command {
     },
     /// Ping a running gateway through its admin API.
     Ping,
+    /// Routes: which class and sinks a record would get.
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+/// `gateway route …`
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Shows the class and the sinks a record would get with the rules in force now.
+    Test {
+        /// The device id.
+        device: String,
+        /// The telemetry, JSON, as the device sends it.
+        payload: String,
+        /// mqtt or http (default http; mqtt with --topic).
+        #[arg(long)]
+        source: Option<String>,
+        /// The MQTT topic it arrives on (read by mqtt.topics for the device id and tags).
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 /// Dead-letter filters (all optional; all given must match).

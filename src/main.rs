@@ -44,6 +44,7 @@ fn main() -> ExitCode {
             | Command::Wal(_)
             | Command::Sink(_)
             | Command::DeviceSend { .. }
+            | Command::Route(_)
             | Command::Ping),
         ) => gateway::ops_cli::run(&cli, cmd).unwrap_or(ExitCode::from(2)),
         Some(Command::Token(TokenCommand::New { ref device })) => {

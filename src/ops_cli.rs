@@ -30,7 +30,8 @@ use gateway_actors::Metrics;
 use serde_json::{json, Value};
 
 use crate::cli::{
-    Cli, Command as CliCommand, ConfigCommand, DlqCommand, DlqFilterArgs, SinkCommand, WalCommand,
+    Cli, Command as CliCommand, ConfigCommand, DlqCommand, DlqFilterArgs, RouteCommand, SinkCommand,
+    WalCommand,
 };
 use crate::config::{Loaded, Settings};
 use crate::lock::{try_lock, LockState};
@@ -189,6 +190,21 @@ fn request(cmd: &CliCommand) -> Result<Option<Request>, String> {
         }
         CliCommand::Sink(SinkCommand::Resume { name }) => {
             ("sink.resume", json!({"sink": name}), Show::Json, None)
+        }
+        CliCommand::Route(RouteCommand::Test {
+            device,
+            payload,
+            source,
+            topic,
+        }) => {
+            let p: Value = serde_json::from_str(payload)
+                .map_err(|e| format!("the payload must be JSON: {e}"))?;
+            (
+                "route.test",
+                json!({"device_id": device, "payload": p, "source": source, "topic": topic}),
+                Show::Json,
+                None,
+            )
         }
         _ => return Ok(None),
     }))

@@ -12,17 +12,11 @@ use crate::helpers::{
 };
 
 fn admin_token(app: &TestApp) -> String {
-    std::fs::read_to_string(app.dir.path().join("admin.token"))
-        .expect("the gateway created an admin token in its data dir")
-        .trim()
-        .to_string()
+    app.admin_token()
 }
 
 fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> crate::helpers::Resp {
-    let req = ureq::request(method, &app.url(path))
-        .set("Authorization", &format!("Bearer {}", admin_token(app)))
-        .set("Content-Type", "application/json");
-    request(req, body.map(|b| b.to_string()).as_deref())
+    app.admin(method, path, body)
 }
 
 #[test]

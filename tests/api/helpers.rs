@@ -174,6 +174,22 @@ impl TestApp {
         request(ureq::get(&self.url(path)), None)
     }
 
+    /// The admin token the gateway created in its data dir.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.token"))
+            .expect("the gateway created an admin token in its data dir")
+            .trim()
+            .to_string()
+    }
+
+    /// An admin API request with the admin token.
+    pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        let req = ureq::request(method, &self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.admin_token()))
+            .set("Content-Type", "application/json");
+        request(req, body.map(|b| b.to_string()).as_deref())
+    }
+
     pub fn archive_dir(&self) -> PathBuf {
         self.dir.path().join("archive")
     }

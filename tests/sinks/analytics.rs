@@ -16,6 +16,8 @@ pub enum Mode {
     Fail(u16, Option<u64>),
     /// Read the request and never answer.
     Hang,
+    /// 200 after this long (a slow API).
+    Slow(Duration),
 }
 
 /// One request the server saw.
@@ -122,7 +124,7 @@ impl Analytics {
             }
             let mode = self.mode.lock().unwrap().clone();
             let answered = match &mode {
-                Mode::Accept => Some(200),
+                Mode::Accept | Mode::Slow(_) => Some(200),
                 Mode::Fail(s, _) => Some(*s),
                 Mode::Hang => None,
             };
@@ -138,6 +140,10 @@ impl Analytics {
                     return;
                 }
                 Mode::Accept => {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                }
+                Mode::Slow(d) => {
+                    std::thread::sleep(d);
                     let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
                 }
                 Mode::Fail(status, retry_after) => {

@@ -12,4 +12,5 @@ mod helpers;
 mod http;
 mod kafka;
 mod mqtt;
+mod routes;
 mod s3;
