@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gateway_actors::dispatcher::{DispatchConfig, DispatchKeys};
-use gateway_actors::mqtt::topics::Topics;
-use gateway_actors::route::{self, PriorityRule, SinkPolicy, MAX_SINKS};
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::keys::{secret_key, KeyError};
+use gateway_actors::mqtt::topics::Topics;
 use gateway_actors::mqtt::{broker_address, broker_tls, MqttIngestConfig, MqttVersion};
+use gateway_actors::route::{self, PriorityRule, SinkPolicy, MAX_SINKS};
 pub use gateway_actors::sink::SinkTarget;
 use gateway_actors::sink::{SinkConfig, SinkContext};
 use gateway_actors::wal::{BackpressurePolicy, WalConfig};
@@ -613,7 +613,8 @@ impl Loaded {
         let priority = match &raw.priority {
             None => Vec::new(),
             Some(v) => {
-                let json = serde_json::to_value(v).map_err(|e| self.invalid("priority", e.to_string()))?;
+                let json =
+                    serde_json::to_value(v).map_err(|e| self.invalid("priority", e.to_string()))?;
                 route::parse_priority("priority", &json).map_err(|e| {
                     let msg = e.strip_prefix("priority: ").unwrap_or(&e).to_string();
                     self.invalid("priority", msg)

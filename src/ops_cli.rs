@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Actor as _;
+use gateway_actors::control::ops::{bits_by_name, route_test, RouteTestContext};
 use gateway_actors::control::{Command, OpError, Operator, RuntimeOverrides};
 use gateway_actors::wal::{
     integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalHealth, WalReader, WalStore,
@@ -30,8 +31,8 @@ use gateway_actors::Metrics;
 use serde_json::{json, Value};
 
 use crate::cli::{
-    Cli, Command as CliCommand, ConfigCommand, DlqCommand, DlqFilterArgs, RouteCommand, SinkCommand,
-    WalCommand,
+    Cli, Command as CliCommand, ConfigCommand, DlqCommand, DlqFilterArgs, RouteCommand,
+    SinkCommand, WalCommand,
 };
 use crate::config::{Loaded, Settings};
 use crate::lock::{try_lock, LockState};
@@ -310,6 +311,30 @@ async fn execute(
 
 async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, OpError> {
     let cmd = Command::parse(name, args)?;
+    if let Command::RouteTest {
+        device_id,
+        payload,
+        source,
+        topic,
+    } = cmd
+    {
+        // Needs no WAL: the rules in force (configuration + runtime.json).
+        let runtime = RuntimeOverrides::load(&settings.data_dir).map_err(OpError::BadRequest)?;
+        let policies = crate::startup::base_policies(settings);
+        let routing = runtime.routing(&settings.priority, &policies, &bits_by_name(&policies));
+        let topics = settings
+            .mqtt
+            .ingest()
+            .map(|c| c.topics.clone())
+            .unwrap_or_default();
+        let cx = RouteTestContext {
+            gateway_id: &settings.gateway_id,
+            routing: &routing,
+            topics: &topics,
+            limits: &settings.ingest.limits,
+        };
+        return route_test(&cx, device_id, payload, source, topic);
+    }
     let cfg = settings.wal_config();
     if !cfg.path.exists() {
         return Err(OpError::BadRequest(format!(

@@ -67,7 +67,7 @@ pub fn sink_factory(target: &SinkTarget) -> SinkFactory {
 }
 
 /// Every sink's configured route, TTLs and drain order.
-fn base_policies(settings: &Settings) -> BTreeMap<String, SinkPolicy> {
+pub fn base_policies(settings: &Settings) -> BTreeMap<String, SinkPolicy> {
     settings
         .sinks
         .iter()

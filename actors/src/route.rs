@@ -18,7 +18,9 @@ pub const MAX_SINKS: usize = 63;
 
 /// A priority class. A sink with a backlog delivers `High`, then `Normal`,
 /// then `Low`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
     /// Delivered first.
@@ -109,7 +111,8 @@ pub struct Match {
 impl Match {
     /// Refuses empty lists and unknown sources (`what` names the setting).
     pub fn validate(&self, what: &str) -> Result<(), String> {
-        let nonempty = |field: &str, v: &Option<Vec<String>>| match v {
+        let nonempty = |field: &str, v: &Option<Vec<String>>| {
+            match v {
             Some(l) if l.is_empty() => Err(format!(
                 "{what}.{field}: an empty list matches nothing; leave the key out to match every record"
             )),
@@ -117,6 +120,7 @@ impl Match {
                 Err(format!("{what}.{field}: empty names are not allowed"))
             }
             _ => Ok(()),
+        }
         };
         nonempty("devices", &self.devices)?;
         nonempty("sources", &self.sources)?;
@@ -249,10 +253,10 @@ impl SinkPolicy {
     /// TOML as JSON, or a runtime setting). `null` clears `route` and `ttl`.
     pub fn set(&mut self, key: &str, v: &Value) -> Result<(), crate::keys::KeyError> {
         use crate::keys::KeyError;
-        let err = |e: String| {
-            // The parsers name the key first; the caller adds the section.
-            let msg = e.strip_prefix(&format!("{key}: ")).unwrap_or(&e).to_string();
-            KeyError::new(key, msg)
+        // The parsers say "KEY[.SUBKEY]: what is wrong"; the caller adds the section.
+        let err = |e: String| match e.split_once(": ") {
+            Some((k, msg)) if k.starts_with(key) => KeyError::new(k, msg),
+            _ => KeyError::new(key, e),
         };
         match key {
             "route" if v.is_null() => self.route = None,
@@ -284,7 +288,11 @@ pub fn parse_duration(key: &str, v: &Value) -> Result<Duration, String> {
             .map_err(|e| format!("{key}: {s:?} is not a duration like \"60s\" or \"6h\": {e}"))?,
         Value::Number(n) => match n.as_u64() {
             Some(s) => Duration::from_secs(s),
-            None => return Err(format!("{key}: expected whole seconds or a duration string")),
+            None => {
+                return Err(format!(
+                    "{key}: expected whole seconds or a duration string"
+                ))
+            }
         },
         _ => return Err(format!("{key}: expected a duration like \"60s\" or \"6h\"")),
     };
@@ -303,9 +311,8 @@ pub fn parse_ttl(key: &str, v: &Value) -> Result<BTreeMap<Class, Duration>, Stri
     };
     let mut out = BTreeMap::new();
     for (class, d) in m {
-        let c: Class = serde_json::from_value(Value::String(class.clone())).map_err(|_| {
-            format!("{key}.{class}: not a class; expected high, normal or low")
-        })?;
+        let c: Class = serde_json::from_value(Value::String(class.clone()))
+            .map_err(|_| format!("{key}.{class}: not a class; expected high, normal or low"))?;
         out.insert(c, parse_duration(&format!("{key}.{class}"), d)?);
     }
     Ok(out)
@@ -313,8 +320,7 @@ pub fn parse_ttl(key: &str, v: &Value) -> Result<BTreeMap<Class, Duration>, Stri
 
 /// Parses a route (`{ devices = [...], ... }`).
 pub fn parse_match(key: &str, v: &Value) -> Result<Match, String> {
-    let m: Match =
-        serde_json::from_value(v.clone()).map_err(|e| format!("{key}: {e}"))?;
+    let m: Match = serde_json::from_value(v.clone()).map_err(|e| format!("{key}: {e}"))?;
     m.validate(key)?;
     Ok(m)
 }
@@ -455,11 +461,17 @@ mod tests {
                 ("all".to_string(), (1, None)),
                 (
                     "pumps".to_string(),
-                    (2, Some(parse_match("r", &json!({"devices": ["pump-*"]})).unwrap())),
+                    (
+                        2,
+                        Some(parse_match("r", &json!({"devices": ["pump-*"]})).unwrap()),
+                    ),
                 ),
                 (
                     "north".to_string(),
-                    (4, Some(parse_match("r", &json!({"tags": {"site": "north"}})).unwrap())),
+                    (
+                        4,
+                        Some(parse_match("r", &json!({"tags": {"site": "north"}})).unwrap()),
+                    ),
                 ),
             ]),
         };
@@ -493,7 +505,9 @@ mod tests {
         assert!(parse_ttl("ttl", &json!({"urgent": "6h"}))
             .unwrap_err()
             .contains("not a class"));
-        assert!(parse_ttl("ttl", &json!({"low": "0s"})).unwrap_err().contains("above zero"));
+        assert!(parse_ttl("ttl", &json!({"low": "0s"}))
+            .unwrap_err()
+            .contains("above zero"));
         assert!(parse_ttl("ttl", &json!({"low": "soon"})).is_err());
         assert_eq!(
             parse_duration("live_after", &json!(30)).unwrap(),

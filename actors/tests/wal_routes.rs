@@ -160,11 +160,25 @@ fn live_first_sends_records_younger_than_live_after_ahead_of_the_backlog() {
     let mut wal = open(dir.path(), &["s"]);
     let old = now_ms() - 600_000;
     let backlog: Vec<NewRecord> = (0..50)
-        .map(|i| record(&format!("old{i}"), &format!("d{}", i % 3), old + i, normal()))
+        .map(|i| {
+            record(
+                &format!("old{i}"),
+                &format!("d{}", i % 3),
+                old + i,
+                normal(),
+            )
+        })
         .collect();
     wal.append(backlog).unwrap();
     let live: Vec<NewRecord> = (0..10)
-        .map(|i| record(&format!("new{i}"), &format!("d{}", i % 3), now_ms(), normal()))
+        .map(|i| {
+            record(
+                &format!("new{i}"),
+                &format!("d{}", i % 3),
+                now_ms(),
+                normal(),
+            )
+        })
         .collect();
     wal.append(live).unwrap();
     wal.set_policy(
@@ -199,7 +213,8 @@ fn live_first_sends_records_younger_than_live_after_ahead_of_the_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let mut wal = open(dir.path(), &["s"]);
     wal.append(vec![record("old", "d", old, normal())]).unwrap();
-    wal.append(vec![record("new", "d", now_ms(), normal())]).unwrap();
+    wal.append(vec![record("new", "d", now_ms(), normal())])
+        .unwrap();
     let b = wal.fetch("s", 1, Duration::ZERO).unwrap().unwrap();
     assert_eq!(b.records[0].idempotency_key, "old");
 }
@@ -245,7 +260,11 @@ fn a_record_past_its_ttl_is_expired_listed_and_delivered_after_a_requeue() {
     assert_eq!(b.records.len(), 3);
     // The expired record is not delivered to the lake ...
     let b = wal.fetch("lake", 10, Duration::ZERO).unwrap().unwrap();
-    let keys: Vec<&str> = b.records.iter().map(|r| r.idempotency_key.as_str()).collect();
+    let keys: Vec<&str> = b
+        .records
+        .iter()
+        .map(|r| r.idempotency_key.as_str())
+        .collect();
     assert_eq!(keys, ["normal-old", "low-new"]);
     wal.ack("lake", &b.ranges).unwrap();
     // ... until an operator requeues it; then it does not expire again.
@@ -268,7 +287,11 @@ fn a_record_past_its_ttl_is_expired_listed_and_delivered_after_a_requeue() {
         },
     )
     .unwrap();
-    assert_eq!(wal.expire(now_ms()).unwrap(), vec![], "the mark survives a restart");
+    assert_eq!(
+        wal.expire(now_ms()).unwrap(),
+        vec![],
+        "the mark survives a restart"
+    );
     let b = wal.fetch("lake", 10, Duration::ZERO).unwrap().unwrap();
     assert_eq!(b.records[0].idempotency_key, "low-old");
 }
@@ -283,15 +306,22 @@ fn replay_to_a_named_sink_delivers_records_its_route_did_not_take() {
         sinks: Some(b_bit),
     };
     let t = now_ms();
-    wal.append(vec![record("x", "d", t, only_b), record("y", "d", t, normal())])
-        .unwrap();
+    wal.append(vec![
+        record("x", "d", t, only_b),
+        record("y", "d", t, normal()),
+    ])
+    .unwrap();
     let got = wal.fetch("a", 10, Duration::ZERO).unwrap().unwrap();
     assert_eq!(got.records.len(), 1, "a's route did not take x");
     wal.ack("a", &got.ranges).unwrap();
     assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 2);
     wal.replay("a", t - 1, t + 1).unwrap();
     let got = wal.fetch("a", 10, Duration::ZERO).unwrap().unwrap();
-    let keys: Vec<&str> = got.records.iter().map(|r| r.idempotency_key.as_str()).collect();
+    let keys: Vec<&str> = got
+        .records
+        .iter()
+        .map(|r| r.idempotency_key.as_str())
+        .collect();
     assert_eq!(keys, ["x", "y"], "the operator named the sink");
 }
 
@@ -315,10 +345,17 @@ fn a_wal_of_the_first_schema_opens_and_its_records_go_to_every_sink() {
     let mut wal = Wal::open(WalConfig::new(&path, &["a", "b"])).unwrap();
     let got = wal.fetch("a", 10, Duration::ZERO).unwrap().unwrap();
     assert_eq!(got.records.len(), 1);
-    assert_eq!((got.records[0].seq, got.records[0].class), (2, Class::Normal));
+    assert_eq!(
+        (got.records[0].seq, got.records[0].class),
+        (2, Class::Normal)
+    );
     let v: i64 = wal
         .connection()
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(v, 2);
 }

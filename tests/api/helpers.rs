@@ -369,11 +369,32 @@ pub fn spawn_gateway_binary(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> GatewayProcess {
+    spawn_gateway_binary_logged(data, http_port, args, env, None)
+}
+
+/// [`spawn_gateway_binary`], with the log (level info) appended to `log` when given.
+pub fn spawn_gateway_binary_logged(
+    data: &Path,
+    http_port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: Option<&Path>,
+) -> GatewayProcess {
+    let stdout = match log {
+        Some(p) => std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap(),
+        ),
+        None => std::process::Stdio::null(),
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args([
             "run",
             "--log-level",
-            "warn",
+            if log.is_some() { "info" } else { "warn" },
             "--http-addr",
             &format!("127.0.0.1:{http_port}"),
         ])
@@ -382,7 +403,7 @@ pub fn spawn_gateway_binary(
         .arg(data)
         .env_remove("GATEWAY_CONFIG")
         .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
+        .stdout(stdout)
         .spawn()
         .expect("gateway binary starts");
     let child = GatewayProcess(child);

@@ -362,3 +362,75 @@ fn requeue_on_a_running_gateway_delivers_after_the_fix() {
         true
     );
 }
+
+#[test]
+fn route_test_answers_which_class_and_sinks_a_record_would_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n\
+             topics = [\"devices/{{device_id}}/telemetry\", \"site/{{tag:site}}/{{device_id}}/data\"]\n\
+             [[priority]]\nclass = \"high\"\nmatch = {{ metrics_any = [\"alarm\"] }}\n\
+             [sinks.all]\nkind = \"s3\"\nurl = \"file://{0}/all\"\n\
+             [sinks.north]\nkind = \"s3\"\nurl = \"file://{0}/north\"\nroute = {{ tags = {{ site = \"north\" }} }}\n\
+             [sinks.http_only]\nkind = \"s3\"\nurl = \"file://{0}/h\"\nroute = {{ sources = [\"http\"] }}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", cfg, "--json", "route", "test"];
+        all.extend_from_slice(args);
+        let (code, out, err) = gateway(&all, &[]);
+        (
+            code,
+            serde_json::from_str::<Value>(out.trim()).unwrap_or(Value::Null),
+            err,
+        )
+    };
+    let (code, v, err) = run(&[
+        "pump-1",
+        r#"{"ts":1764057600000,"metrics":{"alarm":true}}"#,
+        "--topic",
+        "site/north/pump-1/data",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(v["source"], "mqtt");
+    assert_eq!(v["topic_tags"]["site"], "north");
+    assert_eq!(v["records"][0]["class"], "high");
+    assert_eq!(
+        v["records"][0]["sinks"],
+        serde_json::json!(["all", "north"])
+    );
+
+    let (code, v, err) = run(&[
+        "fan-1",
+        r#"[{"ts":1,"metrics":{"t":1}},{"ts":2,"metrics":{"t":2},"tags":{"site":"north"}}]"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(v["records"][0]["class"], "normal");
+    assert_eq!(
+        v["records"][0]["sinks"],
+        serde_json::json!(["all", "http_only"])
+    );
+    assert_eq!(
+        v["records"][1]["sinks"],
+        serde_json::json!(["all", "http_only", "north"])
+    );
+
+    let (code, _, err) = run(&["pump-1", r#"{"metrics":{}}"#]);
+    assert_ne!(code, 0);
+    assert!(err.contains("would be refused"), "{err}");
+    let (code, _, err) = run(&[
+        "pump-1",
+        r#"{"ts":1,"metrics":{"t":1}}"#,
+        "--topic",
+        "other/pump-1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("matches no template"), "{err}");
+}

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use crate::broker::{mosquitto_pub, Mosquitto, Subscriber};
 use crate::helpers::{
-    archived_records, free_port, request, spawn_app, spawn_gateway_binary, telemetry, wait_until,
+    archived_keys, archived_records, free_port, request, spawn_app, spawn_gateway_binary,
+    spawn_gateway_binary_logged, telemetry, wait_until,
 };
 
 const ID: &str = "gw-ctl";
@@ -268,6 +269,118 @@ fn config_set_over_mqtt_changes_behaviour_and_survives_a_restart() {
         0.01
     );
     assert_eq!(got["result"]["overrides"]["rate_limit_burst"], 1.0);
+}
+
+#[test]
+fn a_route_changed_over_mqtt_applies_to_the_next_records_survives_a_restart_and_is_audited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let (archive, alarms) = (tmp.path().join("archive"), tmp.path().join("alarms"));
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway_id = \"{ID}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n\
+             [sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\n\
+             [sinks.alarms]\nkind = \"s3\"\nurl = \"file://{}\"\n",
+            broker.port,
+            archive.display(),
+            alarms.display()
+        ),
+    )
+    .unwrap();
+    let (data, log) = (tmp.path().join("data"), tmp.path().join("gateway.log"));
+    let http = free_port();
+    let cfg = config.display().to_string();
+    let post = |device: &str, msg: &str| {
+        let r = request(
+            ureq::post(&format!("http://127.0.0.1:{http}/ingest/{device}"))
+                .set("Content-Type", "application/json"),
+            Some(&telemetry(msg, 1.0)),
+        );
+        assert_eq!(r.status, 202, "{}", r.text);
+    };
+    let sub = subscriber(broker.port, tmp.path());
+    let mut gw = spawn_gateway_binary_logged(&data, http, &["--config", &cfg], &[], Some(&log));
+    wait_control_plane(broker.port, &sub);
+    post("pump-1", "a1");
+    post("fan-1", "a2");
+
+    let route = json!({"devices": ["pump-*"]});
+    let r = ask(
+        broker.port,
+        &sub,
+        "config.set",
+        json!({"request_id": "r1", "key": "sinks.alarms.route", "value": route}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let bad = ask(
+        broker.port,
+        &sub,
+        "config.set",
+        json!({"request_id": "r2", "key": "sinks.alarms.route", "value": {"devices": []}}),
+    );
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sinks.alarms.route"),
+        "the error names the key: {bad}"
+    );
+    post("pump-1", "b1");
+    post("fan-1", "b2");
+    let keys = |v: &[&str]| {
+        v.iter()
+            .map(|s| s.to_string())
+            .collect::<std::collections::HashSet<_>>()
+    };
+    wait_until("archive has all four", Duration::from_secs(10), || {
+        archived_keys(&archive) == keys(&["pump-1:a1", "fan-1:a2", "pump-1:b1", "fan-1:b2"])
+    });
+    wait_until(
+        "alarms: everything before, pumps after",
+        Duration::from_secs(10),
+        || archived_keys(&alarms) == keys(&["pump-1:a1", "fan-1:a2", "pump-1:b1"]),
+    );
+
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+    drop(gw);
+    let _gw = spawn_gateway_binary_logged(&data, http, &["--config", &cfg], &[], Some(&log));
+    post("fan-1", "c2");
+    post("pump-1", "c1");
+    wait_until("archive has c1 and c2", Duration::from_secs(10), || {
+        archived_keys(&archive).contains("fan-1:c2")
+            && archived_keys(&archive).contains("pump-1:c1")
+    });
+    wait_until(
+        "the route survived the restart",
+        Duration::from_secs(10),
+        || archived_keys(&alarms).contains("pump-1:c1"),
+    );
+    assert!(
+        !archived_keys(&alarms).contains("fan-1:c2"),
+        "fan-1 is not routed to alarms"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let audits: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "audit" && v["command"] == "config.set")
+        .collect();
+    assert_eq!(
+        audits.len(),
+        2,
+        "both attempts are audit-logged: {audits:?}"
+    );
+    assert_eq!(audits[0]["outcome"], "ok");
+    assert_eq!(audits[0]["actor"], "mqtt");
+    assert!(audits[0]["args"]
+        .as_str()
+        .unwrap()
+        .contains("sinks.alarms.route"));
+    assert_eq!(audits[1]["outcome"], "error");
 }
 
 #[test]

@@ -561,3 +561,53 @@ fn the_gateway_authenticates_with_a_user_name_and_a_password_from_a_file() {
             && !refused.get("/readyz").text.contains("guess")
     );
 }
+
+#[test]
+fn topic_templates_give_the_device_id_and_tags_and_a_stale_topic_is_counted_as_invalid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let mqtt = |topics: &str| {
+        format!(
+            "[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nversion = \"3.1.1\"\nclient_id = \"gw-topics\"\ntopics = {topics}\n",
+            broker.port
+        )
+    };
+    // An earlier configuration subscribed `legacy/+` on the persistent session.
+    let old = spawn_app(&mqtt(r#"["legacy/{device_id}"]"#));
+    wait_mqtt_ready(&old);
+    drop(old);
+
+    let app = spawn_app(&mqtt(
+        r#"["devices/{device_id}/telemetry", "site/{tag:site}/line/{tag:line}/{device_id}/data"]"#,
+    ));
+    wait_mqtt_ready(&app);
+    let (ok, err) = mosquitto_pub(
+        broker.port,
+        "site/north/line/2/pump-7/data",
+        &["-m", &line("t1")],
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = mosquitto_pub(broker.port, "devices/dev-9/telemetry", &["-m", &line("t2")]);
+    assert!(ok, "{err}");
+    // The broker still delivers the old subscription: no template reads it.
+    let (ok, err) = mosquitto_pub(broker.port, "legacy/dev-1", &["-m", &line("t3")]);
+    assert!(ok, "{err}");
+    wait_until("two records archived", Duration::from_secs(20), || {
+        archived_keys(&app.archive_dir()).len() == 2
+    });
+    wait_until(
+        "the stale topic is counted",
+        Duration::from_secs(10),
+        || {
+            app.metric(r#"gateway_ingest_rejected_total{reason="invalid_topic",source="mqtt"}"#)
+                == 1.0
+        },
+    );
+    let records = archived_records(&app.archive_dir());
+    let pump = records.iter().find(|r| r["device_id"] == "pump-7").unwrap();
+    assert_eq!(pump["tags"]["site"], "north");
+    assert_eq!(pump["tags"]["line"], "2");
+    assert_eq!(pump["tags"]["fw"], "1.0", "the payload's own tags stay");
+    assert!(records.iter().any(|r| r["device_id"] == "dev-9"));
+    assert!(!archived_keys(&app.archive_dir()).contains("dev-1:t3"));
+}

@@ -57,7 +57,11 @@ fn three_sinks_with_different_routes_each_receive_exactly_their_subset() {
         } else {
             json!({"t": i})
         };
-        post(&app, device, &rec(&format!("m{i}"), metrics, json!({"site": site})));
+        post(
+            &app,
+            device,
+            &rec(&format!("m{i}"), metrics, json!({"site": site})),
+        );
         let key = format!("{device}:m{i}");
         let mut any = false;
         for (sink, takes) in [
@@ -77,16 +81,27 @@ fn three_sinks_with_different_routes_each_receive_exactly_their_subset() {
     assert!(unrouted > 0, "the mix has unrouted records");
     wait_until("every sink caught up", Duration::from_secs(30), || {
         ["pumps", "north", "alarms"].iter().all(|s| {
-            app.metric(&format!(r#"gateway_wal_records{{sink="{s}",state="enqueued"}}"#)) == 0.0
-                && app.metric(&format!(r#"gateway_wal_records{{sink="{s}",state="inflight"}}"#))
-                    == 0.0
+            app.metric(&format!(
+                r#"gateway_wal_records{{sink="{s}",state="enqueued"}}"#
+            )) == 0.0
+                && app.metric(&format!(
+                    r#"gateway_wal_records{{sink="{s}",state="inflight"}}"#
+                )) == 0.0
         })
     });
     let kafka = keys_of(&tansu.dump("pumps", want["pumps"].len(), Duration::from_secs(20)));
     assert_eq!(kafka, want["pumps"], "Kafka got exactly the pumps");
     let s3: Vec<Value> = moto.dump("north").into_iter().map(|(_, _, r)| r).collect();
-    assert_eq!(record_keys(&s3), want["north"], "S3 got exactly the north site");
-    assert_eq!(api.accepted_keys(), want["alarms"], "the API got exactly the alarms");
+    assert_eq!(
+        record_keys(&s3),
+        want["north"],
+        "S3 got exactly the north site"
+    );
+    assert_eq!(
+        api.accepted_keys(),
+        want["alarms"],
+        "the API got exactly the alarms"
+    );
     assert_eq!(
         app.metric("gateway_ingest_unrouted_total"),
         unrouted as f64,
@@ -147,7 +162,11 @@ fn send_mixed(port: u16, tag: &str, n: usize) -> Vec<String> {
 /// Checks that `got` (in arrival order) holds classes in order and keeps
 /// per-device order within a class; `sent` is the send order.
 fn assert_priority_order(got: &[String], sent: &[String]) {
-    let pos: BTreeMap<&str, usize> = sent.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+    let pos: BTreeMap<&str, usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i))
+        .collect();
     for w in got.windows(2) {
         assert!(
             class_of(&w[0]) <= class_of(&w[1]),
@@ -163,7 +182,10 @@ fn assert_priority_order(got: &[String], sent: &[String]) {
         let device = k.split(':').next().unwrap();
         let p = pos[k.as_str()];
         if let Some(&prev) = last.get(&(class_of(k), device)) {
-            assert!(prev < p, "{k} arrived after a later record of its device and class");
+            assert!(
+                prev < p,
+                "{k} arrived after a later record of its device and class"
+            );
         }
         last.insert((class_of(k), device), p);
     }
@@ -181,11 +203,15 @@ fn a_paused_sink_delivers_its_backlog_high_then_normal_then_low() {
     ));
     let port: u16 = app.base.rsplit(':').next().unwrap().parse().unwrap();
     let sent = send_mixed(port, "b", 120);
-    wait_until("the backlog per class is visible", Duration::from_secs(10), || {
-        app.metric(r#"gateway_wal_class_records{class="high",sink="api"}"#) == 40.0
-            && app.metric(r#"gateway_wal_class_records{class="low",sink="api"}"#) == 40.0
-            && app.metric(r#"gateway_wal_class_records{class="normal",sink="api"}"#) == 40.0
-    });
+    wait_until(
+        "the backlog per class is visible",
+        Duration::from_secs(10),
+        || {
+            app.metric(r#"gateway_wal_class_records{class="high",sink="api"}"#) == 40.0
+                && app.metric(r#"gateway_wal_class_records{class="low",sink="api"}"#) == 40.0
+                && app.metric(r#"gateway_wal_class_records{class="normal",sink="api"}"#) == 40.0
+        },
+    );
     let r = app.admin("POST", "/admin/sinks/api/resume", None);
     assert_eq!(r.status, 200, "{}", r.text);
     wait_until("everything delivered", Duration::from_secs(20), || {
@@ -204,8 +230,16 @@ fn a_record_past_its_ttl_is_expired_counted_listed_exported_then_requeued_and_de
         api.url()
     ));
     for i in 0..5 {
-        post(&app, "debug-1", &rec(&format!("d{i}"), json!({"t": i}), json!({})));
-        post(&app, "pump-1", &rec(&format!("n{i}"), json!({"t": i}), json!({})));
+        post(
+            &app,
+            "debug-1",
+            &rec(&format!("d{i}"), json!({"t": i}), json!({})),
+        );
+        post(
+            &app,
+            "pump-1",
+            &rec(&format!("n{i}"), json!({"t": i}), json!({})),
+        );
     }
     wait_until("five low records expired", Duration::from_secs(10), || {
         app.metric(r#"gateway_wal_expired_total{class="low",sink="api"}"#) == 5.0
@@ -214,15 +248,29 @@ fn a_record_past_its_ttl_is_expired_counted_listed_exported_then_requeued_and_de
     assert_eq!(listed.status, 200, "{}", listed.text);
     let letters = listed.body["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 5);
-    assert!(letters.iter().all(|d| d["error"] == "expired"), "{}", listed.text);
+    assert!(
+        letters.iter().all(|d| d["error"] == "expired"),
+        "{}",
+        listed.text
+    );
     let export = app.admin("GET", "/admin/dlq/export?sink=api&error=expired", None);
     assert_eq!(export.status, 200);
     assert_eq!(export.text.lines().count(), 5, "{}", export.text);
-    assert_eq!(app.metric(r#"gateway_wal_expired_total{class="normal",sink="api"}"#), 0.0);
+    assert_eq!(
+        app.metric(r#"gateway_wal_expired_total{class="normal",sink="api"}"#),
+        0.0
+    );
 
-    let r = app.admin("POST", "/admin/dlq/requeue", Some(json!({"sink": "api", "error": "expired"})));
+    let r = app.admin(
+        "POST",
+        "/admin/dlq/requeue",
+        Some(json!({"sink": "api", "error": "expired"})),
+    );
     assert_eq!(r.body["requeued"], 5, "{}", r.text);
-    assert_eq!(app.admin("POST", "/admin/sinks/api/resume", None).status, 200);
+    assert_eq!(
+        app.admin("POST", "/admin/sinks/api/resume", None).status,
+        200
+    );
     wait_until("all ten delivered", Duration::from_secs(20), || {
         api.accepted_keys().len() == 10
     });
@@ -246,19 +294,37 @@ fn with_live_first_records_sent_after_an_outage_go_ahead_of_the_backlog() {
         let batch: Vec<String> = (0..100)
             .map(|i| rec(&format!("old{}", b * 100 + i), json!({"t": i}), json!({})))
             .collect();
-        post(&app, &format!("dev-{}", b % 2), &format!("[{}]", batch.join(",")));
+        post(
+            &app,
+            &format!("dev-{}", b % 2),
+            &format!("[{}]", batch.join(",")),
+        );
     }
     std::thread::sleep(Duration::from_millis(1500));
     for i in 0..5 {
-        post(&app, &format!("dev-{}", i % 2), &rec(&format!("live{i}"), json!({"t": i}), json!({})));
+        post(
+            &app,
+            &format!("dev-{}", i % 2),
+            &rec(&format!("live{i}"), json!({"t": i}), json!({})),
+        );
     }
-    assert_eq!(app.admin("POST", "/admin/sinks/api/resume", None).status, 200);
+    assert_eq!(
+        app.admin("POST", "/admin/sinks/api/resume", None).status,
+        200
+    );
     wait_until("everything delivered", Duration::from_secs(20), || {
         api.accepted_keys().len() == 1005
     });
     let got = api.accepted_record_keys();
-    let first: Vec<&str> = got[..5].iter().map(|k| k.split(':').nth(1).unwrap()).collect();
-    assert_eq!(first, ["live0", "live1", "live2", "live3", "live4"], "live records first");
+    let first: Vec<&str> = got[..5]
+        .iter()
+        .map(|k| k.split(':').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        first,
+        ["live0", "live1", "live2", "live3", "live4"],
+        "live records first"
+    );
     let backlog: Vec<u32> = got[5..]
         .iter()
         .map(|k| k.split(":old").nth(1).unwrap().parse().unwrap())
@@ -301,10 +367,12 @@ fn kill_9_in_the_middle_of_a_priority_and_a_live_first_drain_loses_nothing() {
     let live_sent = send_mixed(port, "live", 12);
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let resume = |sink: &str| {
-        let r = ureq::post(&format!("http://127.0.0.1:{port}/admin/sinks/{sink}/resume"))
-            .set("Authorization", &format!("Bearer {}", token.trim()))
-            .call()
-            .unwrap();
+        let r = ureq::post(&format!(
+            "http://127.0.0.1:{port}/admin/sinks/{sink}/resume"
+        ))
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap();
         assert_eq!(r.status(), 200);
     };
     // Slow answers keep the drains in progress when the kill comes.
@@ -328,9 +396,11 @@ fn kill_9_in_the_middle_of_a_priority_and_a_live_first_drain_loses_nothing() {
     resume("prio");
     resume("live");
     let all: HashSet<String> = sent.iter().chain(&live_sent).cloned().collect();
-    wait_until("everything arrived at both", Duration::from_secs(60), || {
-        prio.accepted_keys() == all && live.accepted_keys() == all
-    });
+    wait_until(
+        "everything arrived at both",
+        Duration::from_secs(60),
+        || prio.accepted_keys() == all && live.accepted_keys() == all,
+    );
     // After the restart: still high, then normal, then low (an InFlight
     // batch of the crash may come again first: at least once).
     let got = prio.accepted_record_keys();
@@ -353,7 +423,10 @@ fn kill_9_in_the_middle_of_a_priority_and_a_live_first_drain_loses_nothing() {
         }
         let c = class_of(k) as usize;
         if live_set.contains(k) {
-            assert!(!backlog_started[c], "live {k} waited behind its class's backlog");
+            assert!(
+                !backlog_started[c],
+                "live {k} waited behind its class's backlog"
+            );
         } else {
             backlog_started[c] = true;
         }

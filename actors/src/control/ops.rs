@@ -25,9 +25,9 @@ use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetPaused, Set
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
 use crate::ingest::{IngestLimits, IngestRouter, RateLimit, SetRateLimit, SetRouting, Source};
+use crate::metrics::Metrics;
 use crate::mqtt::topics::Topics;
 use crate::route::{PriorityRule, Routing, SinkPolicy};
-use crate::metrics::Metrics;
 use crate::wal::{DlqFilter, WalError, WalReader, WalStore, WithWal};
 
 /// Most dead letters one `dlq.list` returns.
@@ -593,7 +593,7 @@ impl Operator {
                 payload,
                 source,
                 topic,
-            } => self.route_test(device_id, payload, source, topic).await,
+            } => self.route_test(device_id, payload, source, topic),
             Command::WalCompact => {
                 let (c, d, bytes) = self
                     .with_wal(|w| {
@@ -612,60 +612,31 @@ impl Operator {
         Ok(o.routing(&self.p.base_priority, &self.p.base_policies, &bits))
     }
 
-    async fn route_test(
+    fn route_test(
         &self,
         device_id: String,
         payload: Value,
         source: Source,
         topic: Option<String>,
     ) -> Result<Value, OpError> {
-        let mut tags = Vec::new();
-        if let Some(t) = &topic {
-            let m = self.p.topics.read(t).ok_or_else(|| {
-                OpError::BadRequest(format!(
-                    "route.test: topic {t:?} matches no template of mqtt.topics ({})",
-                    self.p.topics.texts().join(", ")
-                ))
-            })?;
-            if m.device_id != device_id {
-                return Err(OpError::BadRequest(format!(
-                    "route.test: topic {t:?} names device {:?}, not {device_id:?}",
-                    m.device_id
-                )));
-            }
-            tags = m.tags;
-        }
-        let routing = self.routing(&self.overrides()).await?;
-        let bytes = serde_json::to_vec(&payload).map_err(|e| OpError::Internal(e.to_string()))?;
-        let enrich = Enrichment {
-            gateway_id: &self.p.gateway_id,
-            correlation_id: "route-test",
-            receive_ms: crate::wal::now_ms(),
+        let p = &self.p;
+        let routing = self.overrides().routing(
+            &p.base_priority,
+            &p.base_policies,
+            &bits_by_name(&p.base_policies),
+        );
+        route_test(
+            &RouteTestContext {
+                gateway_id: &p.gateway_id,
+                routing: &routing,
+                topics: &p.topics,
+                limits: &p.limits,
+            },
+            device_id,
+            payload,
             source,
-            idempotency_key: None,
-            traceparent: None,
-            topic_tags: &tags,
-            routing: Some(&routing),
-        };
-        let records = parse_payload(&device_id, &bytes, &self.p.limits, &enrich)
-            .map_err(|r| OpError::BadRequest(format!("route.test: the record would be refused: {r}")))?;
-        let out: Vec<Value> = records
-            .iter()
-            .map(|r| {
-                let sinks = routing.sink_names(r.route.sinks);
-                json!({
-                    "class": r.route.class,
-                    "unrouted": sinks.is_empty(),
-                    "sinks": sinks,
-                })
-            })
-            .collect();
-        Ok(json!({
-            "device_id": device_id,
-            "source": source.as_str(),
-            "topic_tags": tags.into_iter().collect::<BTreeMap<_, _>>(),
-            "records": out,
-        }))
+            topic,
+        )
     }
 
     /// The runtime settings in force.
@@ -814,4 +785,84 @@ fn policy_json(p: &SinkPolicy) -> serde_json::Map<String, Value> {
         json!(humantime::format_duration(p.live_after).to_string()),
     );
     m
+}
+
+/// One bit per sink in name order: enough for `route.test`, which only
+/// names the sinks (the WAL's own bits matter only for stored records).
+pub fn bits_by_name<V>(sinks: &BTreeMap<String, V>) -> BTreeMap<String, u64> {
+    sinks
+        .keys()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), 1u64 << i))
+        .collect()
+}
+
+/// What `route.test` needs.
+pub struct RouteTestContext<'a> {
+    /// This gateway.
+    pub gateway_id: &'a str,
+    /// The rules in force.
+    pub routing: &'a Routing,
+    /// MQTT topic templates.
+    pub topics: &'a Topics,
+    /// Ingest limits.
+    pub limits: &'a IngestLimits,
+}
+
+/// Which class and sinks each record of `payload` would get, validated as
+/// ingest would (also for a stopped gateway without a WAL).
+pub fn route_test(
+    cx: &RouteTestContext<'_>,
+    device_id: String,
+    payload: Value,
+    source: Source,
+    topic: Option<String>,
+) -> Result<Value, OpError> {
+    let mut tags = Vec::new();
+    if let Some(t) = &topic {
+        let m = cx.topics.read(t).ok_or_else(|| {
+            OpError::BadRequest(format!(
+                "route.test: topic {t:?} matches no template of mqtt.topics ({})",
+                cx.topics.texts().join(", ")
+            ))
+        })?;
+        if m.device_id != device_id {
+            return Err(OpError::BadRequest(format!(
+                "route.test: topic {t:?} names device {:?}, not {device_id:?}",
+                m.device_id
+            )));
+        }
+        tags = m.tags;
+    }
+    let bytes = serde_json::to_vec(&payload).map_err(|e| OpError::Internal(e.to_string()))?;
+    let enrich = Enrichment {
+        gateway_id: cx.gateway_id,
+        correlation_id: "route-test",
+        receive_ms: crate::wal::now_ms(),
+        source,
+        idempotency_key: None,
+        traceparent: None,
+        topic_tags: &tags,
+        routing: Some(cx.routing),
+    };
+    let records = parse_payload(&device_id, &bytes, cx.limits, &enrich).map_err(|r| {
+        OpError::BadRequest(format!("route.test: the record would be refused: {r}"))
+    })?;
+    let out: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            let sinks = cx.routing.sink_names(r.route.sinks);
+            json!({
+                "class": r.route.class,
+                "unrouted": sinks.is_empty(),
+                "sinks": sinks,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "device_id": device_id,
+        "source": source.as_str(),
+        "topic_tags": tags.into_iter().collect::<BTreeMap<_, _>>(),
+        "records": out,
+    }))
 }

@@ -150,7 +150,7 @@ impl Setting {
                     f if SinkPolicy::KEYS.contains(&f) => {
                         SinkPolicy::new()
                             .set(f, value)
-                            .map_err(|e| format!("{key}: {}", e.message))?;
+                            .map_err(|e| format!("sinks.{sink}.{}: {}", e.key, e.message))?;
                         Ok(Setting::Policy(sink, f.to_string(), value.clone()))
                     }
                     _ => Err(format!(

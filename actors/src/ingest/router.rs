@@ -172,7 +172,9 @@ impl Handler<SetRouting> for IngestRouter {
     type Result = ();
     fn handle(&mut self, msg: SetRouting, _: &mut Context<Self>) {
         self.routing = msg.0;
-        tracing::info!("routes and priority rules changed; they apply to records stored from now on");
+        tracing::info!(
+            "routes and priority rules changed; they apply to records stored from now on"
+        );
     }
 }
 

@@ -44,9 +44,7 @@ impl Template {
     /// Parses one template; the error says what is wrong with it.
     pub fn parse(text: &str) -> Result<Template, String> {
         if text.is_empty() || text.len() > MAX_TEMPLATE {
-            return Err(format!(
-                "{text:?}: a template is 1 to {MAX_TEMPLATE} bytes"
-            ));
+            return Err(format!("{text:?}: a template is 1 to {MAX_TEMPLATE} bytes"));
         }
         if text.contains('\0') {
             return Err(format!("{text:?}: NUL is not allowed in a topic"));

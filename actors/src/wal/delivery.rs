@@ -404,7 +404,7 @@ impl Wal {
     /// priority drain, when the count is briefly high); the oldest is the
     /// first such record above the class's scan hint. Costs a scan of the
     /// backlog: housekeeping calls it every few seconds, not per fetch.
-    pub fn class_stats(&self) -> Result<BTreeMap<String, [(u64, Option<i64>); 3]>, WalError> {
+    pub fn class_stats(&self) -> Result<BTreeMap<String, ClassStats>, WalError> {
         let head = self.head();
         let mut out = BTreeMap::new();
         let routed = "(sinks IS NULL OR (sinks & ?2) <> 0)";
@@ -454,6 +454,10 @@ impl Wal {
         Ok(out)
     }
 }
+
+/// Per class (index: `Class as usize`): records not finished, and the
+/// receive time (epoch ms) of the oldest.
+pub type ClassStats = [(u64, Option<i64>); 3];
 
 /// What one fetch has picked so far.
 #[derive(Default)]

@@ -407,7 +407,10 @@ fn assign_bits(
                 b
             }
         };
-        conn.execute("UPDATE sinks SET bit = ?2 WHERE name = ?1", rusqlite::params![name, bit])?;
+        conn.execute(
+            "UPDATE sinks SET bit = ?2 WHERE name = ?1",
+            rusqlite::params![name, bit],
+        )?;
         held.insert(bit, name.clone());
         sinks.get_mut(name).expect("loaded").bit = bit;
     }

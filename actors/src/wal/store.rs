@@ -544,7 +544,7 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
                 metrics
                     .wal_expired
                     .with_label_values(&[&sink, class.as_str()])
-                    .inc_by(n as u64);
+                    .inc_by(n);
                 tracing::warn!(sink = %sink, class = %class, records = n,
                     "records outlived their TTL for this sink: now its dead letters (reason expired)");
             }
