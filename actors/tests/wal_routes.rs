@@ -316,13 +316,15 @@ fn replay_to_a_named_sink_delivers_records_its_route_did_not_take() {
     wal.ack("a", &got.ranges).unwrap();
     assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 2);
     wal.replay("a", t - 1, t + 1).unwrap();
+    drop(wal);
+    let mut wal = open(dir.path(), &["a", "b"]);
     let got = wal.fetch("a", 10, Duration::ZERO).unwrap().unwrap();
     let keys: Vec<&str> = got
         .records
         .iter()
         .map(|r| r.idempotency_key.as_str())
         .collect();
-    assert_eq!(keys, ["x", "y"], "the operator named the sink");
+    assert_eq!(keys, ["x", "y"], "the operator named the sink, also across a restart");
 }
 
 #[test]

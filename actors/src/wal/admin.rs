@@ -342,6 +342,8 @@ impl SinkState {
         }
         // The operator named this sink: it gets them whatever its route says.
         self.forced = self.forced.union(set);
+        self.forced.remove_upto(self.cursor);
+        self.forced_dirty = true;
         self.hint = [0; 3];
     }
 

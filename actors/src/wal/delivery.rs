@@ -26,8 +26,10 @@ pub(super) struct SinkState {
     /// Route, TTLs and drain order (set by the gateway, not stored here).
     pub(super) policy: SinkPolicy,
     /// Records reopened by requeue or replay: delivered to this sink whatever
-    /// its route says. In memory only (see the module doc).
+    /// its route says (stored in `sink_forced`).
     pub(super) forced: RangeSet,
+    /// `forced` changed since it was stored.
+    pub(super) forced_dirty: bool,
     /// Per class: no record of that class in `(cursor, hint]` is Enqueued for
     /// this sink, so a scan may start above it. Reset to 0 whenever a record
     /// goes back to Enqueued (release, requeue, replay).
@@ -59,6 +61,7 @@ impl SinkState {
     /// The state was committed as it is in memory.
     pub(super) fn mark_persisted(&mut self) {
         self.dirty = false;
+        self.forced_dirty = false;
         self.stored = Some((self.cursor, self.done.clone()));
     }
 
@@ -537,6 +540,15 @@ pub(super) fn load_sink(conn: &Connection, name: &str, head: u64) -> Result<Sink
     st.dead_count = conn.query_row("SELECT COUNT(*) FROM dead WHERE sink = ?1", [name], |r| {
         r.get(0)
     })?;
+    let mut q = conn.prepare("SELECT first, last FROM sink_forced WHERE sink = ?1")?;
+    let rows = q.query_map([name], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
+    for row in rows {
+        let (a, b) = row?;
+        if a <= b {
+            st.forced.insert(a, b);
+        }
+    }
+    st.forced.remove_upto(st.cursor);
     st.policy = SinkPolicy::new();
     for class in Class::ALL {
         st.ttl_mark[class as usize] = conn
@@ -560,6 +572,16 @@ pub(super) fn ttl_mark_key(sink: &str, class: Class) -> String {
 /// what changed since the last commit when that is known, else everything.
 /// The caller calls `mark_persisted` once the transaction committed.
 pub(super) fn persist_sink(conn: &Connection, name: &str, st: &SinkState) -> Result<(), WalError> {
+    if st.forced_dirty {
+        conn.execute("DELETE FROM sink_forced WHERE sink = ?1", [name])?;
+        let mut ins =
+            conn.prepare_cached("INSERT INTO sink_forced(sink, first, last) VALUES(?1, ?2, ?3)")?;
+        for &(a, b) in st.forced.ranges() {
+            if b > st.cursor {
+                ins.execute(params![name, a, b])?;
+            }
+        }
+    }
     let Some((cursor, old)) = &st.stored else {
         conn.execute(
             "UPDATE sinks SET cursor = ?2 WHERE name = ?1",

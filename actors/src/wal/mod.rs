@@ -28,12 +28,50 @@
 //! A sink that appears in the configuration for the first time starts at the
 //! current head: it receives records appended from then on.
 //!
-//! # Invariants (checked by the model tests: 1–6 in `tests/wal_model.rs`, 6 and 7 with compaction in `tests/wal_compaction_model.rs`)
+//! # Routes, classes and expiry (DESIGN §6a)
+//!
+//! Each record carries its class (`records.class`: 0 high, 1 normal, 2
+//! low) and the set of sinks it goes to (`records.sinks`, one bit per sink,
+//! NULL for every sink), decided by the router once, when it is stored:
+//! recovery re-reads them, nothing re-decides. A sink's bit (`sinks.bit`)
+//! is given the first time the sink is configured and kept while it is.
+//! Delivery state stays "cursor + done ranges": a record the sink's route
+//! did not take is finished for that sink when a fetch passes it (nothing
+//! is written per record at append time), so a sink that takes a few
+//! records of many still moves its cursor through the rest.
+//!
+//! [`Wal::fetch`] takes, for one sink, the Enqueued records in (class, seq)
+//! order: `high` through the partial index `records_prio`, then `normal`
+//! in seq order (finishing what the route did not take), then `low`
+//! through the index. With `live_first`, while the oldest Enqueued record
+//! is older than `live_after`, each class is served live records first
+//! (received within `live_after`; the boundary is found by binary search on
+//! seq) and its backlog after. Per sink and class a scan hint remembers how
+//! far everything is taken, so a long priority drain does not re-read what
+//! it passed; any record going back to Enqueued resets the hints.
+//!
+//! A priority drain finishes records out of seq order: the done ranges
+//! hold one range per run of delivered `high` records until the lower
+//! classes catch up, then merge into the cursor.
+//!
+//! TTLs (`expiry.rs`): a record not delivered to a sink within its class's
+//! TTL becomes that sink's dead letter with error `expired`; a per-sink,
+//! per-class mark (`meta` key `ttl/SINK/CLASS`) keeps what was judged, so
+//! a requeued expired record is delivered, not expired again. Requeue and
+//! replay deliver to the named sink whatever its route says (the reopened
+//! ranges are kept in `sink_forced` until the cursor passes them).
+//!
+//! A database of schema 1 is migrated in place at open: old records are
+//! `normal` and go to every sink.
+//!
+//! # Invariants (checked by the model tests: 1–6 in `tests/wal_model.rs`, 6 and 7 with compaction in `tests/wal_compaction_model.rs`, routes and class order in `tests/wal_routes.rs`)
 //!
 //! 1. An append that returned `Ok` survives a crash (kill -9, power loss) and
 //!    is fetched by every sink until that sink acks it or marks it dead.
-//! 2. `fetch` returns records in `seq` order, never a record that is finished
-//!    or InFlight for that sink, and never more than asked for.
+//! 2. `fetch` returns records in (class, seq) order — with `live_first`
+//!    live records first within a class — only records routed to the sink
+//!    (or reopened for it), never a record that is finished or InFlight for
+//!    that sink, and never more than asked for.
 //! 3. `ack` and `dead` are idempotent; finished is final for a sink until an
 //!    operator requeues the dead letter or replays the record (then it is
 //!    Enqueued again, and the next ack or dead of its range finishes it).
@@ -72,6 +110,7 @@
 //!   ack, dead, release, stats.
 //! - `space.rs`: the size counted against `max_bytes`, free disk,
 //!   backpressure and compaction.
+//! - `expiry.rs`: per-sink TTLs.
 //! - `admin.rs`: operator commands (below).
 //! - `store.rs`: the writer thread and its actor ([`WalStore`]);
 //!   `reader.rs`: read-only connections ([`WalReader`]); `ranges.rs`.

@@ -14,6 +14,8 @@
 -- sinks: every seq <= cursor is finished (acked or dead) for the sink; bit
 --   is the sink's bit in records.sinks (0..62, kept for the sink's life).
 -- sink_done: finished ranges above the cursor (out-of-order completions).
+-- sink_forced: ranges reopened by requeue or replay, delivered to the sink
+--   whatever its route says (rows at or below the cursor are stale).
 -- dead: dead letters, kept until requeued or purged.
 -- meta: schema_version, seq_floor (highest compacted seq), and per sink
 --   and class the TTL mark 'ttl/SINK/CLASS' (records at or below it were
@@ -32,6 +34,10 @@ CREATE INDEX IF NOT EXISTS records_idem ON records(idem_key);
 CREATE INDEX IF NOT EXISTS records_prio ON records(class, seq) WHERE class <> 1;
 CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL, bit INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_done(
+    sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY(sink, first)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_forced(
     sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
     PRIMARY KEY(sink, first)
 ) WITHOUT ROWID;
