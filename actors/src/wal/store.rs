@@ -651,6 +651,8 @@ fn publish_class_stats(wal: &Wal, metrics: &Metrics) {
         for class in Class::ALL {
             let (n, oldest) = per[class as usize];
             let labels = [sink.as_str(), class.as_str()];
+            // Present from the start (0), so rates and alerts have a series.
+            metrics.wal_expired.with_label_values(&labels);
             metrics
                 .wal_class_records
                 .with_label_values(&labels)
