@@ -26,10 +26,11 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: ## WAL, HTTP, MQTT, sink-drain and a 2-minute soak; results in bench/results/latest.md
+bench: ## WAL, HTTP, MQTT, sink-drain, routes/live-first and a 2-minute soak; results in bench/results/latest.md
 	scripts/bench.sh
 	scripts/bench-mqtt.sh
 	scripts/bench-sinks.sh
+	scripts/bench-routes.sh
 	scripts/bench-soak.sh
 
 soak: ## the soak at full scale: 1 hour per run (embedded broker; HTTP at the WAL size limit)
