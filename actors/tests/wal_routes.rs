@@ -324,7 +324,11 @@ fn replay_to_a_named_sink_delivers_records_its_route_did_not_take() {
         .iter()
         .map(|r| r.idempotency_key.as_str())
         .collect();
-    assert_eq!(keys, ["x", "y"], "the operator named the sink, also across a restart");
+    assert_eq!(
+        keys,
+        ["x", "y"],
+        "the operator named the sink, also across a restart"
+    );
 }
 
 #[test]
