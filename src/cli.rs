@@ -97,6 +97,8 @@ pub enum Command {
     /// Routes: which class and sinks a record would get.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Is the gateway on this host alive? GET /healthz as configured; exit 0 or 1 with one line.
+    Healthcheck(crate::healthcheck::HealthcheckArgs),
 }
 
 /// `gateway route …`

@@ -12,15 +12,19 @@
 //! - [`cli`]: the `gateway` subcommands; [`ops_cli`] runs the operator ones
 //!   (offline on the data dir, or through a running gateway's admin API).
 //! - [`lock`]: one process per data dir.
+//! - [`healthcheck`]: `gateway healthcheck`; [`sdnotify`]: systemd readiness
+//!   and watchdog.
 
 pub mod auth;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod healthcheck;
 pub mod http;
 pub mod lock;
 pub mod ops_cli;
+pub mod sdnotify;
 pub mod startup;
 pub mod telemetry;
 

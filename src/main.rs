@@ -47,6 +47,16 @@ fn main() -> ExitCode {
             | Command::Route(_)
             | Command::Ping),
         ) => gateway::ops_cli::run(&cli, cmd).unwrap_or(ExitCode::from(2)),
+        Some(Command::Healthcheck(ref args)) => {
+            match Loaded::load(cli.config.as_deref(), true, &flags).and_then(|l| l.settings()) {
+                Ok(settings) => gateway::healthcheck::run(&settings, args),
+                Err(e) => {
+                    // One line, and "unhealthy" for whoever reads the exit code.
+                    println!("unhealthy: configuration: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Token(TokenCommand::New { ref device })) => {
             if !gateway_actors::ingest::validate::is_valid_device_id(device) {
                 eprintln!(
@@ -109,6 +119,19 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
     let system = actix::System::new();
     let result = system.block_on(async move {
         let app = Application::build(settings).await?;
+        gateway::sdnotify::notify("READY=1");
+        if let Some(every) = gateway::sdnotify::watchdog_interval() {
+            // Alive = the WAL writer runs: nothing is acknowledged without it.
+            let health = app.handles.wal_health.clone();
+            actix_rt::spawn(async move {
+                loop {
+                    if health.alive.load(std::sync::atomic::Ordering::SeqCst) {
+                        gateway::sdnotify::notify("WATCHDOG=1");
+                    }
+                    actix_rt::time::sleep(every).await;
+                }
+            });
+        }
         app.run_until_stopped().await?;
         anyhow::Ok(())
     });

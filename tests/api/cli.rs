@@ -207,3 +207,32 @@ fn every_start_up_error_is_one_line_and_a_non_zero_exit_without_a_panic() {
     );
     run_fails_with_one_line(&held, &[], None, "in use");
 }
+
+#[test]
+fn healthcheck_passes_against_a_running_gateway_and_fails_in_one_line_when_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = crate::helpers::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let gw = crate::helpers::spawn_gateway_binary(&data, port, &["--mqtt-url", "off"], &[]);
+    let (code, out, err) = gateway(&["--http-addr", &addr, "healthcheck"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out,
+        format!("healthy: GET http://127.0.0.1:{port}/healthz -> 200\n")
+    );
+    drop(gw);
+    let (code, out, _) = gateway(
+        &["--http-addr", &addr, "healthcheck", "--timeout", "1s"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with(&format!("unhealthy: GET http://127.0.0.1:{port}/healthz: ")),
+        "{out}"
+    );
+    let (code, out, _) = gateway(&["--http-addr", "127.0.0.1:0", "healthcheck"], &[]);
+    assert_eq!(code, 1);
+    assert!(out.contains("give --url"), "{out}");
+}

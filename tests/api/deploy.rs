@@ -159,6 +159,25 @@ fn the_compose_gateway_broker_and_prometheus_files_work_together() {
         || curl(&certs, "gateway-admin", &[&format!("{base}/readyz")]).0 == 200,
     );
 
+    // The compose healthcheck, as the container runs it (GATEWAY_CONFIG from
+    // compose), passes; with the gateway gone it fails, with one line.
+    let healthcheck = compose_healthcheck(&certs);
+    let ok = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(&healthcheck)
+        .env("GATEWAY_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(
+        ok.status.success(),
+        "{line}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        line,
+        format!("healthy: GET https://localhost:{http}/healthz -> 200\n")
+    );
+
     // A device publishes its own telemetry (ACL pattern) with its certificate;
     // another device's topic is refused by the broker.
     let pem = |f: &str| certs.join(f).display().to_string();
@@ -271,6 +290,23 @@ fn the_compose_gateway_broker_and_prometheus_files_work_together() {
         .arg("config")
         .arg(&prom_file));
     assert!(text.contains("SUCCESS"), "{text}");
+}
+
+/// The arguments of the compose gateway healthcheck (after the binary),
+/// container paths mapped to `certs`.
+fn compose_healthcheck(certs: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("compose/compose.yml")).unwrap();
+    let start = text
+        .find("test: [\"CMD\", \"/usr/local/bin/gateway\"")
+        .expect("the gateway healthcheck uses the binary");
+    let list = &text[start + 6..];
+    let list = &list[..list.find(']').unwrap() + 1];
+    let args: Vec<String> = serde_json::from_str(list).unwrap();
+    assert_eq!(args[..3], ["CMD", "/usr/local/bin/gateway", "healthcheck"]);
+    args[2..]
+        .iter()
+        .map(|a| a.replace("/etc/gateway/tls", certs.to_str().unwrap()))
+        .collect()
 }
 
 /// `KEY=VALUE` pairs of the Dockerfile's `ENV` instructions.
