@@ -32,6 +32,8 @@ need curl || missing+=(curl)                                     # the HTTPS tes
 need mosquitto || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 need mosquitto_pub || missing+=(mosquitto-clients)
 need prometheus || missing+=(prometheus)                         # the observability tests: prometheus + promtool
+need debootstrap || missing+=(debootstrap)                       # the package test's Debian root
+need systemd-analyze || missing+=(systemd)                       # ... and `systemd-analyze verify` of the unit
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test-deps: installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -68,5 +70,14 @@ fi
 if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
   echo "test-deps: installing tansu (cargo install, takes a while the first time)"
   cargo install tansu --version 0.6.0 --features dynostore,libsql
+fi
+# The package test: cargo-deb builds the .deb, and a cached minimal Debian
+# root (debootstrap, about a minute once) is where it is installed.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "test-deps: installing cargo-deb"
+  cargo install cargo-deb --version 3.8.0 --locked
+fi
+if [ "$(id -u)" = 0 ]; then
+  "$(dirname "$0")/debian-root.sh"
 fi
 echo "test-deps: ok"

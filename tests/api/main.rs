@@ -15,4 +15,5 @@ mod health;
 mod helpers;
 mod ingest;
 mod ops_cli;
+mod package;
 mod tls;
