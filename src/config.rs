@@ -94,6 +94,8 @@ struct RawLog {
 struct RawHttp {
     addr: Option<String>,
     workers: Option<usize>,
+    request_timeout: Option<String>,
+    max_connections: Option<usize>,
     device_tokens_file: Option<PathBuf>,
     admin_token_file: Option<PathBuf>,
     admin_cert_cn: Option<String>,
@@ -157,6 +159,10 @@ struct EnvLayer {
     http_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_workers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_request_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_max_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_device_tokens_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -510,9 +516,22 @@ impl Loaded {
                 }
             }
         }
+        let request_timeout = self.duration(
+            "http.request_timeout",
+            raw.http.request_timeout.as_deref().unwrap_or("10s"),
+        )?;
+        if request_timeout < Duration::from_secs(1) {
+            return Err(self.invalid("http.request_timeout", "must be at least 1s"));
+        }
+        let max_connections = raw.http.max_connections.unwrap_or(4096);
+        if max_connections == 0 {
+            return Err(self.invalid("http.max_connections", "must be at least 1"));
+        }
         let http = HttpSettings {
             addr,
             workers: raw.http.workers.unwrap_or(0),
+            request_timeout,
+            max_connections,
             device_tokens_file: raw.http.device_tokens_file.clone(),
             admin_token_file: raw.http.admin_token_file.clone(),
             admin_cert_cn: raw
@@ -969,6 +988,10 @@ pub struct HttpSettings {
     pub addr: SocketAddr,
     /// Worker threads (0 = one per core).
     pub workers: usize,
+    /// A request (headers and body) must arrive within this; else 408.
+    pub request_timeout: Duration,
+    /// Open connections the listener keeps at most (more wait in the backlog).
+    pub max_connections: usize,
     /// Device tokens file (`device_id:sha256hex` lines).
     pub device_tokens_file: Option<PathBuf>,
     /// Admin token file.

@@ -280,6 +280,7 @@ impl Application {
             mqtt: mqtt_status.clone(),
             admin,
             operator: operator.clone(),
+            request_timeout: settings.http.request_timeout,
         });
 
         // Request spans only when they are exported: without a trace layer
@@ -287,6 +288,7 @@ impl Application {
         let traces = gateway_actors::trace::enabled();
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap(from_fn(http::deadline))
                 .wrap(from_fn(http::correlation))
                 .wrap(prometheus.clone())
                 .wrap(Condition::new(
@@ -298,10 +300,18 @@ impl Application {
         })
         .on_connect(peer_certificate_cn)
         .backlog(4096)
-        .max_connections(100_000);
-        if settings.http.workers > 0 {
-            server = server.workers(settings.http.workers);
-        }
+        .client_request_timeout(settings.http.request_timeout)
+        .client_disconnect_timeout(std::time::Duration::from_secs(1));
+        let workers = match settings.http.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // actix counts connections per worker thread (TLS handshakes too).
+        let per_worker = settings.http.max_connections.div_ceil(workers).max(1);
+        server = server
+            .workers(workers)
+            .max_connections(per_worker)
+            .max_connection_rate(per_worker.min(256));
         let server = match tls {
             Some(tls) => server.listen_openssl(listener, tls)?,
             None => server.listen(listener)?,

@@ -44,6 +44,8 @@ pub struct AppState {
     pub admin: AdminAuth,
     /// Runs operator commands (admin API).
     pub operator: Arc<Operator>,
+    /// A request must be read and answered within this (`http.request_timeout`).
+    pub request_timeout: std::time::Duration,
 }
 
 /// The request's correlation id (from `X-Correlation-Id` or new).
@@ -78,6 +80,32 @@ pub async fn correlation(
             .insert(HeaderName::from_static(CORRELATION_HEADER), v);
     }
     Ok(res)
+}
+
+/// Cuts a request that is not read and answered within
+/// `http.request_timeout` (a body trickling in, a stalled client): 408 with
+/// a JSON body, and the connection closes. Headers have the same deadline
+/// in the server (`client_request_timeout`).
+pub async fn deadline(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let limit = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.request_timeout)
+        .unwrap_or(std::time::Duration::from_secs(10));
+    match actix_rt::time::timeout(limit, next.call(req)).await {
+        Ok(res) => res.map(ServiceResponse::map_into_boxed_body),
+        Err(_) => Err(ApiError::new(
+            actix_web::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request was not complete within {} (http.request_timeout)",
+                humantime::format_duration(limit)
+            ),
+        )
+        .into()),
+    }
 }
 
 /// Registers the routes (used by the server and by tests).

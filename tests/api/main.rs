@@ -16,4 +16,5 @@ mod helpers;
 mod ingest;
 mod ops_cli;
 mod package;
+mod slow_clients;
 mod tls;
