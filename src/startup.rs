@@ -131,8 +131,15 @@ impl Application {
         settings: Settings,
         make_sink: impl Fn(&str, &SinkTarget) -> SinkFactory,
     ) -> anyhow::Result<Self> {
+        let cert_identity = settings
+            .http
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
         let auth = match &settings.http.device_tokens_file {
             Some(path) => DeviceAuth::load(path)?,
+            // Client certificates are the devices' credentials.
+            None if cert_identity => DeviceAuth::Protected,
             None => {
                 if !settings.http.addr.ip().is_loopback() {
                     bail!(
@@ -281,6 +288,7 @@ impl Application {
             admin,
             operator: operator.clone(),
             request_timeout: settings.http.request_timeout,
+            cert_identity,
         });
 
         // Request spans only when they are exported: without a trace layer
@@ -362,22 +370,31 @@ impl Application {
     }
 }
 
-/// Puts the verified client certificate's CN on the connection (admin auth).
+/// Puts the verified client certificate's names on the connection: its CN
+/// (admin auth) and its CN with its DNS subject alternative names (device
+/// identity).
 fn peer_certificate_cn(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
     use actix_tls::accept::openssl::TlsStream;
     use openssl::nid::Nid;
     let Some(tls) = conn.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>() else {
         return;
     };
-    let cn = tls.ssl().peer_certificate().and_then(|cert| {
-        cert.subject_name()
-            .entries_by_nid(Nid::COMMONNAME)
-            .next()
-            .and_then(|e| e.data().to_string().ok())
-    });
+    let Some(cert) = tls.ssl().peer_certificate() else {
+        return;
+    };
+    let cn = cert
+        .subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok());
+    let mut names: Vec<String> = cn.iter().cloned().collect();
+    if let Some(sans) = cert.subject_alt_names() {
+        names.extend(sans.iter().filter_map(|n| n.dnsname().map(str::to_string)));
+    }
     if let Some(cn) = cn {
         ext.insert(http::admin::PeerCn(cn));
     }
+    ext.insert(http::PeerNames(names));
 }
 
 fn tls_acceptor(tls: &crate::config::TlsSettings) -> anyhow::Result<SslAcceptorBuilder> {

@@ -59,6 +59,32 @@ pub async fn ingest(
         ApiError::new(status, r.reason, r.message)
     };
 
+    // Device identity (README "Device credentials"): with client
+    // certificates on, the certificate names the device; with tokens
+    // configured, the token must be the device's too.
+    if state.cert_identity {
+        let names = req.conn_data::<crate::http::PeerNames>();
+        match names {
+            Some(n) if n.0.iter().any(|name| *name == device_id) => {}
+            Some(n) => {
+                return Err(reject(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "the client certificate ({}) is not device {device_id}: its CN or a DNS subject alternative name must be the device id",
+                        n.0.first().map_or("no CN".to_string(), |cn| format!("CN={cn}"))
+                    ),
+                ))
+            }
+            None => {
+                return Err(reject(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a client certificate naming the device is required".into(),
+                ))
+            }
+        }
+    }
     match state
         .auth
         .check(header_str(&req, header::AUTHORIZATION.as_str()), &device_id)

@@ -46,7 +46,14 @@ pub struct AppState {
     pub operator: Arc<Operator>,
     /// A request must be read and answered within this (`http.request_timeout`).
     pub request_timeout: std::time::Duration,
+    /// Client certificates are on (`http.client_ca_file`): ingest for a
+    /// device needs a certificate whose CN or a DNS SAN is that device id.
+    pub cert_identity: bool,
 }
+
+/// The verified client certificate's CN and DNS subject alternative names.
+#[derive(Clone, Debug)]
+pub struct PeerNames(pub Vec<String>);
 
 /// The request's correlation id (from `X-Correlation-Id` or new).
 #[derive(Clone, Debug)]

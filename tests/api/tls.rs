@@ -129,3 +129,186 @@ fn the_admin_certificate_opens_the_admin_api_and_a_device_certificate_gets_403()
     assert_eq!(code, 1);
     assert!(err.contains("403"), "{err}");
 }
+
+/// A client certificate signed by the dev CA with `cn` and DNS SAN `san`.
+fn cert_with_san(certs: &Certs, name: &str, cn: &str, san: &str) {
+    let p = |f: &str| certs.path(f);
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &p(&format!("{name}.key")),
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &p(&format!("{name}.key")),
+        "-subj",
+        &format!("/CN={cn}"),
+        "-out",
+        &p(&format!("{name}.csr")),
+    ]);
+    std::fs::write(
+        p(&format!("{name}.ext")),
+        format!("subjectAltName=DNS:{san}\nextendedKeyUsage=clientAuth\n"),
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&format!("{name}.csr")),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p(&format!("{name}.ext")),
+        "-out",
+        &p(&format!("{name}.crt")),
+    ]);
+}
+
+/// The device identity rule (README "Device credentials"), every case:
+/// with client certificates on, a record for device D needs a certificate
+/// whose CN or a DNS SAN is D; with tokens configured as well, D's token too.
+#[test]
+fn with_client_certificates_the_certificate_must_name_the_device_and_with_tokens_both_must() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), &["dev-1", "dev-2", "gateway-admin"]);
+    cert_with_san(&certs, "board-7", "sensor-board-7", "dev-7");
+    let post = |app: &crate::helpers::TestApp, cert: &str, device: &str, token: Option<&str>| {
+        let url = app.base.replace("http://127.0.0.1", "https://localhost") + "/ingest/" + device;
+        let body = telemetry(&format!("{cert}-{device}-{}", token.is_some()), 1.0);
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec![
+            "--cacert".to_string(),
+            certs.path("ca.crt"),
+            "--cert".to_string(),
+            certs.path(&format!("{cert}.crt")),
+            "--key".to_string(),
+            certs.path(&format!("{cert}.key")),
+            "-H".to_string(),
+            "Content-Type: application/json".to_string(),
+            "-d".to_string(),
+            body,
+        ];
+        if let Some(a) = auth {
+            args.extend(["-H".to_string(), a]);
+        }
+        args.push(url);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_, out) = curl(&refs);
+        let (text, code) = out.rsplit_once('\n').unwrap();
+        (code.parse::<u16>().unwrap(), text.to_string())
+    };
+
+    let metric = |app: &crate::helpers::TestApp, series: &str| {
+        let url = app.base.replace("http://127.0.0.1", "https://localhost") + "/metrics";
+        let (_, out) = curl(&[
+            "--cacert",
+            &certs.path("ca.crt"),
+            "--cert",
+            &certs.path("gateway-admin.crt"),
+            "--key",
+            &certs.path("gateway-admin.key"),
+            &url,
+        ]);
+        crate::helpers::metric_value(&out, series)
+    };
+
+    // Certificates only: they are the credentials (also off loopback).
+    let app = spawn_app(&format!(
+        "[http]\naddr = \"0.0.0.0:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        certs.path("server.crt"),
+        certs.path("server.key"),
+        certs.path("ca.crt")
+    ));
+    assert_eq!(post(&app, "dev-1", "dev-1", None).0, 202, "CN = device");
+    assert_eq!(
+        post(&app, "board-7", "dev-7", None).0,
+        202,
+        "a DNS SAN = device"
+    );
+    let (code, text) = post(&app, "dev-1", "dev-2", None);
+    assert_eq!(code, 403, "another device's id: {text}");
+    assert!(
+        text.contains("CN=dev-1") && text.contains("not device dev-2"),
+        "{text}"
+    );
+    assert_eq!(
+        post(&app, "board-7", "sensor-board-7", None).0,
+        202,
+        "the CN counts too"
+    );
+    assert_eq!(
+        post(&app, "gateway-admin", "dev-1", None).0,
+        403,
+        "the admin certificate is no device"
+    );
+    assert_eq!(
+        metric(
+            &app,
+            r#"gateway_ingest_rejected_total{reason="forbidden",source="http"}"#
+        ),
+        2.0,
+        "refusals are counted"
+    );
+    drop(app);
+
+    // Certificates and tokens: both must name the device.
+    let tokens = dir.path().join("device-tokens");
+    let (t1, line1) = gateway::auth::new_token("dev-1").unwrap();
+    let (t2, line2) = gateway::auth::new_token("dev-2").unwrap();
+    std::fs::write(&tokens, format!("{line1}\n{line2}\n")).unwrap();
+    let app = spawn_app(&format!(
+        "[http]\ndevice_tokens_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        tokens.display(),
+        certs.path("server.crt"),
+        certs.path("server.key"),
+        certs.path("ca.crt")
+    ));
+    assert_eq!(
+        post(&app, "dev-1", "dev-1", Some(&t1)).0,
+        202,
+        "both name dev-1"
+    );
+    assert_eq!(
+        post(&app, "dev-1", "dev-1", None).0,
+        401,
+        "a certificate without a token"
+    );
+    assert_eq!(
+        post(&app, "dev-1", "dev-1", Some(&t2)).0,
+        403,
+        "dev-2's token with dev-1's certificate"
+    );
+    assert_eq!(
+        post(&app, "dev-2", "dev-1", Some(&t1)).0,
+        403,
+        "dev-1's token with dev-2's certificate"
+    );
+    assert_eq!(
+        metric(
+            &app,
+            r#"gateway_ingest_records_total{outcome="accepted",source="http"}"#
+        ),
+        1.0,
+        "nothing refused was stored"
+    );
+}
