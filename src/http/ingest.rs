@@ -65,7 +65,7 @@ pub async fn ingest(
     if state.cert_identity {
         let names = req.conn_data::<crate::http::PeerNames>();
         match names {
-            Some(n) if n.0.iter().any(|name| *name == device_id) => {}
+            Some(n) if n.0.contains(&device_id) => {}
             Some(n) => {
                 return Err(reject(
                     StatusCode::FORBIDDEN,
