@@ -22,9 +22,10 @@ test: test-deps lint ## install test dependencies, check format and lints, run e
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, bans, sources)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) deny check licenses bans sources
 
 bench: ## WAL, HTTP, MQTT, sink-drain, routes/live-first and a 2-minute soak; results in bench/results/latest.md
 	scripts/bench.sh

@@ -80,4 +80,9 @@ fi
 if [ "$(id -u)" = 0 ]; then
   "$(dirname "$0")/debian-root.sh"
 fi
+# Supply chain: `make lint` runs cargo deny (licenses, bans, sources).
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "test-deps: installing cargo-deny"
+  cargo install cargo-deny --version 0.20.2 --locked
+fi
 echo "test-deps: ok"
