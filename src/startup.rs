@@ -201,7 +201,10 @@ impl Application {
         let listener = TcpListener::bind(settings.http.addr)
             .with_context(|| format!("binding http.addr {}", settings.http.addr))?;
         let port = listener.local_addr()?.port();
-        let tls = settings.http.tls.as_ref().map(tls_acceptor).transpose()?;
+        let (tls, server_tls) = match settings.http.tls.as_ref().map(ServerTls::new).transpose()? {
+            Some((acceptor, reload)) => (Some(acceptor), Some(reload)),
+            None => (None, None),
+        };
         #[cfg(feature = "embedded-broker")]
         if let (MqttMode::Embedded { addr, .. }, Some(cfg)) =
             (&settings.mqtt, settings.mqtt.ingest())
@@ -267,6 +270,30 @@ impl Application {
             runtime,
             metrics.clone(),
         )));
+        if let Some(t) = &server_tls {
+            let t = t.clone();
+            operator.set_tls_reloader(Some(Arc::new(move || t.reload())));
+        }
+        // SIGHUP reloads the certificates (the usual way to tell a daemon
+        // "new certificates"); without TLS it is logged, never fatal.
+        match actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let t = server_tls.clone();
+                actix_rt::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match &t {
+                            Some(t) => {
+                                if let Err(e) = t.reload() {
+                                    tracing::error!(error = %e, "SIGHUP: cannot reload the HTTPS certificate; the current one stays");
+                                }
+                            }
+                            None => tracing::info!("SIGHUP: HTTPS is off; nothing to reload"),
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
         let control = settings.mqtt.ingest().filter(|c| c.control).map(|cfg| {
             let (c, id, op, m) = (
                 cfg.clone(),
@@ -397,18 +424,67 @@ fn peer_certificate_cn(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Exten
     ext.insert(http::PeerNames(names));
 }
 
-fn tls_acceptor(tls: &crate::config::TlsSettings) -> anyhow::Result<SslAcceptorBuilder> {
-    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
-    b.set_private_key_file(&tls.key_file, SslFiletype::PEM)
-        .with_context(|| format!("http.tls_key_file {}", tls.key_file.display()))?;
-    b.set_certificate_chain_file(&tls.cert_file)
-        .with_context(|| format!("http.tls_cert_file {}", tls.cert_file.display()))?;
-    b.check_private_key()
-        .context("http.tls_key_file does not match http.tls_cert_file")?;
-    if let Some(ca) = &tls.client_ca_file {
-        b.set_ca_file(ca)
-            .with_context(|| format!("http.client_ca_file {}", ca.display()))?;
-        b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+/// The HTTPS server's certificate, key and client CA, reloadable while it
+/// runs (SIGHUP, control command `tls.reload`): every new connection takes
+/// the context current at its ClientHello; open connections keep theirs.
+pub struct ServerTls {
+    settings: crate::config::TlsSettings,
+    current: Arc<std::sync::RwLock<openssl::ssl::SslContext>>,
+}
+
+impl ServerTls {
+    /// The acceptor built from `tls`, with the reload hook.
+    fn new(
+        tls: &crate::config::TlsSettings,
+    ) -> anyhow::Result<(SslAcceptorBuilder, Arc<ServerTls>)> {
+        let ctx = Self::acceptor(tls)?.build().into_context();
+        let me = Arc::new(ServerTls {
+            settings: tls.clone(),
+            current: Arc::new(std::sync::RwLock::new(ctx)),
+        });
+        let mut b = Self::acceptor(tls)?;
+        let current = me.current.clone();
+        b.set_client_hello_callback(move |ssl, _alert| {
+            let ctx = current
+                .read()
+                .map_err(|_| openssl::error::ErrorStack::get())?;
+            ssl.set_ssl_context(&ctx)?;
+            Ok(openssl::ssl::ClientHelloResponse::SUCCESS)
+        });
+        Ok((b, me))
     }
-    Ok(b)
+
+    fn acceptor(tls: &crate::config::TlsSettings) -> anyhow::Result<SslAcceptorBuilder> {
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+        b.set_private_key_file(&tls.key_file, SslFiletype::PEM)
+            .with_context(|| format!("http.tls_key_file {}", tls.key_file.display()))?;
+        b.set_certificate_chain_file(&tls.cert_file)
+            .with_context(|| format!("http.tls_cert_file {}", tls.cert_file.display()))?;
+        b.check_private_key()
+            .context("http.tls_key_file does not match http.tls_cert_file")?;
+        if let Some(ca) = &tls.client_ca_file {
+            b.set_ca_file(ca)
+                .with_context(|| format!("http.client_ca_file {}", ca.display()))?;
+            b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+        }
+        Ok(b)
+    }
+
+    /// Reads the files again; a set that does not load leaves the current
+    /// one in place and says why.
+    pub fn reload(&self) -> Result<(), String> {
+        let ctx = Self::acceptor(&self.settings)
+            .map_err(|e| format!("{e:#}"))?
+            .build()
+            .into_context();
+        *self
+            .current
+            .write()
+            .map_err(|_| "TLS context lock poisoned".to_string())? = ctx;
+        tracing::info!(
+            cert = %self.settings.cert_file.display(),
+            "HTTPS certificate, key and client CA reloaded; new connections use them"
+        );
+        Ok(())
+    }
 }

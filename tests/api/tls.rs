@@ -312,3 +312,174 @@ fn with_client_certificates_the_certificate_must_name_the_device_and_with_tokens
         "nothing refused was stored"
     );
 }
+
+/// The SHA-256 fingerprint of the certificate the server at `port` shows a
+/// new connection.
+fn served_fingerprint(certs: &Certs, port: u16) -> String {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} -servername localhost -cert {} -key {} </dev/null 2>/dev/null \
+         | openssl x509 -noout -fingerprint -sha256",
+        certs.path("dev-1.crt"),
+        certs.path("dev-1.key")
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Certificate rotation on a running gateway (the real binary): a client
+/// keeps sending while the server certificate is replaced and SIGHUP
+/// reloads it; new connections get the new certificate; a broken file is
+/// refused by `tls.reload` and the current certificate stays; every
+/// acknowledged record is stored once.
+#[test]
+fn the_server_certificate_is_rotated_on_sighup_while_a_client_keeps_sending() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), &["dev-1", "gateway-admin"]);
+    let port = crate::helpers::free_port();
+    let data = dir.path().join("data");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nurl = \"off\"\n[http]\naddr = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            certs.path("server.crt"),
+            certs.path("server.key"),
+            certs.path("ca.crt")
+        ),
+    )
+    .unwrap();
+    let gw = crate::helpers::GatewayProcess(
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "run",
+                "--log-level",
+                "warn",
+            ])
+            .env_remove("GATEWAY_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("https://localhost:{port}");
+    let as_client = |client: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--cacert".to_string(),
+            certs.path("ca.crt"),
+            "--cert".to_string(),
+            certs.path(&format!("{client}.crt")),
+            "--key".to_string(),
+            certs.path(&format!("{client}.key")),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&refs).1
+    };
+    crate::helpers::wait_until("HTTPS up", Duration::from_secs(20), || {
+        as_client("dev-1", &[&format!("{url}/healthz")]).ends_with("200")
+    });
+    let before = served_fingerprint(&certs, port);
+    assert!(before.contains("Fingerprint"), "{before}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sender = {
+        let (stop, acked, certs_dir, url) =
+            (stop.clone(), acked.clone(), certs.dir.clone(), url.clone());
+        std::thread::spawn(move || {
+            let p = |f: &str| certs_dir.join(f).display().to_string();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = telemetry(&format!("r{i}"), 1.0);
+                let (_, out) = curl(&[
+                    "--cacert",
+                    &p("ca.crt"),
+                    "--cert",
+                    &p("dev-1.crt"),
+                    "--key",
+                    &p("dev-1.key"),
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    &body,
+                    &format!("{url}/ingest/dev-1"),
+                ]);
+                assert!(
+                    out.ends_with("202"),
+                    "request {i} during the rotation: {out}"
+                );
+                acked.lock().unwrap().push(format!("dev-1:r{i}"));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A new server key and certificate from the same CA, then SIGHUP.
+    std::fs::remove_file(certs.dir.join("server.crt")).unwrap();
+    std::fs::remove_file(certs.dir.join("server.key")).unwrap();
+    Certs::generate(dir.path(), &[]);
+    let pid = gw.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    crate::helpers::wait_until(
+        "new connections get the new certificate",
+        Duration::from_secs(10),
+        || {
+            let now = served_fingerprint(&certs, port);
+            now.contains("Fingerprint") && now != before
+        },
+    );
+    let rotated = served_fingerprint(&certs, port);
+
+    // A broken certificate file: refused, the current one stays.
+    let good = std::fs::read(certs.dir.join("server.crt")).unwrap();
+    std::fs::write(certs.dir.join("server.crt"), "not a certificate").unwrap();
+    let out = as_client(
+        "gateway-admin",
+        &["-X", "POST", &format!("{url}/admin/commands/tls.reload")],
+    );
+    assert!(
+        out.ends_with("400") && out.contains("the current certificate stays"),
+        "{out}"
+    );
+    assert_eq!(served_fingerprint(&certs, port), rotated);
+    std::fs::write(certs.dir.join("server.crt"), good).unwrap();
+    let out = as_client(
+        "gateway-admin",
+        &["-X", "POST", &format!("{url}/admin/commands/tls.reload")],
+    );
+    assert!(out.ends_with("200"), "{out}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    sender
+        .join()
+        .expect("every request during the rotation got 202");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 5, "the client kept sending: {}", acked.len());
+    let archive = data.join("archive");
+    crate::helpers::wait_until(
+        "every acknowledged record archived",
+        Duration::from_secs(20),
+        || crate::helpers::archived_records(&archive).len() >= acked.len(),
+    );
+    let records = crate::helpers::archived_records(&archive);
+    assert_eq!(records.len(), acked.len(), "each once");
+    assert_eq!(
+        crate::helpers::record_keys(&records),
+        acked.iter().cloned().collect(),
+        "exactly the acknowledged records"
+    );
+    drop(gw);
+}

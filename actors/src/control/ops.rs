@@ -130,6 +130,8 @@ pub enum Command {
     },
     /// `wal.compact`.
     WalCompact,
+    /// `tls.reload`: read the HTTPS certificate, key and client CA again.
+    TlsReload,
     /// `route.test`: which class and sinks a record would get now.
     RouteTest {
         /// The device.
@@ -275,6 +277,10 @@ impl Command {
                 args::<NoArgs>(name, a)?;
                 Command::WalCompact
             }
+            "tls.reload" => {
+                args::<NoArgs>(name, a)?;
+                Command::TlsReload
+            }
             "route.test" => {
                 let r: RouteTestArgs = args(name, a)?;
                 let source = match (r.source.as_deref(), &r.topic) {
@@ -320,6 +326,7 @@ impl Command {
             Command::WalCheck { .. } => "wal.check",
             Command::WalCompact => "wal.compact",
             Command::RouteTest { .. } => "route.test",
+            Command::TlsReload => "tls.reload",
         }
     }
 }
@@ -332,6 +339,9 @@ pub trait LogControl: Send + Sync {
     /// Makes `level` the log level now.
     fn set(&self, level: &str) -> Result<(), String>;
 }
+
+/// Reloads the HTTPS certificate, key and client CA (set by the HTTP server).
+pub type TlsReloader = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Publishes `payload` at QoS 1 on `topic` (set by the control plane's MQTT client).
 pub type DevicePublisher =
@@ -380,6 +390,7 @@ pub struct Operator {
     p: OperatorParts,
     runtime: Mutex<RuntimeOverrides>,
     devices: Mutex<Option<DevicePublisher>>,
+    tls: Mutex<Option<TlsReloader>>,
     started: Instant,
 }
 
@@ -404,6 +415,7 @@ impl Operator {
             p: parts,
             runtime: Mutex::new(runtime),
             devices: Mutex::new(None),
+            tls: Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -417,6 +429,13 @@ impl Operator {
     pub fn set_device_publisher(&self, p: Option<DevicePublisher>) {
         if let Ok(mut g) = self.devices.lock() {
             *g = p;
+        }
+    }
+
+    /// Sets the HTTPS reload hook (the server has TLS on).
+    pub fn set_tls_reloader(&self, r: Option<TlsReloader>) {
+        if let Ok(mut g) = self.tls.lock() {
+            *g = r;
         }
     }
 
@@ -594,6 +613,18 @@ impl Operator {
                 source,
                 topic,
             } => self.route_test(device_id, payload, source, topic),
+            Command::TlsReload => {
+                let hook = self.tls.lock().ok().and_then(|g| g.clone());
+                let Some(reload) = hook else {
+                    return Err(OpError::BadRequest(
+                        "tls.reload: HTTPS is off (http.tls_cert_file)".into(),
+                    ));
+                };
+                reload().map_err(|e| {
+                    OpError::BadRequest(format!("tls.reload: {e}; the current certificate stays"))
+                })?;
+                Ok(json!({"reloaded": true}))
+            }
             Command::WalCompact => {
                 let (c, d, bytes) = self
                     .with_wal(|w| {
