@@ -236,3 +236,32 @@ fn healthcheck_passes_against_a_running_gateway_and_fails_in_one_line_when_it_is
     assert_eq!(code, 1);
     assert!(out.contains("give --url"), "{out}");
 }
+
+#[test]
+fn the_gateway_runs_with_lazy_arena_commit_unless_told_otherwise() {
+    let environ = |env: &[(&str, &str)]| {
+        let dir = tempfile::tempdir().unwrap();
+        let port = crate::helpers::free_port();
+        let gw = crate::helpers::spawn_gateway_binary(
+            &dir.path().join("d"),
+            port,
+            &["--mqtt-url", "off"],
+            env,
+        );
+        let raw = std::fs::read(format!("/proc/{}/environ", gw.0.id())).unwrap();
+        drop(gw);
+        raw.split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .find(|v| v.starts_with("MIMALLOC_ARENA_EAGER_COMMIT="))
+    };
+    // Re-executed once with the variable (same process id).
+    assert_eq!(
+        environ(&[]).as_deref(),
+        Some("MIMALLOC_ARENA_EAGER_COMMIT=0")
+    );
+    // An operator's own value wins.
+    assert_eq!(
+        environ(&[("MIMALLOC_ARENA_EAGER_COMMIT", "1")]).as_deref(),
+        Some("MIMALLOC_ARENA_EAGER_COMMIT=1")
+    );
+}

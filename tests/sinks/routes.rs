@@ -350,7 +350,7 @@ fn kill_9_in_the_middle_of_a_priority_and_a_live_first_drain_loses_nothing() {
             "[mqtt]\nurl = \"off\"\n{PRIORITY}\
              [sinks.prio]\nkind = \"http\"\nurl = \"{}\"\nbatch_max_records = 20\npaused = true\n\
              [sinks.live]\nkind = \"http\"\nurl = \"{}\"\nbatch_max_records = 20\npaused = true\n\
-             drain = \"live_first\"\nlive_after = \"4s\"\n",
+             drain = \"live_first\"\nlive_after = \"12s\"\n",
             prio.url(),
             live.url()
         ),
@@ -361,9 +361,10 @@ fn kill_9_in_the_middle_of_a_priority_and_a_live_first_drain_loses_nothing() {
     let cfg = config.display().to_string();
     let mut gw = spawn_gateway_binary(&data, port, &["--config", &cfg], &[]);
     let sent = send_mixed(port, "b", 1200);
-    // Old enough to be backlog (live_after 4s), young enough to stay live
+    // Old enough to be backlog (live_after 12s), young enough to stay live
+    // through the crash and the restart, also on a loaded CI machine
     // through the crash.
-    std::thread::sleep(Duration::from_millis(4500));
+    std::thread::sleep(Duration::from_millis(12500));
     let live_sent = send_mixed(port, "live", 12);
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let resume = |sink: &str| {
