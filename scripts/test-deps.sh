@@ -53,15 +53,15 @@ fi
 # back) and the observability tests (oteltap, a real OTLP/HTTP receiver)
 # live in a virtualenv of their own.
 VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv-test"
-if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka, oteltap, opentelemetry.proto" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "test-deps: creating $VENV (moto, boto3, confluent-kafka, oteltap)"
+if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka, oteltap, opentelemetry.proto, jsonschema, yaml" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "test-deps: creating $VENV (moto, boto3, confluent-kafka, oteltap, jsonschema)"
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka oteltap opentelemetry-proto
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka oteltap opentelemetry-proto jsonschema pyyaml
 fi
 
 # The Kafka-API broker for the kafka sink tests: tansu, built once (10-18 min

@@ -381,3 +381,50 @@ fn the_image_environment_does_not_override_the_compose_configuration() {
         "compose publishes the port the gateway listens on"
     );
 }
+
+/// compose/compose.yml without an engine (tests/support/compose_check.py):
+/// the compose-spec schema, every mounted file present (certs/out as
+/// `make certs` makes it), every image pinned, no build+image, every host
+/// the gateway configuration names defined as a service, and only the
+/// device-facing ports on every interface.
+#[test]
+fn the_compose_file_validates_mounts_exist_images_are_pinned_and_services_are_defined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs-out");
+    make_certs(&certs);
+    let problems = crate::helpers::python_json_lines(
+        "compose_check.py",
+        &[
+            root().join("compose/compose.yml").display().to_string(),
+            certs.display().to_string(),
+        ],
+    );
+    assert!(problems.is_empty(), "compose problems: {problems:#?}");
+
+    // The checker catches what it is for: a broken copy of the file.
+    let broken = std::fs::read_to_string(root().join("compose/compose.yml"))
+        .unwrap()
+        .replace("eclipse-mosquitto:2.0.18", "eclipse-mosquitto:latest")
+        .replace("./otel/collector.yaml", "./otel/missing.yaml")
+        .replace("\"127.0.0.1:9090:9090\"", "\"9090:9090\"")
+        .replace("  otel-collector:\n", "  otel-collectr:\n");
+    let copy = root().join("compose/.broken-compose-test.yml");
+    std::fs::write(&copy, broken).unwrap();
+    let problems = crate::helpers::python_json_lines(
+        "compose_check.py",
+        &[copy.display().to_string(), certs.display().to_string()],
+    );
+    let _ = std::fs::remove_file(&copy);
+    let kinds: std::collections::BTreeSet<String> = problems
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .collect();
+    for k in [
+        "unpinned_image",
+        "missing_mount",
+        "port_on_all_interfaces",
+        "unknown_service",
+    ] {
+        assert!(kinds.contains(k), "{k} not caught: {problems:#?}");
+    }
+}
