@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build test test-deps fmt lint bench soak clean-data certs up down help
+.PHONY: run build test test-deps fmt lint bench soak chaos fuzz clean-data certs up down help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,12 @@ bench: ## WAL, HTTP, MQTT, sink-drain, routes/live-first and a 2-minute soak; re
 	scripts/bench-sinks.sh
 	scripts/bench-routes.sh
 	scripts/bench-soak.sh
+
+chaos: ## the fault harness at full scale (crash loop, sink outages, broker restart, full disk, soak; hours): bench/results/chaos-latest.md
+	scripts/chaos.sh --scale full
+
+fuzz: ## each fuzz target for FUZZ_SECS (600) with libFuzzer; results in bench/results/fuzz-latest.md
+	scripts/fuzz.sh
 
 soak: ## the soak at full scale: 1 hour per run (embedded broker; HTTP at the WAL size limit)
 	SOAK_SECS=3600 scripts/bench-soak.sh

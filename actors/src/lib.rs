@@ -32,6 +32,7 @@
 
 pub mod control;
 pub mod dispatcher;
+pub mod fuzzing;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;

@@ -1,0 +1,3 @@
+#![no_main]
+// See gateway_actors::fuzzing::control for what it checks.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| gateway_actors::fuzzing::control(data));
