@@ -36,21 +36,10 @@ pub fn default_url(settings: &Settings) -> Result<String, String> {
     if addr.port() == 0 {
         return Err("http.addr has port 0 (a free port picked at start): give --url".into());
     }
-    let tls = settings.http.tls.is_some();
-    let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
-        // The server certificate names localhost (see certs/gen-dev-certs.sh).
-        if tls {
-            "localhost".to_string()
-        } else {
-            "127.0.0.1".to_string()
-        }
-    } else if addr.is_ipv6() {
-        format!("[{}]", addr.ip())
-    } else {
-        addr.ip().to_string()
-    };
-    let scheme = if tls { "https" } else { "http" };
-    Ok(format!("{scheme}://{host}:{}/healthz", addr.port()))
+    Ok(format!(
+        "{}/healthz",
+        crate::ops_cli::local_admin_url(settings)
+    ))
 }
 
 fn read(what: &str, p: &Path) -> Result<Vec<u8>, String> {

@@ -274,8 +274,9 @@ fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
     AdminClient::new(base, token, cli.admin_ca_file.as_ref(), identity.as_ref()).map(Target::Live)
 }
 
-/// The local gateway's admin API, from `http.addr` and `http.tls_*`.
-fn local_admin_url(settings: &Settings) -> String {
+/// The local gateway's base URL (admin API, health check), from
+/// `http.addr` and `http.tls_*`.
+pub fn local_admin_url(settings: &Settings) -> String {
     let addr = settings.http.addr;
     let tls = settings.http.tls.is_some();
     let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
@@ -285,6 +286,8 @@ fn local_admin_url(settings: &Settings) -> String {
         } else {
             "127.0.0.1".to_string()
         }
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
     } else {
         addr.ip().to_string()
     };

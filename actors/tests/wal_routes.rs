@@ -219,6 +219,18 @@ fn live_first_sends_records_younger_than_live_after_ahead_of_the_backlog() {
     assert_eq!(b.records[0].idempotency_key, "old");
 }
 
+/// Sink "lake" expires low records after an hour.
+fn low_ttl_one_hour(wal: &mut Wal) {
+    wal.set_policy(
+        "lake",
+        SinkPolicy {
+            ttl: BTreeMap::from([(Class::Low, Duration::from_secs(3600))]),
+            ..SinkPolicy::new()
+        },
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_record_past_its_ttl_is_expired_listed_and_delivered_after_a_requeue() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,14 +246,7 @@ fn a_record_past_its_ttl_is_expired_listed_and_delivered_after_a_requeue() {
         record("low-new", "d", now_ms(), low),
     ])
     .unwrap();
-    wal.set_policy(
-        "lake",
-        SinkPolicy {
-            ttl: BTreeMap::from([(Class::Low, Duration::from_secs(3600))]),
-            ..SinkPolicy::new()
-        },
-    )
-    .unwrap();
+    low_ttl_one_hour(&mut wal);
     let expired = wal.expire(now_ms()).unwrap();
     assert_eq!(expired, vec![("lake".to_string(), Class::Low, 1)]);
     assert_eq!(wal.expire(now_ms()).unwrap(), vec![], "judged once");
@@ -279,14 +284,7 @@ fn a_record_past_its_ttl_is_expired_listed_and_delivered_after_a_requeue() {
     assert_eq!(wal.expire(now_ms()).unwrap(), vec![]);
     drop(wal);
     let mut wal = open(dir.path(), &["lake", "other"]);
-    wal.set_policy(
-        "lake",
-        SinkPolicy {
-            ttl: BTreeMap::from([(Class::Low, Duration::from_secs(3600))]),
-            ..SinkPolicy::new()
-        },
-    )
-    .unwrap();
+    low_ttl_one_hour(&mut wal);
     assert_eq!(
         wal.expire(now_ms()).unwrap(),
         vec![],
