@@ -619,7 +619,6 @@ class Gateway:
         self.cfg.write_text(config)
         self.log = self.work / "gateway.log"
         self.proc = None
-        self.starts = 0
 
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
@@ -632,7 +631,6 @@ class Gateway:
         self.proc = CHILDREN.spawn(
             [self.ctx.gateway_bin, "run", "--config", self.cfg, "--data-dir", self.data,
              "--http-addr", f"127.0.0.1:{self.port}", "--log-level", "warn"], self.log, env=env)
-        self.starts += 1
         wait_for("the gateway to be ready", timeout, self.ready, 0.05)
         return time.monotonic() - t0
 
@@ -1105,7 +1103,11 @@ def outage_phase(ctx, gw, rig, kind, targets, base, secs):
             if s not in drains and backlog_gone(gw, s):
                 drains[s] = time.monotonic() - t0
         return len(drains) == len(targets)
-    wait_for(f"{', '.join(targets)} to drain their backlog", ctx.scale.drain_timeout, all_drained, 0.25)
+    try:
+        wait_for("the backlog to drain", ctx.scale.drain_timeout, all_drained, 0.25)
+    except ChaosFailure:
+        stuck = ", ".join(s for s in targets if s not in drains)
+        raise ChaosFailure(f"{stuck} did not drain within {ctx.scale.drain_timeout}s after the {kind} outage")
     drains = {s: drains[s] for s in targets}
     # The last backlog records acked are up to ~1 s old: let them out of the
     # next phase's latency window.
@@ -1430,7 +1432,7 @@ def run_scenario(ctx, name):
     try:
         res = fn(ctx)
     except ChaosFailure as e:
-        res = Result(name, failures=[str(e)])
+        res = Result(name, failures=[str(e)], notes=panics_in_logs(ctx.run_dir, name))
     except Exception as e:  # a harness error is a failure of the scenario, not of the run
         traceback.print_exc()
         res = Result(name, failures=[f"{type(e).__name__}: {e}"])
@@ -1446,6 +1448,17 @@ def run_scenario(ctx, name):
             shutil.rmtree(d, ignore_errors=True)
     print(res.line(), flush=True)
     return res
+
+
+def panics_in_logs(run_dir, name):
+    """Where a process of the scenario panicked (the gateway or a far side): a clue for a failure."""
+    found = []
+    for log_file in sorted(run_dir.glob(f"{name}*/**/*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            if "panicked" in line:
+                found.append(f"{log_file.relative_to(run_dir)}: {line.strip()[:160]}")
+                break
+    return found
 
 
 def machine():
