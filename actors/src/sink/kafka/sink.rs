@@ -87,6 +87,11 @@ fn classify(e: &KafkaError) -> SinkError {
                 | RDKafkaErrorCode::TopicAuthorizationFailed
         )
     );
+    // The target cannot take records now: the broker is down, or up and
+    // failing (an unknown server error, no leader, storage trouble). An
+    // outage must not turn a backlog into dead letters, so these do not
+    // use up the retry budget (the chaos harness saw a failing broker's
+    // "Unknown broker error" dead-letter a backlog when they did).
     let unreachable = matches!(
         e.rdkafka_error_code(),
         Some(
@@ -96,6 +101,13 @@ fn classify(e: &KafkaError) -> SinkError {
                 | RDKafkaErrorCode::NetworkException
                 | RDKafkaErrorCode::QueueFull
                 | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::Unknown
+                | RDKafkaErrorCode::BrokerNotAvailable
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                | RDKafkaErrorCode::KafkaStorageError
         )
     );
     if permanent {
@@ -185,5 +197,17 @@ mod tests {
         assert!(matches!(classify(&big), SinkError::Permanent(_)));
         let down = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         assert!(classify(&down).is_retryable());
+        // A broker that is up but failing is an outage, not a bad batch:
+        // not counted against the retry budget.
+        for code in [
+            RDKafkaErrorCode::Unknown,
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            let failing = KafkaError::MessageProduction(code);
+            assert!(
+                matches!(classify(&failing), SinkError::Unavailable(_)),
+                "{code:?}"
+            );
+        }
     }
 }
