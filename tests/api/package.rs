@@ -123,6 +123,18 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// `args` in the root as `user`, with exactly `env` (and a PATH).
+fn in_root(root: &DebianRoot, user: &str, env: &[(String, String)], args: &[String]) -> Command {
+    let mut c = root.chroot_as(Some(user));
+    // chroot --userspec keeps root's HOME; a service has the unit's environment only.
+    c.arg("env").arg("-i").arg("PATH=/usr/bin:/bin");
+    for (k, v) in env {
+        c.arg(format!("{k}={v}"));
+    }
+    c.args(args);
+    c
+}
+
 /// The installed binary in the root, as `user`, with `env` and `args`.
 fn spawn_in_root(
     root: &DebianRoot,
@@ -130,14 +142,7 @@ fn spawn_in_root(
     env: &[(String, String)],
     args: &[String],
 ) -> Child {
-    let mut c = root.chroot_as(Some(user));
-    c.arg("env");
-    // chroot --userspec keeps root's HOME; a service has the unit's environment only.
-    c.arg("-i").arg("PATH=/usr/bin:/bin");
-    for (k, v) in env {
-        c.arg(format!("{k}={v}"));
-    }
-    c.args(args);
+    let mut c = in_root(root, user, env, args);
     c.stdout(Stdio::null()).stderr(Stdio::piped());
     c.spawn().unwrap()
 }
@@ -406,19 +411,17 @@ fn container_stand_in(root: &DebianRoot) {
     env.push(("GATEWAY_HTTP_ADDR".into(), format!("127.0.0.1:{http}")));
     let args = ["/usr/local/bin/gateway".to_string(), "run".to_string()];
     let mut gw = spawn_in_root(root, "app", &env, &args);
-    let mut check = root.chroot_as(Some("app"));
-    check.arg("env").arg("-i");
-    for (k, v) in &env {
-        check.arg(format!("{k}={v}"));
-    }
-    check.args([
+    let healthcheck: Vec<String> = [
         "/usr/local/bin/gateway",
         "healthcheck",
         "--cert-file",
         "/etc/gateway/tls/gateway-admin.crt",
         "--key-file",
         "/etc/gateway/tls/gateway-admin.key",
-    ]);
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut check = in_root(root, "app", &env, &healthcheck);
     wait_until(
         "the image's healthcheck passes",
         Duration::from_secs(30),
@@ -446,12 +449,7 @@ fn container_stand_in(root: &DebianRoot) {
 
     // Without the credentials compose mounts: one line, non-zero exit.
     std::fs::remove_file(certs.join("server.key")).unwrap();
-    let mut c = root.chroot_as(Some("app"));
-    c.arg("env").arg("-i");
-    for (k, v) in &env {
-        c.arg(format!("{k}={v}"));
-    }
-    let out = c.args(&args).output().unwrap();
+    let out = in_root(root, "app", &env, &args).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
