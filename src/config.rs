@@ -87,6 +87,8 @@ struct RawOtlp {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
+    repeat_burst: Option<u32>,
+    repeat_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -155,6 +157,10 @@ struct EnvLayer {
     data_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_repeat_burst: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_repeat_interval: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -467,6 +473,19 @@ impl Loaded {
         if let Err(why) = crate::telemetry::check_level(&log_level) {
             return Err(self.invalid("log.level", why));
         }
+        let log_repeats = LogRepeats {
+            burst: match raw.log.repeat_burst {
+                Some(0) => return Err(self.invalid("log.repeat_burst", "must be at least 1")),
+                b => b.unwrap_or(gateway_actors::repeats::DEFAULT_BURST),
+            },
+            interval: self.duration(
+                "log.repeat_interval",
+                raw.log.repeat_interval.as_deref().unwrap_or("60s"),
+            )?,
+        };
+        if log_repeats.interval < Duration::from_secs(1) {
+            return Err(self.invalid("log.repeat_interval", "must be at least 1s"));
+        }
 
         let otlp_endpoint = match raw.otlp.endpoint.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -645,6 +664,7 @@ impl Loaded {
             gateway_id,
             data_dir,
             log_level,
+            log_repeats,
             http,
             ingest: IngestSettings {
                 limits: IngestLimits {
@@ -962,6 +982,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// tracing EnvFilter directive.
     pub log_level: String,
+    /// Rate limit of repeated log events (`log.repeat_burst`, `log.repeat_interval`).
+    pub log_repeats: LogRepeats,
     /// HTTP server.
     pub http: HttpSettings,
     /// Ingest limits.
@@ -979,6 +1001,17 @@ pub struct Settings {
     pub priority: Vec<PriorityRule>,
     /// The effective configuration as TOML, secrets redacted (`config print`, `config.get`).
     pub rendered: String,
+}
+
+/// How often a repeated event (a device's rejections for one reason, a
+/// sink's failures, reconnects) is logged in full: `burst` lines per key and
+/// `interval`, then one summary line (`gateway_actors::repeats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRepeats {
+    /// Full lines per key and interval.
+    pub burst: u32,
+    /// The interval.
+    pub interval: Duration,
 }
 
 /// HTTP server settings.
@@ -1137,6 +1170,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("log.level") && e.contains("debgu"), "{e}");
+    }
+
+    #[test]
+    fn log_repeat_limits_default_to_five_a_minute_and_are_checked() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(
+            s.log_repeats,
+            LogRepeats {
+                burst: 5,
+                interval: Duration::from_secs(60)
+            }
+        );
+        let s =
+            Settings::from_toml("[log]\nrepeat_burst = 2\nrepeat_interval = \"10s\"\n").unwrap();
+        assert_eq!(
+            (s.log_repeats.burst, s.log_repeats.interval.as_secs()),
+            (2, 10)
+        );
+        for (bad, key) in [
+            ("repeat_burst = 0", "log.repeat_burst"),
+            ("repeat_interval = \"500ms\"", "log.repeat_interval"),
+            ("repeat_interval = \"often\"", "log.repeat_interval"),
+        ] {
+            let e = Settings::from_toml(&format!("[log]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -116,6 +116,7 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
         Ok(s) => s,
         Err(e) => return config_error(e),
     };
+    gateway_actors::repeats::configure(settings.log_repeats.burst, settings.log_repeats.interval);
     let telemetry = gateway::telemetry::init_with_traces(
         &settings.log_level,
         settings.otlp_endpoint.as_deref(),

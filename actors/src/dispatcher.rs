@@ -32,6 +32,7 @@ use actix::prelude::*;
 use tracing::Span;
 
 use crate::metrics::Metrics;
+use crate::repeats::{self, Kind};
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
 use crate::wal::{
@@ -267,11 +268,15 @@ impl Dispatcher {
             }
             Ok(Ok(None)) => act.wait_for_records(ctx),
             Ok(Err(e)) => {
-                tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
+                if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
+                    tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
+                }
                 act.idle(Duration::from_secs(1), ctx);
             }
             Err(e) => {
-                tracing::warn!(sink = %act.cfg.sink, error = %e, "WAL mailbox unavailable");
+                if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
+                    tracing::warn!(sink = %act.cfg.sink, error = %e, "WAL mailbox unavailable");
+                }
                 act.idle(Duration::from_secs(1), ctx);
             }
         }));
@@ -370,17 +375,19 @@ impl Dispatcher {
                         .sink_publish
                         .with_label_values(&[&sink, "retry"])
                         .inc();
-                    tracing::warn!(
-                        sink = %sink,
-                        first_seq = batch.first_seq(),
-                        last_seq = batch.last_seq(),
-                        attempt,
-                        counted,
-                        circuit_open = act.circuit_open,
-                        retry_in_ms = delay.as_millis() as u64,
-                        error = %e,
-                        "sink publish failed; will retry"
-                    );
+                    if repeats::admit(Kind::SinkRetry, &sink) {
+                        tracing::warn!(
+                            sink = %sink,
+                            first_seq = batch.first_seq(),
+                            last_seq = batch.last_seq(),
+                            attempt,
+                            counted,
+                            circuit_open = act.circuit_open,
+                            retry_in_ms = delay.as_millis() as u64,
+                            error = %e,
+                            "sink publish failed; will retry"
+                        );
+                    }
                     let retry =
                         trace::retry_span(&span, &sink, attempt, delay.as_millis() as u64, &e);
                     ctx.run_later(delay, move |act, ctx| {
@@ -474,13 +481,15 @@ impl Dispatcher {
                         // WAL restarts first, the batch is delivered again (at least
                         // once). Either way the sink goes on with the next batch, so a
                         // full WAL disk does not stop delivery, which frees space.
-                        tracing::warn!(
-                            sink = %act.cfg.sink,
-                            first_seq = batch.first_seq(),
-                            last_seq = batch.last_seq(),
-                            error = %err,
-                            "ack of a delivered batch not persisted yet; continuing"
-                        );
+                        if repeats::admit(Kind::SinkAck, &act.cfg.sink) {
+                            tracing::warn!(
+                                sink = %act.cfg.sink,
+                                first_seq = batch.first_seq(),
+                                last_seq = batch.last_seq(),
+                                error = %err,
+                                "ack of a delivered batch not persisted yet; continuing"
+                            );
+                        }
                         act.busy = false;
                         ctx.run_later(Duration::from_millis(100), |act, ctx| act.step(ctx));
                     }
@@ -507,15 +516,17 @@ impl Dispatcher {
                 let sink = act.cfg.sink.as_str();
                 act.metrics.sink_publish.with_label_values(&[sink, "dead"]).inc();
                 act.metrics.sink_records.with_label_values(&[sink, "dead"]).inc_by(batch.records.len() as u64);
-                tracing::error!(
-                    sink,
-                    first_seq = batch.first_seq(),
-                    last_seq = batch.last_seq(),
-                    records = batch.records.len(),
-                    attempts,
-                    error = %error,
-                    "batch dead-lettered for this sink"
-                );
+                if repeats::admit(Kind::SinkDead, sink) {
+                    tracing::error!(
+                        sink,
+                        first_seq = batch.first_seq(),
+                        last_seq = batch.last_seq(),
+                        records = batch.records.len(),
+                        attempts,
+                        error = %error,
+                        "batch dead-lettered for this sink"
+                    );
+                }
                 span.record("outcome", "dead");
                 act.busy = false;
                 act.step(ctx);

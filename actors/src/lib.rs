@@ -17,6 +17,8 @@
 //!   and runtime settings persisted in the data dir.
 //! - [`keys`]: the error a section's own validation returns (`KeyError`).
 //! - [`metrics`]: the Prometheus metrics every actor moves.
+//! - [`repeats`]: rate limits for repeated log events (one broken device
+//!   or a sink that stays down cannot flood the log).
 //! - [`secret`]: the one `Secret` type (redacted wherever it could print)
 //!   and the one reader of secret files.
 //! - [`trace`]: the pipeline spans (`ingest` … `sink.publish`) and the W3C
@@ -37,6 +39,7 @@ pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod repeats;
 pub mod route;
 pub mod secret;
 pub mod sink;

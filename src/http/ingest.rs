@@ -7,6 +7,7 @@ use gateway_actors::ingest::validate::is_traceparent;
 use gateway_actors::ingest::{
     count_reject, IngestError, IngestTelemetry, PayloadFormat, Rejection, Source,
 };
+use gateway_actors::repeats::{self, Kind};
 use gateway_actors::trace;
 use serde_json::json;
 
@@ -161,7 +162,9 @@ pub async fn ingest(
     })?
     .map_err(|e| {
         if let IngestError::Unavailable(why) = &e {
-            tracing::warn!(device_id = %device_id, correlation_id = %correlation_id, error = %why, "ingest not stored");
+            if repeats::admit(Kind::IngestUnavailable, "http") {
+                tracing::warn!(device_id = %device_id, correlation_id = %correlation_id, error = %why, "ingest not stored");
+            }
         }
         ApiError::from(e)
     })?;

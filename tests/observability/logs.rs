@@ -194,3 +194,76 @@ fn the_log_level_changes_at_run_time_through_the_operator_and_holds_after_a_rest
         .count();
     assert_eq!(audit, 1, "the config.set to warn is in the audit log");
 }
+
+#[test]
+fn a_garbage_flood_from_one_device_writes_a_bounded_number_of_lines_and_another_device_is_still_logged_at_once(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "gateway_id = \"edge-flood\"\n[log]\nlevel = \"info\"\nrepeat_burst = 5\nrepeat_interval = \"3s\"\n[mqtt]\nurl = \"off\"\n";
+    let mut gw = LoggedGateway::start(dir.path(), config, &[]);
+    let agent = ureq::AgentBuilder::new().build();
+    const FLOOD: usize = 3_000;
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        let r = request(
+            agent
+                .post(&gw.url("/ingest/dev-flood"))
+                .set("Content-Type", "application/json")
+                .set("X-Correlation-Id", &format!("flood-{i}")),
+            Some("{not json"),
+        );
+        assert_eq!(r.status, 400, "{}", r.text);
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    let r = post(&gw, "dev-other", "application/json", "other-1", "{not json");
+    assert_eq!(r.status, 400);
+    wait_until(
+        "the other device's rejection is logged at once",
+        Duration::from_secs(2),
+        || rejected(&gw).contains(&"other-1".to_string()),
+    );
+    // Every rejection is counted, logged or not.
+    let metrics = request(agent.get(&gw.url("/metrics")), None).text;
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_ingest_rejected_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, (FLOOD + 1) as f64, "{metrics}");
+
+    let summaries = |gw: &LoggedGateway| -> u64 {
+        gw.log_lines()
+            .iter()
+            .filter(|l| {
+                l["message"] == "repeated log lines suppressed"
+                    && l["key"] == "dev-flood/invalid_json"
+            })
+            .filter_map(|l| l["suppressed"].as_u64())
+            .sum()
+    };
+    let full_lines = |gw: &LoggedGateway| -> usize {
+        gw.log_lines()
+            .iter()
+            .filter(|l| l["message"] == "telemetry rejected" && l["device_id"] == "dev-flood")
+            .count()
+    };
+    // The last interval's summary comes from the flusher, without any new event.
+    wait_until(
+        "the summaries account for every line not written",
+        Duration::from_secs(10),
+        || full_lines(&gw) as u64 + summaries(&gw) == FLOOD as u64,
+    );
+    // At most a burst per interval that the flood overlapped.
+    let intervals = (flood_secs / 3.0).ceil() as usize + 1;
+    let full = full_lines(&gw);
+    assert!(
+        (5..=5 * intervals).contains(&full),
+        "{full} full lines over {flood_secs:.1}s"
+    );
+    let total = gw.log_lines().len();
+    assert!(
+        total <= 40 + 6 * intervals,
+        "{total} log lines for {FLOOD} rejections over {flood_secs:.1}s"
+    );
+    gw.stop();
+}

@@ -32,6 +32,7 @@ use super::ops::{Command, OpError, Operator};
 use crate::metrics::Metrics;
 use crate::mqtt::client::{Event, Message, MqttClient, PublishExtras};
 use crate::mqtt::MqttIngestConfig;
+use crate::repeats::{self, Kind};
 
 /// The control plane actor.
 pub struct ControlPlane {
@@ -175,7 +176,7 @@ async fn run(
                 error,
                 failures,
                 retry_in,
-            } => {
+            } if repeats::admit(Kind::MqttReconnect, "control") => {
                 tracing::warn!(error = %error, failures, retry_in_ms = retry_in.as_millis() as u64, "control plane disconnected; reconnecting");
             }
             _ => {}

@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 
 use super::validate::{parse_payload, Enrichment, IngestLimits, Rejection, Source};
 use crate::metrics::Metrics;
+use crate::repeats::{self, Kind};
 use crate::route::Routing;
 use crate::trace;
 use crate::wal::{now_ms, AppendOutcome, AppendRecords, WalError, WalHealth, WalStore};
@@ -132,14 +133,18 @@ pub fn count_reject(
         .ingest_records
         .with_label_values(&[source.as_str(), "rejected"])
         .inc();
-    tracing::info!(
-        source = source.as_str(),
-        device_id,
-        correlation_id,
-        reason = r.reason,
-        error = %r.message,
-        "telemetry rejected"
-    );
+    // Logged per device and reason at a bounded rate (crate::repeats): a
+    // device that sends garbage all day writes a few lines a minute.
+    if repeats::admit(Kind::IngestRejected, &format!("{device_id}/{}", r.reason)) {
+        tracing::info!(
+            source = source.as_str(),
+            device_id,
+            correlation_id,
+            reason = r.reason,
+            error = %r.message,
+            "telemetry rejected"
+        );
+    }
 }
 
 /// Changes the per-device rate limit at run time (control plane

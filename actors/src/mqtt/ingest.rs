@@ -50,6 +50,7 @@ use crate::ingest::{
     count_reject, IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Rejection, Source,
 };
 use crate::metrics::Metrics;
+use crate::repeats::{self, Kind};
 
 /// Connection state shared with `/readyz`.
 #[derive(Debug, Default)]
@@ -164,13 +165,17 @@ async fn ingest_until_ackable(
             | Ok(Err(IngestError::RateLimited { .. })) => return,
             Ok(Err(e @ (IngestError::Backpressure(_) | IngestError::Unavailable(_)))) => {
                 if !warned {
-                    tracing::warn!(device_id = %device_id, error = %e, "MQTT ingest paused: WAL refuses appends; holding the message unacknowledged");
+                    if repeats::admit(Kind::IngestUnavailable, "mqtt") {
+                        tracing::warn!(device_id = %device_id, error = %e, "MQTT ingest paused: WAL refuses appends; holding the message unacknowledged");
+                    }
                     warned = true;
                 }
             }
             Err(e) => {
                 if !warned {
-                    tracing::warn!(error = %e, "ingest router unavailable; holding the message unacknowledged");
+                    if repeats::admit(Kind::IngestUnavailable, "mqtt") {
+                        tracing::warn!(error = %e, "ingest router unavailable; holding the message unacknowledged");
+                    }
                     warned = true;
                 }
             }
@@ -267,10 +272,12 @@ fn note_disconnected(
     if let Ok(mut g) = status.last_error.lock() {
         *g = Some(error.to_string());
     }
-    tracing::warn!(
-        error,
-        failures,
-        retry_in_ms = delay.as_millis() as u64,
-        "MQTT ingest disconnected; reconnecting"
-    );
+    if repeats::admit(Kind::MqttReconnect, "ingest") {
+        tracing::warn!(
+            error,
+            failures,
+            retry_in_ms = delay.as_millis() as u64,
+            "MQTT ingest disconnected; reconnecting"
+        );
+    }
 }

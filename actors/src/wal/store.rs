@@ -28,6 +28,7 @@ use super::engine::{
 };
 use super::space::COMPACT_CHUNK;
 use crate::metrics::Metrics;
+use crate::repeats::{self, Kind};
 use crate::route::Class;
 
 /// How often the writer thread refreshes space, stats and compaction.
@@ -506,7 +507,9 @@ fn commit_group(
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, ops = ops.len(), "WAL group commit failed; nothing of it was stored");
+            if repeats::admit(Kind::WalCommit, "") {
+                tracing::error!(error = %e, ops = ops.len(), "WAL group commit failed; nothing of it was stored");
+            }
             health.writable.store(false, Ordering::SeqCst);
             health.set_problem(Some(e.to_string()));
             for (_, tx) in replies {
@@ -578,7 +581,7 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
     }
     let was = health.backpressure.load(Ordering::SeqCst);
     let now = wal.backpressure().map(str::to_string);
-    if now.is_some() != was {
+    if now.is_some() != was && repeats::admit(Kind::WalBackpressure, "") {
         match &now {
             Some(why) => tracing::warn!(reason = %why, "backpressure on: refusing ingest"),
             None => tracing::info!("backpressure off: accepting ingest"),
