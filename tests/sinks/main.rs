@@ -14,3 +14,4 @@ mod kafka;
 mod mqtt;
 mod routes;
 mod s3;
+mod secrets;
