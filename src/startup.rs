@@ -16,9 +16,9 @@ use gateway_actors::control::{
 };
 use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::IngestRouter;
-use gateway_actors::mqtt::{MqttIngest, MqttStatus};
+use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
-use gateway_actors::sink::{SinkActor, SinkFactory};
+use gateway_actors::sink::{Rebuild, SinkActor, SinkFactory};
 use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore};
 use gateway_actors::Metrics;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
@@ -270,30 +270,6 @@ impl Application {
             runtime,
             metrics.clone(),
         )));
-        if let Some(t) = &server_tls {
-            let t = t.clone();
-            operator.set_tls_reloader(Some(Arc::new(move || t.reload())));
-        }
-        // SIGHUP reloads the certificates (the usual way to tell a daemon
-        // "new certificates"); without TLS it is logged, never fatal.
-        match actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::hangup()) {
-            Ok(mut hup) => {
-                let t = server_tls.clone();
-                actix_rt::spawn(async move {
-                    while hup.recv().await.is_some() {
-                        match &t {
-                            Some(t) => {
-                                if let Err(e) = t.reload() {
-                                    tracing::error!(error = %e, "SIGHUP: cannot reload the HTTPS certificate; the current one stays");
-                                }
-                            }
-                            None => tracing::info!("SIGHUP: HTTPS is off; nothing to reload"),
-                        }
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
-        }
         let control = settings.mqtt.ingest().filter(|c| c.control).map(|cfg| {
             let (c, id, op, m) = (
                 cfg.clone(),
@@ -303,6 +279,39 @@ impl Application {
             );
             Supervisor::start(move |_| ControlPlane::new(&c, &id, op, m))
         });
+        // `tls.reload` and SIGHUP read every TLS file again: HTTPS, the MQTT
+        // connections with TLS, and the sinks whose clients read TLS files.
+        let mqtt_tls = settings.mqtt.ingest().is_some_and(|c| c.tls.is_some());
+        let tls_parts = TlsParts {
+            https: server_tls.clone(),
+            mqtt: mqtt.clone().filter(|_| mqtt_tls),
+            control: control.clone().filter(|_| mqtt_tls),
+            sinks: sinks
+                .iter()
+                .filter(|(name, _)| settings.sinks[name].target.reads_tls_files())
+                .cloned()
+                .collect(),
+        };
+        if !tls_parts.is_empty() {
+            let parts = tls_parts.clone();
+            operator.set_tls_reloader(Some(Arc::new(move || Box::pin(parts.clone().reload()))));
+        }
+        // SIGHUP is the usual way to tell a daemon "new certificates";
+        // without TLS it is logged, never fatal.
+        match actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                actix_rt::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        if tls_parts.is_empty() {
+                            tracing::info!("SIGHUP: no TLS is configured; nothing to reload");
+                        } else if let Err(e) = tls_parts.clone().reload().await {
+                            tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the current ones stay");
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
 
         let state = web::Data::new(AppState {
             router: router.clone(),
@@ -422,6 +431,59 @@ fn peer_certificate_cn(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Exten
         ext.insert(http::admin::PeerCn(cn));
     }
     ext.insert(http::PeerNames(names));
+}
+
+/// Everything that reads TLS files while the gateway runs.
+#[derive(Clone, Default)]
+struct TlsParts {
+    https: Option<Arc<ServerTls>>,
+    mqtt: Option<Addr<MqttIngest>>,
+    control: Option<Addr<ControlPlane>>,
+    sinks: Vec<(String, Addr<SinkActor>)>,
+}
+
+impl TlsParts {
+    fn is_empty(&self) -> bool {
+        self.https.is_none()
+            && self.mqtt.is_none()
+            && self.control.is_none()
+            && self.sinks.is_empty()
+    }
+
+    /// Reloads each part; a part whose files do not load keeps its current
+    /// ones. The parts reloaded, or what was refused.
+    async fn reload(self) -> Result<Vec<String>, String> {
+        let mut done = Vec::new();
+        let mut refused = Vec::new();
+        let mut note = |part: String, r: Result<bool, String>| match r {
+            Ok(true) => done.push(part),
+            Ok(false) => {}
+            Err(e) => refused.push(format!("{part}: {e}")),
+        };
+        if let Some(t) = &self.https {
+            note("https".into(), t.reload().map(|()| true));
+        }
+        if let Some(a) = &self.mqtt {
+            note("mqtt.ingest".into(), flatten(a.send(ReloadTls).await));
+        }
+        if let Some(a) = &self.control {
+            note("mqtt.control".into(), flatten(a.send(ReloadTls).await));
+        }
+        for (name, a) in &self.sinks {
+            let r = flatten(a.send(Rebuild).await.map(|r| r.map(|()| true)));
+            note(format!("sinks.{name}"), r);
+        }
+        if refused.is_empty() {
+            tracing::info!(parts = ?done, "TLS files reloaded");
+            Ok(done)
+        } else {
+            Err(refused.join("; "))
+        }
+    }
+}
+
+fn flatten<T>(r: Result<Result<T, String>, actix::MailboxError>) -> Result<T, String> {
+    r.map_err(|e| e.to_string()).and_then(|r| r)
 }
 
 /// The HTTPS server's certificate, key and client CA, reloadable while it

@@ -7,3 +7,4 @@ mod control;
 #[path = "../api/helpers.rs"]
 mod helpers;
 mod ingest;
+mod rotation;

@@ -130,7 +130,8 @@ pub enum Command {
     },
     /// `wal.compact`.
     WalCompact,
-    /// `tls.reload`: read the HTTPS certificate, key and client CA again.
+    /// `tls.reload`: read every TLS file again (HTTPS, MQTT connections,
+    /// sinks with TLS files).
     TlsReload,
     /// `route.test`: which class and sinks a record would get now.
     RouteTest {
@@ -340,8 +341,12 @@ pub trait LogControl: Send + Sync {
     fn set(&self, level: &str) -> Result<(), String>;
 }
 
-/// Reloads the HTTPS certificate, key and client CA (set by the HTTP server).
-pub type TlsReloader = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// Reads every TLS file again (HTTPS certificate, key and client CA; the
+/// MQTT connections' CA and client certificates; sinks with TLS files) and
+/// applies what loads: the parts reloaded, or why one was refused (set by
+/// the running gateway; SIGHUP uses the same hook).
+pub type TlsReloader =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>>>> + Send + Sync>;
 
 /// Publishes `payload` at QoS 1 on `topic` (set by the control plane's MQTT client).
 pub type DevicePublisher =
@@ -432,7 +437,7 @@ impl Operator {
         }
     }
 
-    /// Sets the HTTPS reload hook (the server has TLS on).
+    /// Sets the TLS reload hook (something has TLS on).
     pub fn set_tls_reloader(&self, r: Option<TlsReloader>) {
         if let Ok(mut g) = self.tls.lock() {
             *g = r;
@@ -617,13 +622,14 @@ impl Operator {
                 let hook = self.tls.lock().ok().and_then(|g| g.clone());
                 let Some(reload) = hook else {
                     return Err(OpError::BadRequest(
-                        "tls.reload: HTTPS is off (http.tls_cert_file)".into(),
+                        "tls.reload: no TLS is configured (http.tls_cert_file, mqtts:// connections)"
+                            .into(),
                     ));
                 };
-                reload().map_err(|e| {
+                let parts = reload().await.map_err(|e| {
                     OpError::BadRequest(format!("tls.reload: {e}; the current certificate stays"))
                 })?;
-                Ok(json!({"reloaded": true}))
+                Ok(json!({"reloaded": true, "parts": parts}))
             }
             Command::WalCompact => {
                 let (c, d, bytes) = self

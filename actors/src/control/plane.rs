@@ -14,7 +14,7 @@
 //! like admin API and CLI actions. The same client publishes `device.send`
 //! messages.
 //!
-//! Handles nothing but its lifecycle. Sends operator messages through
+//! Handles [`ReloadTls`] (certificate rotation). Sends operator messages through
 //! [`Operator`].
 //!
 //! Restart policy: supervised. Connection failures reconnect with backoff;
@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::ops::{Command, OpError, Operator};
 use crate::metrics::Metrics;
 use crate::mqtt::client::{Event, Message, MqttClient, PublishExtras};
-use crate::mqtt::MqttIngestConfig;
+use crate::mqtt::{MqttIngestConfig, ReloadTls};
 use crate::repeats::{self, Kind};
 
 /// The control plane actor.
@@ -40,6 +40,7 @@ pub struct ControlPlane {
     gateway_id: String,
     operator: Arc<Operator>,
     metrics: Metrics,
+    running: Option<SpawnHandle>,
 }
 
 impl ControlPlane {
@@ -58,6 +59,7 @@ impl ControlPlane {
             gateway_id: gateway_id.to_string(),
             operator,
             metrics,
+            running: None,
         }
     }
 }
@@ -71,11 +73,31 @@ impl Actor for ControlPlane {
             self.gateway_id.clone(),
             self.operator.clone(),
         );
-        ctx.spawn(run(cfg, id, op).into_actor(self).map(|res: Result<(), String>, act, ctx| {
+        let running = run(cfg, id, op).into_actor(self).map(|res: Result<(), String>, act, ctx| {
             act.operator.set_device_publisher(None);
             tracing::error!(error = %res.err().unwrap_or_default(), "control plane loop ended; restarting it");
             ctx.stop();
-        }));
+        });
+        self.running = Some(ctx.spawn(running));
+    }
+}
+
+impl Handler<ReloadTls> for ControlPlane {
+    type Result = Result<bool, String>;
+
+    /// Reads the TLS files again and reconnects with them (see [`ReloadTls`]);
+    /// commands being executed keep running.
+    fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(tls) = &self.cfg.tls else {
+            return Ok(false);
+        };
+        self.cfg.tls = Some(tls.reread()?);
+        if let Some(running) = self.running.take() {
+            ctx.cancel_future(running);
+        }
+        tracing::info!("control plane TLS files reloaded; reconnecting with them");
+        self.started(ctx);
+        Ok(true)
     }
 }
 

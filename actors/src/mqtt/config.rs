@@ -3,7 +3,7 @@
 use super::topics::Topics;
 use std::time::Duration;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::client::{Backoff, ClientOptions};
 use crate::ingest::PayloadFormat;
@@ -19,13 +19,46 @@ pub enum MqttVersion {
     V5,
 }
 
-/// TLS material, already read from files (PEM).
+/// TLS material, already read from files (PEM), and the files it came
+/// from (read again by [`MqttTls::reread`] to rotate certificates).
 #[derive(Clone)]
 pub struct MqttTls {
     /// CA certificate(s) the broker's certificate must chain to; `None` = system roots.
     pub ca_pem: Option<Vec<u8>>,
     /// Client certificate chain and PKCS#8 key for mutual TLS.
     pub client: Option<(Vec<u8>, Vec<u8>)>,
+    /// The files: CA, client certificate, client key.
+    pub files: TlsFiles,
+}
+
+/// Where a connection's TLS material lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `ca_file`.
+    pub ca: Option<PathBuf>,
+    /// `client_cert_file`.
+    pub cert: Option<PathBuf>,
+    /// `client_key_file`.
+    pub key: Option<PathBuf>,
+}
+
+impl MqttTls {
+    /// The same files read again, checked by building a TLS connector from
+    /// them: a set that does not load is refused (the error names the key
+    /// and the file) and the caller keeps what it has.
+    pub fn reread(&self) -> Result<MqttTls, String> {
+        let f = &self.files;
+        let tls = broker_tls(
+            "mqtts",
+            f.ca.as_deref(),
+            f.cert.as_deref(),
+            f.key.as_deref(),
+        )
+        .map_err(|e| format!("{}: {}", e.key, e.message))?
+        .ok_or_else(|| "no TLS files".to_string())?;
+        super::tls::tls_connector(&tls)?;
+        Ok(tls)
+    }
 }
 
 impl std::fmt::Debug for MqttTls {
@@ -190,5 +223,13 @@ pub fn broker_tls(
             ))
         }
     };
-    Ok(Some(MqttTls { ca_pem, client }))
+    Ok(Some(MqttTls {
+        ca_pem,
+        client,
+        files: TlsFiles {
+            ca: ca_file.map(Path::to_path_buf),
+            cert: client_cert_file.map(Path::to_path_buf),
+            key: client_key_file.map(Path::to_path_buf),
+        },
+    }))
 }

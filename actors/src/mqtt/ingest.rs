@@ -22,7 +22,7 @@
 //! taking events, the bounded channel fills, and the event-loop task stops
 //! reading the socket until acks free room.
 //!
-//! Handles nothing but its own lifecycle. Sends `IngestTelemetry` to
+//! Handles [`ReloadTls`] (certificate rotation). Sends `IngestTelemetry` to
 //! `IngestRouter`.
 //!
 //! Restart policy: supervised. Connection failures are not crashes: the loop
@@ -67,6 +67,7 @@ pub struct MqttIngest {
     router: Addr<IngestRouter>,
     status: Arc<MqttStatus>,
     metrics: Metrics,
+    running: Option<SpawnHandle>,
 }
 
 impl MqttIngest {
@@ -82,6 +83,7 @@ impl MqttIngest {
             router,
             status,
             metrics,
+            running: None,
         }
     }
 }
@@ -96,12 +98,45 @@ impl Actor for MqttIngest {
             self.status.clone(),
             self.metrics.clone(),
         );
-        ctx.spawn(run(cfg, router, status, metrics).into_actor(self).map(|res, act, ctx| {
+        let running = run(cfg, router, status, metrics).into_actor(self).map(|res, act, ctx| {
             act.status.connected.store(false, Ordering::SeqCst);
             act.metrics.mqtt_connected.set(0);
             tracing::error!(error = %res.err().unwrap_or_default(), "MQTT ingest loop ended; restarting it");
             ctx.stop();
-        }));
+        });
+        self.running = Some(ctx.spawn(running));
+    }
+}
+
+/// Reads the connection's TLS files again (certificate rotation:
+/// `tls.reload`, SIGHUP) and, when they load, reconnects with them.
+/// `Ok(false)`: the connection has no TLS. A set that does not load is
+/// refused and the current connection stays.
+///
+/// Nothing is lost or acknowledged twice: messages received and not yet
+/// acked are dropped with the old connection, their ingests still commit,
+/// and the broker redelivers them on the persistent session, where dedup by
+/// idempotency key absorbs the repeats (as after any reconnect).
+pub struct ReloadTls;
+impl actix::Message for ReloadTls {
+    type Result = Result<bool, String>;
+}
+impl Handler<ReloadTls> for MqttIngest {
+    type Result = Result<bool, String>;
+
+    fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(tls) = &self.cfg.tls else {
+            return Ok(false);
+        };
+        self.cfg.tls = Some(tls.reread()?);
+        if let Some(running) = self.running.take() {
+            ctx.cancel_future(running);
+        }
+        self.status.connected.store(false, Ordering::SeqCst);
+        self.metrics.mqtt_connected.set(0);
+        tracing::info!(host = %self.cfg.host, port = self.cfg.port, "MQTT ingest TLS files reloaded; reconnecting with them");
+        self.started(ctx);
+        Ok(true)
     }
 }
 

@@ -8,5 +8,5 @@ mod ingest;
 pub mod tls;
 pub mod topics;
 
-pub use config::{broker_address, broker_tls, MqttIngestConfig, MqttTls, MqttVersion};
-pub use ingest::{MqttIngest, MqttStatus};
+pub use config::{broker_address, broker_tls, MqttIngestConfig, MqttTls, MqttVersion, TlsFiles};
+pub use ingest::{MqttIngest, MqttStatus, ReloadTls};

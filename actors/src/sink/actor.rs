@@ -4,7 +4,7 @@
 //! A panic inside a publish is caught, answered as a retryable error, and the
 //! actor stops itself so its supervisor builds a fresh client.
 //!
-//! Handles: [`PublishBatch`]. Sends nothing.
+//! Handles: [`PublishBatch`], [`Rebuild`]. Sends nothing.
 //!
 //! Restart policy: supervised, rebuilt from its [`SinkFactory`]; each restart
 //! moves `gateway_actor_restarts_total{actor="SinkActor"}`. Lost on restart:
@@ -72,6 +72,26 @@ impl Supervised for SinkActor {
             .inc();
         tracing::warn!(actor = "SinkActor", sink = %self.name, "restarting sink");
         self.sink = None;
+    }
+}
+
+/// Builds the sink's client again from its factory, which reads its TLS
+/// files again (certificate rotation: `tls.reload`, SIGHUP). A client that
+/// cannot be built is refused and the current one stays. A batch in flight
+/// on the old client fails as unavailable and is published again on the new
+/// one (at least once).
+pub struct Rebuild;
+impl Message for Rebuild {
+    type Result = Result<(), String>;
+}
+impl Handler<Rebuild> for SinkActor {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, _: Rebuild, _: &mut Context<Self>) -> Self::Result {
+        let fresh = (self.factory)().map_err(|e| e.to_string())?;
+        self.sink = Some(fresh);
+        tracing::info!(sink = %self.name, "sink client rebuilt with its TLS files read again");
+        Ok(())
     }
 }
 

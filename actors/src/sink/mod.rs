@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use actor::{PublishBatch, SinkActor, SinkFactory};
+pub use actor::{PublishBatch, Rebuild, SinkActor, SinkFactory};
 
 use crate::wal::Batch;
 
@@ -121,6 +121,20 @@ pub enum SinkTarget {
     Kafka(kafka::KafkaSinkConfig),
 }
 
+impl SinkTarget {
+    /// Whether the sink's client reads TLS files (CA, client certificate,
+    /// key) when it is built: such a sink is rebuilt by `tls.reload`.
+    pub fn reads_tls_files(&self) -> bool {
+        match self {
+            SinkTarget::Mqtt(c) => c.tls.is_some(),
+            SinkTarget::Kafka(c) => {
+                c.ssl_ca_file.is_some() || c.ssl_cert_file.is_some() || c.ssl_key_file.is_some()
+            }
+            SinkTarget::S3(_) | SinkTarget::Http(_) => false,
+        }
+    }
+}
+
 /// The client factory of a configured sink (the [`SinkActor`] calls it at
 /// start and after a restart).
 pub fn factory(target: &SinkTarget) -> SinkFactory {
@@ -130,7 +144,15 @@ pub fn factory(target: &SinkTarget) -> SinkFactory {
     match target.clone() {
         SinkTarget::S3(cfg) => Arc::new(move || boxed(s3::ObjectStoreSink::new(&cfg))),
         SinkTarget::Http(cfg) => Arc::new(move || boxed(http::HttpSink::new(&cfg))),
-        SinkTarget::Mqtt(cfg) => Arc::new(move || boxed(mqtt::MqttSink::new(&cfg))),
+        // The TLS files are read again at every build, so a rebuild
+        // (`tls.reload`, SIGHUP) picks up rotated certificates.
+        SinkTarget::Mqtt(cfg) => Arc::new(move || {
+            let mut cfg = cfg.clone();
+            if let Some(tls) = &cfg.tls {
+                cfg.tls = Some(tls.reread().map_err(SinkError::Config)?);
+            }
+            boxed(mqtt::MqttSink::new(&cfg))
+        }),
         SinkTarget::Kafka(cfg) => Arc::new(move || boxed(kafka::KafkaSink::new(&cfg))),
     }
 }

@@ -111,6 +111,13 @@ pub struct MqttSink {
 impl Drop for MqttSink {
     fn drop(&mut self) {
         self.task.abort();
+        // An attempt still waiting for acks on this client ends now (as an
+        // outage) instead of at its timeout; the next one uses the new client.
+        if let Ok(mut g) = self.tally.lock() {
+            g.connected = Some(false);
+            g.last_error = "the client was replaced".into();
+        }
+        self.changed.notify_waiters();
     }
 }
 
