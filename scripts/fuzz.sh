@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT/fuzz"
 SECS="${FUZZ_SECS:-600}"
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(telemetry topics routes control)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(telemetry topics routes control config)
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "==> installing cargo-fuzz" >&2
     cargo install cargo-fuzz --locked

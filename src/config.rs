@@ -337,6 +337,38 @@ impl Loaded {
         use_env: bool,
         flags: &FlagLayer,
     ) -> Result<Self, ConfigError> {
+        let file = match file {
+            Some(path) => {
+                let layer = format!("file {}", path.display());
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Layer {
+                    layer: layer.clone(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                Some((layer, text))
+            }
+            None => None,
+        };
+        Self::from_layers(file, use_env, flags)
+    }
+
+    /// Validates a configuration file's text on its own (no environment,
+    /// no flags), as `config check` does; `layer` names it in errors.
+    pub fn check_text(layer: &str, text: &str) -> Result<Settings, ConfigError> {
+        Self::from_layers(
+            Some((layer.to_string(), text.to_string())),
+            false,
+            &FlagLayer::default(),
+        )?
+        .settings()
+    }
+
+    /// The compiled defaults, then the file's (layer, text), the
+    /// environment and the flags.
+    fn from_layers(
+        file: Option<(String, String)>,
+        use_env: bool,
+        flags: &FlagLayer,
+    ) -> Result<Self, ConfigError> {
         let mut origin = HashMap::new();
         let defaults: Value = toml::from_str(DEFAULTS_TOML).map_err(|e| ConfigError::Layer {
             layer: "compiled defaults".into(),
@@ -345,12 +377,7 @@ impl Loaded {
         let mut merged = Value::Table(Default::default());
         merge_into(&mut merged, defaults, "", "default", &mut origin);
 
-        if let Some(path) = file {
-            let layer = format!("file {}", path.display());
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Layer {
-                layer: layer.clone(),
-                message: format!("cannot read: {e}"),
-            })?;
+        if let Some((layer, text)) = file {
             let tree: Value = toml::from_str(&text).map_err(|e| ConfigError::Layer {
                 layer: layer.clone(),
                 message: e.to_string(),

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod healthcheck;
 pub mod http;
 pub mod lock;
