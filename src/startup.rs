@@ -15,7 +15,7 @@ use gateway_actors::control::{
     ControlPlane, LogControl as _, Operator, OperatorParts, RuntimeOverrides,
 };
 use gateway_actors::dispatcher::Dispatcher;
-use gateway_actors::ingest::IngestRouter;
+use gateway_actors::ingest::{IngestRouter, IngestRouters};
 use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
 use gateway_actors::sink::{Rebuild, SinkActor, SinkFactory};
@@ -41,8 +41,8 @@ pub struct Application {
 pub struct Handles {
     /// The WAL actor.
     pub wal: Addr<WalStore>,
-    /// The ingest router.
-    pub router: Addr<IngestRouter>,
+    /// The ingest routers (one per ingest thread).
+    pub router: IngestRouters,
     /// Dispatchers by sink name.
     pub dispatchers: Vec<(String, Addr<Dispatcher>)>,
     /// Sink actors by sink name.
@@ -81,7 +81,7 @@ pub fn operator_parts(
     settings: &Settings,
     wal: Addr<WalStore>,
     reader: WalReader,
-    router: Option<Addr<IngestRouter>>,
+    router: Option<IngestRouters>,
     dispatchers: &[(String, Addr<Dispatcher>)],
     runtime: RuntimeOverrides,
     metrics: Metrics,
@@ -226,8 +226,19 @@ impl Application {
                 settings.ingest.limits.clone(),
                 runtime.rate_limit(settings.ingest.rate),
             );
-            Supervisor::start(move |_| {
-                IngestRouter::new(w, h, &id, limits, rate, routing.clone(), m)
+            // Parsing, validation and enrichment run on one router per
+            // core (at most 4), each on a thread of its own.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+            IngestRouters::start(threads, move || {
+                IngestRouter::new(
+                    w.clone(),
+                    h.clone(),
+                    &id,
+                    limits.clone(),
+                    rate,
+                    routing.clone(),
+                    m.clone(),
+                )
             })
         };
         let (mqtt, mqtt_status) = match settings.mqtt.ingest() {
@@ -237,8 +248,14 @@ impl Application {
                 let status = Arc::new(MqttStatus::default());
                 let (c, r, st, m) = (cfg.clone(), router.clone(), status.clone(), metrics.clone());
                 tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls.is_some(), client_id = %cfg.client_id, "starting MQTT ingest");
+                // Its client (socket reads, packet decoding, acks) runs on a
+                // thread of its own, off the thread of the WAL front and the
+                // dispatchers.
+                let arbiter = actix::Arbiter::new();
                 (
-                    Some(Supervisor::start(move |_| MqttIngest::new(c, r, st, m))),
+                    Some(Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                        MqttIngest::new(c, r, st, m)
+                    })),
                     Some(status),
                 )
             }

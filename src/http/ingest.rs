@@ -152,7 +152,7 @@ pub async fn ingest(
         span: span.clone(),
         topic_tags: Vec::new(),
     };
-    let receipt = state.router.send(msg).await.map_err(|e| {
+    let receipt = state.router.for_device(&device_id).send(msg).await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

@@ -15,7 +15,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage};
 use gateway_actors::control::Operator;
 use gateway_actors::dispatcher::Dispatcher;
-use gateway_actors::ingest::{IngestLimits, IngestRouter};
+use gateway_actors::ingest::{IngestLimits, IngestRouters};
 use gateway_actors::mqtt::MqttStatus;
 use gateway_actors::wal::WalHealth;
 use gateway_actors::Metrics;
@@ -27,7 +27,7 @@ use crate::auth::{AdminAuth, DeviceAuth};
 /// What every handler can reach.
 pub struct AppState {
     /// Ingest door.
-    pub router: Addr<IngestRouter>,
+    pub router: IngestRouters,
     /// Device credentials.
     pub auth: DeviceAuth,
     /// Payload limits (checked before reading the body).

@@ -24,7 +24,7 @@ use super::runtime::{RuntimeOverrides, Setting};
 use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetPaused, SetRetry};
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
-use crate::ingest::{IngestLimits, IngestRouter, RateLimit, SetRateLimit, SetRouting, Source};
+use crate::ingest::{IngestLimits, IngestRouters, RateLimit, Source};
 use crate::metrics::Metrics;
 use crate::mqtt::topics::Topics;
 use crate::route::{PriorityRule, Routing, SinkPolicy};
@@ -362,8 +362,8 @@ pub struct OperatorParts {
     pub wal: Addr<WalStore>,
     /// Read-only WAL connections.
     pub reader: WalReader,
-    /// The ingest router, when the gateway runs.
-    pub router: Option<Addr<IngestRouter>>,
+    /// The ingest routers, when the gateway runs.
+    pub router: Option<IngestRouters>,
     /// The configured rate limit (before runtime overrides).
     pub base_rate: RateLimit,
     /// The configured log level (before runtime overrides).
@@ -762,7 +762,7 @@ impl Operator {
             Setting::LogLevel(l) => self.p.log.set(l).map_err(OpError::Internal),
             Setting::RatePerDevice(_) | Setting::RateBurst(_) => match &self.p.router {
                 Some(r) => r
-                    .send(SetRateLimit(o.rate_limit(self.p.base_rate)))
+                    .set_rate_limit(o.rate_limit(self.p.base_rate))
                     .await
                     .map_err(unavailable),
                 None => Ok(()),
@@ -774,7 +774,7 @@ impl Operator {
             Setting::Policy(..) | Setting::Priority(_) => {
                 let routing = self.routing(o).await?;
                 if let Some(r) = &self.p.router {
-                    r.send(SetRouting(Arc::new(routing)))
+                    r.set_routing(Arc::new(routing))
                         .await
                         .map_err(unavailable)?;
                 }

@@ -47,7 +47,7 @@ use super::client::{Event, Message, MqttClient};
 use super::config::MqttIngestConfig;
 use super::topics::{TopicMatch, Topics};
 use crate::ingest::{
-    count_reject, IngestError, IngestRouter, IngestTelemetry, PayloadFormat, Rejection, Source,
+    count_reject, IngestError, IngestRouters, IngestTelemetry, PayloadFormat, Rejection, Source,
 };
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
@@ -64,7 +64,7 @@ pub struct MqttStatus {
 /// The MQTT ingest actor.
 pub struct MqttIngest {
     cfg: MqttIngestConfig,
-    router: Addr<IngestRouter>,
+    router: IngestRouters,
     status: Arc<MqttStatus>,
     metrics: Metrics,
     running: Option<SpawnHandle>,
@@ -74,7 +74,7 @@ impl MqttIngest {
     /// A client for `cfg` feeding `router`.
     pub fn new(
         cfg: MqttIngestConfig,
-        router: Addr<IngestRouter>,
+        router: IngestRouters,
         status: Arc<MqttStatus>,
         metrics: Metrics,
     ) -> Self {
@@ -152,7 +152,7 @@ impl Supervised for MqttIngest {
 
 /// Ingests one message until the router has an answer that allows the ack.
 async fn ingest_until_ackable(
-    router: Addr<IngestRouter>,
+    router: IngestRouters,
     format: PayloadFormat,
     topics: Arc<Topics>,
     metrics: Metrics,
@@ -192,7 +192,7 @@ async fn ingest_until_ackable(
             span: span.clone(),
             topic_tags: topic_tags.clone(),
         };
-        match router.send(msg).await {
+        match router.for_device(&device_id).send(msg).await {
             // Stored, or refused for good (counted and logged by the router):
             // either way the broker may forget it.
             Ok(Ok(_))
@@ -226,7 +226,7 @@ type AckFuture = Pin<Box<dyn Future<Output = Message>>>;
 /// arrival order, once the router's answer allows it.
 async fn run(
     cfg: MqttIngestConfig,
-    router: Addr<IngestRouter>,
+    router: IngestRouters,
     status: Arc<MqttStatus>,
     metrics: Metrics,
 ) -> Result<(), String> {
