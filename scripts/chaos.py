@@ -40,7 +40,21 @@ Scenarios (`--only NAME,...`; quick / full scale):
                   a filler leaves ~4 MiB: HTTP 503 with Retry-After, MQTT
                   acks pause, the gateway stays up; the filler is deleted:
                   ingest resumes by itself; `wal check` clean; no loss.
-  powercut        placeholder (another engineer adds it): skipped.
+  powercut        the data dir and the archive sink's objects on powercut-fs
+                  (tools/powercut-fs: a FUSE filesystem of ours that keeps
+                  every write in memory until fsync and, on a cut, forgets
+                  what was not synced: file data, new files, renames and
+                  unlinks whose directory was not fsynced). First a probe
+                  (an unsynced write must be lost at a cut, or the scenario
+                  proves nothing); then mixed load, all sinks; N cycles of:
+                  config.set through the admin API (runtime.json), wait 1-4 s,
+                  kill -9 the gateway, cut, check what remains (runtime.json
+                  valid and holding the last acknowledged setting; every
+                  archive object readable, none that survived an earlier cut
+                  gone; `wal check` clean on a copy of the WAL), restart on it
+                  (5 / 50 cuts). The gateway creates the data and archive
+                  directories itself (they must survive the cuts too).
+                  Needs root and /dev/fuse.
   soak            full scale only (or --only soak): 1 h at 2k msg/s with one
                   sink frozen for 10 min in the middle, once with the embedded
                   broker and once with Mosquitto; RSS, fds, threads and WAL
@@ -53,18 +67,18 @@ when any scenario fails (a loss, a crash, an unclean WAL, an expected
 behaviour not seen).
 
 usage: chaos.py --scale quick|full [--only NAME,...] [--bin-dir DIR]
-                [--loadgen FILE] [--out FILE] [--seed N] [--keep]
-                [--soak-secs N] [--outage-secs N]
+                [--loadgen FILE] [--powercut-fs FILE] [--out FILE] [--seed N]
+                [--keep] [--soak-secs N] [--outage-secs N]
 
-Needs root for disk_full (mount -t tmpfs). Scratch dirs go under
-target/chaos-tmp/ (kept on failure or with --keep). Stdlib only; the far-side
-readers (tests/support/s3_dump.py, a Kafka reader below) and moto_server run
-in .venv-test. Every sink retries fast (retry_max_ms 2000, circuit probes
-every 1 s, publish_timeout_ms 5000). Test-server traps handled here: tansu
-0.6 gets an index on its headers table (else reading a topic back is
-quadratic) and the Kafka sink a publish timeout longer than any Kafka outage
-(else tansu panics on the producer's epoch bump); Mosquitto runs as root
-(else it cannot save its persistence).
+Needs root for disk_full (mount -t tmpfs) and powercut (a FUSE mount).
+Scratch dirs go under target/chaos-tmp/ (kept on failure or with --keep).
+Stdlib only; the far-side readers (tests/support/s3_dump.py, a Kafka reader
+below) and moto_server run in .venv-test. Every sink retries fast
+(retry_max_ms 2000, circuit probes every 1 s, publish_timeout_ms 5000).
+Test-server traps handled here: tansu 0.6 gets an index on its headers
+table (else reading a topic back is quadratic) and the Kafka sink a publish
+timeout longer than any Kafka outage (else tansu panics on the producer's
+epoch bump); Mosquitto runs as root (else it cannot save its persistence).
 """
 
 import argparse
@@ -138,6 +152,7 @@ class Scale:
     http_rate: int  # records/s over HTTP
     mqtt_rate: int  # records/s over MQTT (through the ingest broker)
     crash_cycles: int
+    powercut_cycles: int  # power cuts (kill -9 + unsynced writes dropped + restart)
     outage_secs: int  # each outage phase, and the baseline before them
     outage_plan: list  # [(kind, [sinks])]
     broker_restarts: int
@@ -149,12 +164,12 @@ class Scale:
 
 
 QUICK = Scale(
-    name="quick", http_rate=150, mqtt_rate=150, crash_cycles=10, outage_secs=10,
+    name="quick", http_rate=150, mqtt_rate=150, crash_cycles=10, powercut_cycles=5, outage_secs=10,
     outage_plan=[("killed", ["events", "cloud"]), ("frozen", ["lake", "api"])],
     broker_restarts=2, disk_full_secs=8,
     soak_secs=120, soak_rate=600, soak_outage_secs=30, drain_timeout=180)
 FULL = Scale(
-    name="full", http_rate=500, mqtt_rate=500, crash_cycles=100, outage_secs=600,
+    name="full", http_rate=500, mqtt_rate=500, crash_cycles=100, powercut_cycles=50, outage_secs=600,
     outage_plan=[("killed", ["events"]), ("frozen", ["events"]),
                  ("killed", ["cloud"]), ("frozen", ["cloud"]),
                  ("killed", ["api"]), ("frozen", ["api"]),
@@ -1255,16 +1270,308 @@ def _disk_full(ctx, res, work, disk):
     return res
 
 
-def powercut(ctx):
-    """Power cut (FUSE filesystem that drops unsynced writes): NOT YET WRITTEN.
+# ------------------------------------------------------------------ power cut
 
-    Hook for the engineer who owns it: build the rig and the gateway like the
-    scenarios above (Rig, Gateway with data_dir on the FUSE mount), run
-    mixed_load, cut, restart, and end with check(ctx, res, gw, rig, acked_files)
-    so the summary line and the results row come out like the others.
-    """
-    res = Result("powercut", skipped=True)
-    res.notes.append("not implemented yet (owned by another engineer)")
+POWERCUT_SOURCE = "powercut"  # powercut-fs's mount source in /proc/self/mounts
+
+
+def powercut_mounts(under):
+    """powercut-fs mount points at or below `under`, stale ones included (a
+    dead FUSE server leaves a mount that answers ENOTCONN, which
+    os.path.ismount does not see)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    base, found = str(under).rstrip("/"), []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == POWERCUT_SOURCE and fields[2].startswith("fuse"):
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            if point == base or point.startswith(base + "/"):
+                found.append(Path(point))
+    return found
+
+
+def force_unmount(path):
+    """umount, else a lazy detach (a busy or stale mount)."""
+    for args in (["umount", str(path)], ["umount", "-l", str(path)]):
+        if subprocess.run(args, capture_output=True).returncode == 0:
+            return True
+    return False
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path, data, fsync):
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class PowercutFs:
+    """tools/powercut-fs mounted at WORK/mnt, served by its own process: every
+    write stays in memory until fsync; a cut (SIGUSR1) forgets what was not
+    synced. Its status file, outside the mount, counts the cuts done."""
+
+    def __init__(self, ctx, work):
+        self.bin = ctx.powercut_bin
+        self.mnt = Path(work) / "mnt"
+        self.status_file = Path(work) / "powercut-status.json"
+        self.log = Path(work) / "powercut-fs.log"
+        self.proc = None
+
+    def start(self):
+        # A mount left by an aborted run (the harness SIGKILLed: its children
+        # die with it, their mounts stay) must not get in the way.
+        for stale in powercut_mounts(TMP_BASE):
+            log(f"powercut: unmounting a stale powercut-fs mount {stale}")
+            force_unmount(stale)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.proc = CHILDREN.spawn([self.bin, self.mnt, "--status", self.status_file], self.log)
+        wait_for("powercut-fs to mount", 30,
+                 lambda: self.check_alive() and self.status().get("mounted") and powercut_mounts(self.mnt))
+        return self
+
+    def check_alive(self):
+        if self.proc is None or self.proc.poll() is not None:
+            rc = None if self.proc is None else self.proc.returncode
+            raise ChaosFailure(f"powercut-fs exited ({rc}): {tail(self.log, 4)}")
+        return True
+
+    def status(self):
+        try:
+            return json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def cut(self):
+        """A power cut; returns powercut-fs's report of it once it is complete."""
+        before = self.status().get("cuts", 0)
+        os.kill(self.proc.pid, signal.SIGUSR1)
+
+        def done():
+            self.check_alive()
+            st = self.status()
+            return st if st.get("cuts", 0) > before else None
+        return wait_for("the power cut to complete", 30, done, 0.02)["last_cut"]
+
+    def stop(self):
+        """Unmounts (SIGTERM: powercut-fs unmounts, lazily if busy); its last status."""
+        if self.proc is not None:
+            CHILDREN.stop(self.proc, signal.SIGTERM)
+            self.proc = None
+        for m in powercut_mounts(self.mnt):
+            force_unmount(m)
+        return self.status()
+
+
+def strictness_probe(fs):
+    """True if the mount forgets what it must (an unsynced write, a file whose
+    directory was not synced) and keeps what was synced: else the scenario
+    would prove nothing."""
+    synced, unsynced, late = (fs.mnt / n for n in ("probe-synced", "probe-unsynced", "probe-late"))
+    write_file(synced, b"synced", fsync=True)
+    write_file(unsynced, b"acknowledged before fsync", fsync=False)
+    fsync_dir(fs.mnt)  # both names durable; only synced's data
+    write_file(late, b"fsynced, its directory not", fsync=True)
+    fs.cut()
+    ok = synced.read_bytes() == b"synced" and unsynced.read_bytes() == b"" and not late.exists()
+    for p in (synced, unsynced, late):
+        p.unlink(missing_ok=True)
+    fsync_dir(fs.mnt)
+    return ok
+
+
+def admin_post(gw, path, body):
+    req = urllib.request.Request(gw.url(path), data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {gw.token()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raise ChaosFailure(f"POST {path} {body}: {e.code} {e.read()[:300]!r}")
+
+
+RUNTIME_KEY = ("api", "retry_max_ms")  # a runtime setting harmless to change under load
+
+
+def runtime_problem(data, expected):
+    """What is wrong with runtime.json after a cut (None if nothing): it must
+    be valid JSON holding the last setting config.set acknowledged."""
+    path = data / "runtime.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "runtime.json is gone"
+    except (OSError, ValueError) as e:
+        return f"runtime.json is not valid JSON ({e})"
+    sink, key = RUNTIME_KEY
+    got = doc.get("sinks", {}).get(sink, {}).get(key) if isinstance(doc, dict) else None
+    if got != expected:
+        return f"runtime.json holds sinks.{sink}.{key} = {got}, config.set had acknowledged {expected}"
+    return None
+
+
+def archive_problems(root, verified, durable_before):
+    """Checks the archive sink's objects after a cut: each new one must be a
+    valid gzip of NDJSON records; none that survived an earlier cut may be
+    gone (an object is published with fsync of the file and its directory
+    before the sink acknowledges it). Returns (problems, the objects now,
+    staging files left over)."""
+    now = set(root.rglob("*.ndjson.gz")) if root.exists() else set()
+    problems = [f"archive object {p.relative_to(root)} survived an earlier cut and is gone"
+                for p in sorted(durable_before - now)[:5]]
+    for p in sorted(now - verified):
+        try:
+            lines = gzip.decompress(p.read_bytes()).decode().splitlines()
+            if not lines or not all("idempotency_key" in json.loads(line) for line in lines):
+                raise ValueError("an object without records, or a record without idempotency_key")
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+            problems.append(f"archive object {p.relative_to(root)} is unreadable: {e}")
+            continue
+        verified.add(p)
+    staging = sum(1 for p in root.rglob("*#*")) if root.exists() else 0
+    return problems, now, staging
+
+
+def wal_check_copy(ctx, gw, dest):
+    """The offline `gateway wal check` on a copy of what the cut left (the WAL
+    as the next start finds it; checking in place would recover it first)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in ("wal.db", "wal.db-wal", "runtime.json"):
+        if (gw.data / name).exists():
+            shutil.copyfile(gw.data / name, dest / name)
+    out = subprocess.run([ctx.gateway_bin, "--config", gw.cfg, "--data-dir", dest, "--json", "wal", "check"],
+                         capture_output=True, text=True, timeout=600)
+    return out.returncode == 0, (out.stdout.strip() or out.stderr.strip())[-400:]
+
+
+def powercut(ctx):
+    """Data dir and archive on powercut-fs; N times: config.set, wait 1-4 s, kill -9, cut, check, restart."""
+    res = Result("powercut")
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
+        res.failures.append("needs root and /dev/fuse (a FUSE mount)")
+        return res
+    if not ctx.powercut_bin.exists():
+        res.failures.append(f"no powercut-fs binary at {ctx.powercut_bin} (cargo build -p powercut-fs)")
+        return res
+    work = ctx.workdir("powercut")
+    fs = PowercutFs(ctx, work)
+    held = {}
+    try:
+        fs.start()
+        return _powercut(ctx, res, work, fs, held)
+    finally:
+        if "gw" in held:  # a failure mid-way: the gateway goes before its filesystem
+            CHILDREN.stop(held["gw"].proc, signal.SIGKILL)
+        CHILDREN.stop_all()
+        last = fs.stop()
+        if last:
+            res.notes.append(f"powercut-fs: {last.get('fsyncs')} file fsyncs, "
+                             f"{last.get('fsyncdirs')} directory fsyncs in all")
+
+
+def _powercut(ctx, res, work, fs, held):
+    if not strictness_probe(fs):
+        res.failures.append("powercut-fs kept an unsynced write or an unsynced file across a cut: not strict")
+        return res
+    res.notes.append("probe: a write acknowledged before fsync and a file whose directory was not "
+                     "fsynced were lost at a cut, the synced file kept")
+    # The gateway creates the data dir and the archive (its objects are on
+    # the mount too): that those directories survive a cut is under test
+    # as well.
+    data = fs.mnt / "data"
+    rig = Rig(work)
+    rig.archive = fs.mnt / "archive"
+    rig.start()
+    gw = held["gw"] = Gateway(ctx, work, rig.config(), data_dir=data)
+    gw.start()
+    cycles = ctx.scale.powercut_cycles
+    waits = [ctx.rng.uniform(1, 4) for _ in range(cycles)]
+    # The load lasts the waits plus 2.5 s a cycle (config.set, kill, cut,
+    # checks and restart took ~1.2 s on debug binaries) and a few seconds after.
+    secs = round(sum(waits) + cycles * 2.5 + 3)
+    loads = mixed_load(ctx, work, gw, rig, secs=secs)
+    ready, cut_secs, check_secs = [], [], []
+    verified, durable_objects, tokens = set(), set(), {gw.token()}
+    dropped = reverted = stale = staging_max = 0
+    lost_paths = {}  # what the cuts threw away, by path (archive objects lumped together)
+    for i, wait in enumerate(waits):
+        expected = 1900 + i  # <= 2000: the api sink keeps retrying fast
+        sink, key = RUNTIME_KEY
+        admin_post(gw, "/admin/config", {"key": f"sinks.{sink}.{key}", "value": expected})
+        time.sleep(wait)
+        gw.check_alive()
+        check_loads_alive(loads)
+        if not all(lg.alive() for lg in loads):
+            res.notes.append(f"the load ended before cut #{i + 1}: cycles were slower than planned")
+        gw.kill9()
+        t0 = time.monotonic()
+        report = fs.cut()
+        cut_secs.append(time.monotonic() - t0)
+        dropped += report["dropped"]
+        reverted += report["reverted"]
+        stale += report["stale_handles"]
+        for p in report.get("dropped_paths", []) + report.get("reverted_paths", []):
+            p = "archive/*" if p.startswith("archive/") else p
+            lost_paths[p] = lost_paths.get(p, 0) + 1
+        t0 = time.monotonic()
+        problem = runtime_problem(data, expected)
+        if problem:
+            res.failures.append(f"cut #{i + 1}: {problem}")
+        problems, durable_objects, staging = archive_problems(rig.archive, verified, durable_objects)
+        staging_max = max(staging_max, staging)
+        res.failures += [f"cut #{i + 1}: {p}" for p in problems]
+        ok, out = wal_check_copy(ctx, gw, work / "wal-copy")
+        if not ok:
+            res.failures.append(f"cut #{i + 1}: wal check of what the cut left: {out}")
+        check_secs.append(time.monotonic() - t0)
+        ready.append(gw.start())
+        tokens.add(gw.token())
+        log(f"powercut: cut #{i + 1}/{cycles}: dropped {report['dropped']} "
+            f"{report.get('dropped_paths', [])}, reverted {report['reverted']} "
+            f"{report.get('reverted_paths', [])}; {len(durable_objects)} archive objects; "
+            f"ready again in {ready[-1]:.2f}s")
+    for lg in loads:
+        lg.finish(secs + 120)
+    load_notes(res, loads)
+    res.timings.update(cuts=str(cycles), wait_avg=fmt_s(sum(waits) / cycles),
+                       cut_avg=f"{1000 * sum(cut_secs) / cycles:.0f}ms",
+                       checks_avg=fmt_s(sum(check_secs) / cycles),
+                       ready_avg=fmt_s(sum(ready) / cycles), ready_max=fmt_s(max(ready)))
+    res.notes.append(f"over {cycles} cuts powercut-fs dropped {dropped} unsynced files/dirs, reverted "
+                     f"{reverted} files to their synced contents and staled {stale} open handles; "
+                     "unsynced state thrown away (cuts): "
+                     + ", ".join(f"{p} x{n}" for p, n in sorted(lost_paths.items(), key=lambda x: -x[1])[:8]))
+    if not res.failures:
+        res.notes.append("every cut left a valid runtime.json holding the last acknowledged config.set, "
+                         "readable archive objects (none that had survived a cut gone) and a WAL "
+                         "whose `wal check` was clean")
+    if staging_max:
+        res.notes.append(f"up to {staging_max} staging files (*#N) of interrupted archive uploads left over")
+    if len(tokens) > 1:
+        res.notes.append(f"admin.token was regenerated {len(tokens) - 1} times: a cut lost it "
+                         "(created with fsync of the file, not of its directory)")
+    check(ctx, res, gw, rig, [lg.acked for lg in loads])
+    problem = runtime_problem(data, 1900 + cycles - 1)
+    if problem:
+        res.failures.append(f"after the run: {problem}")
+    problems, _, _ = archive_problems(rig.archive, verified, durable_objects)
+    res.failures += [f"after the run: {p}" for p in problems]
+    res.details += [f"Power cuts: {cycles} x (config.set, {fmt_s(min(waits))}-{fmt_s(max(waits))} of "
+                    "mixed load, kill -9, cut, checks, restart); data dir and archive on powercut-fs "
+                    f"({ctx.powercut_bin}).", ""]
     return res
 
 
@@ -1402,6 +1709,12 @@ class Ctx:
                     log(f"warning: no loadgen in {bin_dir}: using {other}")
                     self.loadgen_bin = other
                     break
+        self.powercut_bin = Path(args.powercut_fs).resolve() if args.powercut_fs else bin_dir / "powercut-fs"
+        if not args.powercut_fs and not self.powercut_bin.exists():
+            for other in (ROOT / "target/release/powercut-fs", ROOT / "target/debug/powercut-fs"):
+                if other.exists():
+                    self.powercut_bin = other
+                    break
         self.seed = args.seed if args.seed is not None else random.randrange(1 << 31)
         self.rng = random.Random(self.seed)
         self.soak_secs = args.soak_secs or self.scale.soak_secs
@@ -1489,7 +1802,8 @@ def write_results(path, ctx, results, started, elapsed, argv, load_before):
         f"- machine: {hw['cpus']} CPUs ({hw['cpu']}), {hw['memory']} RAM, Linux {hw['kernel']}; "
         f"load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after "
         "(other work on the machine skews the latency figures, not the loss counts)",
-        f"- binaries: {ctx.gateway_bin} ({_mtime(ctx.gateway_bin)}), {ctx.loadgen_bin} ({_mtime(ctx.loadgen_bin)})",
+        f"- binaries: {ctx.gateway_bin} ({_mtime(ctx.gateway_bin)}), {ctx.loadgen_bin} ({_mtime(ctx.loadgen_bin)})"
+        + (f", {ctx.powercut_bin} ({_mtime(ctx.powercut_bin)})" if any(r.scenario == "powercut" for r in results) else ""),
         f"- load: HTTP {ctx.scale.http_rate}/s + MQTT {ctx.scale.mqtt_rate}/s through Mosquitto unless said otherwise",
         "", "Lost = acknowledged ids missing at a sink's far side after the gateway drained (must be 0); "
         "duplicates = far-side records - distinct records (at-least-once).", "",
@@ -1527,6 +1841,7 @@ def main():
     ap.add_argument("--only", help="comma-separated scenarios: " + ", ".join(SCENARIOS))
     ap.add_argument("--bin-dir", default=str(ROOT / "target/release"), help="where gateway and loadgen are")
     ap.add_argument("--loadgen", help="loadgen binary (default: BIN_DIR/loadgen)")
+    ap.add_argument("--powercut-fs", help="powercut-fs binary for the powercut scenario (default: BIN_DIR/powercut-fs)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/chaos-latest.md"),
                     help="results in markdown (default: bench/results/chaos-latest.md)")
     ap.add_argument("--seed", type=int, help="seed of the random kill times")

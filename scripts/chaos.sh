@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Fault harness behind `make chaos`: kill -9 loops, sink outages (killed and
-# frozen), ingest broker restarts, a full disk and a soak, each checked for
-# zero loss of acknowledged records at every sink (scripts/chaos.py says what
-# each scenario does and checks).
+# frozen), ingest broker restarts, a full disk, power cuts (the data dir on
+# tools/powercut-fs, a FUSE filesystem that forgets unsynced writes) and a
+# soak, each checked for zero loss of acknowledged records at every sink
+# (scripts/chaos.py says what each scenario does and checks).
 #
 #   scripts/chaos.sh [--scale quick|full] [chaos.py options: --only NAME,... --seed N --keep --out FILE]
 #
-# full  (default; CHAOS_SCALE=full): builds the release binaries, then runs
-#       every scenario at full length (the soak alone is 2 x 1 hour).
-# quick (CI; about 3-4 minutes): the debug binaries CI has already built
+# full  (default; CHAOS_SCALE=full): builds the release binaries (gateway,
+#       loadgen, powercut-fs), then runs every scenario at full length (the
+#       soak alone is 2 x 1 hour).
+# quick (CI; about 4-5 minutes): the debug binaries CI has already built
 #       (built here only when missing); no soak.
 #
-# Runs as root (disk_full mounts a tmpfs). Needs Mosquitto, tansu and the
-# .venv-test virtualenv: scripts/test-deps.sh installs what is missing.
+# Runs as root (disk_full mounts a tmpfs, powercut a FUSE filesystem). Needs
+# Mosquitto, tansu and the .venv-test virtualenv: scripts/test-deps.sh
+# installs what is missing.
 # Results: bench/results/chaos-latest.md; exit status 1 if any scenario failed.
 set -euo pipefail
 
@@ -41,8 +44,8 @@ fi
 
 case "$SCALE" in
     full)
-        log "building the release binaries (gateway, loadgen)"
-        cargo build --release -p gateway --bins
+        log "building the release binaries (gateway, loadgen, powercut-fs)"
+        cargo build --release -p gateway -p powercut-fs --bins
         BIN_DIR="$TARGET_DIR/release"
         ;;
     quick)
@@ -50,6 +53,10 @@ case "$SCALE" in
         if ! [ -x "$BIN_DIR/gateway" ] || ! [ -x "$BIN_DIR/loadgen" ]; then
             log "no debug binaries in $BIN_DIR: building them"
             cargo build -p gateway --bins
+        fi
+        if ! [ -x "$BIN_DIR/powercut-fs" ]; then
+            log "no powercut-fs in $BIN_DIR: building it"
+            cargo build -p powercut-fs --bins
         fi
         ;;
     *)
