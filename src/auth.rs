@@ -171,7 +171,7 @@ pub fn load_admin_token(
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = admin_token_path(settings);
     if settings.http.admin_token_file.is_none() && !path.exists() {
-        std::fs::create_dir_all(&settings.data_dir)
+        gateway_actors::durable::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness available: {e}"))?;
@@ -183,6 +183,7 @@ pub fn load_admin_token(
             .with_context(|| format!("creating the admin token file {}", path.display()))?;
         writeln!(f, "{}", hex::encode(raw))?;
         f.sync_all()?;
+        gateway_actors::durable::sync_parent(&path)?;
         tracing::info!(path = %path.display(), "created an admin token for the admin API and the CLI");
     }
     let token = gateway_actors::secret::read_secret_file(&path)

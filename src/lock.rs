@@ -28,7 +28,8 @@ pub enum LockState {
 
 /// Tries to lock `data_dir` (created if missing) without waiting.
 pub fn try_lock(data_dir: &Path) -> std::io::Result<LockState> {
-    std::fs::create_dir_all(data_dir)?;
+    // Durably: everything the gateway acknowledges lives below it.
+    gateway_actors::durable::create_dir_all(data_dir)?;
     let path = data_dir.join("gateway.lock");
     let mut file = OpenOptions::new()
         .read(true)

@@ -7,6 +7,8 @@
 //! - [`wal`]: the SQLite write-ahead-log queue — the `Wal` engine (format,
 //!   invariants and recovery are documented there) and the `WalStore` actor
 //!   that group-commits on its own thread.
+//! - [`durable`]: directories created and synced so that a power cut
+//!   cannot take them (and what is below them) away.
 //! - [`dispatcher`]: one `Dispatcher` per sink: fetch, publish, ack, retry
 //!   with backoff, dead-letter.
 //! - [`sink`]: the `Sink` trait, the `SinkActor` that runs one, and one
@@ -34,6 +36,7 @@
 
 pub mod control;
 pub mod dispatcher;
+pub mod durable;
 pub mod fuzzing;
 pub mod ingest;
 pub mod keys;

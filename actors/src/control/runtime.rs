@@ -186,13 +186,13 @@ impl RuntimeOverrides {
         let tmp = data_dir.join(format!("{RUNTIME_FILE}.tmp"));
         let text = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
         let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(data_dir)?;
+            crate::durable::create_dir_all(data_dir)?;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&text)?;
             f.write_all(b"\n")?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(data_dir)?.sync_all()
+            crate::durable::sync_dir(data_dir)
         };
         write().map_err(|e| format!("cannot write {}: {e}", path.display()))
     }

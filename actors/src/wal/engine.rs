@@ -255,7 +255,7 @@ impl Wal {
     pub fn open(cfg: WalConfig) -> Result<Self, WalError> {
         if let Some(dir) = cfg.path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|source| WalError::Dir {
+                crate::durable::create_dir_all(dir).map_err(|source| WalError::Dir {
                     path: dir.to_path_buf(),
                     source,
                 })?;

@@ -32,7 +32,9 @@ impl ObjectStoreSink {
     pub fn new(cfg: &S3SinkConfig) -> Result<Self, SinkError> {
         match cfg.target()? {
             Target::Local { dir } => {
-                std::fs::create_dir_all(&dir).map_err(|e| {
+                // Durably: object_store syncs only the directories it
+                // creates below this root.
+                crate::durable::create_dir_all(&dir).map_err(|e| {
                     SinkError::Retryable(format!("cannot create {}: {e}", dir.display()))
                 })?;
                 let store = LocalFileSystem::new_with_prefix(&dir)
