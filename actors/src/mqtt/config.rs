@@ -131,6 +131,18 @@ impl MqttIngestConfig {
         }
     }
 
+    /// Reads the connection's TLS files again ([`MqttTls::reread`]);
+    /// `Ok(false)`: the connection has no TLS.
+    pub fn reload_tls(&mut self) -> Result<bool, String> {
+        match &self.tls {
+            Some(tls) => {
+                self.tls = Some(tls.reread()?);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// The ingest connection's options: a persistent session, manual acks,
     /// our Receive Maximum, the telemetry subscription.
     pub fn client_options(&self) -> ClientOptions {

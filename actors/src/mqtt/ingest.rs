@@ -125,10 +125,9 @@ impl Handler<ReloadTls> for MqttIngest {
     type Result = Result<bool, String>;
 
     fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
-        let Some(tls) = &self.cfg.tls else {
+        if !self.cfg.reload_tls()? {
             return Ok(false);
-        };
-        self.cfg.tls = Some(tls.reread()?);
+        }
         if let Some(running) = self.running.take() {
             ctx.cancel_future(running);
         }
