@@ -27,12 +27,16 @@ lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, ba
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) deny check licenses bans sources
 
-bench: ## WAL, HTTP, MQTT, sink-drain, routes/live-first and a 2-minute soak; results in bench/results/latest.md
-	scripts/bench.sh
-	scripts/bench-mqtt.sh
-	scripts/bench-sinks.sh
-	scripts/bench-routes.sh
-	scripts/bench-soak.sh
+BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-sinks bench-routes bench-soak
+bench: ## WAL, HTTP, start-up, MQTT, sink-drain, routes/live-first and a 2-minute soak; results in bench/results/latest.md and latest.json
+	$(CARGO) build --release -p gateway --bin gateway
+	$(CARGO) build --release -p gateway-actors --example wal_bench --example drain_bench
+	scripts/bench-report.py --reset
+	@failed=""; for s in $(BENCH_SCRIPTS); do \
+		echo "==> scripts/$$s.sh"; BENCH_SKIP_BUILD=1 scripts/$$s.sh || failed="$$failed $$s"; \
+	done; \
+	scripts/bench-report.py --failed "$$failed"; \
+	if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
 chaos: ## the fault harness at full scale (crash loop, sink outages, broker restart, full disk, soak; hours): bench/results/chaos-latest.md
 	scripts/chaos.sh --scale full

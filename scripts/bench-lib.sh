@@ -80,3 +80,83 @@ need_wrk() {
     fi
     command -v wrk >/dev/null || die "wrk is required (apt-get install -y wrk)"
 }
+
+# cargo_build ARGS...: `cargo build ARGS...`; when BENCH_CARGO_LOCK names a
+# lock file, the build holds it (flock), so builds started by other tools
+# on this machine that take the same lock never run at the same time.
+# BENCH_SKIP_BUILD=1 (set by `make bench`, which builds everything once
+# first, so that every script measures the same binaries): no build.
+cargo_build() {
+    if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+        log "BENCH_SKIP_BUILD=1: not building (cargo build $*)"
+    elif [ -n "${BENCH_CARGO_LOCK:-}" ] && command -v flock >/dev/null; then
+        flock "$BENCH_CARGO_LOCK" cargo build "$@"
+    else
+        cargo build "$@"
+    fi
+}
+
+# The figures of one `make bench`, one JSON object a line; the Makefile
+# resets the file first and scripts/bench-report.py turns it into
+# bench/results/latest.json (and a summary table in latest.md) last.
+FIGURES="${BENCH_FIGURES:-$RESULTS_DIR/figures.jsonl}"
+export BENCH_FIGURES="$FIGURES"
+
+# figure NAME VALUE UNIT [--ceiling NAME VALUE] [--target TEXT] [--check EXPR] [--note TEXT]
+# Records one figure. The ceiling is what VALUE is divided by (ratio = VALUE /
+# ceiling), measured in the same run. TARGET is the issue's wording; EXPR
+# ("ratio >= 0.95", "value < 0.5", ...) is how the report decides `met`.
+# An empty or non-numeric VALUE is recorded as null (the run did not produce it).
+# Each figure also records `gateway --version` of the release binary as it is
+# then (commit and build time), so a binary rebuilt during a run shows.
+figure() {
+    [ $# -ge 3 ] || die "figure: NAME VALUE UNIT expected"
+    mkdir -p "$(dirname "$FIGURES")"
+    local build=""
+    [ ! -x "$TARGET_DIR/release/gateway" ] || build="$("$TARGET_DIR/release/gateway" --version 2>/dev/null || true)"
+    python3 - "$FIGURES" "${BENCH_NAME:-bench}" "$build" "$@" <<'PY' || log "could not record figure $1"
+import json, sys, time
+path, source, build, name, value, unit, *rest = sys.argv[1:]
+def num(s):
+    s = s.strip()
+    if s.lstrip("-").isdigit():
+        return int(s)
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if v == v and abs(v) != float("inf") else None
+fig = {"name": name, "value": num(value), "unit": unit, "source": source,
+       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build or None}
+i = 0
+while i < len(rest):
+    opt = rest[i]
+    if opt == "--ceiling" and i + 2 < len(rest):
+        fig["ceiling"] = {"name": rest[i + 1], "value": num(rest[i + 2])}
+        i += 3
+    elif opt in ("--target", "--check", "--note") and i + 1 < len(rest):
+        fig[opt[2:]] = rest[i + 1]
+        i += 2
+    else:
+        sys.exit(f"figure {name}: unexpected argument {opt!r}")
+with open(path, "a") as f:
+    f.write(json.dumps(fig) + "\n")
+PY
+}
+
+# need_nginx: installs nginx-light with apt-get when nginx is missing (the
+# "does nothing" HTTP ceiling of the HTTP ingest bench); NGINX is its path,
+# empty when it could not be installed.
+need_nginx() {
+    NGINX="$(command -v nginx || true)"
+    [ -n "$NGINX" ] || { [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx; } || true
+    [ -z "$NGINX" ] || return 0
+    log "nginx is missing: installing nginx-light with apt-get"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo=sudo; } || return 0
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1 \
+        || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1; } \
+        || true
+    NGINX="$(command -v nginx || true)"
+    [ -n "$NGINX" ] || { [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx; } || true
+}

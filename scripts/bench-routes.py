@@ -15,7 +15,9 @@
 
 Usage: bench-routes.py GATEWAY_BIN WORK_DIR OUT_MD
 Environment: BENCH_ROUTES_WRK_SECS (10), BENCH_ROUTES_ROUNDS (2),
-BENCH_ROUTES_BACKLOG (200000), BENCH_ROUTES_LIVE_RATE (50).
+BENCH_ROUTES_BACKLOG (200000), BENCH_ROUTES_LIVE_RATE (50), BENCH_FIGURES
+(default: figures.jsonl beside OUT_MD; the key figures go there as JSON
+lines, like `figure` in scripts/bench-lib.sh, for scripts/bench-report.py).
 """
 
 import http.server
@@ -37,10 +39,28 @@ ROUNDS = int(os.environ.get("BENCH_ROUTES_ROUNDS", "2"))
 BACKLOG = int(os.environ.get("BENCH_ROUTES_BACKLOG", "200000"))
 LIVE_RATE = int(os.environ.get("BENCH_ROUTES_LIVE_RATE", "50"))
 LIVE_AFTER_S = 10
+FIGURES = os.environ.get("BENCH_FIGURES") or os.path.join(os.path.dirname(os.path.abspath(OUT)), "figures.jsonl")
 
 
 def log(msg):
     print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def figure(name, value, unit, ceiling=None, target=None, check=None, note=None):
+    """One figure for scripts/bench-report.py (the format of `figure` in bench-lib.sh)."""
+    try:
+        build = subprocess.run([GW, "--version"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        build = None
+    fig = {"name": name, "value": value, "unit": unit, "source": "bench-routes",
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build}
+    if ceiling:
+        fig["ceiling"] = {"name": ceiling[0], "value": ceiling[1]}
+    for k, v in (("target", target), ("check", check), ("note", note)):
+        if v is not None:
+            fig[k] = v
+    with open(FIGURES, "a") as f:
+        f.write(json.dumps(fig) + "\n")
 
 
 def free_port():
@@ -218,6 +238,16 @@ def main():
         for name, (d, p50, p99, n, miss) in (("fifo", fifo), ("live_first", lf)):
             f.write(f"| {name} | {d:.2f} s | {BACKLOG / d:.0f}/s | {p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms | {n} | {miss} |\n")
         f.write(f"\nlive_first backlog rate / fifo: {fifo[0] / lf[0]:.2f} (target >= 0.50); live p99 {lf[2]:.2f} s (target <= 2 s)\n")
+    figure("routes.rule_cost.rps", round(ruled), "req/s", ceiling=("the same load without rules", round(plain)),
+           target="HTTP ingest with 20 routing and priority rules drops <= 10 % against no rules (issue 11)",
+           check="ratio >= 0.90", note=f"wrk -t2 -c64 -d{WRK_SECS}s, median of {ROUNDS} alternating runs")
+    figure("routes.live_first.live_p99", round(lf[2], 3), "s",
+           target="live records' receive -> sink-ack p99 <= 2 s while a 200k backlog drains (issue 11)",
+           check="value <= 2", note=f"{lf[3]} live records at {LIVE_RATE}/s, {lf[4]} missing; with fifo: p99 {fifo[2]:.2f} s")
+    figure("routes.live_first.backlog_rate", round(BACKLOG / lf[0]), "records/s",
+           ceiling=("the same backlog drained fifo", round(BACKLOG / fifo[0])),
+           target="the backlog drains at >= 50 % of its fifo rate (issue 11)", check="ratio >= 0.50",
+           note=f"a backlog of {BACKLOG} records to an HTTP sink")
 
 
 main()

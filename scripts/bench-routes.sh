@@ -12,7 +12,7 @@ BENCH_NAME=bench-routes
 cd "$ROOT"
 need_wrk
 log "building the release gateway (cargo waits if another build holds the lock)"
-cargo build --release -p gateway --bin gateway
+cargo_build --release -p gateway --bin gateway
 mkdir -p "$TARGET_DIR" "$RESULTS_DIR"
 WORK="$(mktemp -d "$TARGET_DIR/bench-routes.XXXXXX")"
 trap 'remove_work "$WORK"' EXIT

@@ -6,7 +6,8 @@
 # process RSS sampled during the drain. The MQTT row has a ceiling measured
 # beside it: one `mosquitto_pub -q 1` publishing as many records of the same
 # size to the same broker.
-# Appends a section to bench/results/latest.md.
+# Appends a section to bench/results/latest.md; each drain rate (and the
+# drain's peak RSS) also goes to bench/results/figures.jsonl (`figure`).
 set -euo pipefail
 BENCH_NAME=bench-sinks
 # shellcheck source=scripts/bench-lib.sh
@@ -25,15 +26,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# drain_figure KIND [figure options...]: figures of the row drain_bench just
+# appended to $ROWS (records/s, and the largest RSS sample).
+drain_figure() {
+  local kind="$1" row; shift
+  row="$(tail -1 "$ROWS")"
+  figure "drain.$kind" "$(awk -F'|' '{gsub(/ /, "", $6); print $6}' <<<"$row")" records/s \
+    --note "a backlog of $RECORDS records, batch_max_records $BATCH, drained by one Dispatcher + SinkActor" "$@"
+  figure "drain.$kind.rss_max" "$(awk -F'|' '{n = split($7, a, "/"); gsub(/ /, "", a[n]); print a[n]}' <<<"$row")" MiB \
+    --note "largest VmRSS sample (every 100 ms) of the drain process"
+}
+
 wait_port() { for _ in $(seq 1 200); do port_in_use "$1" && return 0; sleep 0.1; done; die "port $1 never opened"; }
 
-cargo build --release -p gateway-actors --example drain_bench
+cargo_build --release -p gateway-actors --example drain_bench
 BIN="$ROOT/target/release/examples/drain_bench"
 mkdir -p bench/results
 ROWS="$TMP/rows.md"
 
 echo "==> file"
 "$BIN" file --records "$RECORDS" --batch "$BATCH" --dir "$TMP/file" --out "$ROWS"
+drain_figure file --target "drain rates must not fall (issue 12, target 3)"
 rm -rf "$TMP/file"
 
 if [ -x .venv-test/bin/moto_server ]; then
@@ -44,6 +57,7 @@ if [ -x .venv-test/bin/moto_server ]; then
   curl -sf -X PUT "http://127.0.0.1:$P/bench" >/dev/null
   AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
     "$BIN" s3 --records "$RECORDS" --batch "$BATCH" --dir "$TMP/s3" --endpoint "http://127.0.0.1:$P" --bucket bench --out "$ROWS"
+  drain_figure s3 --target "drain rates must not fall (issue 12, target 3)"
   rm -rf "$TMP/s3"
 else
   echo "s3: skipped (run scripts/test-deps.sh for moto)" | tee -a "$ROWS"
@@ -58,6 +72,7 @@ if [ -x "$TANSU" ]; then
   wait_port "$P"
   "$TANSU" topic create --broker "tcp://127.0.0.1:$P" --partitions 3 bench >/dev/null
   "$BIN" kafka --records "$RECORDS" --batch "$BATCH" --dir "$TMP/kafka" --brokers "127.0.0.1:$P" --topic bench --out "$ROWS"
+  drain_figure kafka --target "drain rates must not fall (issue 12, target 3)"
   rm -rf "$TMP/kafka"
 else
   echo "kafka: skipped (tansu not installed; scripts/test-deps.sh installs it)" | tee -a "$ROWS"
@@ -81,10 +96,17 @@ if [ -x "$MOSQUITTO" ] && command -v mosquitto_pub >/dev/null; then
   T0=$(date +%s.%N)
   mosquitto_pub -h 127.0.0.1 -p "$P" -q 1 -t bench/ceiling -m "$LINE" --repeat "$CEIL_N" --repeat-delay 0
   T1=$(date +%s.%N)
-  sleep 1.5; R1=$(received)
+  # $SYS counters are published every sys_interval (1 s), later on a busy
+  # machine: read until the count covers the run (10 s at most).
+  for _ in $(seq 1 10); do
+    sleep 1; R1=$(received)
+    [ "$(( R1 - R0 ))" -lt "$CEIL_N" ] || break
+  done
   [ "$(( R1 - R0 ))" -ge "$CEIL_N" ] || die "the ceiling run lost messages: the broker received $(( R1 - R0 )) of $CEIL_N"
   CEIL=$(awk -v n="$CEIL_N" -v a="$T0" -v b="$T1" 'BEGIN { printf "%.0f", n / (b - a) }')
   "$BIN" mqtt --records "$RECORDS" --batch "$BATCH" --dir "$TMP/mqtt" --broker "mqtt://127.0.0.1:$P" --out "$ROWS"
+  drain_figure mqtt --ceiling "one mosquitto_pub -q 1 --repeat to the same broker ($CEIL_N records)" "$CEIL" \
+    --target "MQTT sink >= 40 % of a mosquitto_pub -q 1 publisher's rate (issue 12, target 1)" --check "ratio >= 0.40"
   RATE=$(tail -1 "$ROWS" | awk -F'|' '{gsub(/ /, "", $6); print $6}')
   echo "| mqtt ceiling: mosquitto_pub -q 1 --repeat | $CEIL_N | - | - | $CEIL | sink at $(awk -v r="$RATE" -v c="$CEIL" 'BEGIN { printf "%.1f", 100 * r / c }') % of it |" >>"$ROWS"
   rm -rf "$TMP/mqtt"
@@ -110,6 +132,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 wait_port "$P"
 "$BIN" http --records "$RECORDS" --batch "$BATCH" --dir "$TMP/http" --url "http://127.0.0.1:$P/ingest" --out "$ROWS"
+drain_figure http --target "drain rates must not fall (issue 12, target 3)"
 rm -rf "$TMP/http"
 
 {

@@ -19,7 +19,8 @@
 #   BENCH_KEEP=1   keep the scratch directory (data dirs, logs)
 #
 # Appends a section to bench/results/latest.md and writes
-# bench/results/soak.json.
+# bench/results/soak.json; the key figures also go to
+# bench/results/figures.jsonl (`figure`, for scripts/bench-report.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +51,7 @@ for t in mosquitto_pub curl python3; do
     command -v "$t" >/dev/null || die "$t is required (make test-deps; apt-get install -y wrk)"
 done
 log "building the release gateway"
-cargo build --release -p gateway --bin gateway
+cargo_build --release -p gateway --bin gateway
 GATEWAY_BIN="$TARGET_DIR/release/gateway"
 mkdir -p "$RESULTS_DIR"
 WORK="$(mktemp -d "$TARGET_DIR/soak-tmp.XXXXXX")"
@@ -182,6 +183,28 @@ cat >"$RESULTS_DIR/soak.json" <<JSON
  "embedded":{"rss_warm_mb":$E_WARM,"rss_end_mb":$E_END,"rss_peak_mb":$E_PEAK,"slope_mb_per_min":$E_SLOPE,"mqtt_accepted":$E_MQTT,"http_accepted":$E_HTTP,"e2e_p50_ms_le":"$E_P50","e2e_p99_ms_le":"$E_P99"},
  "limit":{"max_bytes":$LIMIT,"requests":${L_REQ:-0},"accepted":${L_OK:-0},"refused":${L_OTHER:-0},"refused_pct":$L_REFUSED_PCT,"wal_bytes_end":$L_BYTES,"compacted":$L_COMPACTED,"rss_warm_mb":$L_WARM,"rss_end_mb":$L_END,"rss_peak_mb":$L_PEAK,"slope_mb_per_min":$L_SLOPE}}
 JSON
+# Figures. growth() works in MiB (KiB / 1024); the figures are in MB (10^6
+# bytes), the unit of the issue's targets.
+mib_to_mb() { awk -v m="$1" 'BEGIN { printf "%.1f", m * 1048576 / 1e6 }'; }
+ms_or_empty() { case "$1" in ''|-|inf) ;; *) echo "$1" ;; esac; }
+figure soak.embedded.rss_peak "$(mib_to_mb "$E_PEAK")" MB \
+    --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" \
+    --note "default config (embedded broker), ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s, MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-unset}"
+figure soak.embedded.rss_growth "$(mib_to_mb "$E_SLOPE")" MB/min \
+    --target "RSS stays flat after warm-up (issue 12, target 2)" \
+    --note "least-squares slope after the first third; RSS after warm-up $(mib_to_mb "$E_WARM") MB, at end $(mib_to_mb "$E_END") MB"
+figure soak.embedded.e2e_p99 "$(ms_or_empty "$E_P99")" ms \
+    --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
+    --note "archive (file) sink, upper bound of the gateway_e2e_latency_seconds bucket; the load is ${RATE}/s MQTT + ${RATE}/s HTTP"
+figure soak.embedded.e2e_p50 "$(ms_or_empty "$E_P50")" ms --note "as soak.embedded.e2e_p99"
+figure soak.limit.refused_pct "$L_REFUSED_PCT" % \
+    --target "a gateway at its WAL size limit with healthy sinks answers no 503 (issue 12)" --check "value <= 0" \
+    --note "${LRATE}/s HTTP for ${SECS}s at wal.max_bytes = $LIMIT: ${L_OTHER:-0} of ${L_REQ:-0} requests refused"
+figure soak.limit.rss_peak "$(mib_to_mb "$L_PEAK")" MB \
+    --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" --note "HTTP only, at the WAL size limit"
+figure soak.limit.rss_growth "$(mib_to_mb "$L_SLOPE")" MB/min \
+    --target "RSS stays flat after warm-up (issue 12, target 2)" --note "least-squares slope after the first third"
+
 {
     echo
     echo "## Soak (${SECS}s, commit $GIT_REV)"

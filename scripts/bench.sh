@@ -11,8 +11,12 @@
 #    sink), drives POST /ingest/{device} with wrk + bench/ingest.lua (unique
 #    msg_id per request), then checks wrk's 202 count against the gateway's
 #    gateway_ingest_records_total{source="http",outcome="accepted"}, and
-#    samples the gateway's CPU (per thread) and RSS.
-# 4. Writes everything to bench/results/latest.md and prints it.
+#    samples the gateway's CPU (per thread) and RSS. The ceiling beside it:
+#    nginx on a free loopback port answering 202 to every POST, driven by the
+#    same wrk command (the gateway's rate is reported as a share of it).
+# 4. Writes everything to bench/results/latest.md and prints it; each key
+#    figure also goes to bench/results/figures.jsonl (`figure`, bench-lib.sh)
+#    for scripts/bench-report.py (bench/results/latest.json).
 #
 # Knobs (environment):
 #   BENCH_WAL_SECS=3        time bound of each WAL run
@@ -20,6 +24,8 @@
 #   BENCH_WRK_THREADS=2  BENCH_WRK_CONNS=256  BENCH_WRK_DURATION=15s
 #   BENCH_DEVICES=50        distinct device ids in the HTTP load
 #   BENCH_LOG_LEVEL=info    the gateway's log level (info = its default; logs go to a file)
+#   BENCH_NGINX=0           skip the nginx ceiling run (default: run it; nginx-light is installed if missing)
+#   BENCH_CARGO_LOCK=FILE   hold this lock file (flock) while cargo builds
 #   BENCH_KEEP=1            keep the temporary directory (data dirs, logs)
 #   CARGO_TARGET_DIR        as for cargo
 #
@@ -43,10 +49,12 @@ BENCH_NAME=bench
 . "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 GW_PID=""
+NGINX_PID=""
 WORK=""
 cleanup() {
     local rc=$?
     stop_pid "$GW_PID" 10
+    stop_pid "$NGINX_PID" 5
     remove_work "$WORK"
     exit "$rc"
 }
@@ -58,11 +66,14 @@ trap 'exit 143' TERM
 command -v cargo >/dev/null || die "cargo not found"
 command -v curl >/dev/null || die "curl not found"
 need_wrk
+NGINX=""
+[ "${BENCH_NGINX:-1}" = 0 ] || need_nginx
+[ "${BENCH_NGINX:-1}" = 0 ] || [ -n "$NGINX" ] || log "WARNING: nginx is not installed and could not be: no HTTP ceiling"
 
 # ------------------------------------------------------------------ build
 log "building release binaries (cargo waits if another build holds the lock)"
-cargo build --release -p gateway --bin gateway
-cargo build --release -p gateway-actors --example wal_bench
+cargo_build --release -p gateway --bin gateway
+cargo_build --release -p gateway-actors --example wal_bench
 GATEWAY_BIN="$TARGET_DIR/release/gateway"
 WAL_BENCH_BIN="$TARGET_DIR/release/examples/wal_bench"
 [ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
@@ -104,6 +115,68 @@ if [ -n "$(git status --porcelain -- src actors Cargo.toml Cargo.lock 2>/dev/nul
 log "WAL bench (each run <= ${WAL_SECS}s or ${WAL_MAX} records) in $WORK/wal"
 "$WAL_BENCH_BIN" "$WORK/wal" --out "$OUT" --secs "$WAL_SECS" --max-records "$WAL_MAX" | tee "$WORK/wal_bench.txt"
 rm -rf "$WORK/wal"
+
+# Figures: records/s of each row (wal_bench's RESULT lines); the fsync
+# baseline (one 4 KiB overwrite + fdatasync at a time, i.e. fsyncs/s) is the
+# ceiling of the engine and actor rows. Names: wal.engine.10_rec_per_commit,
+# wal.actor.16_senders_x_1_rec, ...
+FSYNC_BASE=""
+while IFS=$'\t' read -r path batch rate; do
+    if [ "${path#fsync baseline}" != "$path" ]; then
+        FSYNC_BASE="$rate"
+        figure wal.fsync_baseline "$rate" fsyncs/s --note "$path: the ceiling of the WAL rows"
+        continue
+    fi
+    name="$(printf '%s.%s' "${path%% *}" "$batch" | sed 's| rec/commit|_rec_per_commit|; s/ /_/g')"
+    figure "wal.$name" "$rate" records/s --ceiling "fsync baseline (fsyncs/s)" "$FSYNC_BASE" \
+        --note "$path, $batch: durable appends; ratio = its records/s over the raw fsyncs/s"
+done < <(sed -n 's/^RESULT path="\([^"]*\)" batch="\([^"]*\)" records_per_s=\([0-9.]*\).*/\1\t\2\t\3/p' "$WORK/wal_bench.txt")
+
+# ------------------------------------------------------------------ HTTP ceiling: nginx
+# The "does nothing" HTTP server: nginx answering 202 '{}' to every POST on a
+# free loopback port, driven by the same wrk command as the gateway below.
+# bench_kv_file FILE KEY: a value of the BENCH line that bench/ingest.lua prints.
+bench_kv_file() { { grep '^BENCH ' "$1" || true; } | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k {print $2}'; }
+NGINX_RPS=""; NGINX_CHECK="not run"
+if [ -n "$NGINX" ]; then
+    mkdir -p "$WORK/nginx"
+    NGINX_PORT="$(free_port)"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes auto;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 100000000;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / { return 202 '{}'; }
+    }
+}
+EOF
+    "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx/" >"$WORK/nginx/stdout.log" 2>&1 &
+    NGINX_PID=$!
+    for _ in $(seq 1 50); do port_in_use "$NGINX_PORT" && break; kill -0 "$NGINX_PID" 2>/dev/null || break; sleep 0.1; done
+    if port_in_use "$NGINX_PORT" && kill -0 "$NGINX_PID" 2>/dev/null; then
+        log "nginx ceiling: wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION against nginx (pid $NGINX_PID) on 127.0.0.1:$NGINX_PORT"
+        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --timeout 10s --latency \
+            -s "$ROOT/bench/ingest.lua" "http://127.0.0.1:$NGINX_PORT" -- "nginx$(date +%s)" "$DEVICES" | tee "$WORK/wrk-nginx.txt"
+        NGINX_RPS="$(bench_kv_file "$WORK/wrk-nginx.txt" rps)"
+        NGINX_CHECK="OK"
+        [ "$(bench_kv_file "$WORK/wrk-nginx.txt" status_other)" = 0 ] || NGINX_CHECK="answered other than 202 (see its wrk output)"
+    else
+        NGINX_CHECK="did not start: $(tail -3 "$WORK/nginx/error.log" "$WORK/nginx/stdout.log" 2>/dev/null | tr '\n' ' ')"
+        log "WARNING: nginx $NGINX_CHECK"
+    fi
+    stop_pid "$NGINX_PID" 5; NGINX_PID=""
+fi
 
 # ------------------------------------------------------------------ HTTP bench
 # Only the settings we pass: nothing from the caller's GATEWAY_* environment.
@@ -227,6 +300,8 @@ fi
     echo "| measure | value |"
     echo "|---|---:|"
     echo "| requests/s (wrk) | $RPS |"
+    echo "| ceiling: nginx answering 202, same wrk command, requests/s | ${NGINX_RPS:-n/a} ($NGINX_CHECK) |"
+    echo "| gateway / nginx | $(awk -v a="$RPS" -v b="${NGINX_RPS:-0}" 'BEGIN { if (b > 0) printf "%.1f %%", 100 * a / b; else print "n/a" }') (target >= 40 %) |"
     echo "| latency p50 / p90 / p99 / p99.9 / max | $(awk -v a="$P50" -v b="$P90" -v c="$P99" -v d="$P999" -v e="$PMAX" 'BEGIN {printf "%.2f / %.2f / %.2f / %.2f / %.2f ms", a/1000, b/1000, c/1000, d/1000, e/1000}') |"
     echo "| latency mean | $(awk -v a="$PMEAN" 'BEGIN {printf "%.2f ms", a/1000}') |"
     echo "| wrk requests completed | $REQS |"
@@ -260,6 +335,16 @@ fi
     echo
     echo "</details>"
 } >>"$OUT"
+
+# Figures (bench/results/figures.jsonl).
+kib_to_mb() { awk -v k="${1%% *}" 'BEGIN { if (k != "") printf "%.1f", k * 1024 / 1e6 }'; }
+figure http.ingest.rps "$RPS" req/s ${NGINX_RPS:+--ceiling "nginx returning 202 (wrk -t$WRK_THREADS -c$WRK_CONNS)" "$NGINX_RPS"} \
+    --target "HTTP durable ingest >= 40 % of the nginx ceiling (issue 12, target 4)" --check "ratio >= 0.40" \
+    --note "wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION, bench/ingest.lua, default config; check: $VERDICT"
+figure http.ingest.latency_p99 "$(awk -v a="$P99" 'BEGIN { printf "%.2f", a / 1000 }')" ms --note "wrk's p99 at full load"
+figure http.rss_before_load "$(kib_to_mb "$RSS_IDLE")" MB \
+    --note "VmRSS right after /readyz, default config, MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-unset} (the idle figures are bench-startup.sh's)"
+figure http.rss_peak "$(kib_to_mb "$VM_HWM")" MB --note "VmHWM after the wrk run"
 
 # ------------------------------------------------------------------ stop, publish
 log "stopping the gateway"

@@ -34,6 +34,7 @@ need mosquitto_pub || missing+=(mosquitto-clients)
 need prometheus || missing+=(prometheus)                         # the observability tests: prometheus + promtool
 need debootstrap || missing+=(debootstrap)                       # the package test's Debian root
 need systemd-analyze || missing+=(systemd)                       # ... and `systemd-analyze verify` of the unit
+need nginx || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # make bench: the HTTP ceiling (nginx answering 202)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test-deps: installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
