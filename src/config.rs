@@ -787,14 +787,14 @@ impl Loaded {
             })?
         };
         let mut cfg = MqttIngestConfig::new(&host, port, &client_id);
-        cfg.version = version;
+        cfg.conn.version = version;
         cfg.payload_format = payload_format;
         cfg.topics = topics;
         cfg.control = m.control.unwrap_or(true);
-        cfg.max_packet_bytes = max_payload_bytes + 4096;
+        cfg.conn.max_packet_bytes = max_payload_bytes + 4096;
         if let Some(k) = &m.keep_alive {
-            cfg.keep_alive = self.duration("mqtt.keep_alive", k)?;
-            if cfg.keep_alive < Duration::from_secs(5) {
+            cfg.conn.keep_alive = self.duration("mqtt.keep_alive", k)?;
+            if cfg.conn.keep_alive < Duration::from_secs(5) {
                 return Err(self.invalid("mqtt.keep_alive", "must be at least 5s"));
             }
         }
@@ -808,15 +808,15 @@ impl Loaded {
             cfg.session_expiry = self.duration("mqtt.session_expiry", e)?;
         }
         if let Some(r) = &m.reconnect_max {
-            cfg.reconnect_max = self
+            cfg.conn.reconnect.max = self
                 .duration("mqtt.reconnect_max", r)?
-                .max(cfg.reconnect_base);
+                .max(cfg.conn.reconnect.base);
         }
-        cfg.username = m.username.clone();
+        cfg.conn.username = m.username.clone();
         let key_error = |e: KeyError| self.invalid(&format!("mqtt.{}", e.key), e.message);
-        cfg.password =
+        cfg.conn.password =
             secret_key("password_file", m.password_file.as_deref()).map_err(key_error)?;
-        cfg.tls = broker_tls(
+        cfg.conn.tls = broker_tls(
             scheme,
             m.ca_file.as_deref(),
             m.client_cert_file.as_deref(),
@@ -832,7 +832,7 @@ impl Loaded {
             }
             // The embedded broker listens for MQTT 3.1.1 (what most devices and
             // mosquitto_pub speak); the gateway's own client matches it.
-            cfg.version = MqttVersion::V311;
+            cfg.conn.version = MqttVersion::V311;
             return Ok(MqttMode::Embedded { addr, ingest: cfg });
         }
         Ok(MqttMode::Broker(cfg))
@@ -1290,7 +1290,7 @@ mod tests {
         .unwrap();
         assert_eq!(ok.sinks.len(), 3);
         match &ok.sinks["m"].target {
-            SinkTarget::Mqtt(m) => assert_eq!((m.host.as_str(), m.port), ("cloud", 1883)),
+            SinkTarget::Mqtt(m) => assert_eq!((m.conn.host.as_str(), m.conn.port), ("cloud", 1883)),
             other => panic!("{other:?}"),
         }
     }

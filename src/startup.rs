@@ -209,7 +209,7 @@ impl Application {
         if let (MqttMode::Embedded { addr, .. }, Some(cfg)) =
             (&settings.mqtt, settings.mqtt.ingest())
         {
-            crate::broker::start_embedded(*addr, cfg.max_packet_bytes)?;
+            crate::broker::start_embedded(*addr, cfg.conn.max_packet_bytes)?;
         }
 
         // Every step that can fail has run: only now start the actors. An
@@ -247,7 +247,7 @@ impl Application {
                 metrics.mqtt_enabled.set(1);
                 let status = Arc::new(MqttStatus::default());
                 let (c, r, st, m) = (cfg.clone(), router.clone(), status.clone(), metrics.clone());
-                tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls.is_some(), client_id = %cfg.client_id, "starting MQTT ingest");
+                tracing::info!(host = %cfg.conn.host, port = cfg.conn.port, tls = cfg.conn.tls.is_some(), client_id = %cfg.conn.client_id, "starting MQTT ingest");
                 // Its client (socket reads, packet decoding, acks) runs on a
                 // thread of its own, off the thread of the WAL front and the
                 // dispatchers.
@@ -298,7 +298,7 @@ impl Application {
         });
         // `tls.reload` and SIGHUP read every TLS file again: HTTPS, the MQTT
         // connections with TLS, and the sinks whose clients read TLS files.
-        let mqtt_tls = settings.mqtt.ingest().is_some_and(|c| c.tls.is_some());
+        let mqtt_tls = settings.mqtt.ingest().is_some_and(|c| c.conn.tls.is_some());
         let tls_parts = TlsParts {
             https: server_tls.clone(),
             mqtt: mqtt.clone().filter(|_| mqtt_tls),

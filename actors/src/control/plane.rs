@@ -53,7 +53,7 @@ impl ControlPlane {
         metrics: Metrics,
     ) -> Self {
         let mut cfg = cfg.clone();
-        cfg.client_id = format!("{}-control", cfg.client_id);
+        cfg.conn.client_id = format!("{}-control", cfg.conn.client_id);
         Self {
             cfg,
             gateway_id: gateway_id.to_string(),
@@ -88,7 +88,7 @@ impl Handler<ReloadTls> for ControlPlane {
     /// Reads the TLS files again and reconnects with them (see [`ReloadTls`]);
     /// commands being executed keep running.
     fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
-        if !self.cfg.reload_tls()? {
+        if !self.cfg.conn.reload_tls()? {
             return Ok(false);
         }
         if let Some(running) = self.running.take() {

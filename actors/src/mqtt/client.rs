@@ -46,9 +46,11 @@ impl Backoff {
     }
 }
 
-/// How to connect.
+/// Where and how to reach a broker: what every MQTT connection of the
+/// gateway has (the ingest and the control plane share one; each upstream
+/// sink has its own).
 #[derive(Debug, Clone)]
-pub struct ClientOptions {
+pub struct Connection {
     /// Broker host.
     pub host: String,
     /// Broker port.
@@ -57,40 +59,23 @@ pub struct ClientOptions {
     pub tls: Option<MqttTls>,
     /// User name.
     pub username: Option<String>,
-    /// Password.
+    /// Password (read from a file).
     pub password: Option<Secret>,
-    /// Client id.
+    /// Client id: a persistent session belongs to it.
     pub client_id: String,
     /// 3.1.1 or 5.
     pub version: MqttVersion,
     /// Keep-alive interval.
     pub keep_alive: Duration,
-    /// Keep the session across connections (clean session / clean start off).
-    pub persistent: bool,
-    /// How long the broker keeps a persistent session while we are away (MQTT 5).
-    pub session_expiry: Duration,
-    /// Incoming QoS 1 messages are acknowledged by the consumer
-    /// ([`MqttClient::ack`]), not by the client on receipt.
-    pub manual_acks: bool,
-    /// The Receive Maximum we announce (MQTT 5).
-    pub receive_maximum: Option<u16>,
-    /// Our own QoS 1 publishes in flight at once.
-    pub outgoing_inflight: u16,
     /// Largest packet either way.
     pub max_packet_bytes: usize,
-    /// Requests (publishes, acks) queued towards the event loop.
-    pub request_capacity: usize,
-    /// Subscribed at QoS 1 after every CONNACK.
-    pub subscribe: Vec<String>,
     /// Waits between reconnects.
     pub reconnect: Backoff,
-    /// Events buffered towards the consumer.
-    pub event_capacity: usize,
 }
 
-impl ClientOptions {
-    /// Defaults for `client_id` at `host:port`: MQTT 3.1.1, clean session,
-    /// automatic acks, no subscription.
+impl Connection {
+    /// `client_id` at `host:port`: MQTT 3.1.1, plain TCP, no credentials,
+    /// keep-alive 30 s, packets up to 1 MiB, reconnects from 100 ms to 10 s.
     pub fn new(host: &str, port: u16, client_id: &str) -> Self {
         Self {
             host: host.to_string(),
@@ -101,19 +86,22 @@ impl ClientOptions {
             client_id: client_id.to_string(),
             version: MqttVersion::V311,
             keep_alive: Duration::from_secs(30),
-            persistent: false,
-            session_expiry: Duration::from_secs(7 * 24 * 3600),
-            manual_acks: false,
-            receive_maximum: None,
-            outgoing_inflight: 100,
             max_packet_bytes: 1 << 20,
-            request_capacity: 64,
-            subscribe: Vec::new(),
             reconnect: Backoff {
                 base: Duration::from_millis(100),
                 max: Duration::from_secs(10),
             },
-            event_capacity: 64,
+        }
+    }
+
+    /// Reads the TLS files again ([`MqttTls::reread`]); `Ok(false)`: no TLS.
+    pub fn reload_tls(&mut self) -> Result<bool, String> {
+        match &self.tls {
+            Some(tls) => {
+                self.tls = Some(tls.reread()?);
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
@@ -135,6 +123,47 @@ impl ClientOptions {
             let password = self.password.as_ref().map(Secret::expose).unwrap_or("");
             (u.clone(), password.to_string())
         })
+    }
+}
+
+/// How one client uses its [`Connection`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Where and how to connect.
+    pub conn: Connection,
+    /// Keep the session across connections (clean session / clean start off).
+    pub persistent: bool,
+    /// How long the broker keeps a persistent session while we are away (MQTT 5).
+    pub session_expiry: Duration,
+    /// Incoming QoS 1 messages are acknowledged by the consumer
+    /// ([`MqttClient::ack`]), not by the client on receipt.
+    pub manual_acks: bool,
+    /// The Receive Maximum we announce (MQTT 5).
+    pub receive_maximum: Option<u16>,
+    /// Our own QoS 1 publishes in flight at once.
+    pub outgoing_inflight: u16,
+    /// Requests (publishes, acks) queued towards the event loop.
+    pub request_capacity: usize,
+    /// Subscribed at QoS 1 after every CONNACK.
+    pub subscribe: Vec<String>,
+    /// Events buffered towards the consumer.
+    pub event_capacity: usize,
+}
+
+impl ClientOptions {
+    /// Defaults for `conn`: clean session, automatic acks, no subscription.
+    pub fn new(conn: Connection) -> Self {
+        Self {
+            conn,
+            persistent: false,
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+            manual_acks: false,
+            receive_maximum: None,
+            outgoing_inflight: 100,
+            request_capacity: 64,
+            subscribe: Vec::new(),
+            event_capacity: 64,
+        }
     }
 }
 
@@ -214,20 +243,21 @@ impl MqttClient {
     /// material.
     pub fn connect(opts: &ClientOptions) -> Result<(Self, mpsc::Receiver<Event>), String> {
         let (tx, rx) = mpsc::channel(opts.event_capacity.max(1));
-        let transport = opts.transport()?;
-        let client = match opts.version {
+        let c = &opts.conn;
+        let transport = c.transport()?;
+        let client = match c.version {
             MqttVersion::V311 => {
-                let mut o = rumqttc::MqttOptions::new(&opts.client_id, &opts.host, opts.port);
-                o.set_keep_alive(opts.keep_alive)
+                let mut o = rumqttc::MqttOptions::new(&c.client_id, &c.host, c.port);
+                o.set_keep_alive(c.keep_alive)
                     .set_clean_session(!opts.persistent)
                     .set_manual_acks(opts.manual_acks)
                     .set_inflight(opts.outgoing_inflight)
-                    .set_max_packet_size(opts.max_packet_bytes, opts.max_packet_bytes)
+                    .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes)
                     .set_request_channel_capacity(opts.request_capacity);
                 if let Some(t) = transport {
                     o.set_transport(t);
                 }
-                if let Some((u, p)) = opts.credentials() {
+                if let Some((u, p)) = c.credentials() {
                     o.set_credentials(u, p);
                 }
                 let (client, eventloop) = rumqttc::AsyncClient::new(o, opts.request_capacity);
@@ -239,13 +269,13 @@ impl MqttClient {
                 Client::V4(client)
             }
             MqttVersion::V5 => {
-                let mut o = rumqttc::v5::MqttOptions::new(&opts.client_id, &opts.host, opts.port);
-                o.set_keep_alive(opts.keep_alive)
+                let mut o = rumqttc::v5::MqttOptions::new(&c.client_id, &c.host, c.port);
+                o.set_keep_alive(c.keep_alive)
                     .set_clean_start(!opts.persistent)
                     .set_manual_acks(opts.manual_acks)
                     .set_outgoing_inflight_upper_limit(opts.outgoing_inflight)
                     .set_receive_maximum(opts.receive_maximum)
-                    .set_max_packet_size(Some(opts.max_packet_bytes as u32))
+                    .set_max_packet_size(Some(c.max_packet_bytes as u32))
                     .set_request_channel_capacity(opts.request_capacity);
                 if opts.persistent {
                     o.set_session_expiry_interval(Some(
@@ -255,7 +285,7 @@ impl MqttClient {
                 if let Some(t) = transport {
                     o.set_transport(t);
                 }
-                if let Some((u, p)) = opts.credentials() {
+                if let Some((u, p)) = c.credentials() {
                     o.set_credentials(u, p);
                 }
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, opts.request_capacity);
@@ -422,7 +452,7 @@ async fn run<P: Poll>(mut polled: P, opts: ClientOptions, tx: mpsc::Sender<Event
                 failures = 0;
                 for filter in &opts.subscribe {
                     if let Err(e) = polled.subscribe(filter) {
-                        tracing::error!(error = %e, topic = %filter, client_id = %opts.client_id, "cannot subscribe");
+                        tracing::error!(error = %e, topic = %filter, client_id = %opts.conn.client_id, "cannot subscribe");
                     }
                 }
                 Event::Connected { session_present }
@@ -434,7 +464,7 @@ async fn run<P: Poll>(mut polled: P, opts: ClientOptions, tx: mpsc::Sender<Event
             Ok(Polled::Other) => continue,
             Err(error) => {
                 failures += 1;
-                let retry_in = opts.reconnect.delay(failures);
+                let retry_in = opts.conn.reconnect.delay(failures);
                 if tx
                     .send(Event::Disconnected {
                         error,

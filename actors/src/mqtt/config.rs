@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use std::path::{Path, PathBuf};
 
-use super::client::{Backoff, ClientOptions};
+use super::client::{Backoff, ClientOptions, Connection};
 use crate::ingest::PayloadFormat;
 use crate::keys::{file_key, KeyError};
-use crate::Secret;
 
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,22 +72,9 @@ impl std::fmt::Debug for MqttTls {
 /// Everything `MqttIngest` needs to connect and subscribe.
 #[derive(Debug, Clone)]
 pub struct MqttIngestConfig {
-    /// Broker host.
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
-    /// TLS (`mqtts://`), or plain TCP when `None`.
-    pub tls: Option<MqttTls>,
-    /// User name, if the broker wants one.
-    pub username: Option<String>,
-    /// Password (read from a file).
-    pub password: Option<Secret>,
-    /// Client id: the persistent session belongs to it.
-    pub client_id: String,
-    /// Keep-alive interval.
-    pub keep_alive: Duration,
-    /// 3.1.1 or 5.
-    pub version: MqttVersion,
+    /// The broker connection (shared with the control plane, whose client
+    /// id gets a `-control` suffix).
+    pub conn: Connection,
     /// Topic templates: what to subscribe, and how a topic gives the device
     /// id and tags.
     pub topics: Topics,
@@ -98,71 +84,41 @@ pub struct MqttIngestConfig {
     pub receive_maximum: u16,
     /// How long the broker keeps our session while we are away (MQTT 5).
     pub session_expiry: Duration,
-    /// First reconnect delay.
-    pub reconnect_base: Duration,
-    /// Largest reconnect delay.
-    pub reconnect_max: Duration,
-    /// Largest incoming packet.
-    pub max_packet_bytes: usize,
     /// Run the control plane (`gateway/{id}/control/+`) on this broker.
     pub control: bool,
 }
 
 impl MqttIngestConfig {
-    /// Defaults for a broker at `host:port`.
+    /// Defaults for a broker at `host:port`: MQTT 5, incoming packets up
+    /// to 256 KiB, reconnects from 200 ms to 30 s.
     pub fn new(host: &str, port: u16, client_id: &str) -> Self {
+        let mut conn = Connection::new(host, port, client_id);
+        conn.version = MqttVersion::V5;
+        conn.max_packet_bytes = 256 * 1024;
+        conn.reconnect = Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        };
         Self {
-            host: host.to_string(),
-            port,
-            tls: None,
-            username: None,
-            password: None,
-            client_id: client_id.to_string(),
-            keep_alive: Duration::from_secs(30),
-            version: MqttVersion::V5,
+            conn,
             topics: Topics::default(),
             payload_format: PayloadFormat::Auto,
             receive_maximum: 1000,
             session_expiry: Duration::from_secs(7 * 24 * 3600),
-            reconnect_base: Duration::from_millis(200),
-            reconnect_max: Duration::from_secs(30),
-            max_packet_bytes: 256 * 1024,
             control: true,
-        }
-    }
-
-    /// Reads the connection's TLS files again ([`MqttTls::reread`]);
-    /// `Ok(false)`: the connection has no TLS.
-    pub fn reload_tls(&mut self) -> Result<bool, String> {
-        match &self.tls {
-            Some(tls) => {
-                self.tls = Some(tls.reread()?);
-                Ok(true)
-            }
-            None => Ok(false),
         }
     }
 
     /// The ingest connection's options: a persistent session, manual acks,
     /// our Receive Maximum, the telemetry subscription.
     pub fn client_options(&self) -> ClientOptions {
-        let mut o = ClientOptions::new(&self.host, self.port, &self.client_id);
-        o.tls = self.tls.clone();
-        o.username = self.username.clone();
-        o.password = self.password.clone();
-        o.version = self.version;
-        o.keep_alive = self.keep_alive;
+        let mut o = ClientOptions::new(self.conn.clone());
         o.persistent = true;
         o.session_expiry = self.session_expiry;
         o.manual_acks = true;
         o.receive_maximum = Some(self.receive_maximum);
-        o.max_packet_bytes = self.max_packet_bytes;
         o.request_capacity = usize::from(self.receive_maximum) * 2 + 16;
         o.subscribe = self.topics.filters();
-        o.reconnect = Backoff {
-            base: self.reconnect_base,
-            max: self.reconnect_max,
-        };
         o
     }
 }

@@ -125,7 +125,7 @@ impl Handler<ReloadTls> for MqttIngest {
     type Result = Result<bool, String>;
 
     fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
-        if !self.cfg.reload_tls()? {
+        if !self.cfg.conn.reload_tls()? {
             return Ok(false);
         }
         if let Some(running) = self.running.take() {
@@ -133,7 +133,7 @@ impl Handler<ReloadTls> for MqttIngest {
         }
         self.status.connected.store(false, Ordering::SeqCst);
         self.metrics.mqtt_connected.set(0);
-        tracing::info!(host = %self.cfg.host, port = self.cfg.port, "MQTT ingest TLS files reloaded; reconnecting with them");
+        tracing::info!(host = %self.cfg.conn.host, port = self.cfg.conn.port, "MQTT ingest TLS files reloaded; reconnecting with them");
         self.started(ctx);
         Ok(true)
     }
@@ -249,7 +249,7 @@ async fn run(
         tokio::select! {
             ev = events.recv(), if inflight.len() < limit => match ev {
                 None => return Err("MQTT event loop task ended".to_string()),
-                Some(Event::Subscribed) => note_connected(&status, &metrics, &cfg.host, cfg.port),
+                Some(Event::Subscribed) => note_connected(&status, &metrics, &cfg.conn.host, cfg.conn.port),
                 // The broker redelivers whatever was not acked; the
                 // ingests already sent still commit (dedup absorbs the
                 // repeats), their acks are simply not awaited any more.

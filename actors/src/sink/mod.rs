@@ -126,7 +126,7 @@ impl SinkTarget {
     /// key) when it is built: such a sink is rebuilt by `tls.reload`.
     pub fn reads_tls_files(&self) -> bool {
         match self {
-            SinkTarget::Mqtt(c) => c.tls.is_some(),
+            SinkTarget::Mqtt(c) => c.conn.tls.is_some(),
             SinkTarget::Kafka(c) => {
                 c.ssl_ca_file.is_some() || c.ssl_cert_file.is_some() || c.ssl_key_file.is_some()
             }
@@ -148,9 +148,7 @@ pub fn factory(target: &SinkTarget) -> SinkFactory {
         // (`tls.reload`, SIGHUP) picks up rotated certificates.
         SinkTarget::Mqtt(cfg) => Arc::new(move || {
             let mut cfg = cfg.clone();
-            if let Some(tls) = &cfg.tls {
-                cfg.tls = Some(tls.reread().map_err(SinkError::Config)?);
-            }
+            cfg.conn.reload_tls().map_err(SinkError::Config)?;
             boxed(mqtt::MqttSink::new(&cfg))
         }),
         SinkTarget::Kafka(cfg) => Arc::new(move || boxed(kafka::KafkaSink::new(&cfg))),

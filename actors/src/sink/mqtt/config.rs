@@ -3,31 +3,19 @@
 use std::path::PathBuf;
 
 use crate::keys::{secret_key, KeyError};
-use crate::mqtt::{broker_address, broker_tls, MqttTls, MqttVersion};
+use crate::mqtt::client::Connection;
+use crate::mqtt::{broker_address, broker_tls, MqttVersion};
 use crate::sink::SinkContext;
-use crate::Secret;
 
 /// Settings of one `mqtt` sink (`[sinks.NAME]` with `kind = "mqtt"`).
 #[derive(Debug, Clone)]
 pub struct MqttSinkConfig {
-    /// Broker host.
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
-    /// TLS (`mqtts://`), or plain TCP.
-    pub tls: Option<MqttTls>,
-    /// Client id (default `gateway-{gateway_id}-{sink}`).
-    pub client_id: String,
-    /// User name.
-    pub username: Option<String>,
-    /// Password (from `password_file`).
-    pub password: Option<Secret>,
+    /// The upstream broker: client id `gateway-{gateway_id}-{sink}` unless
+    /// set; 3.1.1 (default) or 5 (the idempotency key also goes as a user
+    /// property); packets up to 1 MiB.
+    pub conn: Connection,
     /// Records go to `{topic_prefix}/{device_id}/telemetry`.
     pub topic_prefix: String,
-    /// Largest packet.
-    pub max_packet_bytes: usize,
-    /// 3.1.1 (default) or 5 (the idempotency key also goes as a user property).
-    pub version: MqttVersion,
 }
 
 /// The `[sinks.NAME]` keys of `kind = "mqtt"` (besides the shared
@@ -72,31 +60,30 @@ impl MqttKeys {
             self.client_cert_file.as_deref(),
             self.client_key_file.as_deref(),
         )?;
+        let client_id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("gateway-{}-{}", ctx.gateway_id, ctx.name));
+        let mut conn = Connection::new(&host, port, &client_id);
+        conn.tls = tls;
+        conn.username = self.username.clone();
+        conn.password = secret_key("password_file", self.password_file.as_deref())?;
+        conn.version = match self.version.as_deref().unwrap_or("3.1.1") {
+            "3.1.1" | "311" | "4" | "v4" => MqttVersion::V311,
+            "5" | "5.0" | "v5" => MqttVersion::V5,
+            other => {
+                return Err(KeyError::new(
+                    "version",
+                    format!("{other:?}: expected \"3.1.1\" or \"5\""),
+                ))
+            }
+        };
         Ok(MqttSinkConfig {
-            host,
-            port,
-            tls,
-            client_id: self
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("gateway-{}-{}", ctx.gateway_id, ctx.name)),
-            username: self.username.clone(),
-            password: secret_key("password_file", self.password_file.as_deref())?,
+            conn,
             topic_prefix: self
                 .topic_prefix
                 .clone()
                 .unwrap_or_else(|| ctx.gateway_id.to_string()),
-            max_packet_bytes: 1 << 20,
-            version: match self.version.as_deref().unwrap_or("3.1.1") {
-                "3.1.1" | "311" | "4" | "v4" => MqttVersion::V311,
-                "5" | "5.0" | "v5" => MqttVersion::V5,
-                other => {
-                    return Err(KeyError::new(
-                        "version",
-                        format!("{other:?}: expected \"3.1.1\" or \"5\""),
-                    ))
-                }
-            },
         })
     }
 }

@@ -124,14 +124,9 @@ impl Drop for MqttSink {
 impl MqttSink {
     /// Connects (lazily: the first poll connects) and starts the event task.
     pub fn new(cfg: &MqttSinkConfig) -> Result<Self, SinkError> {
-        let mut opts = ClientOptions::new(&cfg.host, cfg.port, &cfg.client_id);
-        opts.tls = cfg.tls.clone();
-        opts.username = cfg.username.clone();
-        opts.password = cfg.password.clone();
-        opts.version = cfg.version;
+        let mut opts = ClientOptions::new(cfg.conn.clone());
         opts.persistent = true;
         opts.session_expiry = std::time::Duration::from_secs(3600);
-        opts.max_packet_bytes = cfg.max_packet_bytes;
         opts.outgoing_inflight = INFLIGHT;
         opts.request_capacity = usize::from(INFLIGHT) * 2;
         opts.event_capacity = usize::from(INFLIGHT) * 2;
@@ -154,7 +149,7 @@ impl MqttSink {
             tally,
             changed,
             prefix: cfg.topic_prefix.trim_end_matches('/').into(),
-            v5: cfg.version == crate::mqtt::MqttVersion::V5,
+            v5: cfg.conn.version == crate::mqtt::MqttVersion::V5,
             task,
         })
     }
