@@ -96,6 +96,15 @@ cargo_build() {
     fi
 }
 
+# release_gateway: builds the release gateway (cargo_build honours
+# BENCH_SKIP_BUILD and BENCH_CARGO_LOCK) and sets GATEWAY_BIN to it.
+release_gateway() {
+    log "building the release gateway (cargo waits if another build holds the lock)"
+    cargo_build --release -p gateway --bin gateway
+    GATEWAY_BIN="$TARGET_DIR/release/gateway"
+    [ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
+}
+
 # The figures of one `make bench`, one JSON object a line; the Makefile
 # resets the file first and scripts/bench-report.py turns it into
 # bench/results/latest.json (and a summary table in latest.md) last.

@@ -109,14 +109,7 @@ done
 MOSQ_VERSION="$({ "$MOSQUITTO" -h 2>&1 || true; } | awk '/^mosquitto version/ {print $3; exit}')"
 
 # ------------------------------------------------------------------ build
-if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
-    log "BENCH_SKIP_BUILD=1: using the existing release binary"
-else
-    log "building the release gateway (cargo waits if another build holds the lock)"
-    cargo_build --release -p gateway --bin gateway
-fi
-GATEWAY_BIN="$TARGET_DIR/release/gateway"
-[ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
+release_gateway
 
 # ------------------------------------------------------------------ work dir
 mkdir -p "$TARGET_DIR" "$RESULTS_DIR"

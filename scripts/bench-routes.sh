@@ -11,11 +11,10 @@ BENCH_NAME=bench-routes
 . "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 cd "$ROOT"
 need_wrk
-log "building the release gateway (cargo waits if another build holds the lock)"
-cargo_build --release -p gateway --bin gateway
+release_gateway
 mkdir -p "$TARGET_DIR" "$RESULTS_DIR"
 WORK="$(mktemp -d "$TARGET_DIR/bench-routes.XXXXXX")"
 trap 'remove_work "$WORK"' EXIT
 touch "$RESULTS"
-python3 "$ROOT/scripts/bench-routes.py" "$TARGET_DIR/release/gateway" "$WORK" "$RESULTS"
+python3 "$ROOT/scripts/bench-routes.py" "$GATEWAY_BIN" "$WORK" "$RESULTS"
 sed -n '/^## Routes, priorities and live-first/,$p' "$RESULTS"

@@ -50,9 +50,7 @@ need_wrk
 for t in mosquitto_pub curl python3; do
     command -v "$t" >/dev/null || die "$t is required (make test-deps; apt-get install -y wrk)"
 done
-log "building the release gateway"
-cargo_build --release -p gateway --bin gateway
-GATEWAY_BIN="$TARGET_DIR/release/gateway"
+release_gateway
 mkdir -p "$RESULTS_DIR"
 WORK="$(mktemp -d "$TARGET_DIR/soak-tmp.XXXXXX")"
 while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^GATEWAY_' || true)

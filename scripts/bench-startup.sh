@@ -56,14 +56,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 for t in curl python3; do command -v "$t" >/dev/null || die "$t not found"; done
-if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
-    log "BENCH_SKIP_BUILD=1: using the existing release binary"
-else
-    log "building the release gateway (cargo waits if another build holds the lock)"
-    cargo_build --release -p gateway --bin gateway
-fi
-GATEWAY_BIN="$TARGET_DIR/release/gateway"
-[ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
+release_gateway
 mkdir -p "$TARGET_DIR" "$RESULTS_DIR"
 WORK="$(mktemp -d "$TARGET_DIR/bench-startup.XXXXXX")"
 FS_DESC="$(df -PT "$WORK" 2>/dev/null | awk 'NR==2 {print $2 " (" $1 " on " $7 ")"}')"

@@ -71,12 +71,9 @@ NGINX=""
 [ "${BENCH_NGINX:-1}" = 0 ] || [ -n "$NGINX" ] || log "WARNING: nginx is not installed and could not be: no HTTP ceiling"
 
 # ------------------------------------------------------------------ build
-log "building release binaries (cargo waits if another build holds the lock)"
-cargo_build --release -p gateway --bin gateway
+release_gateway
 cargo_build --release -p gateway-actors --example wal_bench
-GATEWAY_BIN="$TARGET_DIR/release/gateway"
 WAL_BENCH_BIN="$TARGET_DIR/release/examples/wal_bench"
-[ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
 [ -x "$WAL_BENCH_BIN" ] || die "$WAL_BENCH_BIN was not built"
 
 # ------------------------------------------------------------------ work dir

@@ -1151,19 +1151,7 @@ impl Settings {
 
     /// Defaults plus `overrides` (a TOML snippet), without environment: for tests.
     pub fn from_toml(overrides: &str) -> Result<Settings, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("gateway-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Layer {
-            layer: "test".into(),
-            message: e.to_string(),
-        })?;
-        let file = dir.join("gateway.toml");
-        std::fs::write(&file, overrides).map_err(|e| ConfigError::Layer {
-            layer: "test".into(),
-            message: e.to_string(),
-        })?;
-        let loaded = Loaded::load(Some(&file), false, &FlagLayer::default());
-        let _ = std::fs::remove_dir_all(&dir);
-        loaded?.settings()
+        Loaded::check_text("file gateway.toml", overrides)
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::router::{GetRateLimit, IngestRouter, RateLimit, SetRateLimit, SetRouting};
+use super::router::{IngestRouter, RateLimit, SetRateLimit, SetRouting};
 
 /// Handles to the running routers. Cheap to clone.
 #[derive(Clone)]
@@ -28,21 +28,6 @@ impl IngestRouters {
             })
             .collect();
         Self(routers.into())
-    }
-
-    /// One router on the current arbiter (tests, tools).
-    pub fn single(router: Addr<IngestRouter>) -> Self {
-        Self(vec![router].into())
-    }
-
-    /// How many routers run (one per ingest thread).
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Always false: there is at least one router.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// The router of `device_id` (FNV-1a of the id: stable for a process).
@@ -71,29 +56,19 @@ impl IngestRouters {
         }
         Ok(())
     }
-
-    /// The rate limit in force (the same on every router).
-    pub async fn rate_limit(&self) -> Result<RateLimit, MailboxError> {
-        self.0[0].send(GetRateLimit).await
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::GetRateLimit;
 
     #[test]
     fn a_device_always_goes_to_the_same_router_and_devices_spread() {
         let sys = actix::System::new();
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let wal =
-                crate::wal::Wal::open(crate::wal::WalConfig::new(dir.path().join("w.db"), &[]))
-                    .unwrap();
-            let health = Arc::new(crate::wal::WalHealth::default());
-            let wal =
-                crate::wal::WalStore::new(wal, crate::Metrics::unregistered(), health.clone())
-                    .start();
+            let (wal, health) = crate::wal::start_test_store(dir.path());
             let make = move || {
                 IngestRouter::new(
                     wal.clone(),
@@ -106,7 +81,7 @@ mod tests {
                 )
             };
             let routers = IngestRouters::start(4, make);
-            assert_eq!(routers.len(), 4);
+            assert_eq!(routers.0.len(), 4);
             let mut used = std::collections::HashSet::new();
             for i in 0..200 {
                 let id = format!("dev-{i}");

@@ -465,11 +465,7 @@ mod tests {
         let sys = actix::System::new();
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let wal =
-                crate::wal::Wal::open(crate::wal::WalConfig::new(dir.path().join("w.db"), &[]))
-                    .unwrap();
-            let health = Arc::new(WalHealth::default());
-            let addr = WalStore::new(wal, Metrics::unregistered(), health.clone()).start();
+            let (addr, health) = crate::wal::start_test_store(dir.path());
             let mut r = IngestRouter::new(
                 addr,
                 health,

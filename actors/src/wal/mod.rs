@@ -165,3 +165,16 @@ pub use store::{
     AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch, ReleaseSink,
     WalHealth, WalStore, WatchAppends, WithWal,
 };
+
+/// A `WalStore` on a fresh WAL in `dir` with unregistered metrics, started
+/// on the current arbiter, and its health (unit tests of its callers).
+#[cfg(test)]
+pub(crate) fn start_test_store(
+    dir: &std::path::Path,
+) -> (actix::Addr<WalStore>, std::sync::Arc<WalHealth>) {
+    use actix::Actor as _;
+    let wal = Wal::open(WalConfig::new(dir.join("w.db"), &[])).expect("a WAL in a temp dir");
+    let health = std::sync::Arc::new(WalHealth::default());
+    let store = WalStore::new(wal, crate::Metrics::unregistered(), health.clone()).start();
+    (store, health)
+}
