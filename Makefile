@@ -27,13 +27,14 @@ lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, ba
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) deny check licenses bans sources
 
-BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-sinks bench-routes bench-soak
-bench: ## WAL, HTTP, start-up, MQTT, sink-drain, routes/live-first and a 2-minute soak; results in bench/results/latest.md and latest.json
-	$(CARGO) build --release -p gateway --bin gateway
+BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-sinks bench-routes bench-outage bench-soak
+bench: ## WAL, HTTP, start-up, MQTT, sink-drain, routes/live-first, an upstream outage and a 2-minute soak; results in bench/results/latest.md and latest.json
+	$(CARGO) build --release -p gateway --bin gateway --bin loadgen
 	$(CARGO) build --release -p gateway-actors --example wal_bench --example drain_bench
 	scripts/bench-report.py --reset
 	@failed=""; for s in $(BENCH_SCRIPTS); do \
-		echo "==> scripts/$$s.sh"; BENCH_SKIP_BUILD=1 scripts/$$s.sh || failed="$$failed $$s"; \
+		f=scripts/$$s.sh; [ -x $$f ] || f=scripts/$$s.py; \
+		echo "==> $$f"; BENCH_SKIP_BUILD=1 $$f || failed="$$failed $$s"; \
 	done; \
 	scripts/bench-report.py --failed "$$failed"; \
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
