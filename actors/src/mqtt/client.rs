@@ -180,13 +180,27 @@ pub struct Message {
     pub response_topic: Option<String>,
     /// The request's Correlation Data, for the response (MQTT 5).
     pub correlation_data: Option<Bytes>,
-    ack: Box<Ack>,
+    ack: Ack,
 }
 
-#[derive(Debug)]
-enum Ack {
-    V4(rumqttc::Publish),
-    V5(rumqttc::v5::mqttbytes::v5::Publish),
+impl Message {
+    /// What its PUBACK needs, and nothing more: a message waiting for its
+    /// ack keeps neither its payload nor the read buffer that payload is a
+    /// slice of (rumqttc's payloads share the connection's read buffer, so
+    /// one held payload can pin a whole chunk of it).
+    pub fn ack_handle(&self) -> Ack {
+        self.ack
+    }
+}
+
+/// The packet id of a received QoS 1 PUBLISH and the protocol it came on:
+/// what [`MqttClient::ack`] needs to send its PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// MQTT 3.1.1.
+    V4(u16),
+    /// MQTT 5.
+    V5(u16),
 }
 
 /// What the connection reports.
@@ -330,11 +344,26 @@ impl MqttClient {
         }
     }
 
-    /// Acknowledges `message` (sends its PUBACK; with `manual_acks`).
-    pub async fn ack(&self, message: &Message) -> Result<(), String> {
-        match (&self.0, message.ack.as_ref()) {
-            (Client::V4(c), Ack::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Client::V5(c), Ack::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+    /// Acknowledges a received message (sends its PUBACK; with
+    /// `manual_acks`), given its [`Message::ack_handle`].
+    pub async fn ack(&self, ack: Ack) -> Result<(), String> {
+        // rumqttc builds the PUBACK from a PUBLISH's QoS and packet id only.
+        match (&self.0, ack) {
+            (Client::V4(c), Ack::V4(pkid)) => {
+                let mut p = rumqttc::Publish::new("", rumqttc::QoS::AtLeastOnce, Vec::<u8>::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            (Client::V5(c), Ack::V5(pkid)) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+                    "",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    Vec::<u8>::new(),
+                    None,
+                );
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
             _ => Err("a message acknowledged on another client".into()),
         }
     }
@@ -348,6 +377,14 @@ enum Polled {
     Sent(u16),
     PubAck(u16),
     Other,
+}
+
+/// A payload in an allocation of its own. rumqttc's payloads are slices of
+/// the connection's read buffer: kept while its records are committed, one
+/// would keep the whole buffer it came from alive, and the next read would
+/// need a new one. Small telemetry copies cheaply.
+fn own(payload: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(payload)
 }
 
 /// A version's event loop and client, polled by [`run`].
@@ -370,12 +407,12 @@ impl Poll for V4 {
                 Event::Incoming(Packet::SubAck(_)) => Polled::SubAck,
                 Event::Incoming(Packet::PubAck(a)) => Polled::PubAck(a.pkid),
                 Event::Incoming(Packet::Publish(p)) => Polled::Publish(Message {
-                    topic: p.topic.clone(),
-                    payload: p.payload.clone(),
+                    topic: p.topic,
+                    payload: own(&p.payload),
                     traceparent: None,
                     response_topic: None,
                     correlation_data: None,
-                    ack: Box::new(Ack::V4(p)),
+                    ack: Ack::V4(p.pkid),
                 }),
                 Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
                 _ => Polled::Other,
@@ -409,7 +446,7 @@ impl Poll for V5 {
                     let props = p.properties.as_ref();
                     Polled::Publish(Message {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.clone(),
+                        payload: own(&p.payload),
                         traceparent: props.and_then(|props| {
                             props
                                 .user_properties
@@ -419,7 +456,7 @@ impl Poll for V5 {
                         }),
                         response_topic: props.and_then(|p| p.response_topic.clone()),
                         correlation_data: props.and_then(|p| p.correlation_data.clone()),
-                        ack: Box::new(Ack::V5(p)),
+                        ack: Ack::V5(p.pkid),
                     })
                 }
                 Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
