@@ -1802,6 +1802,15 @@ def machine():
     }
 
 
+def _version(binary):
+    """`gateway --version`: the commit and build time the binary was built from."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out or "no --version"
+
+
 def write_results(path, ctx, results, started, elapsed, argv, load_before):
     hw = machine()
 
@@ -1812,7 +1821,7 @@ def write_results(path, ctx, results, started, elapsed, argv, load_before):
         "# Chaos results (scripts/chaos.py)", "",
         f"- date: {started:%Y-%m-%d %H:%M:%S %z}",
         f"- command: `{' '.join(argv)}` (scale {ctx.scale.name}, seed {ctx.seed}); {elapsed / 60:.1f} min",
-        f"- commit: {hw['commit']}",
+        f"- commit: {hw['commit']} (the repository at the end of the run; the gateway binary says: {_version(ctx.gateway_bin)})",
         f"- machine: {hw['cpus']} CPUs ({hw['cpu']}), {hw['memory']} RAM, Linux {hw['kernel']}; "
         f"load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after "
         "(other work on the machine skews the latency figures, not the loss counts)",
