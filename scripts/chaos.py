@@ -1593,8 +1593,9 @@ def _soak_run(ctx, res, ingest):
     outage = min(sc.soak_outage_secs, secs // 3)
     work = ctx.workdir(f"soak-{ingest}")
     rig = Rig(work, sinks=ctx.soak_sinks, ingest=ingest).start()
-    # A short retention, so that the WAL can reach a steady size within the hour.
-    gw = Gateway(ctx, work, rig.config(wal='retention = "10m"\n'))
+    # A short retention and dedup window (delivered records are kept for the
+    # longer of the two), so that the WAL can reach a steady size within the hour.
+    gw = Gateway(ctx, work, rig.config(wal='retention = "10m"\ndedup_window = "10m"\n'))
     gw.start()
     loads = mixed_load(ctx, work, gw, rig, secs=secs, http_rate=sc.soak_rate // 2, mqtt_rate=sc.soak_rate // 2)
     t0 = time.monotonic()
