@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use super::delivery::{class_stats_on, ClassStatsQuery};
 use super::engine::{
     now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
     WriteResult,
@@ -417,6 +418,7 @@ fn writer_loop(
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_checkpoint = Instant::now();
     let mut passes = 0u64;
+    let scanner = spawn_class_scanner(wal.config().path.clone(), metrics.clone());
     publish_stats(&wal, &metrics, &health);
     loop {
         let first = match rx.recv_timeout(HOUSEKEEPING_EVERY) {
@@ -450,7 +452,10 @@ fn writer_loop(
             housekeeping(&mut wal, &metrics, &health);
             passes += 1;
             if passes % CLASS_STATS_EVERY == 0 {
-                publish_class_stats(&wal, &metrics);
+                if let Some(scanner) = &scanner {
+                    // Full while a scan is still running: skip this round.
+                    let _ = scanner.try_send(wal.class_stats_query());
+                }
             }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 last_checkpoint = Instant::now();
@@ -640,9 +645,61 @@ fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
     }
 }
 
+/// The thread that counts the backlog per sink and class
+/// ([`class_stats_on`]: a scan of the backlog, seconds for a million
+/// records) on a read-only connection of its own, so that the scan never
+/// holds up the writer. It takes the writer's snapshots one at a time and
+/// ends with the writer (when the sender is dropped).
+fn spawn_class_scanner(
+    path: std::path::PathBuf,
+    metrics: Metrics,
+) -> Option<mpsc::SyncSender<ClassStatsQuery>> {
+    let (tx, rx) = mpsc::sync_channel::<ClassStatsQuery>(1);
+    let spawned = std::thread::Builder::new()
+        .name("wal-stats".into())
+        .spawn(move || {
+            let mut conn = None;
+            while let Ok(q) = rx.recv() {
+                if conn.is_none() {
+                    match open_query_only(&path) {
+                        Ok(c) => conn = Some(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot open the WAL to count the backlog per class");
+                            continue;
+                        }
+                    }
+                }
+                if let Some(c) = &conn {
+                    publish_class_stats(c, &q, &metrics);
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot spawn the WAL stats thread; per-class backlog metrics stay at 0");
+            None
+        }
+    }
+}
+
+/// A connection that reads the WAL's database and never writes it (as the
+/// read pool's: read-write flags, so SQLite may use the `-shm` file, and
+/// `query_only`).
+fn open_query_only(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    use rusqlite::OpenFlags;
+    let c = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    c.pragma_update(None, "query_only", true)?;
+    Ok(c)
+}
+
 /// Per sink and class: the backlog and the age of its oldest record.
-fn publish_class_stats(wal: &Wal, metrics: &Metrics) {
-    let stats = match wal.class_stats() {
+fn publish_class_stats(conn: &rusqlite::Connection, q: &ClassStatsQuery, metrics: &Metrics) {
+    let stats = match class_stats_on(conn, q) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot count the backlog per class");
