@@ -1877,7 +1877,7 @@ def main():
                     help="ingest brokers of the soak runs, in order (default: embedded,mosquitto)")
     ap.add_argument("--soak-sinks", default=",".join(ALL_SINKS),
                     help="sinks of the soak runs (default: all five). At 2k records/s for an hour "
-                         "tansu and the Python analytics server fall behind on a 2-core machine")
+                         "tansu (SQLite storage) falls behind on a 2-core machine")
     ap.add_argument("--soak-frozen", default="api", help="the sink frozen for 10 min in each soak (default: api)")
     ap.add_argument("--outage-secs", type=int,
                     help="length of each sink_outages phase and of its baseline (default: 600 full, 10 quick)")
