@@ -13,6 +13,17 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::OpenFlags;
 
 use super::admin::{count_dead, for_each_dead, list_dead, DeadLetter, DlqFilter};
+
+/// How a connection that only reads the WAL opens it: read-write flags, so
+/// SQLite may use the `-shm` file, and then [`make_query_only`].
+pub(super) const QUERY_ONLY_FLAGS: OpenFlags =
+    OpenFlags::SQLITE_OPEN_READ_WRITE.union(OpenFlags::SQLITE_OPEN_NO_MUTEX);
+
+/// Makes `c` refuse writes (`query_only`) and wait out the writer's locks.
+pub(super) fn make_query_only(c: &rusqlite::Connection) -> rusqlite::Result<()> {
+    c.busy_timeout(Duration::from_secs(5))?;
+    c.pragma_update(None, "query_only", true)
+}
 use super::engine::WalError;
 
 /// A pool of read-only connections.
@@ -32,11 +43,8 @@ impl WalReader {
             )));
         }
         let manager = SqliteConnectionManager::file(path)
-            .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .with_init(|c| {
-                c.busy_timeout(Duration::from_secs(5))?;
-                c.pragma_update(None, "query_only", true)
-            });
+            .with_flags(QUERY_ONLY_FLAGS)
+            .with_init(|c| make_query_only(c));
         let pool = r2d2::Pool::builder()
             .max_size(size.max(1))
             .min_idle(Some(0))

@@ -683,17 +683,11 @@ fn spawn_class_scanner(
     }
 }
 
-/// A connection that reads the WAL's database and never writes it (as the
-/// read pool's: read-write flags, so SQLite may use the `-shm` file, and
-/// `query_only`).
+/// A connection of its own that reads the WAL and never writes it (set up
+/// as the read pool's).
 fn open_query_only(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
-    use rusqlite::OpenFlags;
-    let c = rusqlite::Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    c.busy_timeout(Duration::from_secs(5))?;
-    c.pragma_update(None, "query_only", true)?;
+    let c = rusqlite::Connection::open_with_flags(path, super::reader::QUERY_ONLY_FLAGS)?;
+    super::reader::make_query_only(&c)?;
     Ok(c)
 }
 
