@@ -57,7 +57,8 @@ Scenarios (`--only NAME,...`; quick / full scale):
                   Needs root and /dev/fuse.
   soak            full scale only (or --only soak): 1 h at 2k msg/s with one
                   sink frozen for 10 min in the middle, once with the embedded
-                  broker and once with Mosquitto; RSS, fds, threads and WAL
+                  broker and once with Mosquitto (--soak-modes may add
+                  http: HTTP only); RSS, fds, threads and WAL
                   size sampled every 10 s: first / before the outage / peak /
                   end, and whether they came back flat.
 
@@ -1592,12 +1593,14 @@ def _soak_run(ctx, res, ingest):
     secs, frozen_sink = ctx.soak_secs, ctx.soak_frozen
     outage = min(sc.soak_outage_secs, secs // 3)
     work = ctx.workdir(f"soak-{ingest}")
-    rig = Rig(work, sinks=ctx.soak_sinks, ingest=ingest).start()
+    # "http": no MQTT ingest at all (mqtt.url = "off"), the whole rate over HTTP.
+    rig = Rig(work, sinks=ctx.soak_sinks, ingest="off" if ingest == "http" else ingest).start()
     # A short retention and dedup window (delivered records are kept for the
     # longer of the two), so that the WAL can reach a steady size within the hour.
     gw = Gateway(ctx, work, rig.config(wal='retention = "10m"\ndedup_window = "10m"\n'))
     gw.start()
-    loads = mixed_load(ctx, work, gw, rig, secs=secs, http_rate=sc.soak_rate // 2, mqtt_rate=sc.soak_rate // 2)
+    http_rate = sc.soak_rate if ingest == "http" else sc.soak_rate // 2
+    loads = mixed_load(ctx, work, gw, rig, secs=secs, http_rate=http_rate, mqtt_rate=sc.soak_rate // 2)
     t0 = time.monotonic()
     freeze_at, thaw_at = (secs - outage) / 2, (secs + outage) / 2
     samples, frozen, thawed_at, drained, before_outage = [], False, None, None, None
@@ -1637,7 +1640,7 @@ def _soak_run(ctx, res, ingest):
     res.notes += [f"{ingest}: {n}" for n in sub.notes]
     res.timings[f"{ingest}.drain_after_outage"] = fmt_s(drained)
     load_notes(res, loads)
-    res.details += [f"Soak with the {ingest} broker: {secs} s at {sc.soak_rate} records/s to {', '.join(rig.sinks)}, "
+    res.details += [f"Soak, ingest {ingest}: {secs} s at {sc.soak_rate} records/s to {', '.join(rig.sinks)}, "
                     f"{frozen_sink} frozen for {outage} s in the middle (drained {fmt_s(drained)} after SIGCONT); "
                     f"sampled every 10 s (all samples: {csv.name} in the scratch dir, kept with --keep).", "",
                     "| what | first | before the outage | peak | end | flat |", "|---|---|---|---|---|---|"]
@@ -1729,7 +1732,7 @@ class Ctx:
         self.skip_sinks = {x.strip() for x in (args.skip_sinks or "").split(",") if x.strip()}
         if self.skip_sinks - set(ALL_SINKS) or "archive" in self.skip_sinks:
             sys.exit(f"chaos: --skip-sinks takes sinks of {', '.join(ALL_SINKS[1:])}")
-        unknown = [m for m in self.soak_modes if m not in ("embedded", "mosquitto")]
+        unknown = [m for m in self.soak_modes if m not in ("embedded", "mosquitto", "http")]
         unknown += [x for x in self.soak_sinks if x not in ALL_SINKS]
         if unknown or self.soak_frozen not in self.soak_sinks or self.soak_frozen == "archive":
             sys.exit(f"chaos: bad soak options (modes {args.soak_modes}, sinks {args.soak_sinks}, "
@@ -1874,7 +1877,9 @@ def main():
     ap.add_argument("--skip-sinks", help="sink_outages without these sinks (e.g. events: tansu takes ~1k "
                     "records/s on a busy 2-core machine, so a 10-minute backlog at full load never drains)")
     ap.add_argument("--soak-modes", default="embedded,mosquitto",
-                    help="ingest brokers of the soak runs, in order (default: embedded,mosquitto)")
+                    help="ingest of the soak runs, in order: embedded, mosquitto (half the rate over "
+                         "MQTT through that broker, half over HTTP) or http (HTTP only, MQTT off) "
+                         "(default: embedded,mosquitto)")
     ap.add_argument("--soak-sinks", default=",".join(ALL_SINKS),
                     help="sinks of the soak runs (default: all five). At 2k records/s for an hour "
                          "tansu (SQLite storage) falls behind on a 2-core machine")

@@ -5,7 +5,7 @@
 //! backpressure check, appends the records to `WalStore` and answers only
 //! after the commit.
 //!
-//! Handles: [`IngestTelemetry`], [`SetRateLimit`], [`GetRateLimit`]. Sends: `AppendRecords` to `WalStore`.
+//! Handles: [`IngestTelemetry`], [`SetRateLimit`], [`GetRateLimit`]. Sends: appends straight to `WalStore`'s writer thread ([`append_direct`]).
 //!
 //! Restart policy: supervised; nothing it holds is durable. Lost on restart:
 //! the rate-limit buckets (every device starts with a full bucket).
@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
 use crate::route::Routing;
 use crate::trace;
-use crate::wal::{now_ms, AppendOutcome, AppendRecords, WalError, WalHealth, WalStore};
+use crate::wal::{append_direct, now_ms, AppendOutcome, WalError, WalHealth, WalStore};
 
 /// Per-device rate limit: a token bucket refilled at `per_second` records
 /// per second up to `burst`. `per_second == 0` disables it.
@@ -389,23 +389,17 @@ impl Handler<IngestTelemetry> for IngestRouter {
         let metrics = self.metrics.clone();
         let append_span = trace::wal_append_span(&msg.span, records.len());
         let unrouted: Vec<bool> = records.iter().map(|r| r.route.sinks == Some(0)).collect();
-        let send = self.wal.send(AppendRecords { records });
+        // Straight to the writer thread, not through the WalStore actor.
+        let append = append_direct(&self.wal, &self.wal_health, records);
         Box::pin(async move {
-            let outcomes = match send.instrument(append_span).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(WalError::Backpressure(why))) => {
+            let outcomes = match append.instrument(append_span).await {
+                Ok(o) => o,
+                Err(WalError::Backpressure(why)) => {
                     metrics
                         .ingest_rejected
                         .with_label_values(&[source.as_str(), "backpressure"])
                         .inc();
                     return Err(IngestError::Backpressure(why));
-                }
-                Ok(Err(e)) => {
-                    metrics
-                        .ingest_rejected
-                        .with_label_values(&[source.as_str(), "storage"])
-                        .inc();
-                    return Err(IngestError::Unavailable(e.to_string()));
                 }
                 Err(e) => {
                     metrics

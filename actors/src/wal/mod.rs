@@ -162,8 +162,8 @@ pub use reader::WalReader;
 #[cfg(feature = "fault-injection")]
 pub use store::InjectWriterPanic;
 pub use store::{
-    AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch, ReleaseSink,
-    WalHealth, WalStore, WatchAppends, WithWal,
+    append_direct, AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch,
+    ReleaseSink, WalHealth, WalStore, WatchAppends, WithWal,
 };
 
 /// A `WalStore` on a fresh WAL in `dir` with unregistered metrics, started

@@ -15,8 +15,9 @@
 //! again) and requests queued to the dead thread (their callers get an
 //! error; nothing they asked for was acknowledged).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -55,12 +56,61 @@ pub struct WalHealth {
     /// The head seq after each commit that appended: idle dispatchers wait
     /// on it instead of polling ([`WatchAppends`]).
     pub appended: tokio::sync::watch::Sender<u64>,
+    /// The current writer thread's queue (a copy of `WalStore`'s), for
+    /// [`append_direct`]; `None` while the writer restarts.
+    writer: RwLock<Option<mpsc::Sender<Request>>>,
 }
 
 impl WalHealth {
     fn set_problem(&self, p: Option<String>) {
         if let Ok(mut g) = self.last_problem.lock() {
             *g = p;
+        }
+    }
+}
+
+/// Appends `records` durably, all or nothing, like [`AppendRecords`], but
+/// queues them straight to the writer thread from the caller's thread: the
+/// actor's own thread (which also runs the dispatchers and sinks) is not a
+/// hop on the ingest path. The writer, its group commit and the restart
+/// policy are the same: a dead writer is reported to `wal`, whose
+/// supervisor restarts it.
+pub fn append_direct(
+    wal: &Addr<WalStore>,
+    health: &WalHealth,
+    records: Vec<NewRecord>,
+) -> impl Future<Output = Result<Vec<AppendOutcome>, WalError>> + 'static {
+    let (reply, rx) = oneshot::channel();
+    let queued = match health.writer.read() {
+        Ok(g) => g.as_ref().map(|tx| {
+            tx.send(Request::Write(
+                WriteOp::Append(records),
+                Instant::now(),
+                reply,
+            ))
+            .is_ok()
+        }),
+        Err(_) => Some(false),
+    };
+    let wal = wal.clone();
+    async move {
+        match queued {
+            // Between a restart and the end of its backoff.
+            None => Err(WalError::Unavailable("WAL writer is restarting".into())),
+            Some(false) => {
+                wal.do_send(WriterDied);
+                Err(WalError::Unavailable("WAL writer stopped".into()))
+            }
+            Some(true) => match rx.await {
+                Ok(Ok(WriteResult::Appended(o))) => Ok(o),
+                Ok(Ok(WriteResult::Done)) => Ok(Vec::new()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    // The thread died with our request: have it restarted.
+                    wal.do_send(WriterDied);
+                    Err(WalError::Unavailable("WAL writer stopped".into()))
+                }
+            },
         }
     }
 }
@@ -136,7 +186,15 @@ impl WalStore {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot spawn the WAL writer thread");
         }
-        self.tx = Some(tx);
+        self.set_writer(Some(tx));
+    }
+
+    /// The writer's queue, here and in [`WalHealth`] for [`append_direct`].
+    fn set_writer(&mut self, tx: Option<mpsc::Sender<Request>>) {
+        if let Ok(mut g) = self.health.writer.write() {
+            *g = tx.clone();
+        }
+        self.tx = tx;
     }
 
     fn submit<T: Send + 'static>(
@@ -190,8 +248,8 @@ impl Actor for WalStore {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        // Dropping the sender ends the writer thread after its current group.
-        self.tx = None;
+        // Dropping the senders ends the writer thread after its current group.
+        self.set_writer(None);
     }
 }
 
@@ -202,7 +260,7 @@ impl Supervised for WalStore {
             .with_label_values(&["WalStore"])
             .inc();
         tracing::warn!(actor = "WalStore", "restarting the WAL writer");
-        self.tx = None;
+        self.set_writer(None);
         let quiet = self
             .writer_started
             .is_some_and(|t| t.elapsed() >= Duration::from_secs(60));
