@@ -596,13 +596,10 @@ impl Operator {
                 Ok(Value::Array(out))
             }
             Command::WalStats => {
-                let (stats, bytes) = self
-                    .with_wal(|w| Ok((w.stats()?, w.pending_bytes()?)))
-                    .await?;
+                let stats = self.with_wal(|w| w.stats()).await?;
                 let now = crate::wal::now_ms();
                 let mut v = serde_json::to_value(&stats).unwrap_or_default();
                 for (name, s) in &stats.sinks {
-                    v["sinks"][name]["pending_bytes"] = json!(bytes.get(name));
                     v["sinks"][name]["oldest_pending_age_s"] =
                         json!(s.oldest_pending_ms.map(|ms| (now - ms).max(0) / 1000));
                 }

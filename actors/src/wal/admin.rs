@@ -510,19 +510,6 @@ impl Wal {
         Ok((compacted, dropped))
     }
 
-    /// Bytes of records each sink has not finished (an upper bound: records
-    /// finished out of order above the cursor are counted too).
-    pub fn pending_bytes(&self) -> Result<BTreeMap<String, u64>, WalError> {
-        let mut q = self
-            .conn
-            .prepare_cached("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM records WHERE seq > ?1")?;
-        let mut out = BTreeMap::new();
-        for (name, st) in &self.sinks {
-            out.insert(name.clone(), q.query_row([st.cursor], |r| r.get(0))?);
-        }
-        Ok(out)
-    }
-
     /// Checks the WAL: SQLite's own integrity, the schema, every sink's
     /// stored state against the records, and the dead letters. With
     /// `repair`, fixes what can be fixed without losing or re-ordering

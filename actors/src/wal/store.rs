@@ -669,9 +669,7 @@ fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
         .backpressure
         .store(stats.backpressure, Ordering::SeqCst);
     let now = now_ms();
-    // Mean stored size per record (pages include indexes and free space in
-    // use): an estimate that costs nothing to compute.
-    let per_record = stats.live_bytes / stats.stored_records.max(1);
+    let estimate = |n: u64| WalStats::estimate_bytes(stats.live_bytes, stats.stored_records, n);
     for (sink, s) in &stats.sinks {
         for (state, n) in [
             ("enqueued", s.enqueued),
@@ -681,7 +679,7 @@ fn publish_stats(wal: &Wal, metrics: &Metrics, health: &WalHealth) {
             metrics
                 .wal_pending_bytes
                 .with_label_values(&[sink, state])
-                .set(n.saturating_mul(per_record).min(i64::MAX as u64) as i64);
+                .set(estimate(n).min(i64::MAX as u64) as i64);
         }
         metrics
             .wal_records
