@@ -502,7 +502,7 @@ fn show_stats(v: &Value) {
     );
     println!(
         "{:<16} {:>10} {:>9} {:>9} {:>14} {:>14}",
-        "SINK", "PENDING", "INFLIGHT", "DEAD", "OLDEST", "PENDING BYTES"
+        "SINK", "PENDING", "INFLIGHT", "DEAD", "OLDEST", "~PENDING BYTES"
     );
     if let Some(sinks) = v["sinks"].as_object() {
         for (name, s) in sinks {
