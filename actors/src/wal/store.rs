@@ -47,7 +47,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 pub struct WalHealth {
     /// The writer thread is running.
     pub alive: AtomicBool,
-    /// The last commit succeeded.
+    /// The last commit that appended records succeeded (no commit has failed since).
     pub writable: AtomicBool,
     /// Appends are being refused.
     pub backpressure: AtomicBool,
@@ -558,7 +558,11 @@ fn commit_group(
                     .wal_append_seconds
                     .observe(oldest.elapsed().as_secs_f64());
             }
-            if !health.writable.swap(true, Ordering::SeqCst) {
+            // Only a commit that stored records shows that appends fit again:
+            // an ack or a dead-letter write may fit in space a record does
+            // not (on a full disk, /readyz flipped back to 200 while every
+            // append still failed).
+            if appended > 0 && !health.writable.swap(true, Ordering::SeqCst) {
                 tracing::info!("WAL writable again");
                 health.set_problem(wal.backpressure().map(str::to_string));
             }
