@@ -1593,6 +1593,15 @@ def _soak_run(ctx, res, ingest):
     secs, frozen_sink = ctx.soak_secs, ctx.soak_frozen
     outage = min(sc.soak_outage_secs, secs // 3)
     work = ctx.workdir(f"soak-{ingest}")
+    # The far sides keep every record (about 200 bytes a record and sink, as
+    # JSON lines or gzip objects) and the WAL holds 10 minutes: at 2k records/s
+    # with 4 sinks an hour wrote 5.5 GB. Refuse to start rather than fill the
+    # disk midway (three runs once died of ENOSPC on a shared disk).
+    need = sc.soak_rate * secs * 250 * len(ctx.soak_sinks) + 2 * 1024**3
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise ChaosFailure(f"soak[{ingest}] needs about {need / 1024**3:.1f} GiB free in {work} "
+                           f"for its far sides and WAL, {free / 1024**3:.1f} GiB are")
     # "http": no MQTT ingest at all (mqtt.url = "off"), the whole rate over HTTP.
     rig = Rig(work, sinks=ctx.soak_sinks, ingest="off" if ingest == "http" else ingest).start()
     # A short retention and dedup window (delivered records are kept for the
