@@ -435,7 +435,9 @@ impl Wal {
         }
     }
 
-    /// [`class_stats_on`] on the writer's own connection.
+    /// [`class_stats_on`] on the writer's own connection (tests compare the
+    /// two connections).
+    #[cfg(test)]
     pub fn class_stats(&self) -> Result<BTreeMap<String, ClassStats>, WalError> {
         class_stats_on(&self.conn, &self.class_stats_query())
     }

@@ -56,8 +56,7 @@ pub struct WalHealth {
     /// The head seq after each commit that appended: idle dispatchers wait
     /// on it instead of polling ([`WatchAppends`]).
     pub appended: tokio::sync::watch::Sender<u64>,
-    /// The current writer thread's queue (a copy of `WalStore`'s), for
-    /// [`append_direct`]; `None` while the writer restarts.
+    /// The current writer thread's queue; `None` while the writer restarts.
     writer: RwLock<Option<mpsc::Sender<Request>>>,
 }
 
@@ -80,37 +79,46 @@ pub fn append_direct(
     health: &WalHealth,
     records: Vec<NewRecord>,
 ) -> impl Future<Output = Result<Vec<AppendOutcome>, WalError>> + 'static {
+    let done = to_writer(health, wal.clone(), |reply| {
+        Request::Write(WriteOp::Append(records), Instant::now(), reply)
+    });
+    async move {
+        Ok(match done.await? {
+            WriteResult::Appended(o) => o,
+            WriteResult::Done => Vec::new(),
+        })
+    }
+}
+
+/// Queues the request `make` builds to the current writer thread and awaits
+/// its answer. A writer that is gone (the queue closed, or the answer
+/// dropped) is reported to `wal`, whose supervisor restarts it.
+fn to_writer<T: Send + 'static>(
+    health: &WalHealth,
+    wal: Addr<WalStore>,
+    make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
+) -> impl Future<Output = Result<T, WalError>> + 'static {
     let (reply, rx) = oneshot::channel();
     let queued = match health.writer.read() {
-        Ok(g) => g.as_ref().map(|tx| {
-            tx.send(Request::Write(
-                WriteOp::Append(records),
-                Instant::now(),
-                reply,
-            ))
-            .is_ok()
-        }),
+        Ok(g) => g.as_ref().map(|tx| tx.send(make(reply)).is_ok()),
         Err(_) => Some(false),
     };
-    let wal = wal.clone();
     async move {
         match queued {
             // Between a restart and the end of its backoff.
             None => Err(WalError::Unavailable("WAL writer is restarting".into())),
-            Some(false) => {
-                wal.do_send(WriterDied);
-                Err(WalError::Unavailable("WAL writer stopped".into()))
-            }
             Some(true) => match rx.await {
-                Ok(Ok(WriteResult::Appended(o))) => Ok(o),
-                Ok(Ok(WriteResult::Done)) => Ok(Vec::new()),
-                Ok(Err(e)) => Err(e),
+                Ok(r) => r,
+                // The thread died with our request.
                 Err(_) => {
-                    // The thread died with our request: have it restarted.
                     wal.do_send(WriterDied);
                     Err(WalError::Unavailable("WAL writer stopped".into()))
                 }
             },
+            Some(false) => {
+                wal.do_send(WriterDied);
+                Err(WalError::Unavailable("WAL writer stopped".into()))
+            }
         }
     }
 }
@@ -139,7 +147,6 @@ pub struct WalStore {
     /// The engine opened by the caller (so start-up errors surface early);
     /// used for the first thread, later threads open their own.
     first: Option<Wal>,
-    tx: Option<mpsc::Sender<Request>>,
     /// Restarts without a quiet minute in between: drives the restart backoff.
     restarts_in_a_row: u32,
     /// When the current writer thread was started.
@@ -154,7 +161,6 @@ impl WalStore {
             metrics,
             health,
             first: Some(wal),
-            tx: None,
             restarts_in_a_row: 0,
             writer_started: None,
         }
@@ -189,12 +195,11 @@ impl WalStore {
         self.set_writer(Some(tx));
     }
 
-    /// The writer's queue, here and in [`WalHealth`] for [`append_direct`].
-    fn set_writer(&mut self, tx: Option<mpsc::Sender<Request>>) {
+    /// The writer's queue, shared through [`WalHealth`] with [`append_direct`].
+    fn set_writer(&self, tx: Option<mpsc::Sender<Request>>) {
         if let Ok(mut g) = self.health.writer.write() {
-            *g = tx.clone();
+            *g = tx;
         }
-        self.tx = tx;
     }
 
     fn submit<T: Send + 'static>(
@@ -202,29 +207,7 @@ impl WalStore {
         ctx: &mut Context<Self>,
         make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
     ) -> ResponseFuture<Result<T, WalError>> {
-        let (reply, rx) = oneshot::channel();
-        let Some(tx) = self.tx.as_ref() else {
-            // Between a restart and the end of its backoff.
-            return Box::pin(async {
-                Err(WalError::Unavailable("WAL writer is restarting".into()))
-            });
-        };
-        if tx.send(make(reply)).is_err() {
-            // The writer thread is gone: restart through the supervisor.
-            ctx.stop();
-            return Box::pin(async { Err(WalError::Unavailable("WAL writer stopped".into())) });
-        }
-        let addr = ctx.address();
-        Box::pin(async move {
-            match rx.await {
-                Ok(r) => r,
-                Err(_) => {
-                    // The thread died with our request: have it restarted.
-                    addr.do_send(WriterDied);
-                    Err(WalError::Unavailable("WAL writer stopped".into()))
-                }
-            }
-        })
+        Box::pin(to_writer(&self.health, ctx.address(), make))
     }
 }
 
@@ -296,15 +279,7 @@ impl Message for AppendRecords {
 impl Handler<AppendRecords> for WalStore {
     type Result = ResponseFuture<Result<Vec<AppendOutcome>, WalError>>;
     fn handle(&mut self, msg: AppendRecords, ctx: &mut Context<Self>) -> Self::Result {
-        let fut = self.submit(ctx, |tx| {
-            Request::Write(WriteOp::Append(msg.records), Instant::now(), tx)
-        });
-        Box::pin(async move {
-            match fut.await? {
-                WriteResult::Appended(o) => Ok(o),
-                WriteResult::Done => Ok(Vec::new()),
-            }
-        })
+        Box::pin(append_direct(&ctx.address(), &self.health, msg.records))
     }
 }
 
@@ -791,7 +766,7 @@ impl Message for InjectWriterPanic {
 impl Handler<InjectWriterPanic> for WalStore {
     type Result = ();
     fn handle(&mut self, _: InjectWriterPanic, _: &mut Context<Self>) {
-        if let Some(tx) = &self.tx {
+        if let Some(tx) = self.health.writer.read().ok().and_then(|g| g.clone()) {
             let _ = tx.send(Request::Panic);
         }
     }
