@@ -13,9 +13,14 @@
 # 2. limit: HTTP only at 2 x SOAK_RATE requests/s with wal.max_bytes =
 #    SOAK_LIMIT_BYTES, so the WAL sits at its size limit with a healthy sink.
 #    The figure is the share of requests refused (want 0) and the RSS growth.
+# 3. cloud: as 1 for SOAK_CLOUD_SECS with an MQTT sink (defaults: MQTT
+#    3.1.1, adaptive batching) to a private Mosquitto beside the archive:
+#    receive -> sink-ack p99 of each sink (issue 12, target 3: <= 20 ms
+#    file, <= 50 ms MQTT).
 #
 # Knobs (environment):
 #   SOAK_SECS=120  SOAK_RATE=1000  SOAK_SAMPLE_SECS=5  SOAK_LIMIT_BYTES=20971520
+#   SOAK_CLOUD_SECS=60  MOSQUITTO=/usr/sbin/mosquitto
 #   BENCH_KEEP=1   keep the scratch directory (data dirs, logs)
 #
 # Appends a section to bench/results/latest.md and writes
@@ -33,6 +38,8 @@ SECS="${SOAK_SECS:-120}"
 RATE="${SOAK_RATE:-1000}"
 SAMPLE="${SOAK_SAMPLE_SECS:-5}"
 LIMIT="${SOAK_LIMIT_BYTES:-20971520}"
+CLOUD_SECS="${SOAK_CLOUD_SECS:-60}"
+MOSQUITTO="${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}"
 
 PIDS=()
 WORK=""
@@ -47,6 +54,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 need_wrk
+[ -x "$MOSQUITTO" ] || die "mosquitto not found (make test-deps installs it)"
 for t in mosquitto_pub curl python3; do
     command -v "$t" >/dev/null || die "$t is required (make test-deps; apt-get install -y wrk)"
 done
@@ -175,11 +183,50 @@ L_COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records
 stop_pid "$LIM_PID" 10
 L_REFUSED_PCT=$(awk -v o="${L_OTHER:-0}" -v r="${L_REQ:-0}" 'BEGIN { printf "%.2f", (r > 0 ? 100 * o / r : 0) }')
 
+# ------------------------------------------------------------------ with a cloud MQTT sink
+# The embedded run's load and defaults, plus an MQTT sink to a private
+# Mosquitto (persistence off): how long each sink takes to acknowledge.
+HP="$(free_port)"; MP="$(free_port)"; CP="$(free_port)"
+mkdir -p "$WORK/cloud"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$CP" >"$WORK/cloud/mosquitto.conf"
+"$MOSQUITTO" -c "$WORK/cloud/mosquitto.conf" >"$WORK/cloud/mosquitto.log" 2>&1 &
+CLOUD_BROKER=$!
+PIDS+=("$CLOUD_BROKER")
+for _ in $(seq 1 50); do port_in_use "$CP" && break; sleep 0.1; done
+port_in_use "$CP" || die "cloud: mosquitto did not start: $(tail -3 "$WORK/cloud/mosquitto.log")"
+cat >"$WORK/cloud/gateway.toml" <<TOML
+[sinks.archive]
+kind = "s3"
+url = "file://$WORK/cloud/data/archive"
+
+[sinks.cloud]
+kind = "mqtt"
+url = "mqtt://127.0.0.1:$CP"
+topic_prefix = "cloud"
+TOML
+log "cloud: ${RATE}/s MQTT + ${RATE}/s HTTP for ${CLOUD_SECS}s, sinks archive + cloud (Mosquitto on $CP)"
+start_gw cloud "$HP" GATEWAY_MQTT_EMBEDDED_ADDR="127.0.0.1:$MP" GATEWAY_CONFIG="$WORK/cloud/gateway.toml"
+CLOUD_PID=$GW
+mqtt_load "$MP" "$RATE" "$CLOUD_SECS"
+http_load "$HP" "$RATE" "$CLOUD_SECS" "$WORK/cloud/wrk.txt"
+sleep "$CLOUD_SECS"
+sleep 2
+curl -s "http://127.0.0.1:$HP/metrics" >"$WORK/cloud/metrics.txt"
+C_ARCHIVE_OK=$(metric_sum "$WORK/cloud/metrics.txt" gateway_sink_records_total sink=archive outcome=ok)
+C_CLOUD_OK=$(metric_sum "$WORK/cloud/metrics.txt" gateway_sink_records_total sink=cloud outcome=ok)
+C_A_P50=$(hist_quantile "$WORK/cloud/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
+C_A_P99=$(hist_quantile "$WORK/cloud/metrics.txt" gateway_e2e_latency_seconds archive 0.99)
+C_C_P50=$(hist_quantile "$WORK/cloud/metrics.txt" gateway_e2e_latency_seconds cloud 0.5)
+C_C_P99=$(hist_quantile "$WORK/cloud/metrics.txt" gateway_e2e_latency_seconds cloud 0.99)
+stop_pid "$CLOUD_PID" 10
+stop_pid "$CLOUD_BROKER" 5
+
 GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 cat >"$RESULTS_DIR/soak.json" <<JSON
 {"commit":"$GIT_REV","secs":$SECS,"rate":$RATE,
  "embedded":{"rss_warm_mb":$E_WARM,"rss_end_mb":$E_END,"rss_peak_mb":$E_PEAK,"slope_mb_per_min":$E_SLOPE,"mqtt_accepted":$E_MQTT,"http_accepted":$E_HTTP,"e2e_p50_ms_le":"$E_P50","e2e_p99_ms_le":"$E_P99"},
- "limit":{"max_bytes":$LIMIT,"requests":${L_REQ:-0},"accepted":${L_OK:-0},"refused":${L_OTHER:-0},"refused_pct":$L_REFUSED_PCT,"wal_bytes_end":$L_BYTES,"compacted":$L_COMPACTED,"rss_warm_mb":$L_WARM,"rss_end_mb":$L_END,"rss_peak_mb":$L_PEAK,"slope_mb_per_min":$L_SLOPE}}
+ "limit":{"max_bytes":$LIMIT,"requests":${L_REQ:-0},"accepted":${L_OK:-0},"refused":${L_OTHER:-0},"refused_pct":$L_REFUSED_PCT,"wal_bytes_end":$L_BYTES,"compacted":$L_COMPACTED,"rss_warm_mb":$L_WARM,"rss_end_mb":$L_END,"rss_peak_mb":$L_PEAK,"slope_mb_per_min":$L_SLOPE},
+ "cloud":{"secs":$CLOUD_SECS,"archive_ok":${C_ARCHIVE_OK:-0},"cloud_ok":${C_CLOUD_OK:-0},"archive_p50_ms_le":"$C_A_P50","archive_p99_ms_le":"$C_A_P99","cloud_p50_ms_le":"$C_C_P50","cloud_p99_ms_le":"$C_C_P99"}}
 JSON
 # Figures. growth() works in MiB (KiB / 1024); the figures are in MB (10^6
 # bytes), the unit of the issue's targets.
@@ -195,6 +242,12 @@ figure soak.embedded.e2e_p99 "$(ms_or_empty "$E_P99")" ms \
     --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
     --note "archive (file) sink, upper bound of the gateway_e2e_latency_seconds bucket; the load is ${RATE}/s MQTT + ${RATE}/s HTTP"
 figure soak.embedded.e2e_p50 "$(ms_or_empty "$E_P50")" ms --note "as soak.embedded.e2e_p99"
+figure soak.cloud.mqtt_e2e_p99 "$(ms_or_empty "$C_C_P99")" ms \
+    --target "receive -> sink-ack p99 <= 50 ms for the MQTT sink at 1k records/s (issue 12, target 3)" --check "value <= 50" \
+    --note "MQTT sink (3.1.1, defaults) to a local Mosquitto beside the archive, ${RATE}/s MQTT + ${RATE}/s HTTP for ${CLOUD_SECS}s; upper bound of the gateway_e2e_latency_seconds bucket; p50 <= $C_C_P50 ms"
+figure soak.cloud.file_e2e_p99 "$(ms_or_empty "$C_A_P99")" ms \
+    --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
+    --note "the archive of the same run, beside the MQTT sink; p50 <= $C_A_P50 ms"
 figure soak.limit.refused_pct "$L_REFUSED_PCT" % \
     --target "a gateway at its WAL size limit with healthy sinks answers no 503 (issue 12)" --check "value <= 0" \
     --note "${LRATE}/s HTTP for ${SECS}s at wal.max_bytes = $LIMIT: ${L_OTHER:-0} of ${L_REQ:-0} requests refused"
@@ -216,4 +269,8 @@ figure soak.limit.rss_growth "$(mib_to_mb "$L_SLOPE")" MB/min \
     echo "| run | load | RSS after warm-up | RSS at end | peak | growth after warm-up | refused |"
     echo "|---|---|---|---|---|---|---|"
     echo "| HTTP at wal.max_bytes = $LIMIT | ${LRATE}/s HTTP (${L_REQ:-0} requests, $L_COMPACTED compacted early) | $L_WARM MB | $L_END MB | $L_PEAK MB | $L_SLOPE MB/min | ${L_OTHER:-0} (${L_REFUSED_PCT} %) |"
+    echo
+    echo "With an MQTT sink (3.1.1, defaults) to a local Mosquitto beside the archive, same load for ${CLOUD_SECS}s"
+    echo "(archive acked $C_ARCHIVE_OK, cloud $C_CLOUD_OK records): receive → ack p50 / p99 (bucket bounds):"
+    echo "archive ≤ $C_A_P50 / ≤ $C_A_P99 ms, cloud (MQTT) ≤ $C_C_P50 / ≤ $C_C_P99 ms."
 } | tee -a "$RESULTS"

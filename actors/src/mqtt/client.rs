@@ -255,6 +255,11 @@ impl MqttClient {
     /// Creates the client and starts its event-loop task (on the current
     /// actix/tokio runtime); the first poll connects. Fails only on bad TLS
     /// material.
+    ///
+    /// The socket has TCP_NODELAY (rumqttc's default is off): without it
+    /// Nagle's algorithm held each small PUBLISH or PUBACK until the peer
+    /// acked the previous segment, and with the peer's delayed ACK a batch
+    /// of the upstream MQTT sink took 64-128 ms to be acknowledged.
     pub fn connect(opts: &ClientOptions) -> Result<(Self, mpsc::Receiver<Event>), String> {
         let (tx, rx) = mpsc::channel(opts.event_capacity.max(1));
         let c = &opts.conn;
@@ -274,7 +279,10 @@ impl MqttClient {
                 if let Some((u, p)) = c.credentials() {
                     o.set_credentials(u, p);
                 }
-                let (client, eventloop) = rumqttc::AsyncClient::new(o, opts.request_capacity);
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(o, opts.request_capacity);
+                let mut net = eventloop.network_options();
+                net.set_tcp_nodelay(true);
+                eventloop.set_network_options(net);
                 let polled = V4 {
                     client: client.clone(),
                     eventloop,
@@ -302,6 +310,9 @@ impl MqttClient {
                 if let Some((u, p)) = c.credentials() {
                     o.set_credentials(u, p);
                 }
+                let mut net = o.network_options();
+                net.set_tcp_nodelay(true);
+                o.set_network_options(net);
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, opts.request_capacity);
                 let polled = V5 {
                     client: client.clone(),

@@ -411,13 +411,19 @@ async fn network_connect(
         _ => options.broker_address(),
     };
 
+    // iot-gateway patch: the TCP socket under any TLS, for TCP_QUICKACK.
+    let quickack_fd;
     let tcp_stream: Box<dyn AsyncReadWrite> = {
         #[cfg(feature = "proxy")]
         match options.proxy() {
-            Some(proxy) => proxy.connect(&domain, port, network_options).await?,
+            Some(proxy) => {
+                quickack_fd = None;
+                proxy.connect(&domain, port, network_options).await?
+            }
             None => {
                 let addr = format!("{domain}:{port}");
                 let tcp = socket_connect(addr, network_options).await?;
+                quickack_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
                 Box::new(tcp)
             }
         }
@@ -425,11 +431,12 @@ async fn network_connect(
         {
             let addr = format!("{domain}:{port}");
             let tcp = socket_connect(addr, network_options).await?;
+            quickack_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
             Box::new(tcp)
         }
     };
 
-    let network = match options.transport() {
+    let mut network = match options.transport() {
         Transport::Tcp => Network::new(
             tcp_stream,
             options.max_incoming_packet_size,
@@ -497,6 +504,7 @@ async fn network_connect(
             )
         }
     };
+    network.set_quickack_fd(quickack_fd);
 
     Ok(network)
 }

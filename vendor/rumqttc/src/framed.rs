@@ -13,6 +13,9 @@ pub struct Network {
     framed: Framed<Box<dyn AsyncReadWrite>, Codec>,
     /// Maximum readv count
     max_readb_count: usize,
+    /// iot-gateway patch: the TCP socket, to ack what was read at once
+    /// (TCP_QUICKACK) after each bulk read.
+    quickack_fd: Option<i32>,
 }
 
 impl Network {
@@ -31,6 +34,37 @@ impl Network {
         Network {
             framed,
             max_readb_count: 10,
+            quickack_fd: None,
+        }
+    }
+
+    /// iot-gateway patch: after each bulk read, acknowledge the TCP
+    /// segments read at once (TCP_QUICKACK) on this socket (`fd` must be
+    /// the socket under this `Network`, open as long as it lives). A peer
+    /// with Nagle's algorithm on (Mosquitto's default) holds its next small
+    /// packets (PUBACKs) until our ACK comes, and a delayed ACK comes only
+    /// after ~40 ms when we have nothing to send: a whole batch waited that
+    /// long for its last PUBACKs.
+    pub fn set_quickack_fd(&mut self, fd: Option<i32>) {
+        self.quickack_fd = fd;
+    }
+
+    fn quickack(&self) {
+        #[cfg(target_os = "linux")]
+        if let Some(fd) = self.quickack_fd {
+            let one: libc::c_int = 1;
+            // SAFETY: `fd` is the open socket this Network owns; the option
+            // value is a c_int that outlives the call. A failure (not TCP)
+            // only leaves delayed ACKs as they were.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_QUICKACK,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
         }
     }
 
@@ -72,6 +106,7 @@ impl Network {
                 _ => break,
             };
         }
+        self.quickack();
 
         Ok(())
     }

@@ -335,10 +335,13 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
         _ => options.broker_address(),
     };
 
+    // iot-gateway patch: the TCP socket under any TLS, for TCP_QUICKACK.
+    let quickack_fd;
     let tcp_stream: Box<dyn AsyncReadWrite> = {
         #[cfg(feature = "proxy")]
         match options.proxy() {
             Some(proxy) => {
+                quickack_fd = None;
                 proxy
                     .connect(&domain, port, options.network_options())
                     .await?
@@ -346,6 +349,7 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
             None => {
                 let addr = format!("{domain}:{port}");
                 let tcp = socket_connect(addr, options.network_options()).await?;
+                quickack_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
                 Box::new(tcp)
             }
         }
@@ -353,11 +357,12 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
         {
             let addr = format!("{domain}:{port}");
             let tcp = socket_connect(addr, options.network_options()).await?;
+            quickack_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
             Box::new(tcp)
         }
     };
 
-    let network = match options.transport() {
+    let mut network = match options.transport() {
         Transport::Tcp => Network::new(tcp_stream, max_incoming_pkt_size),
         #[cfg(any(feature = "use-native-tls", feature = "use-rustls-no-provider"))]
         Transport::Tls(tls_config) => {
@@ -409,6 +414,7 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
             Network::new(WsStream::new(socket), max_incoming_pkt_size)
         }
     };
+    network.set_quickack_fd(quickack_fd);
 
     Ok(network)
 }
