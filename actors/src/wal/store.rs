@@ -451,6 +451,8 @@ fn writer_loop(
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_checkpoint = Instant::now();
     let mut passes = 0u64;
+    // The last group commit failed because the disk was full.
+    let mut failed_full = false;
     let scanner = spawn_class_scanner(wal.config().path.clone(), metrics.clone());
     publish_stats(&wal, &metrics, &health);
     loop {
@@ -475,7 +477,9 @@ fn writer_loop(
             }
         }
         if !writes.is_empty() {
-            commit_group(&mut wal, writes, &metrics, &health);
+            if let Some(full) = commit_group(&mut wal, writes, &metrics, &health) {
+                failed_full = full;
+            }
         }
         for r in reads {
             serve_read(&mut wal, r);
@@ -483,6 +487,9 @@ fn writer_loop(
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
             housekeeping(&mut wal, &metrics, &health);
+            if failed_full && room_again(&wal, &health) {
+                failed_full = false;
+            }
             passes += 1;
             if passes % CLASS_STATS_EVERY == 0 {
                 if let Some(scanner) = &scanner {
@@ -504,12 +511,39 @@ fn writer_loop(
 
 type WriteReply = oneshot::Sender<Result<WriteResult, WalError>>;
 
+/// Free disk space that makes a WAL whose commit failed on a full disk
+/// writable again (or `wal.min_free_disk_bytes`, when larger): room for
+/// the largest group commit of small records.
+const ROOM_AGAIN_BYTES: u64 = 4 << 20;
+
+/// After a commit failed on a full disk: the disk has room again, so the
+/// WAL counts as writable (`/readyz` 200) before any append proves it.
+/// Without this, a gateway behind a load balancer that stops sending to a
+/// 503 `/readyz` would wait for an append that never comes. If the next
+/// append still fails, it is unwritable again.
+fn room_again(wal: &Wal, health: &WalHealth) -> bool {
+    let free = wal.disk_free;
+    if free < ROOM_AGAIN_BYTES.max(wal.config().min_free_disk_bytes) {
+        return false;
+    }
+    if !health.writable.swap(true, Ordering::SeqCst) {
+        tracing::info!(
+            disk_free_bytes = free,
+            "WAL writable again: its disk has room"
+        );
+        health.set_problem(wal.backpressure().map(str::to_string));
+    }
+    true
+}
+
+/// Commits `writes` as one transaction and answers each. `None`: it
+/// committed; `Some(disk_full)`: it failed, and whether the disk was full.
 fn commit_group(
     wal: &mut Wal,
     writes: Vec<(WriteOp, Instant, WriteReply)>,
     metrics: &Metrics,
     health: &WalHealth,
-) {
+) -> Option<bool> {
     let oldest = writes
         .iter()
         .map(|(_, t, _)| *t)
@@ -547,6 +581,7 @@ fn commit_group(
             if appended > 0 {
                 health.appended.send_replace(wal.head());
             }
+            None
         }
         Err(e) => {
             if repeats::admit(Kind::WalCommit, "") {
@@ -557,6 +592,11 @@ fn commit_group(
             for (_, tx) in replies {
                 let _ = tx.send(Err(WalError::Unavailable(e.to_string())));
             }
+            Some(matches!(
+                &e,
+                WalError::Storage(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == rusqlite::ErrorCode::DiskFull
+            ))
         }
     }
 }
