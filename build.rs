@@ -17,6 +17,7 @@ fn main() {
                 .filter(|o| o.status.success())
                 .and_then(|o| String::from_utf8(o.stdout).ok())
                 .map(|s| s.trim().to_string())
+                .map(|c| if tree_is_dirty() { c + "-dirty" } else { c })
         })
         .unwrap_or_else(|| "unknown".into());
     let build_time = Command::new("date")
@@ -32,4 +33,18 @@ fn main() {
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
     println!("cargo:rerun-if-changed=build.rs");
+    // An edit makes the tree dirty (and a commit, above, clean again).
+    for dir in ["src", "actors/src", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={dir}");
+    }
+}
+
+/// Tracked files differ from HEAD: the binary is not that commit.
+fn tree_is_dirty() -> bool {
+    Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| !o.stdout.is_empty())
 }
