@@ -315,6 +315,7 @@ class Server:
     """A server of the test rig, run as a child process on a free loopback port."""
 
     can_kill = True  # a "killed" outage is possible without losing its data
+    read_from_storage = False  # the check read its storage, not its API (Tansu.keys)
     kill_signal = signal.SIGKILL  # how a "killed" outage stops it
 
     def __init__(self, work, name):
@@ -993,7 +994,7 @@ def check(ctx, res, gw, rig, acked_files, stop_gateway=True):
         log(f"{res.scenario}: still missing records at {', '.join(todo)}: reading again")
         time.sleep(3)
     for sink, server in rig.servers.items():
-        if getattr(server, "read_from_storage", False):
+        if server.read_from_storage:
             res.notes.append(f"{sink} read back from tansu's SQLite storage (its Kafka fetch timed out)")
     for sink in rig.sinks:
         res.lost[sink] = len(missing[sink])

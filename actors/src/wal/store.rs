@@ -526,14 +526,16 @@ fn room_again(wal: &Wal, health: &WalHealth) -> bool {
     if free < ROOM_AGAIN_BYTES.max(wal.config().min_free_disk_bytes) {
         return false;
     }
+    mark_writable(wal, health, "its disk has room");
+    true
+}
+
+/// The WAL takes appends again: `/readyz` stops naming the storage error.
+fn mark_writable(wal: &Wal, health: &WalHealth, why: &str) {
     if !health.writable.swap(true, Ordering::SeqCst) {
-        tracing::info!(
-            disk_free_bytes = free,
-            "WAL writable again: its disk has room"
-        );
+        tracing::info!(disk_free_bytes = wal.disk_free, why, "WAL writable again");
         health.set_problem(wal.backpressure().map(str::to_string));
     }
-    true
 }
 
 /// Commits `writes` as one transaction and answers each. `None`: it
@@ -571,9 +573,8 @@ fn commit_group(
             // an ack or a dead-letter write may fit in space a record does
             // not (on a full disk, /readyz flipped back to 200 while every
             // append still failed).
-            if appended > 0 && !health.writable.swap(true, Ordering::SeqCst) {
-                tracing::info!("WAL writable again");
-                health.set_problem(wal.backpressure().map(str::to_string));
+            if appended > 0 {
+                mark_writable(wal, health, "records were stored");
             }
             for (res, (_, tx)) in results.into_iter().zip(replies) {
                 let _ = tx.send(res);

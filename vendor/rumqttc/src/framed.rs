@@ -49,25 +49,6 @@ impl Network {
         self.quickack_fd = fd;
     }
 
-    fn quickack(&self) {
-        #[cfg(target_os = "linux")]
-        if let Some(fd) = self.quickack_fd {
-            let one: libc::c_int = 1;
-            // SAFETY: `fd` is the open socket this Network owns; the option
-            // value is a c_int that outlives the call. A failure (not TCP)
-            // only leaves delayed ACKs as they were.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_QUICKACK,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-        }
-    }
-
     /// Reads and returns a single packet from network
     pub async fn read(&mut self) -> Result<Incoming, StateError> {
         match self.framed.next().await {
@@ -106,7 +87,7 @@ impl Network {
                 _ => break,
             };
         }
-        self.quickack();
+        tcp_quickack(self.quickack_fd);
 
         Ok(())
     }
@@ -129,3 +110,26 @@ impl Network {
 
 pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T> AsyncReadWrite for T where T: AsyncRead + AsyncWrite + Send + Unpin {}
+
+/// iot-gateway patch: TCP_QUICKACK on `fd` (the open TCP socket under a
+/// `Network`, v4 or v5): the segments read so far are acked at once. A
+/// failure (not TCP) only leaves delayed ACKs as they were.
+pub(crate) fn tcp_quickack(fd: Option<i32>) {
+    #[cfg(target_os = "linux")]
+    if let Some(fd) = fd {
+        let one: libc::c_int = 1;
+        // SAFETY: `fd` is an open socket owned by the caller's Network; the
+        // option value is a c_int that outlives the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = fd;
+}

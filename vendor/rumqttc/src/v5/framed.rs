@@ -50,25 +50,6 @@ impl Network {
         self.quickack_fd = fd;
     }
 
-    fn quickack(&self) {
-        #[cfg(target_os = "linux")]
-        if let Some(fd) = self.quickack_fd {
-            let one: libc::c_int = 1;
-            // SAFETY: `fd` is the open socket this Network owns; the option
-            // value is a c_int that outlives the call. A failure (not TCP)
-            // only leaves delayed ACKs as they were.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_QUICKACK,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-        }
-    }
-
     /// Reads and returns a single packet from network
     pub async fn read(&mut self) -> Result<Incoming, StateError> {
         match self.framed.next().await {
@@ -107,7 +88,7 @@ impl Network {
                 _ => break,
             };
         }
-        self.quickack();
+        crate::framed::tcp_quickack(self.quickack_fd);
 
         Ok(())
     }
