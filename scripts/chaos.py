@@ -474,6 +474,7 @@ class Tansu(Server):
             return self.from_storage()
 
     def from_storage(self):
+        """Stops tansu (if it runs) and reads the keys from its storage."""
         if self.proc is not None:
             self.stop()
         self.read_from_storage = True
