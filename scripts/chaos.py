@@ -1471,22 +1471,33 @@ def archive_problems(root, verified, durable_before):
     """Checks the archive sink's objects after a cut: each new one must be a
     valid gzip of NDJSON records; none that survived an earlier cut may be
     gone (an object is published with fsync of the file and its directory
-    before the sink acknowledges it). Returns (problems, the objects now,
-    staging files left over)."""
+    before the sink acknowledges it), unless the archive's upkeep merged it:
+    then each of its records is in an object that is there now. `verified`
+    maps each checked object to its records' keys. Returns (problems, the
+    objects now, staging files left over)."""
     now = set(root.rglob("*.ndjson.gz")) if root.exists() else set()
-    problems = [f"archive object {p.relative_to(root)} survived an earlier cut and is gone"
-                for p in sorted(durable_before - now)[:5]]
-    for p in sorted(now - verified):
+    problems = []
+    for p in sorted(now - set(verified)):
         try:
             lines = gzip.decompress(p.read_bytes()).decode().splitlines()
-            if not lines or not all("idempotency_key" in json.loads(line) for line in lines):
-                raise ValueError("an object without records, or a record without idempotency_key")
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+            keys = frozenset(json.loads(line)["idempotency_key"] for line in lines)
+            if not lines:
+                raise ValueError("an object without records")
+        except (OSError, EOFError, UnicodeDecodeError, ValueError, KeyError) as e:
             problems.append(f"archive object {p.relative_to(root)} is unreadable: {e}")
             continue
-        verified.add(p)
+        verified[p] = keys
+    gone = sorted(durable_before - now)
+    if gone:
+        held = set().union(*(verified[p] for p in now if p in verified))
+        for p in gone:
+            missing = verified.get(p, frozenset()) - held
+            if p not in verified or missing:
+                problems.append(f"archive object {p.relative_to(root)} survived an earlier cut and is gone"
+                                f" ({len(missing)} of its records are in no object now)")
+            verified.pop(p, None)
     staging = sum(1 for p in root.rglob("*#*")) if root.exists() else 0
-    return problems, now, staging
+    return problems[:5], now, staging
 
 
 def wal_check_copy(ctx, gw, dest):
@@ -1549,7 +1560,7 @@ def _powercut(ctx, res, work, fs, held):
     secs = round(sum(waits) + cycles * 2.5 + 3)
     loads = mixed_load(ctx, work, gw, rig, secs=secs)
     ready, cut_secs, check_secs = [], [], []
-    verified, durable_objects, tokens = set(), set(), {gw.token()}
+    verified, durable_objects, tokens = {}, set(), {gw.token()}
     dropped = reverted = stale = staging_max = 0
     lost_paths = {}  # what the cuts threw away, by path (archive objects lumped together)
     for i, wait in enumerate(waits):

@@ -23,6 +23,9 @@ use gateway_actors::wal::{BackpressurePolicy, WalConfig};
 use serde::{Deserialize, Serialize};
 use toml::Value;
 
+/// `max_bytes` of the zero-config archive (no `[sinks.*]`): 1 GiB.
+pub const DEFAULT_ARCHIVE_MAX_BYTES: u64 = 1 << 30;
+
 /// The compiled-in defaults (also what `gateway config print` starts from).
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
 
@@ -663,6 +666,11 @@ impl Loaded {
                 "url".into(),
                 Value::String(format!("file://{}", data_dir.join("archive").display())),
             );
+            // Bounded: left alone for months, an edge host's disk must not fill.
+            archive.insert(
+                "max_bytes".into(),
+                Value::Integer(DEFAULT_ARCHIVE_MAX_BYTES as i64),
+            );
             raw_sinks.insert("archive".into(), archive);
         }
         if raw_sinks.len() > MAX_SINKS {
@@ -947,6 +955,9 @@ impl Loaded {
                         let mut m = toml::map::Map::new();
                         m.insert("kind".into(), Value::String("s3".into()));
                         m.insert("url".into(), Value::String(c.url.clone()));
+                        if let Some(max) = c.max_bytes {
+                            m.insert("max_bytes".into(), Value::Integer(max as i64));
+                        }
                         sinks.insert(name.clone(), Value::Table(m));
                     }
                 }
@@ -1165,7 +1176,12 @@ mod tests {
         assert_eq!(s.http.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.sinks.len(), 1);
         match &s.sinks["archive"].target {
-            SinkTarget::S3(c) => assert_eq!(c.url, "file://./data/archive"),
+            SinkTarget::S3(c) => {
+                assert_eq!(c.url, "file://./data/archive");
+                // Bounded and compacted: `make run` left alone must not fill the disk.
+                let k = c.keeper("archive").unwrap();
+                assert_eq!((k.compact, k.max_bytes), (true, Some(1 << 30)));
+            }
             other => panic!("default sink is {other:?}"),
         }
         assert!(matches!(s.mqtt, MqttMode::Embedded { .. }));

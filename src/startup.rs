@@ -18,6 +18,7 @@ use gateway_actors::dispatcher::Dispatcher;
 use gateway_actors::ingest::{IngestRouter, IngestRouters};
 use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
+use gateway_actors::sink::s3::ArchiveKeeper;
 use gateway_actors::sink::{Rebuild, SinkActor, SinkFactory};
 use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore};
 use gateway_actors::Metrics;
@@ -32,6 +33,8 @@ use crate::http::{self, AppState};
 pub struct Application {
     port: u16,
     server: actix_web::dev::Server,
+    /// The upkeep threads of local archives (stop when dropped).
+    _keepers: Vec<ArchiveKeeper>,
     /// Supervised actors, exposed for tests and the admin layer.
     pub handles: Handles,
 }
@@ -262,7 +265,13 @@ impl Application {
         };
         let mut dispatchers = Vec::new();
         let mut sinks = Vec::new();
+        let mut keepers = Vec::new();
         for (name, s) in &settings.sinks {
+            if let SinkTarget::S3(c) = &s.target {
+                if let Some(k) = c.keeper(name) {
+                    keepers.push(ArchiveKeeper::start(k, metrics.clone())?);
+                }
+            }
             let factory = make_sink(name, &s.target);
             let sink = {
                 let (n, m) = (name.clone(), metrics.clone());
@@ -392,6 +401,7 @@ impl Application {
         Ok(Self {
             port,
             server,
+            _keepers: keepers,
             handles: Handles {
                 wal,
                 router,

@@ -131,6 +131,9 @@ fn main() {
                 access_key_id: None,
                 secret_access_key: None,
                 multipart_threshold_bytes: 8 << 20,
+                compact: false,
+                max_bytes: None,
+                maintenance_interval: std::time::Duration::from_secs(60),
             };
             factory(&SinkTarget::S3(c))
         }

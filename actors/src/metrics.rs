@@ -63,6 +63,14 @@ pub struct Metrics {
     pub sink_paused: IntGaugeVec,
     /// `gateway_e2e_latency_seconds{sink}`: receive → sink acknowledgement, per record.
     pub e2e_latency_seconds: HistogramVec,
+    /// `gateway_archive_bytes{sink}`: bytes of a local (`file://`) archive's objects.
+    pub archive_bytes: IntGaugeVec,
+    /// `gateway_archive_objects{sink}`: objects in a local archive.
+    pub archive_objects: IntGaugeVec,
+    /// `gateway_archive_merged_objects_total{sink}`: objects merged into one per closed hour.
+    pub archive_merged: IntCounterVec,
+    /// `gateway_archive_pruned_objects_total{sink}`: oldest objects deleted to stay under `max_bytes`.
+    pub archive_pruned: IntCounterVec,
     /// `gateway_mqtt_enabled`: 1 when MQTT ingest is configured (`mqtt.url` not `off`).
     pub mqtt_enabled: IntGauge,
     /// `gateway_mqtt_connected`: 1 while MQTT ingest is connected and subscribed.
@@ -158,6 +166,22 @@ impl Metrics {
                     .buckets(exponential_buckets(0.001, 2.0, 20)?),
                 &["sink"],
             )?,
+            archive_bytes: IntGaugeVec::new(
+                Opts::new("gateway_archive_bytes", "Bytes of the objects in a local (file://) archive, counted by its upkeep pass."),
+                &["sink"],
+            )?,
+            archive_objects: IntGaugeVec::new(
+                Opts::new("gateway_archive_objects", "Objects in a local (file://) archive, counted by its upkeep pass."),
+                &["sink"],
+            )?,
+            archive_merged: IntCounterVec::new(
+                Opts::new("gateway_archive_merged_objects_total", "Objects of a local archive merged into one object per closed hour."),
+                &["sink"],
+            )?,
+            archive_pruned: IntCounterVec::new(
+                Opts::new("gateway_archive_pruned_objects_total", "Oldest objects of a local archive deleted to keep it under its max_bytes."),
+                &["sink"],
+            )?,
             mqtt_enabled: IntGauge::new(
                 "gateway_mqtt_enabled",
                 "1 when MQTT ingest is configured (mqtt.url is not off).",
@@ -207,6 +231,10 @@ impl Metrics {
         registry.register(Box::new(m.sink_circuit_open.clone()))?;
         registry.register(Box::new(m.sink_paused.clone()))?;
         registry.register(Box::new(m.e2e_latency_seconds.clone()))?;
+        registry.register(Box::new(m.archive_bytes.clone()))?;
+        registry.register(Box::new(m.archive_objects.clone()))?;
+        registry.register(Box::new(m.archive_merged.clone()))?;
+        registry.register(Box::new(m.archive_pruned.clone()))?;
         registry.register(Box::new(m.mqtt_enabled.clone()))?;
         registry.register(Box::new(m.mqtt_connected.clone()))?;
         registry.register(Box::new(m.mqtt_reconnects.clone()))?;

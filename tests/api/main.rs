@@ -2,6 +2,7 @@
 //! data dir. Modules by area; helpers in `helpers.rs`.
 
 mod admin;
+mod archive;
 mod auth;
 #[allow(dead_code)]
 #[path = "../mqtt/broker.rs"]

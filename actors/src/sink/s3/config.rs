@@ -1,6 +1,9 @@
 //! Configuration of an `s3` sink.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use super::keeper::KeeperConfig;
 
 use crate::keys::{secret_key, KeyError};
 use crate::sink::{SinkContext, SinkError};
@@ -29,6 +32,12 @@ pub struct S3SinkConfig {
     pub secret_access_key: Option<Secret>,
     /// Objects larger than this are uploaded in parts (multipart), at least 5 MiB.
     pub multipart_threshold_bytes: usize,
+    /// `file://` only: merge each closed hour into one object (default true).
+    pub compact: bool,
+    /// `file://` only: delete the oldest objects while the archive is larger.
+    pub max_bytes: Option<u64>,
+    /// `file://` only: time between two passes of compaction and pruning.
+    pub maintenance_interval: Duration,
 }
 
 /// A parsed target URL.
@@ -49,6 +58,22 @@ pub enum Target {
 }
 
 impl S3SinkConfig {
+    /// The upkeep of a `file://` archive (compaction, `max_bytes`); none for S3.
+    pub fn keeper(&self, sink: &str) -> Option<KeeperConfig> {
+        match self.target() {
+            Ok(Target::Local { dir }) if self.compact || self.max_bytes.is_some() => {
+                Some(KeeperConfig {
+                    sink: sink.to_string(),
+                    dir,
+                    compact: self.compact,
+                    max_bytes: self.max_bytes,
+                    interval: self.maintenance_interval,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Parses [`Self::url`].
     pub fn target(&self) -> Result<Target, SinkError> {
         if let Some(rest) = self.url.strip_prefix("file://") {
@@ -100,6 +125,13 @@ pub struct S3Keys {
     pub secret_access_key_file: Option<PathBuf>,
     /// Objects larger than this go up in parts; at least 5 MiB (default 8 MiB).
     pub multipart_threshold_bytes: Option<usize>,
+    /// `file://` only: merge each closed hour into one object (default true).
+    pub compact: Option<bool>,
+    /// `file://` only: the archive's size limit; the oldest objects go first
+    /// (default: none for a configured sink, 1 GiB for the zero-config archive).
+    pub max_bytes: Option<u64>,
+    /// `file://` only: ms between two upkeep passes (default 60000).
+    pub maintenance_interval_ms: Option<u64>,
 }
 
 impl S3Keys {
@@ -130,6 +162,16 @@ impl S3Keys {
         if gzip_level > 9 {
             return Err(KeyError::new("gzip_level", "must be 0 to 9"));
         }
+        let interval = self.maintenance_interval_ms.unwrap_or(60_000);
+        if interval == 0 {
+            return Err(KeyError::new("maintenance_interval_ms", "must be > 0"));
+        }
+        if self.max_bytes == Some(0) {
+            return Err(KeyError::new(
+                "max_bytes",
+                "must be > 0 (leave it out for no limit)",
+            ));
+        }
         let cfg = S3SinkConfig {
             url,
             gateway_id: ctx.gateway_id.to_string(),
@@ -143,9 +185,30 @@ impl S3Keys {
                 self.secret_access_key_file.as_deref(),
             )?,
             multipart_threshold_bytes: multipart,
+            compact: self.compact.unwrap_or(true),
+            max_bytes: self.max_bytes,
+            maintenance_interval: Duration::from_millis(interval),
         };
-        cfg.target()
+        let target = cfg
+            .target()
             .map_err(|e| KeyError::new("url", e.to_string()))?;
+        if let Target::S3 { .. } = target {
+            for (key, set) in [
+                ("compact", self.compact.is_some()),
+                ("max_bytes", self.max_bytes.is_some()),
+                (
+                    "maintenance_interval_ms",
+                    self.maintenance_interval_ms.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(KeyError::new(
+                        key,
+                        "applies to file:// archives only (an S3 bucket has lifecycle rules)",
+                    ));
+                }
+            }
+        }
         Ok(cfg)
     }
 }
@@ -165,6 +228,9 @@ mod tests {
             access_key_id: None,
             secret_access_key: Some(Secret::new("s3cr3t")),
             multipart_threshold_bytes: 8 << 20,
+            compact: true,
+            max_bytes: None,
+            maintenance_interval: Duration::from_secs(60),
         }
     }
 
@@ -190,6 +256,37 @@ mod tests {
         );
         assert!(cfg("s3://").target().is_err());
         assert!(cfg("ftp://x").target().is_err());
+    }
+
+    #[test]
+    fn upkeep_keys_apply_to_file_archives_only() {
+        let ctx = SinkContext {
+            name: "a",
+            gateway_id: "gw",
+            publish_timeout: Duration::from_secs(1),
+        };
+        let keys = |url: &str, max: Option<u64>, compact: Option<bool>| S3Keys {
+            url: Some(url.into()),
+            max_bytes: max,
+            compact,
+            ..S3Keys::default()
+        };
+        let c = keys("file:///a", Some(1 << 30), None).build(&ctx).unwrap();
+        let k = c.keeper("a").unwrap();
+        assert_eq!((k.compact, k.max_bytes), (true, Some(1 << 30)));
+        assert_eq!(k.dir, PathBuf::from("/a"));
+        let off = keys("file:///a", None, Some(false)).build(&ctx).unwrap();
+        assert!(off.keeper("a").is_none());
+        assert!(keys("s3://b", None, None)
+            .build(&ctx)
+            .unwrap()
+            .keeper("a")
+            .is_none());
+        let e = keys("s3://b", Some(1), None).build(&ctx).unwrap_err();
+        assert_eq!(e.key, "max_bytes");
+        assert!(e.message.contains("file://"), "{}", e.message);
+        assert!(keys("s3://b", None, Some(true)).build(&ctx).is_err());
+        assert!(keys("file:///a", Some(0), None).build(&ctx).is_err());
     }
 
     #[test]

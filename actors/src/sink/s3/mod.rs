@@ -2,7 +2,9 @@
 //! a local directory (`file://`) by the same code path.
 
 mod config;
+pub mod keeper;
 mod sink;
 
 pub use config::{S3Keys, S3SinkConfig, Target};
+pub use keeper::{ArchiveKeeper, KeeperConfig};
 pub use sink::{encode_batch, object_key, ObjectStoreSink};

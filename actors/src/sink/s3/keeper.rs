@@ -1,0 +1,633 @@
+//! Upkeep of a local archive (an `s3` sink with a `file://` target): a
+//! thread of its own that, every `maintenance_interval_ms`,
+//!
+//! - **compacts** each closed hour (`dt=…/hour=HH`, ended more than five
+//!   minutes ago) into one object per gateway id. Adaptive batching writes
+//!   an object every few records under light load, and each one takes a
+//!   file-system block; one object per hour holds the same records in a
+//!   fraction of the space. The objects are gzip members, and concatenated
+//!   members are one valid gzip stream, so merging copies bytes and
+//!   compresses nothing again. The merged object is named
+//!   `{gateway_id}-{first_seq}-{last_seq}.merged.ndjson.gz`: its seq range
+//!   spans its parts, and the `.merged` keeps a batch the sink writes later
+//!   from ever taking (and overwriting) its name.
+//! - **bounds** the archive to `max_bytes`: over it, the oldest objects go
+//!   first (by hour, then seq) until it fits.
+//!
+//! A merge survives a crash or a power cut at any step: the merged object is
+//! written under a temporary name and synced; a manifest naming it and its
+//! parts is synced; the object is renamed into place and the directory
+//! synced; only then are the parts deleted, and the manifest last. The next
+//! pass finds a manifest left behind and finishes the merge (the object is
+//! in place) or undoes it (the temporary file is still there), so a record
+//! is never in two objects of one hour nor in none.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+
+use crate::durable::sync_dir;
+use crate::metrics::Metrics;
+use crate::wal::now_ms;
+
+/// Names every archive object ends with.
+const SUFFIX: &str = ".ndjson.gz";
+/// Before [`SUFFIX`] in the name of a merged object.
+const MERGED: &str = ".merged";
+/// A merge in progress in an hour directory.
+const MANIFEST: &str = ".compacting";
+/// The manifest's last line: without it the manifest is torn.
+const MANIFEST_END: &str = "end";
+/// An hour is compacted this long after it ended (late batches of the hour
+/// are still merged by a later pass).
+const GRACE_MS: i64 = 5 * 60 * 1000;
+const HOUR_MS: i64 = 3_600_000;
+
+/// What the upkeep of one local archive does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeeperConfig {
+    /// The sink's name (metric label, thread name).
+    pub sink: String,
+    /// The archive's directory.
+    pub dir: PathBuf,
+    /// Merge each closed hour into one object.
+    pub compact: bool,
+    /// Delete the oldest objects while the archive is larger.
+    pub max_bytes: Option<u64>,
+    /// Time between passes.
+    pub interval: Duration,
+}
+
+/// What one pass did and found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    /// Hours merged in this pass.
+    pub merged_hours: u64,
+    /// Objects replaced by merged ones.
+    pub merged_objects: u64,
+    /// Objects deleted to stay under `max_bytes`.
+    pub pruned_objects: u64,
+    /// Their bytes.
+    pub pruned_bytes: u64,
+    /// Objects in the archive after the pass.
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// One object of the archive.
+#[derive(Debug, Clone)]
+struct Object {
+    name: String,
+    gateway_id: String,
+    first: u64,
+    last: u64,
+    size: u64,
+}
+
+/// `(gateway_id, first_seq, last_seq)` of an object's file name.
+fn parse_name(name: &str) -> Option<(&str, u64, u64)> {
+    let stem = name.strip_suffix(SUFFIX)?;
+    let stem = stem.strip_suffix(MERGED).unwrap_or(stem);
+    let mut parts = stem.rsplitn(3, '-');
+    let last = parts.next()?.parse().ok()?;
+    let first = parts.next()?.parse().ok()?;
+    let gateway_id = parts.next().filter(|g| !g.is_empty())?;
+    (first <= last).then_some((gateway_id, first, last))
+}
+
+/// The start (ms since the epoch, UTC) of the hour of `dt=YYYY-MM-DD/hour=HH`.
+fn hour_start(day: &str, hour: &str) -> Option<i64> {
+    let date = NaiveDate::parse_from_str(day.strip_prefix("dt=")?, "%Y-%m-%d").ok()?;
+    let h: u32 = hour.strip_prefix("hour=")?.parse().ok()?;
+    Some(date.and_hms_opt(h, 0, 0)?.and_utc().timestamp_millis())
+}
+
+/// The hour directories under `root`, oldest first, with their start.
+fn hour_dirs(root: &Path) -> io::Result<Vec<(i64, PathBuf)>> {
+    let mut out = Vec::new();
+    let days = match fs::read_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for day in days {
+        let day = day?;
+        let day_name = day.file_name().to_string_lossy().into_owned();
+        if !day_name.starts_with("dt=") || !day.file_type()?.is_dir() {
+            continue;
+        }
+        for hour in fs::read_dir(day.path())? {
+            let hour = hour?;
+            let hour_name = hour.file_name().to_string_lossy().into_owned();
+            if let Some(start) = hour_start(&day_name, &hour_name) {
+                if hour.file_type()?.is_dir() {
+                    out.push((start, hour.path()));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The objects in one hour directory, by gateway id and seq.
+fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((gateway_id, first, last)) = parse_name(&name) else {
+            continue;
+        };
+        let meta = match e.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => continue,
+            // Deleted since the listing (the sink does not delete, but be calm).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        out.push(Object {
+            gateway_id: gateway_id.to_string(),
+            first,
+            last,
+            size: meta.len(),
+            name,
+        });
+    }
+    out.sort_by(|a, b| (&a.gateway_id, a.first, a.last).cmp(&(&b.gateway_id, b.first, b.last)));
+    Ok(out)
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn temp_name(out: &str) -> String {
+    format!(".{out}.tmp")
+}
+
+/// Deletes a merge's parts (all but the merged object itself), then its manifest.
+fn finish_merge(dir: &Path, out: &str, parts: &[&str]) -> io::Result<()> {
+    for part in parts {
+        // A manifest only ever names objects of its own directory.
+        if *part != out && parse_name(part).is_some() && !part.contains('/') {
+            remove_if_there(&dir.join(part))?;
+        }
+    }
+    sync_dir(dir)?;
+    remove_if_there(&dir.join(MANIFEST))?;
+    sync_dir(dir)
+}
+
+/// Finishes or undoes a merge that a crash interrupted in `dir`, and deletes
+/// temporary files of merges that never reached their manifest.
+fn recover(dir: &Path) -> io::Result<()> {
+    match fs::read_to_string(dir.join(MANIFEST)) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let complete = lines.len() >= 3 && lines.last() == Some(&MANIFEST_END);
+            let out = lines.first().copied().filter(|o| parse_name(o).is_some());
+            match out {
+                Some(out) if complete && !dir.join(temp_name(out)).exists() => {
+                    // Renamed into place: only the parts' deletion was missing.
+                    finish_merge(dir, out, &lines[1..lines.len() - 1])?;
+                }
+                _ => {
+                    // Not renamed: the parts are whole; forget the merge.
+                    if let Some(out) = out {
+                        remove_if_there(&dir.join(temp_name(out)))?;
+                    }
+                    remove_if_there(&dir.join(MANIFEST))?;
+                    sync_dir(dir)?;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    for e in fs::read_dir(dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(&format!("{SUFFIX}.tmp")) {
+            remove_if_there(&dir.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Merges `parts` (two or more objects of one gateway id in `dir`, in seq
+/// order) into one object; returns its name.
+fn merge(dir: &Path, parts: &[Object]) -> io::Result<String> {
+    let first = parts.iter().map(|o| o.first).min().unwrap_or(0);
+    let last = parts.iter().map(|o| o.last).max().unwrap_or(0);
+    let out = format!("{}-{first}-{last}{MERGED}{SUFFIX}", parts[0].gateway_id);
+    let tmp = dir.join(temp_name(&out));
+    let mut w = BufWriter::with_capacity(256 << 10, File::create(&tmp)?);
+    for part in parts {
+        io::copy(&mut File::open(dir.join(&part.name))?, &mut w)?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    sync_dir(dir)?;
+    let mut manifest = format!("{out}\n");
+    for part in parts {
+        manifest.push_str(&part.name);
+        manifest.push('\n');
+    }
+    manifest.push_str(MANIFEST_END);
+    manifest.push('\n');
+    let mut f = File::create(dir.join(MANIFEST))?;
+    f.write_all(manifest.as_bytes())?;
+    f.sync_all()?;
+    sync_dir(dir)?;
+    fs::rename(&tmp, dir.join(&out))?;
+    sync_dir(dir)?;
+    let names: Vec<&str> = parts.iter().map(|o| o.name.as_str()).collect();
+    finish_merge(dir, &out, &names)?;
+    Ok(out)
+}
+
+/// One pass over the archive at `now_ms`: recover, compact the closed
+/// hours, prune down to `max_bytes`, and count what is left.
+pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
+    let mut report = PassReport::default();
+    // (hour start, dir, object), oldest first.
+    let mut all: Vec<(i64, PathBuf, Object)> = Vec::new();
+    for (start, dir) in hour_dirs(&cfg.dir)? {
+        recover(&dir)?;
+        let mut objects = objects_in(&dir)?;
+        if cfg.compact && start + HOUR_MS + GRACE_MS <= now_ms {
+            let mut by_id: BTreeMap<&str, Vec<Object>> = BTreeMap::new();
+            for o in &objects {
+                by_id.entry(&o.gateway_id).or_default().push(o.clone());
+            }
+            let mut merged = false;
+            for parts in by_id.values().filter(|p| p.len() > 1) {
+                let out = merge(&dir, parts)?;
+                tracing::debug!(dir = %dir.display(), parts = parts.len(), object = %out, "archive hour compacted");
+                report.merged_objects += parts.len() as u64;
+                merged = true;
+            }
+            if merged {
+                report.merged_hours += 1;
+                objects = objects_in(&dir)?;
+            }
+        }
+        all.extend(objects.into_iter().map(|o| (start, dir.clone(), o)));
+    }
+    all.sort_by_key(|(start, _, o)| (*start, o.first));
+    let mut bytes: u64 = all.iter().map(|(_, _, o)| o.size).sum();
+    let mut pruned_dirs = Vec::new();
+    if let Some(max) = cfg.max_bytes {
+        let mut oldest = all.iter();
+        while bytes > max {
+            let Some((start, dir, o)) = oldest.next() else {
+                break;
+            };
+            remove_if_there(&dir.join(&o.name))?;
+            bytes -= o.size;
+            report.pruned_objects += 1;
+            report.pruned_bytes += o.size;
+            if pruned_dirs.last() != Some(&(*start, dir)) {
+                pruned_dirs.push((*start, dir));
+            }
+        }
+    }
+    for (start, dir) in &pruned_dirs {
+        sync_dir(dir)?;
+        // An emptied closed hour goes, and its day if that is empty too (a
+        // late batch of the hour makes them again).
+        if start + HOUR_MS + GRACE_MS <= now_ms && fs::remove_dir(dir).is_ok() {
+            if let Some(day) = dir.parent() {
+                if fs::remove_dir(day).is_ok() {
+                    sync_dir(&cfg.dir)?;
+                } else {
+                    sync_dir(day)?;
+                }
+            }
+        }
+    }
+    report.objects = all.len() as u64 - report.pruned_objects;
+    report.bytes = bytes;
+    Ok(report)
+}
+
+/// The running upkeep of one archive; dropping it stops the thread after
+/// its current pass.
+pub struct ArchiveKeeper {
+    _stop: mpsc::Sender<()>,
+}
+
+impl ArchiveKeeper {
+    /// Starts the upkeep thread: a pass at once, then one every `interval`.
+    pub fn start(cfg: KeeperConfig, metrics: Metrics) -> io::Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("archive-{}", cfg.sink))
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let sink = cfg.sink.as_str();
+                let (merged, pruned) = (
+                    metrics.archive_merged.with_label_values(&[sink]),
+                    metrics.archive_pruned.with_label_values(&[sink]),
+                );
+                let (objects, bytes) = (
+                    metrics.archive_objects.with_label_values(&[sink]),
+                    metrics.archive_bytes.with_label_values(&[sink]),
+                );
+                let mut failing = false;
+                loop {
+                    match run_pass(&cfg, now_ms()) {
+                        Ok(r) => {
+                            failing = false;
+                            merged.inc_by(r.merged_objects);
+                            pruned.inc_by(r.pruned_objects);
+                            objects.set(r.objects as i64);
+                            bytes.set(r.bytes as i64);
+                            if r.merged_hours > 0 {
+                                tracing::info!(sink, hours = r.merged_hours, objects = r.merged_objects, "archive: closed hours compacted into one object each");
+                            }
+                            if r.pruned_objects > 0 {
+                                tracing::warn!(sink, objects = r.pruned_objects, bytes = r.pruned_bytes, max_bytes = cfg.max_bytes, "archive over max_bytes: oldest objects deleted");
+                            }
+                        }
+                        Err(e) => {
+                            // Logged once per failing streak (a full disk, say).
+                            if !failing {
+                                tracing::warn!(sink, dir = %cfg.dir.display(), error = %e, "archive upkeep failed; trying again next pass");
+                            }
+                            failing = true;
+                        }
+                    }
+                    match stopped.recv_timeout(cfg.interval) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
+                }
+            })?;
+        Ok(Self { _stop: stop })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Class;
+    use crate::wal::{Batch, StoredRecord};
+    use std::io::Read;
+
+    const NOW: i64 = 1_767_225_600_000 + 10 * HOUR_MS; // 2026-01-01T10:00Z
+
+    fn cfg(dir: &Path) -> KeeperConfig {
+        KeeperConfig {
+            sink: "archive".into(),
+            dir: dir.to_path_buf(),
+            compact: true,
+            max_bytes: None,
+            interval: Duration::from_secs(60),
+        }
+    }
+
+    /// Writes the object the sink would write for seqs `first..=last`, received at `ms`.
+    fn put(root: &Path, gw: &str, first: u64, last: u64, ms: i64) -> PathBuf {
+        let batch = Batch {
+            sink: "archive".into(),
+            ranges: vec![(first, last)],
+            records: (first..=last)
+                .map(|seq| StoredRecord {
+                    seq,
+                    device_id: "d".into(),
+                    idempotency_key: format!("k{seq}"),
+                    correlation_id: String::new(),
+                    receive_ms: ms,
+                    class: Class::Normal,
+                    json: format!("{{\"seq\":{seq}}}"),
+                })
+                .collect(),
+        };
+        let key = super::super::object_key("", gw, &batch);
+        let path = root.join(key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, super::super::encode_batch(&batch, 1).unwrap()).unwrap();
+        path
+    }
+
+    /// Every line of every object under `root`, and the object names.
+    fn read_all(root: &Path) -> (Vec<String>, Vec<String>) {
+        let (mut lines, mut names) = (Vec::new(), Vec::new());
+        for (_, dir) in hour_dirs(root).unwrap() {
+            for o in objects_in(&dir).unwrap() {
+                let mut text = String::new();
+                flate2::read::MultiGzDecoder::new(File::open(dir.join(&o.name)).unwrap())
+                    .read_to_string(&mut text)
+                    .unwrap();
+                lines.extend(text.lines().map(str::to_string));
+                names.push(o.name);
+            }
+        }
+        lines.sort();
+        names.sort();
+        (lines, names)
+    }
+
+    #[test]
+    fn names_parse_with_dashes_in_the_gateway_id_and_the_merged_mark() {
+        assert_eq!(parse_name("gw-1-10-20.ndjson.gz"), Some(("gw-1", 10, 20)));
+        assert_eq!(
+            parse_name("gw-1-10-20.merged.ndjson.gz"),
+            Some(("gw-1", 10, 20))
+        );
+        assert_eq!(parse_name("gw-20-10.ndjson.gz"), None);
+        assert_eq!(parse_name("gw-1-10-20.ndjson.gz#3"), None);
+        assert_eq!(parse_name("-10-20.ndjson.gz"), None);
+        assert_eq!(parse_name(".gw-1-2.merged.ndjson.gz.tmp"), None);
+    }
+
+    #[test]
+    fn a_closed_hour_becomes_one_object_with_every_record_and_the_open_hour_stays() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let old = NOW - 2 * HOUR_MS; // 08:00, closed
+        for i in 0..20u64 {
+            put(root, "gw", i * 3 + 1, i * 3 + 3, old + i as i64 * 1000);
+        }
+        // A second gateway id in the same hour keeps its own object.
+        put(root, "other-gw", 100, 101, old);
+        // The current hour (10:00) and the last one within its grace (09:00 at 10:04).
+        put(root, "gw", 200, 201, NOW);
+        put(root, "gw", 202, 203, NOW);
+        let (lines_before, _) = read_all(root);
+
+        let r = run_pass(&cfg(root), NOW + 4 * 60_000).unwrap();
+        assert_eq!((r.merged_hours, r.merged_objects), (1, 20));
+        let (lines, names) = read_all(root);
+        assert_eq!(lines, lines_before, "every record once, nothing else");
+        assert_eq!(
+            names,
+            vec![
+                "gw-1-60.merged.ndjson.gz",
+                "gw-200-201.ndjson.gz",
+                "gw-202-203.ndjson.gz",
+                "other-gw-100-101.ndjson.gz"
+            ]
+        );
+        assert_eq!(r.objects, 4);
+
+        // A late batch of the closed hour is merged with the merged object by
+        // the next pass; a pass with nothing to merge changes nothing.
+        put(root, "gw", 30, 31, old);
+        let r = run_pass(&cfg(root), NOW + 4 * 60_000).unwrap();
+        assert_eq!(r.merged_objects, 2);
+        let (lines2, names2) = read_all(root);
+        assert_eq!(lines2.len(), lines_before.len() + 2);
+        assert!(names2.contains(&"gw-1-60.merged.ndjson.gz".to_string()));
+        assert_eq!(
+            run_pass(&cfg(root), NOW + 4 * 60_000)
+                .unwrap()
+                .merged_objects,
+            0
+        );
+        assert_eq!(read_all(root), (lines2, names2));
+    }
+
+    #[test]
+    fn compaction_off_leaves_every_object() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..3 {
+            put(tmp.path(), "gw", i * 2, i * 2 + 1, NOW - 3 * HOUR_MS);
+        }
+        let mut c = cfg(tmp.path());
+        c.compact = false;
+        let r = run_pass(&c, NOW).unwrap();
+        assert_eq!((r.merged_objects, r.objects), (0, 3));
+    }
+
+    /// A merge cut after each of its steps: the next pass leaves every record
+    /// in exactly one object.
+    #[test]
+    fn a_merge_interrupted_at_any_step_is_finished_or_undone() {
+        for step in 0..4 {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            let parts: Vec<PathBuf> = (0..3)
+                .map(|i| put(root, "gw", i * 10, i * 10 + 9, NOW - 2 * HOUR_MS))
+                .collect();
+            let dir = parts[0].parent().unwrap().to_path_buf();
+            let (before, _) = read_all(root);
+            let saved: Vec<Vec<u8>> = parts.iter().map(|p| fs::read(p).unwrap()).collect();
+            let objects = objects_in(&dir).unwrap();
+            let out = merge(&dir, &objects).unwrap();
+            let mut manifest = format!("{out}\n");
+            for o in &objects {
+                manifest.push_str(&o.name);
+                manifest.push('\n');
+            }
+            manifest.push_str("end\n");
+            // Put back what a cut after `step` leaves on disk.
+            if step < 2 {
+                // Before the rename: the merged object is still the temporary file.
+                fs::rename(dir.join(&out), dir.join(temp_name(&out))).unwrap();
+            }
+            if step >= 1 {
+                fs::write(dir.join(MANIFEST), &manifest).unwrap();
+            }
+            // Step 3: cut after the first two parts were deleted.
+            let restored = if step == 3 { 2..3 } else { 0..3 };
+            for i in restored {
+                fs::write(&parts[i], &saved[i]).unwrap();
+            }
+
+            // Recovery alone (compaction off) leaves each record once.
+            let mut c = cfg(root);
+            c.compact = false;
+            run_pass(&c, NOW).unwrap();
+            assert_eq!(read_all(root).0, before, "step {step}: after recovery");
+            let leftovers: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect();
+            assert!(leftovers.is_empty(), "step {step}: {leftovers:?}");
+            // And a full pass then leaves one object.
+            run_pass(&cfg(root), NOW).unwrap();
+            let (lines, names) = read_all(root);
+            assert_eq!(lines, before, "step {step}");
+            assert_eq!(names.len(), 1, "step {step}: {names:?}");
+        }
+    }
+
+    #[test]
+    fn a_torn_manifest_undoes_the_merge() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let a = put(root, "gw", 1, 2, NOW - 2 * HOUR_MS);
+        put(root, "gw", 3, 4, NOW - 2 * HOUR_MS);
+        let dir = a.parent().unwrap();
+        let (before, _) = read_all(root);
+        fs::write(dir.join(temp_name("gw-1-4.merged.ndjson.gz")), b"partial").unwrap();
+        fs::write(
+            dir.join(MANIFEST),
+            "gw-1-4.merged.ndjson.gz\ngw-1-2.ndjson.gz\n",
+        )
+        .unwrap();
+        let mut c = cfg(root);
+        c.compact = false;
+        run_pass(&c, NOW).unwrap();
+        assert_eq!(read_all(root).0, before);
+        assert!(!dir.join(MANIFEST).exists());
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn max_bytes_deletes_the_oldest_objects_first_and_empty_closed_hours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let mut c = cfg(root);
+        c.compact = false;
+        let mut paths = Vec::new();
+        for h in 0..5u64 {
+            for i in 0..2u64 {
+                let seq = h * 100 + i * 10;
+                paths.push(put(
+                    root,
+                    "gw",
+                    seq,
+                    seq + 9,
+                    NOW - (5 - h as i64) * HOUR_MS,
+                ));
+            }
+        }
+        let total: u64 = paths.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+        let newest_half: u64 = paths[5..]
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        c.max_bytes = Some(newest_half);
+        let r = run_pass(&c, NOW).unwrap();
+        assert_eq!(r.pruned_objects, 5);
+        assert_eq!(r.bytes, newest_half);
+        assert_eq!(r.pruned_bytes, total - newest_half);
+        assert!(paths[..5].iter().all(|p| !p.exists()));
+        assert!(paths[5..].iter().all(|p| p.exists()));
+        // The two oldest hours were emptied and are gone; the half-pruned one stays.
+        assert!(!paths[0].parent().unwrap().exists());
+        assert!(!paths[2].parent().unwrap().exists());
+        assert!(paths[4].parent().unwrap().exists());
+        // Under the limit: nothing more goes.
+        assert_eq!(run_pass(&c, NOW).unwrap().pruned_objects, 0);
+    }
+
+    #[test]
+    fn a_missing_archive_is_an_empty_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = run_pass(&cfg(&tmp.path().join("not-yet")), NOW).unwrap();
+        assert_eq!(r, PassReport::default());
+    }
+}
