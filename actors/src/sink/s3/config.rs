@@ -66,6 +66,7 @@ impl S3SinkConfig {
                     sink: sink.to_string(),
                     dir,
                     compact: self.compact,
+                    gzip_level: self.gzip_level,
                     max_bytes: self.max_bytes,
                     interval: self.maintenance_interval,
                 })

@@ -24,12 +24,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::NaiveDate;
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use flate2::Compression;
 
 use crate::durable::sync_dir;
 use crate::metrics::Metrics;
@@ -57,6 +60,8 @@ pub struct KeeperConfig {
     pub dir: PathBuf,
     /// Merge each closed hour into one object.
     pub compact: bool,
+    /// gzip level of the merged records (the sink's `gzip_level`).
+    pub gzip_level: u32,
     /// Delete the oldest objects while the archive is larger.
     pub max_bytes: Option<u64>,
     /// Time between passes.
@@ -74,6 +79,8 @@ pub struct PassReport {
     pub pruned_objects: u64,
     /// Their bytes.
     pub pruned_bytes: u64,
+    /// Objects of closed hours that do not decompress (left unmerged).
+    pub unreadable: Vec<PathBuf>,
     /// Objects in the archive after the pass.
     pub objects: u64,
     /// Their bytes.
@@ -84,21 +91,26 @@ pub struct PassReport {
 #[derive(Debug, Clone)]
 struct Object {
     name: String,
+    /// Made by an earlier merge.
+    merged: bool,
     gateway_id: String,
     first: u64,
     last: u64,
     size: u64,
 }
 
-/// `(gateway_id, first_seq, last_seq)` of an object's file name.
-fn parse_name(name: &str) -> Option<(&str, u64, u64)> {
+/// `(gateway_id, first_seq, last_seq, merged)` of an object's file name.
+fn parse_name(name: &str) -> Option<(&str, u64, u64, bool)> {
     let stem = name.strip_suffix(SUFFIX)?;
-    let stem = stem.strip_suffix(MERGED).unwrap_or(stem);
+    let (stem, merged) = match stem.strip_suffix(MERGED) {
+        Some(s) => (s, true),
+        None => (stem, false),
+    };
     let mut parts = stem.rsplitn(3, '-');
     let last = parts.next()?.parse().ok()?;
     let first = parts.next()?.parse().ok()?;
     let gateway_id = parts.next().filter(|g| !g.is_empty())?;
-    (first <= last).then_some((gateway_id, first, last))
+    (first <= last).then_some((gateway_id, first, last, merged))
 }
 
 /// The start (ms since the epoch, UTC) of the hour of `dt=YYYY-MM-DD/hour=HH`.
@@ -142,7 +154,7 @@ fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
     for e in fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some((gateway_id, first, last)) = parse_name(&name) else {
+        let Some((gateway_id, first, last, merged)) = parse_name(&name) else {
             continue;
         };
         let meta = match e.metadata() {
@@ -153,6 +165,7 @@ fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
             Err(e) => return Err(e),
         };
         out.push(Object {
+            merged,
             gateway_id: gateway_id.to_string(),
             first,
             last,
@@ -223,18 +236,49 @@ fn recover(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Merges `parts` (two or more objects of one gateway id in `dir`, in seq
-/// order) into one object; returns its name.
-fn merge(dir: &Path, parts: &[Object]) -> io::Result<String> {
+/// Whether `path` is a whole gzip stream (every member and its CRC).
+fn readable(path: &Path) -> io::Result<bool> {
+    let mut dec = MultiGzDecoder::new(BufReader::new(File::open(path)?));
+    match io::copy(&mut dec, &mut io::sink()) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData
+                    | io::ErrorKind::InvalidInput
+                    | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Merges `parts` (objects of one gateway id in `dir`, in seq order) into
+/// one object; returns its name. An earlier merged object is copied as it
+/// is; the batches' small objects are decompressed into one new gzip member
+/// at `level` (one member compresses far better than hundreds of one-record
+/// ones, and decompressing checks each of them).
+fn merge(dir: &Path, parts: &[Object], level: u32) -> io::Result<String> {
     let first = parts.iter().map(|o| o.first).min().unwrap_or(0);
     let last = parts.iter().map(|o| o.last).max().unwrap_or(0);
     let out = format!("{}-{first}-{last}{MERGED}{SUFFIX}", parts[0].gateway_id);
     let tmp = dir.join(temp_name(&out));
     let mut w = BufWriter::with_capacity(256 << 10, File::create(&tmp)?);
-    for part in parts {
+    for part in parts.iter().filter(|o| o.merged) {
         io::copy(&mut File::open(dir.join(&part.name))?, &mut w)?;
     }
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let mut member = GzEncoder::new(w, Compression::new(level));
+    for part in parts.iter().filter(|o| !o.merged) {
+        let mut dec = MultiGzDecoder::new(BufReader::new(File::open(dir.join(&part.name))?));
+        io::copy(&mut dec, &mut member)?;
+    }
+    member
+        .finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
     sync_dir(dir)?;
     let mut manifest = format!("{out}\n");
     for part in parts {
@@ -266,11 +310,17 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
         if cfg.compact && start + HOUR_MS + GRACE_MS <= now_ms {
             let mut by_id: BTreeMap<&str, Vec<Object>> = BTreeMap::new();
             for o in &objects {
+                // An object that does not decompress stays as it is, out of
+                // the merge, for an operator to look at.
+                if !o.merged && !readable(&dir.join(&o.name))? {
+                    report.unreadable.push(dir.join(&o.name));
+                    continue;
+                }
                 by_id.entry(&o.gateway_id).or_default().push(o.clone());
             }
             let mut merged = false;
             for parts in by_id.values().filter(|p| p.len() > 1) {
-                let out = merge(&dir, parts)?;
+                let out = merge(&dir, parts, cfg.gzip_level)?;
                 tracing::debug!(dir = %dir.display(), parts = parts.len(), object = %out, "archive hour compacted");
                 report.merged_objects += parts.len() as u64;
                 merged = true;
@@ -331,7 +381,6 @@ impl ArchiveKeeper {
         let (stop, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name(format!("archive-{}", cfg.sink))
-            .stack_size(256 << 10)
             .spawn(move || {
                 let sink = cfg.sink.as_str();
                 let (merged, pruned) = (
@@ -343,6 +392,7 @@ impl ArchiveKeeper {
                     metrics.archive_bytes.with_label_values(&[sink]),
                 );
                 let mut failing = false;
+                let mut unreadable = std::collections::HashSet::new();
                 loop {
                     match run_pass(&cfg, now_ms()) {
                         Ok(r) => {
@@ -353,6 +403,11 @@ impl ArchiveKeeper {
                             bytes.set(r.bytes as i64);
                             if r.merged_hours > 0 {
                                 tracing::info!(sink, hours = r.merged_hours, objects = r.merged_objects, "archive: closed hours compacted into one object each");
+                            }
+                            for path in r.unreadable {
+                                if unreadable.insert(path.clone()) {
+                                    tracing::warn!(sink, object = %path.display(), "archive object does not decompress; left out of its hour's merge");
+                                }
                             }
                             if r.pruned_objects > 0 {
                                 tracing::warn!(sink, objects = r.pruned_objects, bytes = r.pruned_bytes, max_bytes = cfg.max_bytes, "archive over max_bytes: oldest objects deleted");
@@ -390,6 +445,7 @@ mod tests {
             sink: "archive".into(),
             dir: dir.to_path_buf(),
             compact: true,
+            gzip_level: 1,
             max_bytes: None,
             interval: Duration::from_secs(60),
         }
@@ -439,10 +495,13 @@ mod tests {
 
     #[test]
     fn names_parse_with_dashes_in_the_gateway_id_and_the_merged_mark() {
-        assert_eq!(parse_name("gw-1-10-20.ndjson.gz"), Some(("gw-1", 10, 20)));
+        assert_eq!(
+            parse_name("gw-1-10-20.ndjson.gz"),
+            Some(("gw-1", 10, 20, false))
+        );
         assert_eq!(
             parse_name("gw-1-10-20.merged.ndjson.gz"),
-            Some(("gw-1", 10, 20))
+            Some(("gw-1", 10, 20, true))
         );
         assert_eq!(parse_name("gw-20-10.ndjson.gz"), None);
         assert_eq!(parse_name("gw-1-10-20.ndjson.gz#3"), None);
@@ -464,6 +523,12 @@ mod tests {
         put(root, "gw", 200, 201, NOW);
         put(root, "gw", 202, 203, NOW);
         let (lines_before, _) = read_all(root);
+        let closed_dir = root.join("dt=2026-01-01/hour=08");
+        let parts_bytes: u64 = objects_in(&closed_dir)
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .sum();
 
         let r = run_pass(&cfg(root), NOW + 4 * 60_000).unwrap();
         assert_eq!((r.merged_hours, r.merged_objects), (1, 20));
@@ -479,6 +544,15 @@ mod tests {
             ]
         );
         assert_eq!(r.objects, 4);
+        let merged_bytes: u64 = objects_in(&closed_dir)
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .sum();
+        assert!(
+            merged_bytes * 2 < parts_bytes,
+            "one gzip member: {merged_bytes} bytes against {parts_bytes} in parts"
+        );
 
         // A late batch of the closed hour is merged with the merged object by
         // the next pass; a pass with nothing to merge changes nothing.
@@ -495,6 +569,26 @@ mod tests {
             0
         );
         assert_eq!(read_all(root), (lines2, names2));
+    }
+
+    #[test]
+    fn an_object_that_does_not_decompress_is_left_out_of_the_merge() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let old = NOW - 2 * HOUR_MS;
+        for i in 0..3 {
+            put(root, "gw", i * 2, i * 2 + 1, old);
+        }
+        let bad = put(root, "gw", 10, 11, old);
+        let mut bytes = fs::read(&bad).unwrap();
+        let n = bytes.len();
+        bytes[n - 6] ^= 0xff; // the CRC no longer matches
+        fs::write(&bad, bytes).unwrap();
+        let r = run_pass(&cfg(root), NOW).unwrap();
+        assert_eq!(r.unreadable, vec![bad.clone()]);
+        assert_eq!(r.merged_objects, 3);
+        assert!(bad.exists());
+        assert_eq!(r.objects, 2);
     }
 
     #[test]
@@ -523,7 +617,7 @@ mod tests {
             let (before, _) = read_all(root);
             let saved: Vec<Vec<u8>> = parts.iter().map(|p| fs::read(p).unwrap()).collect();
             let objects = objects_in(&dir).unwrap();
-            let out = merge(&dir, &objects).unwrap();
+            let out = merge(&dir, &objects, 1).unwrap();
             let mut manifest = format!("{out}\n");
             for o in &objects {
                 manifest.push_str(&o.name);
