@@ -896,12 +896,24 @@ class Rig:
         return self.servers[sink].keys(timeout)
 
     def archive_keys(self):
-        for f in sorted(self.archive.rglob("*.ndjson.gz")):
+        """The archive's keys, read while the gateway runs: its upkeep merges
+        objects every minute, so a read that saw the object list change
+        (an object gone, a merged one new) is thrown away and done again."""
+        for _ in range(30):
+            before = sorted(self.archive.rglob("*.ndjson.gz"))
+            keys = []
             try:
-                text = gzip.decompress(f.read_bytes()).decode()
+                for f in before:
+                    keys.extend(KEY_RE.findall(gzip.decompress(f.read_bytes()).decode()))
+            except FileNotFoundError:
+                time.sleep(1)
+                continue
             except (OSError, EOFError, UnicodeDecodeError) as e:
                 raise ChaosFailure(f"archive object {f} is unreadable: {e}")
-            yield from KEY_RE.findall(text)
+            if sorted(self.archive.rglob("*.ndjson.gz")) == before:
+                return keys
+            time.sleep(1)
+        raise ChaosFailure("the archive kept changing while it was read (30 tries)")
 
 
 # -------------------------------------------------------------------- checker

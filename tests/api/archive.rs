@@ -7,25 +7,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::helpers::{
-    archived_keys, archived_records, record_keys, spawn_app, telemetry, wait_until,
+    archive_objects, archived_keys, archived_records, record_keys, spawn_app, telemetry, wait_until,
 };
 
 /// Every `.ndjson.gz` object under `dir`, with its size.
 fn objects(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.to_string_lossy().ends_with(".ndjson.gz") {
-                out.push((p, e.metadata().map_or(0, |m| m.len())));
-            }
-        }
-    }
-    out.sort();
-    out
+    archive_objects(dir)
+        .into_iter()
+        .map(|p| {
+            let n = std::fs::metadata(&p).map_or(0, |m| m.len());
+            (p, n)
+        })
+        .collect()
 }
 
 fn archive_toml(dir: &Path, extra: &str) -> String {

@@ -230,7 +230,27 @@ pub fn archived_keys(dir: &Path) -> HashSet<String> {
     record_keys(&archived_records(dir))
 }
 
+/// Every record of every object under `dir`, read while the gateway may be
+/// merging objects (the archive's upkeep): a read during which the object
+/// list changed is done again.
 pub fn archived_records(dir: &Path) -> Vec<Value> {
+    for _ in 0..50 {
+        let before = archive_objects(dir);
+        if let Some(records) = read_objects(&before) {
+            if archive_objects(dir) == before {
+                return records;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "the archive under {} kept changing while it was read",
+        dir.display()
+    );
+}
+
+/// The `.ndjson.gz` objects under `dir`, sorted.
+pub fn archive_objects(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -242,19 +262,33 @@ pub fn archived_records(dir: &Path) -> Vec<Value> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.to_string_lossy().ends_with(".ndjson.gz") {
-                let f = std::fs::File::open(&p).unwrap();
-                let r = BufReader::new(flate2::read::MultiGzDecoder::new(f));
-                for line in r.lines() {
-                    let line = line.unwrap();
-                    out.push(
-                        serde_json::from_str(&line)
-                            .unwrap_or_else(|e| panic!("bad NDJSON line {line:?}: {e}")),
-                    );
-                }
+                out.push(p);
             }
         }
     }
+    out.sort();
     out
+}
+
+/// The records of `objects`; `None` if one of them is gone.
+fn read_objects(objects: &[PathBuf]) -> Option<Vec<Value>> {
+    let mut out = Vec::new();
+    for p in objects {
+        let f = match std::fs::File::open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => panic!("{}: {e}", p.display()),
+        };
+        let r = BufReader::new(flate2::read::MultiGzDecoder::new(f));
+        for line in r.lines() {
+            let line = line.unwrap();
+            out.push(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad NDJSON line {line:?}: {e}")),
+            );
+        }
+    }
+    Some(out)
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

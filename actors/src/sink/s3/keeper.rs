@@ -1,16 +1,16 @@
 //! Upkeep of a local archive (an `s3` sink with a `file://` target): a
 //! thread of its own that, every `maintenance_interval_ms`,
 //!
-//! - **compacts** each closed hour (`dt=…/hour=HH`, ended more than five
-//!   minutes ago) into one object per gateway id. Adaptive batching writes
-//!   an object every few records under light load, and each one takes a
-//!   file-system block; one object per hour holds the same records in a
-//!   fraction of the space. The objects are gzip members, and concatenated
-//!   members are one valid gzip stream, so merging copies bytes and
-//!   compresses nothing again. The merged object is named
-//!   `{gateway_id}-{first_seq}-{last_seq}.merged.ndjson.gz`: its seq range
-//!   spans its parts, and the `.merged` keeps a batch the sink writes later
-//!   from ever taking (and overwriting) its name.
+//! - **compacts** the archive. Adaptive batching writes an object every few
+//!   records under light load, and each one takes a file-system block. In
+//!   the open hour, the batches' objects older than 30 s are merged into one
+//!   object (one gzip member: the records compress together); each closed
+//!   hour (`dt=…/hour=HH`, ended more than five minutes ago) becomes one
+//!   object per gateway id. Concatenated gzip members are one valid gzip
+//!   stream, so earlier merged objects are copied as they are. A merged
+//!   object is named `{gateway_id}-{first_seq}-{last_seq}.merged.ndjson.gz`:
+//!   its seq range spans its parts, and the `.merged` keeps a batch the
+//!   sink writes later from ever taking (and overwriting) its name.
 //! - **bounds** the archive to `max_bytes`: over it, the oldest objects go
 //!   first (by hour, then seq) until it fits.
 //!
@@ -49,6 +49,8 @@ const MANIFEST_END: &str = "end";
 /// An hour is compacted this long after it ended (late batches of the hour
 /// are still merged by a later pass).
 const GRACE_MS: i64 = 5 * 60 * 1000;
+/// In the open hour, a batch's object is merged once it is this old.
+const SETTLE_MS: i64 = 30_000;
 const HOUR_MS: i64 = 3_600_000;
 
 /// What the upkeep of one local archive does.
@@ -71,8 +73,8 @@ pub struct KeeperConfig {
 /// What one pass did and found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PassReport {
-    /// Hours merged in this pass.
-    pub merged_hours: u64,
+    /// Merged objects made in this pass.
+    pub merges: u64,
     /// Objects replaced by merged ones.
     pub merged_objects: u64,
     /// Objects deleted to stay under `max_bytes`.
@@ -93,6 +95,8 @@ struct Object {
     name: String,
     /// Made by an earlier merge.
     merged: bool,
+    /// Last modified, ms since the epoch.
+    mtime_ms: i64,
     gateway_id: String,
     first: u64,
     last: u64,
@@ -170,6 +174,11 @@ fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
             first,
             last,
             size: meta.len(),
+            mtime_ms: meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64),
             name,
         });
     }
@@ -260,10 +269,25 @@ fn readable(path: &Path) -> io::Result<bool> {
 /// is; the batches' small objects are decompressed into one new gzip member
 /// at `level` (one member compresses far better than hundreds of one-record
 /// ones, and decompressing checks each of them).
-fn merge(dir: &Path, parts: &[Object], level: u32) -> io::Result<String> {
+fn merge(dir: &Path, mut parts: Vec<Object>, level: u32) -> io::Result<String> {
     let first = parts.iter().map(|o| o.first).min().unwrap_or(0);
     let last = parts.iter().map(|o| o.last).max().unwrap_or(0);
     let out = format!("{}-{first}-{last}{MERGED}{SUFFIX}", parts[0].gateway_id);
+    // A merged object of that name already (the same seq range, merged
+    // before): its records go into the new one, which replaces it.
+    if !parts.iter().any(|o| o.name == out) {
+        if let Ok(meta) = fs::metadata(dir.join(&out)) {
+            parts.push(Object {
+                name: out.clone(),
+                merged: true,
+                mtime_ms: 0,
+                gateway_id: parts[0].gateway_id.clone(),
+                first,
+                last,
+                size: meta.len(),
+            });
+        }
+    }
     let tmp = dir.join(temp_name(&out));
     let mut w = BufWriter::with_capacity(256 << 10, File::create(&tmp)?);
     for part in parts.iter().filter(|o| o.merged) {
@@ -281,7 +305,7 @@ fn merge(dir: &Path, parts: &[Object], level: u32) -> io::Result<String> {
         .sync_all()?;
     sync_dir(dir)?;
     let mut manifest = format!("{out}\n");
-    for part in parts {
+    for part in &parts {
         manifest.push_str(&part.name);
         manifest.push('\n');
     }
@@ -307,9 +331,16 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
     for (start, dir) in hour_dirs(&cfg.dir)? {
         recover(&dir)?;
         let mut objects = objects_in(&dir)?;
-        if cfg.compact && start + HOUR_MS + GRACE_MS <= now_ms {
+        if cfg.compact {
+            let closed = start + HOUR_MS + GRACE_MS <= now_ms;
             let mut by_id: BTreeMap<&str, Vec<Object>> = BTreeMap::new();
             for o in &objects {
+                // A closed hour: everything. The open hour: the batches' objects
+                // that have settled, into one more merged object; the hour's
+                // merged objects become one when it closes.
+                if !closed && (o.merged || o.mtime_ms + SETTLE_MS > now_ms) {
+                    continue;
+                }
                 // An object that does not decompress stays as it is, out of
                 // the merge, for an operator to look at.
                 if !o.merged && !readable(&dir.join(&o.name))? {
@@ -319,14 +350,14 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
                 by_id.entry(&o.gateway_id).or_default().push(o.clone());
             }
             let mut merged = false;
-            for parts in by_id.values().filter(|p| p.len() > 1) {
-                let out = merge(&dir, parts, cfg.gzip_level)?;
-                tracing::debug!(dir = %dir.display(), parts = parts.len(), object = %out, "archive hour compacted");
+            for parts in by_id.into_values().filter(|p| p.len() > 1) {
                 report.merged_objects += parts.len() as u64;
+                let out = merge(&dir, parts, cfg.gzip_level)?;
+                tracing::debug!(dir = %dir.display(), object = %out, "archive objects merged");
+                report.merges += 1;
                 merged = true;
             }
             if merged {
-                report.merged_hours += 1;
                 objects = objects_in(&dir)?;
             }
         }
@@ -401,8 +432,8 @@ impl ArchiveKeeper {
                             pruned.inc_by(r.pruned_objects);
                             objects.set(r.objects as i64);
                             bytes.set(r.bytes as i64);
-                            if r.merged_hours > 0 {
-                                tracing::info!(sink, hours = r.merged_hours, objects = r.merged_objects, "archive: closed hours compacted into one object each");
+                            if r.merges > 0 {
+                                tracing::debug!(sink, merges = r.merges, objects = r.merged_objects, "archive objects merged");
                             }
                             for path in r.unreadable {
                                 if unreadable.insert(path.clone()) {
@@ -531,7 +562,7 @@ mod tests {
             .sum();
 
         let r = run_pass(&cfg(root), NOW + 4 * 60_000).unwrap();
-        assert_eq!((r.merged_hours, r.merged_objects), (1, 20));
+        assert_eq!((r.merges, r.merged_objects), (1, 20));
         let (lines, names) = read_all(root);
         assert_eq!(lines, lines_before, "every record once, nothing else");
         assert_eq!(
@@ -591,6 +622,78 @@ mod tests {
         assert_eq!(r.objects, 2);
     }
 
+    fn set_age(path: &Path, now: i64, age_ms: i64) {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis((now - age_ms) as u64);
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_open_hour_merges_its_settled_objects_and_leaves_fresh_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let now = NOW + 10 * 60_000; // 10:10: hour 10 is open
+        for i in 0..5 {
+            set_age(&put(root, "gw", i * 2, i * 2 + 1, NOW), now, 60_000);
+        }
+        set_age(&put(root, "gw", 100, 101, NOW), now, 1_000);
+        let r = run_pass(&cfg(root), now).unwrap();
+        assert_eq!((r.merges, r.merged_objects), (1, 5));
+        assert_eq!(
+            read_all(root).1,
+            vec!["gw-0-9.merged.ndjson.gz", "gw-100-101.ndjson.gz"]
+        );
+        // More settled objects make a second merged object: the first is
+        // not copied again while the hour is open.
+        for i in 0..3 {
+            set_age(&put(root, "gw", 20 + i * 2, 21 + i * 2, NOW), now, 60_000);
+        }
+        let r = run_pass(&cfg(root), now).unwrap();
+        assert_eq!(r.merged_objects, 3);
+        let (lines, names) = read_all(root);
+        assert_eq!(
+            names,
+            vec![
+                "gw-0-9.merged.ndjson.gz",
+                "gw-100-101.ndjson.gz",
+                "gw-20-25.merged.ndjson.gz"
+            ]
+        );
+        // Closed: one object.
+        let r = run_pass(&cfg(root), NOW + HOUR_MS + GRACE_MS).unwrap();
+        assert_eq!(r.merged_objects, 3);
+        assert_eq!(
+            read_all(root),
+            (lines, vec!["gw-0-101.merged.ndjson.gz".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_merge_whose_name_is_taken_keeps_the_records_already_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let now = NOW + 10 * 60_000;
+        set_age(&put(root, "gw", 1, 5, NOW), now, 60_000);
+        set_age(&put(root, "gw", 6, 10, NOW), now, 60_000);
+        run_pass(&cfg(root), now).unwrap();
+        let (before, _) = read_all(root);
+        // Batches delivered again (a crash before their ack) span the same range.
+        set_age(&put(root, "gw", 1, 2, NOW), now, 60_000);
+        set_age(&put(root, "gw", 9, 10, NOW), now, 60_000);
+        run_pass(&cfg(root), now).unwrap();
+        let (lines, names) = read_all(root);
+        assert_eq!(names, vec!["gw-1-10.merged.ndjson.gz"]);
+        assert!(
+            before.iter().all(|l| lines.contains(l)),
+            "a record was lost"
+        );
+        assert_eq!(lines.len(), before.len() + 4);
+    }
+
     #[test]
     fn compaction_off_leaves_every_object() {
         let tmp = tempfile::tempdir().unwrap();
@@ -617,7 +720,7 @@ mod tests {
             let (before, _) = read_all(root);
             let saved: Vec<Vec<u8>> = parts.iter().map(|p| fs::read(p).unwrap()).collect();
             let objects = objects_in(&dir).unwrap();
-            let out = merge(&dir, &objects, 1).unwrap();
+            let out = merge(&dir, objects.clone(), 1).unwrap();
             let mut manifest = format!("{out}\n");
             for o in &objects {
                 manifest.push_str(&o.name);
