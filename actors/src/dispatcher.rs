@@ -16,7 +16,9 @@
 //! waits for the WAL's next append ([`WatchAppends`]) instead of polling;
 //! batches grow only while an earlier batch is in flight, up to
 //! `batch_max_records`. A `batch_max_wait` above zero brings back waiting
-//! for a full batch (fewer, larger objects).
+//! for a full batch (fewer, larger objects): the WAL says how long the
+//! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
+//! still sleeps until the next append.
 //!
 //! Handles: [`SetPaused`], [`SetRetry`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
@@ -36,7 +38,7 @@ use crate::repeats::{self, Kind};
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
 use crate::wal::{
-    now_ms, AckBatch, Batch, FetchBatch, MarkDead, ReleaseSink, WalStore, WatchAppends,
+    now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseSink, WalStore, WatchAppends,
 };
 
 /// Delivery settings of one sink.
@@ -200,7 +202,7 @@ impl DispatchConfig {
     }
 }
 
-/// With adaptive batching, an idle dispatcher looks again after this long
+/// An idle dispatcher looks again after this long
 /// even without an append (records reopened by a release, a requeue or a
 /// replay).
 const IDLE_FALLBACK: Duration = Duration::from_millis(100);
@@ -262,11 +264,14 @@ impl Dispatcher {
             max_wait: self.cfg.batch_max_wait,
         });
         ctx.spawn(fetch.into_actor(self).map(|res, act, ctx| match res {
-            Ok(Ok(Some(batch))) => {
+            Ok(Ok(Fetched::Batch(batch))) => {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
                 act.publish(Arc::new(batch), span, 1, 0, ctx)
             }
-            Ok(Ok(None)) => act.wait_for_records(ctx),
+            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(ctx),
+            // A partial batch, younger than `batch_max_wait`: it leaves when
+            // its oldest record has waited that long (or it fills up first).
+            Ok(Ok(Fetched::Wait(after))) => act.idle(after.min(act.cfg.batch_max_wait), ctx),
             Ok(Err(e)) => {
                 if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
                     tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
@@ -282,19 +287,19 @@ impl Dispatcher {
         }));
     }
 
-    /// Nothing to send: with adaptive batching, wait for the next append
-    /// (or a short fallback: releases, requeues and replays do not append);
-    /// with a `batch_max_wait`, poll.
+    /// Nothing to send: wait for the next append (or a short fallback:
+    /// releases, requeues and replays do not append). Without the WAL's
+    /// append signal (not answered yet), poll.
     fn wait_for_records(&mut self, ctx: &mut Context<Self>) {
         match self.appends.clone() {
-            Some(mut rx) if self.cfg.batch_max_wait.is_zero() => {
+            Some(mut rx) => {
                 self.busy = false;
                 let wait = async move {
                     let _ = tokio::time::timeout(IDLE_FALLBACK, rx.changed()).await;
                 };
                 ctx.spawn(wait.into_actor(self).map(|_, act, ctx| act.step(ctx)));
             }
-            _ => self.idle(self.cfg.idle_poll(), ctx),
+            None => self.idle(self.cfg.idle_poll(), ctx),
         }
     }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::engine::{
-    now_ms, splice_record, Batch, SinkStats, StoredRecord, Wal, WalError, WalStats, WriteOp,
-    WriteResult,
+    now_ms, splice_record, Batch, Fetched, SinkStats, StoredRecord, Wal, WalError, WalStats,
+    WriteOp, WriteResult,
 };
 use super::ranges::RangeSet;
 use crate::route::{Class, DrainMode, SinkPolicy};
@@ -163,6 +163,20 @@ impl Wal {
         max_records: usize,
         max_wait: Duration,
     ) -> Result<Option<Batch>, WalError> {
+        Ok(match self.fetch_or_wait(sink, max_records, max_wait)? {
+            Fetched::Batch(b) => Some(b),
+            Fetched::Nothing | Fetched::Wait(_) => None,
+        })
+    }
+
+    /// [`Wal::fetch`], saying why there is no batch: nothing to send, or
+    /// a partial batch whose oldest record may wait this much longer.
+    pub fn fetch_or_wait(
+        &mut self,
+        sink: &str,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<Fetched, WalError> {
         let max_records = max_records.max(1);
         let head = self.head();
         let st = self
@@ -171,12 +185,14 @@ impl Wal {
             .ok_or_else(|| WalError::UnknownSink(sink.to_string()))?;
         let available = self.enqueued_count(st);
         if available == 0 {
-            return Ok(None);
+            return Ok(Fetched::Nothing);
         }
         if (available as usize) < max_records && !max_wait.is_zero() {
             if let Some(ms) = self.receive_ms_from(Self::first_enqueued(st))? {
-                if now_ms() - ms < max_wait.as_millis() as i64 {
-                    return Ok(None);
+                let age = now_ms() - ms;
+                let wait = max_wait.as_millis() as i64;
+                if age < wait {
+                    return Ok(Fetched::Wait(Duration::from_millis((wait - age) as u64)));
                 }
             }
         }
@@ -219,12 +235,12 @@ impl Wal {
             st.finish(a, b);
         }
         if pick.records.is_empty() {
-            return Ok(None);
+            return Ok(Fetched::Nothing);
         }
         for &(a, b) in pick.taken.ranges() {
             st.inflight.insert(a, b);
         }
-        Ok(Some(Batch {
+        Ok(Fetched::Batch(Batch {
             sink: sink.to_string(),
             ranges: pick.taken.ranges().to_vec(),
             records: pick.records,
@@ -852,5 +868,32 @@ mod tests {
             .fetch("a", 1, Duration::from_secs(60))
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn a_partial_batch_says_how_long_it_may_still_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(WalConfig::new(dir.path().join("wal.db"), &["a"])).unwrap();
+        let max_wait = Duration::from_secs(60);
+        assert_eq!(
+            wal.fetch_or_wait("a", 10, max_wait).unwrap(),
+            Fetched::Nothing
+        );
+        wal.append(vec![test_record("x")]).unwrap();
+        match wal.fetch_or_wait("a", 10, max_wait).unwrap() {
+            Fetched::Wait(d) => assert!(
+                d <= max_wait && d > max_wait - Duration::from_secs(10),
+                "{d:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            wal.fetch_or_wait("a", 10, Duration::ZERO).unwrap(),
+            Fetched::Batch(_)
+        ));
+        assert_eq!(
+            wal.fetch_or_wait("a", 10, max_wait).unwrap(),
+            Fetched::Nothing
+        );
     }
 }

@@ -167,6 +167,18 @@ impl Batch {
     }
 }
 
+/// What [`Wal::fetch_or_wait`] found for a sink.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    /// A batch, now InFlight.
+    Batch(Batch),
+    /// Nothing to send.
+    Nothing,
+    /// A partial batch whose oldest record is younger than `max_wait`:
+    /// ask again after this long.
+    Wait(std::time::Duration),
+}
+
 /// One write inside a group commit.
 #[derive(Debug, Clone)]
 pub enum WriteOp {

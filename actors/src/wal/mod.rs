@@ -153,7 +153,7 @@ pub use admin::{
     DeadLetter, DlqFilter, Problem, ReplayOutcome,
 };
 pub use engine::{
-    now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, NewRecord, SinkStats,
+    now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, Fetched, NewRecord, SinkStats,
     StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
 };
 pub use expiry::EXPIRED;

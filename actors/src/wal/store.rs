@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::delivery::{class_stats_on, ClassStatsQuery};
 use super::engine::{
-    now_ms, AppendOutcome, Batch, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
+    now_ms, AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp,
     WriteResult,
 };
 use super::space::COMPACT_CHUNK;
@@ -129,7 +129,7 @@ enum Request {
         Instant,
         oneshot::Sender<Result<WriteResult, WalError>>,
     ),
-    Fetch(FetchBatch, oneshot::Sender<Result<Option<Batch>, WalError>>),
+    Fetch(FetchBatch, oneshot::Sender<Result<Fetched, WalError>>),
     Release(ReleaseBatch, oneshot::Sender<Result<(), WalError>>),
     ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
     Stats(oneshot::Sender<Result<WalStats, WalError>>),
@@ -308,10 +308,10 @@ pub struct FetchBatch {
     pub max_wait: Duration,
 }
 impl Message for FetchBatch {
-    type Result = Result<Option<Batch>, WalError>;
+    type Result = Result<Fetched, WalError>;
 }
 impl Handler<FetchBatch> for WalStore {
-    type Result = ResponseFuture<Result<Option<Batch>, WalError>>;
+    type Result = ResponseFuture<Result<Fetched, WalError>>;
     fn handle(&mut self, msg: FetchBatch, ctx: &mut Context<Self>) -> Self::Result {
         self.submit(ctx, |tx| Request::Fetch(msg, tx))
     }
@@ -605,7 +605,7 @@ fn commit_group(
 fn serve_read(wal: &mut Wal, r: Request) {
     match r {
         Request::Fetch(f, tx) => {
-            let _ = tx.send(wal.fetch(&f.sink, f.max_records, f.max_wait));
+            let _ = tx.send(wal.fetch_or_wait(&f.sink, f.max_records, f.max_wait));
         }
         Request::Release(rel, tx) => {
             let _ = tx.send(wal.release(&rel.sink, &rel.ranges));

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -245,23 +245,21 @@ fn recover(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `path` is a whole gzip stream (every member and its CRC).
-fn readable(path: &Path) -> io::Result<bool> {
-    let mut dec = MultiGzDecoder::new(BufReader::new(File::open(path)?));
-    match io::copy(&mut dec, &mut io::sink()) {
-        Ok(_) => Ok(true),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::InvalidData
-                    | io::ErrorKind::InvalidInput
-                    | io::ErrorKind::UnexpectedEof
-            ) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+/// A decompression error (a corrupt or truncated gzip stream), as opposed
+/// to a failing disk.
+fn corrupt(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// What [`merge`] did.
+enum Merge {
+    /// The merged object's name.
+    Done(String),
+    /// `parts[i]` does not decompress; nothing was changed.
+    Unreadable(usize),
 }
 
 /// Merges `parts` (objects of one gateway id in `dir`, in seq order) into
@@ -269,7 +267,7 @@ fn readable(path: &Path) -> io::Result<bool> {
 /// is; the batches' small objects are decompressed into one new gzip member
 /// at `level` (one member compresses far better than hundreds of one-record
 /// ones, and decompressing checks each of them).
-fn merge(dir: &Path, mut parts: Vec<Object>, level: u32) -> io::Result<String> {
+fn merge(dir: &Path, mut parts: Vec<Object>, level: u32) -> io::Result<Merge> {
     let first = parts.iter().map(|o| o.first).min().unwrap_or(0);
     let last = parts.iter().map(|o| o.last).max().unwrap_or(0);
     let out = format!("{}-{first}-{last}{MERGED}{SUFFIX}", parts[0].gateway_id);
@@ -294,9 +292,23 @@ fn merge(dir: &Path, mut parts: Vec<Object>, level: u32) -> io::Result<String> {
         io::copy(&mut File::open(dir.join(&part.name))?, &mut w)?;
     }
     let mut member = GzEncoder::new(w, Compression::new(level));
-    for part in parts.iter().filter(|o| !o.merged) {
+    for (i, part) in parts.iter().enumerate().filter(|(_, o)| !o.merged) {
         let mut dec = MultiGzDecoder::new(BufReader::new(File::open(dir.join(&part.name))?));
-        io::copy(&mut dec, &mut member)?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match dec.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if corrupt(&e) => {
+                    drop(member);
+                    remove_if_there(&tmp)?;
+                    return Ok(Merge::Unreadable(i));
+                }
+                Err(e) => return Err(e),
+            };
+            member.write_all(&buf[..n])?;
+        }
     }
     member
         .finish()?
@@ -319,7 +331,7 @@ fn merge(dir: &Path, mut parts: Vec<Object>, level: u32) -> io::Result<String> {
     sync_dir(dir)?;
     let names: Vec<&str> = parts.iter().map(|o| o.name.as_str()).collect();
     finish_merge(dir, &out, &names)?;
-    Ok(out)
+    Ok(Merge::Done(out))
 }
 
 /// One pass over the archive at `now_ms`: recover, compact the closed
@@ -341,21 +353,26 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
                 if !closed && (o.merged || o.mtime_ms + SETTLE_MS > now_ms) {
                     continue;
                 }
-                // An object that does not decompress stays as it is, out of
-                // the merge, for an operator to look at.
-                if !o.merged && !readable(&dir.join(&o.name))? {
-                    report.unreadable.push(dir.join(&o.name));
-                    continue;
-                }
                 by_id.entry(&o.gateway_id).or_default().push(o.clone());
             }
             let mut merged = false;
-            for parts in by_id.into_values().filter(|p| p.len() > 1) {
-                report.merged_objects += parts.len() as u64;
-                let out = merge(&dir, parts, cfg.gzip_level)?;
-                tracing::debug!(dir = %dir.display(), object = %out, "archive objects merged");
-                report.merges += 1;
-                merged = true;
+            for mut parts in by_id.into_values() {
+                while parts.len() > 1 {
+                    match merge(&dir, parts.clone(), cfg.gzip_level)? {
+                        Merge::Done(out) => {
+                            tracing::debug!(dir = %dir.display(), object = %out, "archive objects merged");
+                            report.merged_objects += parts.len() as u64;
+                            report.merges += 1;
+                            merged = true;
+                            break;
+                        }
+                        // It stays as it is, out of the merge, for an
+                        // operator to look at.
+                        Merge::Unreadable(i) => {
+                            report.unreadable.push(dir.join(&parts.remove(i).name));
+                        }
+                    }
+                }
             }
             if merged {
                 objects = objects_in(&dir)?;
@@ -720,7 +737,9 @@ mod tests {
             let (before, _) = read_all(root);
             let saved: Vec<Vec<u8>> = parts.iter().map(|p| fs::read(p).unwrap()).collect();
             let objects = objects_in(&dir).unwrap();
-            let out = merge(&dir, objects.clone(), 1).unwrap();
+            let Merge::Done(out) = merge(&dir, objects.clone(), 1).unwrap() else {
+                panic!("a part does not decompress")
+            };
             let mut manifest = format!("{out}\n");
             for o in &objects {
                 manifest.push_str(&o.name);
