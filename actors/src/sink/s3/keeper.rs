@@ -292,9 +292,9 @@ fn merge(dir: &Path, mut parts: Vec<Object>, level: u32) -> io::Result<Merge> {
         io::copy(&mut File::open(dir.join(&part.name))?, &mut w)?;
     }
     let mut member = GzEncoder::new(w, Compression::new(level));
+    let mut buf = vec![0u8; 64 << 10];
     for (i, part) in parts.iter().enumerate().filter(|(_, o)| !o.merged) {
         let mut dec = MultiGzDecoder::new(BufReader::new(File::open(dir.join(&part.name))?));
-        let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = match dec.read(&mut buf) {
                 Ok(0) => break,
