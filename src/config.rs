@@ -674,7 +674,7 @@ impl Loaded {
                 Value::Integer(DEFAULT_ARCHIVE_MAX_BYTES as i64),
             );
             // A local file per batch: 5 ms of records per object instead of
-            // about one, at a fraction of the CPU (p99 stays ~8 ms at 1k/s).
+            // about one, at about half the CPU (`make bench`: p99 <= 16 ms at 2k/s).
             archive.insert(
                 "batch_max_wait_ms".into(),
                 Value::Integer(DEFAULT_ARCHIVE_BATCH_MAX_WAIT_MS as i64),
