@@ -117,8 +117,6 @@ ALL_SINKS = ("archive", "lake", "api", "cloud", "events")
 KEY_RE = re.compile(r'"idempotency_key":\s*"([^"]*)"')
 MIB = 1024 * 1024
 
-# What a sink's batch does while its target is away: retried quickly, the
-# circuit probes every second, a hung request gives up after 5 s.
 # The slowest far side reads back at least this many records/s: a read-back
 # of n records gets 120 s + n / READ_PACE.
 READ_PACE = 1000
@@ -126,6 +124,8 @@ READ_PACE = 1000
 # (tansu 0.6 fetches a large topic slower than READ_PACE).
 MAX_KAFKA_READ_S = 900
 
+# What a sink's batch does while its target is away: retried quickly, the
+# circuit probes every second, a hung request gives up after 5 s.
 SINK_TUNING = "retry_base_ms = 100\nretry_max_ms = 2000\ncircuit_cooldown_ms = 1000\npublish_timeout_ms = 5000\n"
 
 # Reads a whole Kafka topic (every partition up to its end) and prints the

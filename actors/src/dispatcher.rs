@@ -271,7 +271,7 @@ impl Dispatcher {
             Ok(Ok(Fetched::Nothing)) => act.wait_for_records(ctx),
             // A partial batch, younger than `batch_max_wait`: it leaves when
             // its oldest record has waited that long (or it fills up first).
-            Ok(Ok(Fetched::Wait(after))) => act.idle(after.min(act.cfg.batch_max_wait), ctx),
+            Ok(Ok(Fetched::Wait(after))) => act.idle(after, ctx),
             Ok(Err(e)) => {
                 if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
                     tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");

@@ -159,6 +159,11 @@ fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         let Some((gateway_id, first, last, merged)) = parse_name(&name) else {
+            // The temporary file of a merge that never reached its manifest
+            // (a crash; [`recover`] has already dealt with any manifest).
+            if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+                remove_if_there(&dir.join(&name))?;
+            }
             continue;
         };
         let meta = match e.metadata() {
@@ -193,6 +198,9 @@ fn remove_if_there(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The end of a merge's temporary file name.
+const TEMP_SUFFIX: &str = ".ndjson.gz.tmp";
+
 fn temp_name(out: &str) -> String {
     format!(".{out}.tmp")
 }
@@ -210,8 +218,9 @@ fn finish_merge(dir: &Path, out: &str, parts: &[&str]) -> io::Result<()> {
     sync_dir(dir)
 }
 
-/// Finishes or undoes a merge that a crash interrupted in `dir`, and deletes
-/// temporary files of merges that never reached their manifest.
+/// Finishes or undoes a merge that a crash interrupted in `dir` (its
+/// manifest is there). A temporary file without a manifest is deleted by
+/// [`objects_in`], which lists the directory next.
 fn recover(dir: &Path) -> io::Result<()> {
     match fs::read_to_string(dir.join(MANIFEST)) {
         Ok(text) => {
@@ -235,12 +244,6 @@ fn recover(dir: &Path) -> io::Result<()> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
-    }
-    for e in fs::read_dir(dir)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.ends_with(&format!("{SUFFIX}.tmp")) {
-            remove_if_there(&dir.join(name))?;
-        }
     }
     Ok(())
 }
@@ -355,7 +358,7 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
                 }
                 by_id.entry(&o.gateway_id).or_default().push(o.clone());
             }
-            let mut merged = false;
+            let merges_before = report.merges;
             for mut parts in by_id.into_values() {
                 while parts.len() > 1 {
                     match merge(&dir, parts.clone(), cfg.gzip_level)? {
@@ -363,7 +366,6 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
                             tracing::debug!(dir = %dir.display(), object = %out, "archive objects merged");
                             report.merged_objects += parts.len() as u64;
                             report.merges += 1;
-                            merged = true;
                             break;
                         }
                         // It stays as it is, out of the merge, for an
@@ -374,7 +376,7 @@ pub fn run_pass(cfg: &KeeperConfig, now_ms: i64) -> io::Result<PassReport> {
                     }
                 }
             }
-            if merged {
+            if report.merges > merges_before {
                 objects = objects_in(&dir)?;
             }
         }
