@@ -45,8 +45,8 @@ chaos: ## the fault harness at full scale (crash loop, sink outages, broker rest
 fuzz: ## each fuzz target for FUZZ_SECS (600) with libFuzzer; results in bench/results/fuzz-latest.md
 	scripts/fuzz.sh
 
-soak: ## the soak at full scale: 1 hour per run (embedded broker; HTTP at the WAL size limit)
-	SOAK_SECS=3600 scripts/bench-soak.sh
+soak: ## the soak at full scale: 1 hour, the embedded-broker, external-broker and WAL-size-limit runs side by side
+	SOAK_SECS=3600 SOAK_PARALLEL=1 scripts/bench-soak.sh
 
 certs: ## development CA and certificates (+ a dev-1 device token) in certs/out, for `make up`
 	certs/gen-dev-certs.sh certs/out gateway gateway-admin prometheus dev-1

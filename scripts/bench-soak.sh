@@ -13,7 +13,9 @@
 # 2. limit: HTTP only at 2 x SOAK_RATE requests/s with wal.max_bytes =
 #    SOAK_LIMIT_BYTES, so the WAL sits at its size limit with a healthy sink.
 #    The figure is the share of requests refused (want 0) and the RSS growth.
-# 3. cloud: as 1 for SOAK_CLOUD_SECS with an MQTT sink (defaults: MQTT
+# 3. external: as 1, with MQTT ingest from a private Mosquitto (persistence
+#    off) instead of the embedded broker.
+# 4. cloud: as 1 for SOAK_CLOUD_SECS with an MQTT sink (defaults: MQTT
 #    3.1.1, adaptive batching) to a private Mosquitto beside the archive:
 #    receive -> sink-ack p99 of each sink (issue 12, target 3: <= 20 ms
 #    file, <= 50 ms MQTT).
@@ -21,6 +23,9 @@
 # Knobs (environment):
 #   SOAK_SECS=120  SOAK_RATE=1000  SOAK_SAMPLE_SECS=5  SOAK_LIMIT_BYTES=20971520
 #   SOAK_CLOUD_SECS=60  MOSQUITTO=/usr/sbin/mosquitto
+#   SOAK_PARALLEL=0  1 = runs 1, 2 and 3 side by side (`make soak`: three
+#                    hours become one; each run then shares the machine
+#                    with the other two)
 #   BENCH_KEEP=1   keep the scratch directory (data dirs, logs)
 #
 # Appends a section to bench/results/latest.md and writes
@@ -39,6 +44,7 @@ RATE="${SOAK_RATE:-1000}"
 SAMPLE="${SOAK_SAMPLE_SECS:-5}"
 LIMIT="${SOAK_LIMIT_BYTES:-20971520}"
 CLOUD_SECS="${SOAK_CLOUD_SECS:-60}"
+PARALLEL="${SOAK_PARALLEL:-0}"
 MOSQUITTO="${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}"
 
 PIDS=()
@@ -146,41 +152,95 @@ hist_quantile() {
         }' "$1"
 }
 
-# ------------------------------------------------------------------ embedded
-HP="$(free_port)"; MP="$(free_port)"
-log "embedded: ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s (HTTP $HP, MQTT $MP)"
-start_gw embedded "$HP" GATEWAY_MQTT_EMBEDDED_ADDR="127.0.0.1:$MP"
-EMB_PID=$GW
-mqtt_load "$MP" "$RATE" "$SECS"
-http_load "$HP" "$RATE" "$SECS" "$WORK/embedded/wrk.txt"
-sample "$EMB_PID" "$SECS" "$WORK/embedded/rss.txt"
-sleep 2
-curl -s "http://127.0.0.1:$HP/metrics" >"$WORK/embedded/metrics.txt"
-read -r E_WARM E_END E_PEAK E_SLOPE < <(growth "$WORK/embedded/rss.txt")
-E_MQTT=$(metric_sum "$WORK/embedded/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
-E_HTTP=$(metric_sum "$WORK/embedded/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
-E_P50=$(hist_quantile "$WORK/embedded/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
-E_P99=$(hist_quantile "$WORK/embedded/metrics.txt" gateway_e2e_latency_seconds archive 0.99)
-stop_pid "$EMB_PID" 10
+# Each RSS run writes its figures to $WORK/NAME/result.env (KEY=VALUE lines),
+# so that the runs can also go side by side (SOAK_PARALLEL=1).
 
-# ------------------------------------------------------------------ at the WAL size limit
-HP="$(free_port)"
-LRATE=$(( RATE * 2 ))
-log "limit: ${LRATE}/s HTTP for ${SECS}s with wal.max_bytes=$LIMIT (HTTP $HP)"
-start_gw limit "$HP" GATEWAY_MQTT_URL=off GATEWAY_WAL_MAX_BYTES="$LIMIT"
-LIM_PID=$GW
-http_load "$HP" "$LRATE" "$SECS" "$WORK/limit/wrk.txt"
-sample "$LIM_PID" "$SECS" "$WORK/limit/rss.txt"
-sleep 2
-curl -s "http://127.0.0.1:$HP/metrics" >"$WORK/limit/metrics.txt"
-read -r L_WARM L_END L_PEAK L_SLOPE < <(growth "$WORK/limit/rss.txt")
+# run_mixed NAME: RATE/s MQTT + RATE/s HTTP for SECS. NAME embedded: the
+# zero-config default (embedded broker); NAME external: MQTT ingest from a
+# private Mosquitto (persistence off), the rest default.
+run_mixed() {
+    local name="$1" hp mp pid broker=""
+    hp="$(free_port)"; mp="$(free_port)"
+    mkdir -p "$WORK/$name"
+    if [ "$name" = external ]; then
+        printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$mp" >"$WORK/$name/mosquitto.conf"
+        "$MOSQUITTO" -c "$WORK/$name/mosquitto.conf" >"$WORK/$name/mosquitto.log" 2>&1 &
+        broker=$!
+        PIDS+=("$broker")
+        for _ in $(seq 1 50); do port_in_use "$mp" && break; sleep 0.1; done
+        port_in_use "$mp" || die "$name: mosquitto did not start: $(tail -3 "$WORK/$name/mosquitto.log")"
+        log "$name: ${RATE}/s MQTT (Mosquitto on $mp) + ${RATE}/s HTTP for ${SECS}s (HTTP $hp)"
+        start_gw "$name" "$hp" GATEWAY_MQTT_URL="mqtt://127.0.0.1:$mp"
+    else
+        log "$name: ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s (HTTP $hp, MQTT $mp)"
+        start_gw "$name" "$hp" GATEWAY_MQTT_EMBEDDED_ADDR="127.0.0.1:$mp"
+    fi
+    pid=$GW
+    mqtt_load "$mp" "$RATE" "$SECS"
+    http_load "$hp" "$RATE" "$SECS" "$WORK/$name/wrk.txt"
+    sample "$pid" "$SECS" "$WORK/$name/rss.txt"
+    sleep 2
+    curl -s "http://127.0.0.1:$hp/metrics" >"$WORK/$name/metrics.txt"
+    local warm end peak slope
+    read -r warm end peak slope < <(growth "$WORK/$name/rss.txt")
+    cat >"$WORK/$name/result.env" <<ENV
+WARM=$warm END=$end PEAK=$peak SLOPE=$slope
+MQTT=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
+HTTP=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
+P50=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
+P99=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.99)
+ENV
+    stop_pid "$pid" 10
+    [ -z "$broker" ] || stop_pid "$broker" 5
+}
+
+# run_limit: HTTP only at 2 x RATE/s for SECS at wal.max_bytes = LIMIT.
+run_limit() {
+    local hp pid
+    hp="$(free_port)"
+    log "limit: ${LRATE}/s HTTP for ${SECS}s with wal.max_bytes=$LIMIT (HTTP $hp)"
+    start_gw limit "$hp" GATEWAY_MQTT_URL=off GATEWAY_WAL_MAX_BYTES="$LIMIT"
+    pid=$GW
+    http_load "$hp" "$LRATE" "$SECS" "$WORK/limit/wrk.txt"
+    sample "$pid" "$SECS" "$WORK/limit/rss.txt"
+    sleep 2
+    curl -s "http://127.0.0.1:$hp/metrics" >"$WORK/limit/metrics.txt"
+    local warm end peak slope
+    read -r warm end peak slope < <(growth "$WORK/limit/rss.txt")
+    cat >"$WORK/limit/result.env" <<ENV
+WARM=$warm END=$end PEAK=$peak SLOPE=$slope
+REQ=$(bench_field requests "$WORK/limit/wrk.txt") OK=$(bench_field status_202 "$WORK/limit/wrk.txt") OTHER=$(bench_field status_other "$WORK/limit/wrk.txt")
+BYTES=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_bytes)
+COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records_total)
+ENV
+    stop_pid "$pid" 10
+}
 bench_field() { grep -o "$1=[0-9.]*" "$2" | head -1 | cut -d= -f2; }
-L_REQ=$(bench_field requests "$WORK/limit/wrk.txt")
-L_OK=$(bench_field status_202 "$WORK/limit/wrk.txt")
-L_OTHER=$(bench_field status_other "$WORK/limit/wrk.txt")
-L_BYTES=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_bytes)
-L_COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records_total)
-stop_pid "$LIM_PID" 10
+LRATE=$(( RATE * 2 ))
+
+if [ "$PARALLEL" = 1 ]; then
+    log "the three RSS runs side by side (SOAK_PARALLEL=1): each sees the others' load"
+    RUNS=()
+    # A run's own processes stop with it, also when it fails.
+    stop_own='for p in "${PIDS[@]}"; do stop_pid "$p" 5; done'
+    (trap "$stop_own" EXIT; run_mixed embedded) & RUNS+=("$!")
+    (trap "$stop_own" EXIT; run_mixed external) & RUNS+=("$!")
+    (trap "$stop_own" EXIT; run_limit) & RUNS+=("$!")
+    for p in "${RUNS[@]}"; do wait "$p" || die "a soak run failed"; done
+else
+    run_mixed embedded
+    run_mixed external
+    run_limit
+fi
+# result NAME KEY: one figure of a run.
+result() { (. "$WORK/$1/result.env" && eval "echo \"\${$2:-}\""); }
+E_WARM=$(result embedded WARM); E_END=$(result embedded END); E_PEAK=$(result embedded PEAK); E_SLOPE=$(result embedded SLOPE)
+E_MQTT=$(result embedded MQTT); E_HTTP=$(result embedded HTTP); E_P50=$(result embedded P50); E_P99=$(result embedded P99)
+X_WARM=$(result external WARM); X_END=$(result external END); X_PEAK=$(result external PEAK); X_SLOPE=$(result external SLOPE)
+X_MQTT=$(result external MQTT); X_HTTP=$(result external HTTP)
+L_WARM=$(result limit WARM); L_END=$(result limit END); L_PEAK=$(result limit PEAK); L_SLOPE=$(result limit SLOPE)
+L_REQ=$(result limit REQ); L_OK=$(result limit OK); L_OTHER=$(result limit OTHER)
+L_BYTES=$(result limit BYTES); L_COMPACTED=$(result limit COMPACTED)
 L_REFUSED_PCT=$(awk -v o="${L_OTHER:-0}" -v r="${L_REQ:-0}" 'BEGIN { printf "%.2f", (r > 0 ? 100 * o / r : 0) }')
 
 # ------------------------------------------------------------------ with a cloud MQTT sink
@@ -225,6 +285,8 @@ GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 cat >"$RESULTS_DIR/soak.json" <<JSON
 {"commit":"$GIT_REV","secs":$SECS,"rate":$RATE,
  "embedded":{"rss_warm_mb":$E_WARM,"rss_end_mb":$E_END,"rss_peak_mb":$E_PEAK,"slope_mb_per_min":$E_SLOPE,"mqtt_accepted":$E_MQTT,"http_accepted":$E_HTTP,"e2e_p50_ms_le":"$E_P50","e2e_p99_ms_le":"$E_P99"},
+ "external":{"rss_warm_mb":$X_WARM,"rss_end_mb":$X_END,"rss_peak_mb":$X_PEAK,"slope_mb_per_min":$X_SLOPE,"mqtt_accepted":$X_MQTT,"http_accepted":$X_HTTP},
+ "parallel":$PARALLEL,
  "limit":{"max_bytes":$LIMIT,"requests":${L_REQ:-0},"accepted":${L_OK:-0},"refused":${L_OTHER:-0},"refused_pct":$L_REFUSED_PCT,"wal_bytes_end":$L_BYTES,"compacted":$L_COMPACTED,"rss_warm_mb":$L_WARM,"rss_end_mb":$L_END,"rss_peak_mb":$L_PEAK,"slope_mb_per_min":$L_SLOPE},
  "cloud":{"secs":$CLOUD_SECS,"archive_ok":${C_ARCHIVE_OK:-0},"cloud_ok":${C_CLOUD_OK:-0},"archive_p50_ms_le":"$C_A_P50","archive_p99_ms_le":"$C_A_P99","cloud_p50_ms_le":"$C_C_P50","cloud_p99_ms_le":"$C_C_P99"}}
 JSON
@@ -238,6 +300,12 @@ figure soak.embedded.rss_peak "$(mib_to_mb "$E_PEAK")" MB \
 figure soak.embedded.rss_growth "$(mib_to_mb "$E_SLOPE")" MB/min \
     --target "RSS stays flat after warm-up (issue 12, target 2)" \
     --note "least-squares slope after the first third; RSS after warm-up $(mib_to_mb "$E_WARM") MB, at end $(mib_to_mb "$E_END") MB"
+figure soak.external.rss_peak "$(mib_to_mb "$X_PEAK")" MB \
+    --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" \
+    --note "MQTT ingest from a private Mosquitto, ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s"
+figure soak.external.rss_growth "$(mib_to_mb "$X_SLOPE")" MB/min \
+    --target "RSS stays flat after warm-up (issue 12, target 2)" \
+    --note "least-squares slope after the first third; RSS after warm-up $(mib_to_mb "$X_WARM") MB, at end $(mib_to_mb "$X_END") MB"
 figure soak.embedded.e2e_p99 "$(ms_or_empty "$E_P99")" ms \
     --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
     --note "archive (file) sink, upper bound of the gateway_e2e_latency_seconds bucket; the load is ${RATE}/s MQTT + ${RATE}/s HTTP"
@@ -260,9 +328,11 @@ figure soak.limit.rss_growth "$(mib_to_mb "$L_SLOPE")" MB/min \
     echo
     echo "## Soak (${SECS}s, commit $GIT_REV)"
     echo
+    [ "$PARALLEL" != 1 ] || { echo "The three RSS runs went side by side (SOAK_PARALLEL=1)."; echo; }
     echo "| run | load | RSS after warm-up | RSS at end | peak | growth after warm-up | refused |"
     echo "|---|---|---|---|---|---|---|"
     echo "| embedded broker (default config) | ${RATE}/s MQTT + ${RATE}/s HTTP ($E_MQTT + $E_HTTP accepted) | $E_WARM MB | $E_END MB | $E_PEAK MB | $E_SLOPE MB/min | - |"
+    echo "| external broker (Mosquitto) | ${RATE}/s MQTT + ${RATE}/s HTTP ($X_MQTT + $X_HTTP accepted) | $X_WARM MB | $X_END MB | $X_PEAK MB | $X_SLOPE MB/min | - |"
     echo
     echo "Receive → archive-ack latency in the embedded run (histogram bucket bounds): p50 ≤ $E_P50 ms, p99 ≤ $E_P99 ms."
     echo

@@ -1,17 +1,28 @@
 //! The gateway's own Prometheus metrics (prefix `gateway_`).
 //!
 //! One [`Metrics`] value is built at start-up against the registry that the
-//! HTTP layer serves on `/metrics`, and cloned into every actor (each
-//! collector is an `Arc` inside, so clones share the same series).
+//! HTTP layer serves on `/metrics`, and cloned into every actor: a clone is
+//! one reference count (the ingest paths clone it per message), and every
+//! clone shares the same series.
 
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-/// Every metric the actors move. Field names follow the metric names.
+/// A shared handle to the [`MetricSet`]; fields are read through `Deref`.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<MetricSet>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricSet;
+    fn deref(&self) -> &MetricSet {
+        &self.0
+    }
+}
+
+/// Every metric the actors move. Field names follow the metric names.
+pub struct MetricSet {
     /// `gateway_ingest_records_total{source,outcome}`: records by outcome (accepted, duplicate, rejected).
     pub ingest_records: IntCounterVec,
     /// `gateway_ingest_rejected_total{source,reason}`: rejected messages by reason.
@@ -88,7 +99,7 @@ impl Metrics {
     /// Creates every metric and registers it in `registry`.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let latency = exponential_buckets(0.0005, 2.0, 16)?;
-        let m = Self {
+        let m = MetricSet {
             ingest_records: IntCounterVec::new(
                 Opts::new("gateway_ingest_records_total", "Telemetry records received, by source and outcome (accepted, duplicate, rejected)."),
                 &["source", "outcome"],
@@ -254,7 +265,7 @@ impl Metrics {
         for outcome in ["ok", "error"] {
             m.control_commands.with_label_values(&["ping", outcome]);
         }
-        Ok(m)
+        Ok(Self(std::sync::Arc::new(m)))
     }
 
     /// Metrics registered in a private registry: for tests and tools.

@@ -4,12 +4,13 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use gateway_actors::ingest::validate::is_traceparent;
+use gateway_actors::ingest::RecordReceipt;
 use gateway_actors::ingest::{
     count_reject, IngestError, IngestTelemetry, PayloadFormat, Rejection, Source,
 };
 use gateway_actors::repeats::{self, Kind};
 use gateway_actors::trace;
-use serde_json::json;
+use serde::Serialize;
 
 use super::error::ApiError;
 use super::{AppState, CorrelationId};
@@ -175,23 +176,50 @@ pub async fn ingest(
     } else {
         StatusCode::ACCEPTED
     };
-    let body = if receipt.batch {
-        let dups = receipt.records.iter().filter(|r| r.duplicate).count();
-        json!({
-            "status": "accepted",
-            "correlation_id": correlation_id,
-            "count": receipt.records.len(),
-            "duplicates": dups,
-            "duplicate": all_dup,
-            "records": receipt.records,
+    // Typed answers: no intermediate `serde_json::Value` per request.
+    let res = if receipt.batch {
+        let duplicates = receipt.records.iter().filter(|r| r.duplicate).count();
+        serde_json::to_vec(&BatchAnswer {
+            status: "accepted",
+            correlation_id: &correlation_id,
+            count: receipt.records.len(),
+            duplicates,
+            duplicate: all_dup,
+            records: &receipt.records,
         })
     } else {
         let r = &receipt.records[0];
-        if r.duplicate {
-            json!({"status": "accepted", "correlation_id": r.correlation_id, "seq": r.seq, "duplicate": true})
-        } else {
-            json!({"status": "accepted", "correlation_id": r.correlation_id, "seq": r.seq})
-        }
+        serde_json::to_vec(&RecordAnswer {
+            status: "accepted",
+            correlation_id: &r.correlation_id,
+            seq: r.seq,
+            duplicate: r.duplicate.then_some(true),
+        })
     };
-    Ok(HttpResponse::build(status).json(body))
+    let body = res
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(HttpResponse::build(status)
+        .insert_header(header::ContentType::json())
+        .body(body))
+}
+
+/// The answer to one record.
+#[derive(Serialize)]
+struct RecordAnswer<'a> {
+    status: &'static str,
+    correlation_id: &'a str,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+}
+
+/// The answer to a JSON array of records.
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    status: &'static str,
+    correlation_id: &'a str,
+    count: usize,
+    duplicates: usize,
+    duplicate: bool,
+    records: &'a [RecordReceipt],
 }
