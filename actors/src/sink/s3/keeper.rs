@@ -544,6 +544,45 @@ mod tests {
     }
 
     #[test]
+    fn the_upkeep_thread_runs_a_pass_each_interval_until_its_handle_drops() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let past = now_ms() - 3 * HOUR_MS;
+        let hour = put(root, "gw", 1, 2, past).parent().unwrap().to_path_buf();
+        // Only a listing: `objects_in` would tidy a merge's temporary file.
+        let count = || {
+            fs::read_dir(&hour)
+                .unwrap()
+                .filter(|e| {
+                    let name = e.as_ref().unwrap().file_name();
+                    name.to_string_lossy().ends_with(".ndjson.gz")
+                })
+                .count()
+        };
+        let wait_for_one = || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while count() != 1 {
+                assert!(std::time::Instant::now() < deadline, "no pass merged the hour");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        put(root, "gw", 3, 4, past);
+        let mut c = cfg(root);
+        c.interval = Duration::from_millis(20);
+        let keeper = ArchiveKeeper::start(c, Metrics::unregistered()).unwrap();
+        wait_for_one();
+        // A later pass merges what arrived since.
+        put(root, "gw", 5, 6, past);
+        wait_for_one();
+
+        drop(keeper);
+        std::thread::sleep(Duration::from_millis(100));
+        put(root, "gw", 7, 8, past);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(count(), 2, "a pass ran after the keeper was dropped");
+    }
+
+    #[test]
     fn names_parse_with_dashes_in_the_gateway_id_and_the_merged_mark() {
         assert_eq!(
             parse_name("gw-1-10-20.ndjson.gz"),
