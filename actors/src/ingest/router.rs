@@ -25,6 +25,7 @@ use crate::repeats::{self, Kind};
 use crate::route::Routing;
 use crate::trace;
 use crate::wal::{append_direct, now_ms, AppendOutcome, WalError, WalHealth, WalStore};
+use prometheus::IntCounter;
 
 /// Per-device rate limit: a token bucket refilled at `per_second` records
 /// per second up to `burst`. `per_second == 0` disables it.
@@ -59,6 +60,9 @@ pub struct IngestRouter {
     buckets: HashMap<String, Bucket>,
     routing: Arc<Routing>,
     metrics: Metrics,
+    /// `gateway_ingest_records_total` accepted and duplicate, per source
+    /// (HTTP, MQTT): resolved once, not per message.
+    counted: Arc<[[IntCounter; 2]; 2]>,
 }
 
 impl IngestRouter {
@@ -80,6 +84,10 @@ impl IngestRouter {
             rate,
             buckets: HashMap::new(),
             routing,
+            counted: Arc::new([Source::Http, Source::Mqtt].map(|s| {
+                ["accepted", "duplicate"]
+                    .map(|o| metrics.ingest_records.with_label_values(&[s.as_str(), o]))
+            })),
             metrics,
         }
     }
@@ -387,6 +395,7 @@ impl Handler<IngestTelemetry> for IngestRouter {
         }
         let correlation_id = msg.correlation_id;
         let metrics = self.metrics.clone();
+        let counted = self.counted.clone();
         let append_span = trace::wal_append_span(&msg.span, records.len());
         let unrouted: Vec<bool> = records.iter().map(|r| r.route.sinks == Some(0)).collect();
         // Straight to the writer thread, not through the WalStore actor.
@@ -414,7 +423,9 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 .zip(&unrouted)
                 .filter(|(o, u)| **u && matches!(o, AppendOutcome::Appended { .. }))
                 .count();
-            metrics.ingest_unrouted.inc_by(stored_unrouted as u64);
+            if stored_unrouted > 0 {
+                metrics.ingest_unrouted.inc_by(stored_unrouted as u64);
+            }
             let receipts: Vec<RecordReceipt> = outcomes
                 .into_iter()
                 .map(|o| match o {
@@ -434,14 +445,14 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 })
                 .collect();
             let dups = receipts.iter().filter(|r| r.duplicate).count() as u64;
-            metrics
-                .ingest_records
-                .with_label_values(&[source.as_str(), "accepted"])
-                .inc_by(receipts.len() as u64 - dups);
-            metrics
-                .ingest_records
-                .with_label_values(&[source.as_str(), "duplicate"])
-                .inc_by(dups);
+            let [accepted, duplicate] = &counted[match source {
+                Source::Http => 0,
+                Source::Mqtt => 1,
+            }];
+            accepted.inc_by(receipts.len() as u64 - dups);
+            if dups > 0 {
+                duplicate.inc_by(dups);
+            }
             Ok(IngestReceipt {
                 batch,
                 records: receipts,

@@ -562,7 +562,10 @@ mod tests {
         let wait_for_one = || {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while count() != 1 {
-                assert!(std::time::Instant::now() < deadline, "no pass merged the hour");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no pass merged the hour"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         };
