@@ -155,6 +155,17 @@ hist_quantile() {
 # Each RSS run writes its figures to $WORK/NAME/result.env (KEY=VALUE lines),
 # so that the runs can also go side by side (SOAK_PARALLEL=1).
 
+# measure NAME PID HTTP_PORT: samples RSS for SECS, then scrapes /metrics and
+# starts NAME's result.env with the RSS figures.
+measure() {
+    local warm end peak slope
+    sample "$2" "$SECS" "$WORK/$1/rss.txt"
+    sleep 2
+    curl -s "http://127.0.0.1:$3/metrics" >"$WORK/$1/metrics.txt"
+    read -r warm end peak slope < <(growth "$WORK/$1/rss.txt")
+    echo "WARM=$warm END=$end PEAK=$peak SLOPE=$slope" >"$WORK/$1/result.env"
+}
+
 # run_mixed NAME: RATE/s MQTT + RATE/s HTTP for SECS. NAME embedded: the
 # zero-config default (embedded broker); NAME external: MQTT ingest from a
 # private Mosquitto (persistence off), the rest default.
@@ -178,13 +189,8 @@ run_mixed() {
     pid=$GW
     mqtt_load "$mp" "$RATE" "$SECS"
     http_load "$hp" "$RATE" "$SECS" "$WORK/$name/wrk.txt"
-    sample "$pid" "$SECS" "$WORK/$name/rss.txt"
-    sleep 2
-    curl -s "http://127.0.0.1:$hp/metrics" >"$WORK/$name/metrics.txt"
-    local warm end peak slope
-    read -r warm end peak slope < <(growth "$WORK/$name/rss.txt")
-    cat >"$WORK/$name/result.env" <<ENV
-WARM=$warm END=$end PEAK=$peak SLOPE=$slope
+    measure "$name" "$pid" "$hp"
+    cat >>"$WORK/$name/result.env" <<ENV
 MQTT=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
 HTTP=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
 P50=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
@@ -202,13 +208,8 @@ run_limit() {
     start_gw limit "$hp" GATEWAY_MQTT_URL=off GATEWAY_WAL_MAX_BYTES="$LIMIT"
     pid=$GW
     http_load "$hp" "$LRATE" "$SECS" "$WORK/limit/wrk.txt"
-    sample "$pid" "$SECS" "$WORK/limit/rss.txt"
-    sleep 2
-    curl -s "http://127.0.0.1:$hp/metrics" >"$WORK/limit/metrics.txt"
-    local warm end peak slope
-    read -r warm end peak slope < <(growth "$WORK/limit/rss.txt")
-    cat >"$WORK/limit/result.env" <<ENV
-WARM=$warm END=$end PEAK=$peak SLOPE=$slope
+    measure limit "$pid" "$hp"
+    cat >>"$WORK/limit/result.env" <<ENV
 REQ=$(bench_field requests "$WORK/limit/wrk.txt") OK=$(bench_field status_202 "$WORK/limit/wrk.txt") OTHER=$(bench_field status_other "$WORK/limit/wrk.txt")
 BYTES=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_bytes)
 COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records_total)
@@ -294,18 +295,18 @@ JSON
 # bytes), the unit of the issue's targets.
 mib_to_mb() { awk -v m="$1" 'BEGIN { printf "%.1f", m * 1048576 / 1e6 }'; }
 ms_or_empty() { case "$1" in ''|-|inf) ;; *) echo "$1" ;; esac; }
-figure soak.embedded.rss_peak "$(mib_to_mb "$E_PEAK")" MB \
-    --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" \
-    --note "default config (embedded broker), ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s, MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-unset}"
-figure soak.embedded.rss_growth "$(mib_to_mb "$E_SLOPE")" MB/min \
-    --target "RSS stays flat after warm-up (issue 12, target 2)" \
-    --note "least-squares slope after the first third; RSS after warm-up $(mib_to_mb "$E_WARM") MB, at end $(mib_to_mb "$E_END") MB"
-figure soak.external.rss_peak "$(mib_to_mb "$X_PEAK")" MB \
-    --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" \
-    --note "MQTT ingest from a private Mosquitto, ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s"
-figure soak.external.rss_growth "$(mib_to_mb "$X_SLOPE")" MB/min \
-    --target "RSS stays flat after warm-up (issue 12, target 2)" \
-    --note "least-squares slope after the first third; RSS after warm-up $(mib_to_mb "$X_WARM") MB, at end $(mib_to_mb "$X_END") MB"
+# rss_figures RUN PEAK SLOPE WARM END NOTE: the peak and growth figures of a run.
+rss_figures() {
+    figure "soak.$1.rss_peak" "$(mib_to_mb "$2")" MB \
+        --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" --note "$6"
+    figure "soak.$1.rss_growth" "$(mib_to_mb "$3")" MB/min \
+        --target "RSS stays flat after warm-up (issue 12, target 2)" \
+        --note "least-squares slope after the first third; RSS after warm-up $(mib_to_mb "$4") MB, at end $(mib_to_mb "$5") MB"
+}
+rss_figures embedded "$E_PEAK" "$E_SLOPE" "$E_WARM" "$E_END" \
+    "default config (embedded broker), ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s, MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-unset}"
+rss_figures external "$X_PEAK" "$X_SLOPE" "$X_WARM" "$X_END" \
+    "MQTT ingest from a private Mosquitto, ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s"
 figure soak.embedded.e2e_p99 "$(ms_or_empty "$E_P99")" ms \
     --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
     --note "archive (file) sink, upper bound of the gateway_e2e_latency_seconds bucket; the load is ${RATE}/s MQTT + ${RATE}/s HTTP"
@@ -319,10 +320,7 @@ figure soak.cloud.file_e2e_p99 "$(ms_or_empty "$C_A_P99")" ms \
 figure soak.limit.refused_pct "$L_REFUSED_PCT" % \
     --target "a gateway at its WAL size limit with healthy sinks answers no 503 (issue 12)" --check "value <= 0" \
     --note "${LRATE}/s HTTP for ${SECS}s at wal.max_bytes = $LIMIT: ${L_OTHER:-0} of ${L_REQ:-0} requests refused"
-figure soak.limit.rss_peak "$(mib_to_mb "$L_PEAK")" MB \
-    --target "peak RSS <= 60 MB (issue 12, target 2)" --check "value <= 60" --note "HTTP only, at the WAL size limit"
-figure soak.limit.rss_growth "$(mib_to_mb "$L_SLOPE")" MB/min \
-    --target "RSS stays flat after warm-up (issue 12, target 2)" --note "least-squares slope after the first third"
+rss_figures limit "$L_PEAK" "$L_SLOPE" "$L_WARM" "$L_END" "HTTP only, at the WAL size limit"
 
 {
     echo
