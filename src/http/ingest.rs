@@ -4,9 +4,8 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use gateway_actors::ingest::validate::is_traceparent;
-use gateway_actors::ingest::RecordReceipt;
 use gateway_actors::ingest::{
-    count_reject, IngestError, IngestTelemetry, PayloadFormat, Rejection, Source,
+    count_reject, IngestError, IngestTelemetry, PayloadFormat, RecordReceipt, Rejection, Source,
 };
 use gateway_actors::repeats::{self, Kind};
 use gateway_actors::trace;
