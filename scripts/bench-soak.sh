@@ -152,8 +152,9 @@ hist_quantile() {
         }' "$1"
 }
 
-# Each RSS run writes its figures to $WORK/NAME/result.env (KEY=VALUE lines),
-# so that the runs can also go side by side (SOAK_PARALLEL=1).
+# Each RSS run writes its figures to $WORK/NAME/result.env (shell
+# assignments, E_* / X_* / L_*), so that the runs can also go side by side
+# (SOAK_PARALLEL=1); the report sources them.
 
 # measure NAME PID HTTP_PORT: samples RSS for SECS, then scrapes /metrics and
 # starts NAME's result.env with the RSS figures.
@@ -163,8 +164,11 @@ measure() {
     sleep 2
     curl -s "http://127.0.0.1:$3/metrics" >"$WORK/$1/metrics.txt"
     read -r warm end peak slope < <(growth "$WORK/$1/rss.txt")
-    echo "WARM=$warm END=$end PEAK=$peak SLOPE=$slope" >"$WORK/$1/result.env"
+    local p; p="$(prefix "$1")"
+    echo "${p}_WARM=$warm ${p}_END=$end ${p}_PEAK=$peak ${p}_SLOPE=$slope" >"$WORK/$1/result.env"
 }
+# prefix RUN: the variables of a run's figures start with it.
+prefix() { case "$1" in embedded) echo E ;; external) echo X ;; limit) echo L ;; esac; }
 
 # run_mixed NAME: RATE/s MQTT + RATE/s HTTP for SECS. NAME embedded: the
 # zero-config default (embedded broker); NAME external: MQTT ingest from a
@@ -190,11 +194,12 @@ run_mixed() {
     mqtt_load "$mp" "$RATE" "$SECS"
     http_load "$hp" "$RATE" "$SECS" "$WORK/$name/wrk.txt"
     measure "$name" "$pid" "$hp"
+    local p; p="$(prefix "$name")"
     cat >>"$WORK/$name/result.env" <<ENV
-MQTT=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
-HTTP=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
-P50=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
-P99=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.99)
+${p}_MQTT=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=mqtt outcome=accepted)
+${p}_HTTP=$(metric_sum "$WORK/$name/metrics.txt" gateway_ingest_records_total source=http outcome=accepted)
+${p}_P50=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.5)
+${p}_P99=$(hist_quantile "$WORK/$name/metrics.txt" gateway_e2e_latency_seconds archive 0.99)
 ENV
     stop_pid "$pid" 10
     [ -z "$broker" ] || stop_pid "$broker" 5
@@ -210,9 +215,9 @@ run_limit() {
     http_load "$hp" "$LRATE" "$SECS" "$WORK/limit/wrk.txt"
     measure limit "$pid" "$hp"
     cat >>"$WORK/limit/result.env" <<ENV
-REQ=$(bench_field requests "$WORK/limit/wrk.txt") OK=$(bench_field status_202 "$WORK/limit/wrk.txt") OTHER=$(bench_field status_other "$WORK/limit/wrk.txt")
-BYTES=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_bytes)
-COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records_total)
+L_REQ=$(bench_field requests "$WORK/limit/wrk.txt") L_OK=$(bench_field status_202 "$WORK/limit/wrk.txt") L_OTHER=$(bench_field status_other "$WORK/limit/wrk.txt")
+L_BYTES=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_bytes)
+L_COMPACTED=$(metric_sum "$WORK/limit/metrics.txt" gateway_wal_compacted_records_total)
 ENV
     stop_pid "$pid" 10
 }
@@ -233,15 +238,7 @@ else
     run_mixed external
     run_limit
 fi
-# result NAME KEY: one figure of a run.
-result() { (. "$WORK/$1/result.env" && eval "echo \"\${$2:-}\""); }
-E_WARM=$(result embedded WARM); E_END=$(result embedded END); E_PEAK=$(result embedded PEAK); E_SLOPE=$(result embedded SLOPE)
-E_MQTT=$(result embedded MQTT); E_HTTP=$(result embedded HTTP); E_P50=$(result embedded P50); E_P99=$(result embedded P99)
-X_WARM=$(result external WARM); X_END=$(result external END); X_PEAK=$(result external PEAK); X_SLOPE=$(result external SLOPE)
-X_MQTT=$(result external MQTT); X_HTTP=$(result external HTTP)
-L_WARM=$(result limit WARM); L_END=$(result limit END); L_PEAK=$(result limit PEAK); L_SLOPE=$(result limit SLOPE)
-L_REQ=$(result limit REQ); L_OK=$(result limit OK); L_OTHER=$(result limit OTHER)
-L_BYTES=$(result limit BYTES); L_COMPACTED=$(result limit COMPACTED)
+for run in embedded external limit; do . "$WORK/$run/result.env"; done
 L_REFUSED_PCT=$(awk -v o="${L_OTHER:-0}" -v r="${L_REQ:-0}" 'BEGIN { printf "%.2f", (r > 0 ? 100 * o / r : 0) }')
 
 # ------------------------------------------------------------------ with a cloud MQTT sink

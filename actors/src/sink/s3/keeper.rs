@@ -161,7 +161,8 @@ fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
         let Some((gateway_id, first, last, merged)) = parse_name(&name) else {
             // The temporary file of a merge that never reached its manifest
             // (a crash; [`recover`] has already dealt with any manifest).
-            if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+            let temp = name.strip_suffix(".tmp");
+            if name.starts_with('.') && temp.is_some_and(|n| n.ends_with(SUFFIX)) {
                 remove_if_there(&dir.join(&name))?;
             }
             continue;
@@ -197,9 +198,6 @@ fn remove_if_there(path: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
-
-/// The end of a merge's temporary file name.
-const TEMP_SUFFIX: &str = ".ndjson.gz.tmp";
 
 fn temp_name(out: &str) -> String {
     format!(".{out}.tmp")
