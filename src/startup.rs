@@ -15,7 +15,7 @@ use gateway_actors::control::{
     ControlPlane, LogControl as _, Operator, OperatorParts, RuntimeOverrides,
 };
 use gateway_actors::dispatcher::Dispatcher;
-use gateway_actors::ingest::{IngestRouter, IngestRouters};
+use gateway_actors::ingest::{IngestCore, IngestRouters};
 use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
 use gateway_actors::sink::s3::ArchiveKeeper;
@@ -222,28 +222,21 @@ impl Application {
             let (m, h) = (metrics.clone(), wal_health.clone());
             Supervisor::start(move |_| WalStore::new(wal, m, h))
         };
-        let router = {
-            let (w, h, m) = (wal.clone(), wal_health.clone(), metrics.clone());
-            let (id, limits, rate) = (
-                settings.gateway_id.clone(),
+        // Parsing, validation and enrichment run on the HTTP worker that
+        // read a request, and for MQTT on one router per core (at most 4),
+        // each on a thread of its own.
+        let router = IngestRouters::start(
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            IngestCore::new(
+                wal.clone(),
+                wal_health.clone(),
+                &settings.gateway_id,
                 settings.ingest.limits.clone(),
                 runtime.rate_limit(settings.ingest.rate),
-            );
-            // Parsing, validation and enrichment run on one router per
-            // core (at most 4), each on a thread of its own.
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-            IngestRouters::start(threads, move || {
-                IngestRouter::new(
-                    w.clone(),
-                    h.clone(),
-                    &id,
-                    limits.clone(),
-                    rate,
-                    routing.clone(),
-                    m.clone(),
-                )
-            })
-        };
+                routing,
+                metrics.clone(),
+            ),
+        );
         let (mqtt, mqtt_status) = match settings.mqtt.ingest() {
             None => (None, None),
             Some(cfg) => {

@@ -29,11 +29,11 @@ fn is_json(req: &HttpRequest) -> bool {
 /// Accepts one telemetry object or a JSON array of them for `device_id`.
 ///
 /// This handler checks what only HTTP knows (credentials, content type,
-/// size) and maps the outcome to a status; the [`IngestRouter`] validates
+/// size) and maps the outcome to a status; the [`IngestCore`] validates
 /// the device id, the idempotency key and the records, and counts and logs
 /// every reject (through [`count_reject`], also for the refusals here).
 ///
-/// [`IngestRouter`]: gateway_actors::ingest::IngestRouter
+/// [`IngestCore`]: gateway_actors::ingest::IngestCore
 pub async fn ingest(
     req: HttpRequest,
     path: web::Path<String>,
@@ -152,15 +152,9 @@ pub async fn ingest(
         span: span.clone(),
         topic_tags: Vec::new(),
     };
-    let receipt = state.router.for_device(&device_id).send(msg).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        )
-        .retry_after(1)
-    })?
-    .map_err(|e| {
+    // Checked here, on this worker's thread: the first other thread is the
+    // WAL writer's.
+    let receipt = state.router.ingest(msg).await.map_err(|e| {
         if let IngestError::Unavailable(why) = &e {
             if repeats::admit(Kind::IngestUnavailable, "http") {
                 tracing::warn!(device_id = %device_id, correlation_id = %correlation_id, error = %why, "ingest not stored");

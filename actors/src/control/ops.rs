@@ -757,13 +757,12 @@ impl Operator {
         let unavailable = |e: actix::MailboxError| OpError::Unavailable(e.to_string());
         match s {
             Setting::LogLevel(l) => self.p.log.set(l).map_err(OpError::Internal),
-            Setting::RatePerDevice(_) | Setting::RateBurst(_) => match &self.p.router {
-                Some(r) => r
-                    .set_rate_limit(o.rate_limit(self.p.base_rate))
-                    .await
-                    .map_err(unavailable),
-                None => Ok(()),
-            },
+            Setting::RatePerDevice(_) | Setting::RateBurst(_) => {
+                if let Some(r) = &self.p.router {
+                    r.set_rate_limit(o.rate_limit(self.p.base_rate));
+                }
+                Ok(())
+            }
             Setting::Paused(sink, p) => match self.p.sinks.get(sink) {
                 Some((_, Some(d))) => d.send(SetPaused(*p)).await.map_err(unavailable),
                 _ => Ok(()),
@@ -771,9 +770,7 @@ impl Operator {
             Setting::Policy(..) | Setting::Priority(_) => {
                 let routing = self.routing(o).await?;
                 if let Some(r) = &self.p.router {
-                    r.set_routing(Arc::new(routing))
-                        .await
-                        .map_err(unavailable)?;
+                    r.set_routing(Arc::new(routing));
                 }
                 if let Setting::Policy(sink, ..) = s {
                     if let Some(base) = self.p.base_policies.get(sink) {

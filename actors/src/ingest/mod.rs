@@ -1,5 +1,5 @@
-//! Ingest: payload validation and the `IngestRouter` actors, one per
-//! ingest thread ([`IngestRouters`]).
+//! Ingest: payload validation, the shared [`IngestCore`] and the
+//! `IngestRouter` actors, one per ingest thread ([`IngestRouters`]).
 
 mod pool;
 pub mod protobuf;
@@ -8,7 +8,7 @@ pub mod validate;
 
 pub use pool::IngestRouters;
 pub use router::{
-    count_reject, GetRateLimit, IngestError, IngestReceipt, IngestRouter, IngestTelemetry,
-    PayloadFormat, RateLimit, RecordReceipt, SetRateLimit, SetRouting,
+    count_reject, IngestCore, IngestError, IngestReceipt, IngestRouter, IngestTelemetry,
+    PayloadFormat, RateLimit, RecordReceipt,
 };
 pub use validate::{IngestLimits, Rejection, Source};

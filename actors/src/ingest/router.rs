@@ -1,18 +1,23 @@
-//! `IngestRouter`: the one door into the WAL for every ingest path.
+//! [`IngestCore`]: the one door into the WAL for every ingest path, and
+//! `IngestRouter`, the actor that runs it for MQTT.
 //!
 //! Role: validates, normalises and enriches a device payload into canonical
 //! records ([`super::validate`]), applies the per-device rate limit and the
 //! backpressure check, appends the records to `WalStore` and answers only
-//! after the commit.
+//! after the commit. The core is shared (`Sync`): an HTTP worker runs it on
+//! its own thread, the MQTT ingest through one of the routers.
 //!
-//! Handles: [`IngestTelemetry`], [`SetRateLimit`], [`GetRateLimit`]. Sends: appends straight to `WalStore`'s writer thread ([`append_direct`]).
+//! `IngestRouter` handles: [`IngestTelemetry`]. The core sends appends
+//! straight to `WalStore`'s writer thread ([`append_direct`]). Rate limit
+//! and routes change on the core, for every path at once.
 //!
 //! Restart policy: supervised; nothing it holds is durable. Lost on restart:
 //! the rate-limit buckets (every device starts with a full bucket).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -50,23 +55,35 @@ struct Bucket {
     at: Instant,
 }
 
-/// The ingest actor.
-pub struct IngestRouter {
+/// Rate-limit buckets are spread over this many locks (by a hash of the
+/// device id), so that ingest threads rarely wait for each other.
+const BUCKET_SHARDS: usize = 16;
+
+/// FNV-1a of a device id: stable for a process.
+pub(crate) fn device_hash(device_id: &str) -> u64 {
+    device_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Validation, rate limit, backpressure check and append: shared by every
+/// ingest thread (HTTP workers and the MQTT routers).
+pub struct IngestCore {
     wal: Addr<WalStore>,
     wal_health: Arc<WalHealth>,
     gateway_id: Arc<str>,
     limits: IngestLimits,
-    rate: RateLimit,
-    buckets: HashMap<String, Bucket>,
-    routing: Arc<Routing>,
+    rate: RwLock<RateLimit>,
+    buckets: [Mutex<HashMap<String, Bucket>>; BUCKET_SHARDS],
+    routing: RwLock<Arc<Routing>>,
     metrics: Metrics,
     /// `gateway_ingest_records_total` accepted and duplicate, per source
     /// (HTTP, MQTT): resolved once, not per message.
     counted: Arc<[[IntCounter; 2]; 2]>,
 }
 
-impl IngestRouter {
-    /// A router appending to `wal`.
+impl IngestCore {
+    /// A core appending to `wal`.
     pub fn new(
         wal: Addr<WalStore>,
         wal_health: Arc<WalHealth>,
@@ -81,9 +98,9 @@ impl IngestRouter {
             wal_health,
             gateway_id: gateway_id.into(),
             limits,
-            rate,
-            buckets: HashMap::new(),
-            routing,
+            rate: RwLock::new(rate),
+            buckets: std::array::from_fn(|_| Mutex::default()),
+            routing: RwLock::new(routing),
             counted: Arc::new([Source::Http, Source::Mqtt].map(|s| {
                 ["accepted", "duplicate"]
                     .map(|o| metrics.ingest_records.with_label_values(&[s.as_str(), o]))
@@ -92,17 +109,68 @@ impl IngestRouter {
         }
     }
 
+    /// The per-device rate limit in force.
+    pub fn rate_limit(&self) -> RateLimit {
+        *self.rate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the per-device rate limit; every bucket starts over full.
+    pub fn set_rate_limit(&self, rate: RateLimit) {
+        *self.rate.write().unwrap_or_else(PoisonError::into_inner) = rate;
+        self.clear_buckets();
+        tracing::info!(
+            per_second = rate.per_second,
+            burst = rate.burst,
+            "per-device rate limit changed"
+        );
+    }
+
+    /// Replaces the routes and priority rules: they apply to records stored
+    /// from now on.
+    pub fn set_routing(&self, routing: Arc<Routing>) {
+        *self.routing.write().unwrap_or_else(PoisonError::into_inner) = routing;
+        tracing::info!(
+            "routes and priority rules changed; they apply to records stored from now on"
+        );
+    }
+
+    fn clear_buckets(&self) {
+        for shard in &self.buckets {
+            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+
+    /// Forgets the buckets of devices quiet long enough to be full again.
+    fn forget_full_buckets(&self) {
+        let now = Instant::now();
+        let RateLimit { per_second, burst } = self.rate_limit();
+        for shard in &self.buckets {
+            shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, b| {
+                    per_second > 0.0
+                        && b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < burst
+                });
+        }
+    }
+
     /// Takes `n` tokens for `device`, or says how long until they exist.
-    fn take_tokens(&mut self, device: &str, n: usize) -> Result<(), Duration> {
-        let RateLimit { per_second, burst } = self.rate;
+    fn take_tokens(&self, device: &str, n: usize) -> Result<(), Duration> {
+        let RateLimit { per_second, burst } = self.rate_limit();
         if per_second <= 0.0 {
             return Ok(());
         }
         let now = Instant::now();
-        let b = self.buckets.entry(device.to_string()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
+        let shard = &self.buckets[(device_hash(device) % BUCKET_SHARDS as u64) as usize];
+        let mut buckets = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = match buckets.get_mut(device) {
+            Some(b) => b,
+            None => buckets.entry(device.to_string()).or_insert(Bucket {
+                tokens: burst,
+                at: now,
+            }),
+        };
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * per_second).min(burst);
         b.at = now;
         let n = n as f64;
@@ -155,51 +223,20 @@ pub fn count_reject(
     }
 }
 
-/// Changes the per-device rate limit at run time (control plane
-/// `config.set`). Buckets start over full.
-#[derive(Debug, Clone, Copy)]
-pub struct SetRateLimit(pub RateLimit);
-impl Message for SetRateLimit {
-    type Result = ();
-}
-impl Handler<SetRateLimit> for IngestRouter {
-    type Result = ();
-    fn handle(&mut self, msg: SetRateLimit, _: &mut Context<Self>) {
-        self.rate = msg.0;
-        self.buckets.clear();
-        tracing::info!(
-            per_second = msg.0.per_second,
-            burst = msg.0.burst,
-            "per-device rate limit changed"
-        );
-    }
+/// The actor that runs the shared [`IngestCore`] for the MQTT ingest, on an
+/// ingest thread of its own ([`super::IngestRouters`]).
+pub struct IngestRouter {
+    core: Arc<IngestCore>,
+    /// This router forgets the core's full buckets every minute (one
+    /// router of a pool does).
+    sweeps: bool,
 }
 
-/// Replaces the routes and priority rules (control plane `config.set`):
-/// they apply to records stored from now on.
-pub struct SetRouting(pub Arc<Routing>);
-impl Message for SetRouting {
-    type Result = ();
-}
-impl Handler<SetRouting> for IngestRouter {
-    type Result = ();
-    fn handle(&mut self, msg: SetRouting, _: &mut Context<Self>) {
-        self.routing = msg.0;
-        tracing::info!(
-            "routes and priority rules changed; they apply to records stored from now on"
-        );
-    }
-}
-
-/// Reads the per-device rate limit in force.
-pub struct GetRateLimit;
-impl Message for GetRateLimit {
-    type Result = RateLimit;
-}
-impl Handler<GetRateLimit> for IngestRouter {
-    type Result = MessageResult<GetRateLimit>;
-    fn handle(&mut self, _: GetRateLimit, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.rate)
+impl IngestRouter {
+    /// A router running `core`; `sweeps`: it forgets the core's full
+    /// rate-limit buckets every minute.
+    pub fn new(core: Arc<IngestCore>, sweeps: bool) -> Self {
+        Self { core, sweeps }
     }
 }
 
@@ -208,26 +245,23 @@ impl Actor for IngestRouter {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(65_536);
-        // Forget buckets of devices that have been quiet long enough to be full again.
-        ctx.run_interval(Duration::from_secs(60), |act, _| {
-            let now = Instant::now();
-            let RateLimit { per_second, burst } = act.rate;
-            act.buckets.retain(|_, b| {
-                per_second > 0.0
-                    && b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < burst
+        if self.sweeps {
+            ctx.run_interval(Duration::from_secs(60), |act, _| {
+                act.core.forget_full_buckets()
             });
-        });
+        }
     }
 }
 
 impl Supervised for IngestRouter {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.metrics
+        self.core
+            .metrics
             .actor_restarts
             .with_label_values(&["IngestRouter"])
             .inc();
         tracing::warn!(actor = "IngestRouter", "restarting");
-        self.buckets.clear();
+        self.core.clear_buckets();
     }
 }
 
@@ -315,11 +349,41 @@ impl Handler<IngestTelemetry> for IngestRouter {
     type Result = ResponseFuture<Result<IngestReceipt, IngestError>>;
 
     fn handle(&mut self, msg: IngestTelemetry, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(self.core.ingest(msg))
+    }
+}
+
+impl IngestCore {
+    /// Validates `msg` and appends its records: the checks run now, on the
+    /// caller's thread; the future resolves after the commit.
+    pub fn ingest(
+        &self,
+        msg: IngestTelemetry,
+    ) -> impl Future<Output = Result<IngestReceipt, IngestError>> + 'static {
+        let outcome = self.check_and_append(msg);
+        async move {
+            match outcome {
+                Err(e) => Err(e),
+                Ok(appending) => appending.await,
+            }
+        }
+    }
+
+    fn check_and_append(
+        &self,
+        msg: IngestTelemetry,
+    ) -> Result<impl Future<Output = Result<IngestReceipt, IngestError>> + 'static, IngestError>
+    {
         let source = msg.source;
         let own_traceparent = trace::traceparent_of(&msg.span);
         // Rejections logged below become events of the ingest span.
         let span = msg.span.clone();
         let _in_span = span.enter();
+        let routing = self
+            .routing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let enrich = Enrichment {
             gateway_id: &self.gateway_id,
             correlation_id: &msg.correlation_id,
@@ -331,12 +395,12 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 .as_deref()
                 .filter(|t| super::validate::is_traceparent(t))),
             topic_tags: &msg.topic_tags,
-            routing: Some(&self.routing),
+            routing: Some(&routing),
         };
         if let Some(key) = &msg.idempotency_key {
             if let Err(r) = super::validate::check_idempotency_header(key) {
                 self.reject(source, &msg.device_id, &msg.correlation_id, &r);
-                return Box::pin(async move { Err(IngestError::Rejected(r)) });
+                return Err(IngestError::Rejected(r));
             }
         }
         let looks_json = matches!(msg.payload.trim_ascii_start().first(), Some(b'{' | b'['));
@@ -350,7 +414,7 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 Ok(json) => Bytes::from(json),
                 Err(r) => {
                     self.reject(source, &msg.device_id, &msg.correlation_id, &r);
-                    return Box::pin(async move { Err(IngestError::Rejected(r)) });
+                    return Err(IngestError::Rejected(r));
                 }
             }
         } else {
@@ -361,7 +425,7 @@ impl Handler<IngestTelemetry> for IngestRouter {
             Ok(r) => r,
             Err(r) => {
                 self.reject(source, &msg.device_id, &msg.correlation_id, &r);
-                return Box::pin(async move { Err(IngestError::Rejected(r)) });
+                return Err(IngestError::Rejected(r));
             }
         };
         if let Err(retry_after) = self.take_tokens(&msg.device_id, records.len()) {
@@ -371,11 +435,9 @@ impl Handler<IngestTelemetry> for IngestRouter {
             };
             self.reject(source, &msg.device_id, &msg.correlation_id, &r);
             let device_id = msg.device_id;
-            return Box::pin(async move {
-                Err(IngestError::RateLimited {
-                    device_id,
-                    retry_after,
-                })
+            return Err(IngestError::RateLimited {
+                device_id,
+                retry_after,
             });
         }
         if self.wal_health.backpressure.load(Ordering::Relaxed) {
@@ -391,7 +453,7 @@ impl Handler<IngestTelemetry> for IngestRouter {
                 .ok()
                 .and_then(|g| g.clone())
                 .unwrap_or_else(|| "WAL is full".into());
-            return Box::pin(async move { Err(IngestError::Backpressure(why)) });
+            return Err(IngestError::Backpressure(why));
         }
         let correlation_id = msg.correlation_id;
         let metrics = self.metrics.clone();
@@ -400,7 +462,7 @@ impl Handler<IngestTelemetry> for IngestRouter {
         let unrouted: Vec<bool> = records.iter().map(|r| r.route.sinks == Some(0)).collect();
         // Straight to the writer thread, not through the WalStore actor.
         let append = append_direct(&self.wal, &self.wal_health, records);
-        Box::pin(async move {
+        Ok(async move {
             let outcomes = match append.instrument(append_span).await {
                 Ok(o) => o,
                 Err(WalError::Backpressure(why)) => {
@@ -471,7 +533,7 @@ mod tests {
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let (addr, health) = crate::wal::start_test_store(dir.path());
-            let mut r = IngestRouter::new(
+            let r = IngestCore::new(
                 addr,
                 health,
                 "gw",
@@ -490,6 +552,13 @@ mod tests {
                 "{wait:?}"
             );
             assert!(r.take_tokens("other", 5).is_ok());
+            // A new limit starts every bucket over full.
+            r.set_rate_limit(RateLimit {
+                per_second: 10.0,
+                burst: 3.0,
+            });
+            assert!(r.take_tokens("d", 3).is_ok());
+            assert!(r.take_tokens("d", 1).is_err());
         });
     }
 }
