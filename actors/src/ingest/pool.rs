@@ -110,4 +110,58 @@ mod tests {
             assert_eq!(routers.rate_limit().per_second, 3.0);
         });
     }
+
+    fn telemetry(source: crate::ingest::Source, device: &str, n: u32) -> IngestTelemetry {
+        IngestTelemetry {
+            source,
+            device_id: device.into(),
+            payload: format!(r#"{{"ts":1,"metrics":{{"t":1}},"msg_id":"{n}"}}"#).into(),
+            payload_format: crate::ingest::PayloadFormat::Json,
+            correlation_id: format!("c{n}"),
+            idempotency_key: None,
+            traceparent: None,
+            topic_tags: Vec::new(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[test]
+    fn a_device_has_one_rate_limit_bucket_whether_its_records_come_direct_or_through_its_router() {
+        use crate::ingest::Source::{Http, Mqtt};
+        let sys = actix::System::new();
+        sys.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (wal, health) = crate::wal::start_test_store(dir.path());
+            let burst = RateLimit {
+                per_second: 0.001,
+                burst: 2.0,
+            };
+            // Answered once the store has started its writer thread.
+            wal.send(crate::wal::GetWalStats).await.unwrap().unwrap();
+            let core = IngestCore::new(
+                wal,
+                health,
+                "gw",
+                Default::default(),
+                burst,
+                Arc::default(),
+                crate::Metrics::unregistered(),
+            );
+            let routers = IngestRouters::start(2, core);
+            for n in 0..2 {
+                routers.ingest(telemetry(Http, "d", n)).await.unwrap();
+            }
+            // The burst is spent on the direct path: the router refuses too.
+            let through_router = routers.for_device("d").send(telemetry(Mqtt, "d", 2));
+            assert!(matches!(
+                through_router.await.unwrap(),
+                Err(IngestError::RateLimited { .. })
+            ));
+            let other = routers.for_device("e").send(telemetry(Mqtt, "e", 3));
+            assert!(
+                other.await.unwrap().is_ok(),
+                "another device has its own bucket"
+            );
+        });
+    }
 }

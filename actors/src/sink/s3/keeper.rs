@@ -161,8 +161,7 @@ fn objects_in(dir: &Path) -> io::Result<Vec<Object>> {
         let Some((gateway_id, first, last, merged)) = parse_name(&name) else {
             // The temporary file of a merge that never reached its manifest
             // (a crash; [`recover`] has already dealt with any manifest).
-            let temp = name.strip_suffix(".tmp");
-            if name.starts_with('.') && temp.is_some_and(|n| n.ends_with(SUFFIX)) {
+            if output_of_temp(&name).is_some_and(|out| out.ends_with(SUFFIX)) {
                 remove_if_there(&dir.join(&name))?;
             }
             continue;
@@ -201,6 +200,11 @@ fn remove_if_there(path: &Path) -> io::Result<()> {
 
 fn temp_name(out: &str) -> String {
     format!(".{out}.tmp")
+}
+
+/// The output a temporary file is for: the inverse of [`temp_name`].
+fn output_of_temp(name: &str) -> Option<&str> {
+    name.strip_prefix('.')?.strip_suffix(".tmp")
 }
 
 /// Deletes a merge's parts (all but the merged object itself), then its manifest.
