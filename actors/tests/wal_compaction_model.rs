@@ -3,7 +3,8 @@
 //!
 //! Proptest generates random sequences (up to 40 operations, 64 cases) of
 //! `Append` (1–5 fresh records), `Fetch` of sink `a` or `b` followed by an
-//! ack or a dead-lettering of that batch, `Compact` and `Restart`, against
+//! ack or a dead-lettering of that batch, `Compact`, `MergeKeys` (the dedup
+//! keys held in memory go to the `idem` table) and `Restart`, against
 //! one of two configurations: retention and dedup window zero (every
 //! finished record is past retention), or a 24 h retention with a 1-byte
 //! `max_bytes` (every finished record must make room). After every
@@ -19,6 +20,11 @@
 //!
 //! Every sink still receives every record it has not finished: a final
 //! fetch of each sink returns exactly its unfinished seqs.
+//!
+//! After every step the dedup table `idem` holds exactly the keys of the
+//! stored records up to `meta.idem_upto`, each with its record's seq:
+//! compaction takes a record's key with it, and a merge leaves out the
+//! keys of records compacted while they were held in memory.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -39,6 +45,7 @@ enum Op {
         dead: bool,
     },
     Compact,
+    MergeKeys,
     Restart,
 }
 
@@ -48,6 +55,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         4 => (0..SINKS.len(), 1usize..=6, proptest::bool::weighted(0.2))
             .prop_map(|(sink, max, dead)| Op::Deliver { sink, max, dead }),
         2 => Just(Op::Compact),
+        1 => Just(Op::MergeKeys),
         1 => Just(Op::Restart),
     ]
 }
@@ -87,6 +95,29 @@ fn stored_seqs(cfg: &WalConfig) -> BTreeSet<u64> {
         .map(|r| r.unwrap())
         .collect();
     seqs
+}
+
+/// The `idem` rows against the stored records up to `meta.idem_upto`:
+/// (key, seq) pairs of each, read with SQLite.
+type KeySeqs = BTreeSet<(String, u64)>;
+fn idem_and_records(cfg: &WalConfig) -> (KeySeqs, KeySeqs) {
+    let conn = rusqlite::Connection::open(&cfg.path).expect("read connection");
+    let pairs = |sql: &str| -> KeySeqs {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        rows
+    };
+    (
+        pairs("SELECT key, seq FROM idem"),
+        pairs(
+            "SELECT idem_key, seq FROM records WHERE seq <= \
+             COALESCE((SELECT value FROM meta WHERE key = 'idem_upto'), 0)",
+        ),
+    )
 }
 
 fn fail(what: &str, e: impl std::fmt::Display) -> TestCaseError {
@@ -193,11 +224,19 @@ fn run(ops: Vec<Op>, size_limited: bool) -> Result<(), TestCaseError> {
                 }
                 m.stored = now;
             }
+            Op::MergeKeys => wal.merge_keys().map_err(|e| fail("merge_keys", e))?,
             Op::Restart => {
                 drop(wal);
                 wal = Wal::open(cfg.clone()).map_err(|e| fail("reopen", e))?;
             }
         }
+        let (idem, records) = idem_and_records(&cfg);
+        prop_assert_eq!(
+            idem,
+            records,
+            "idem against the records after step {}",
+            step
+        );
         prop_assert_eq!(
             wal.stats().map_err(|e| fail("stats", e))?.stored_records,
             m.stored.len() as u64,

@@ -6,7 +6,8 @@
 //! (= `release`) and `Dead` of an outstanding batch, a repeated `ack`/`dead`
 //! of an already finished batch, `ReleaseAll(sink)`, the operator actions
 //! `Requeue` (a sink's dead letters, of one device or all), `Purge` and
-//! `Replay` (every retained record to one sink), and `Restart` (drop the
+//! `Replay` (every retained record to one sink), `MergeKeys` (the dedup keys
+//! held in memory go to the `idem` table) and `Restart` (drop the
 //! `Wal`, `Wal::open` it again with the same config). After every step the
 //! consistency check (`Wal::check`) must find nothing. Each sequence runs
 //! against the real engine on a SQLite file in a temp dir and against a small
@@ -103,6 +104,7 @@ enum Op {
     Replay {
         sink: usize,
     },
+    MergeKeys,
     Restart,
 }
 
@@ -120,6 +122,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(sink, device)| Op::Requeue { sink, device }),
         1 => (0..SINKS.len()).prop_map(|sink| Op::Purge { sink }),
         1 => (0..SINKS.len()).prop_map(|sink| Op::Replay { sink }),
+        1 => Just(Op::MergeKeys),
         1 => Just(Op::Restart),
     ]
 }
@@ -512,6 +515,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     "replayed at step {}",
                     step
                 );
+            }
+            Op::MergeKeys => {
+                wal.as_mut()
+                    .unwrap()
+                    .merge_keys()
+                    .map_err(|e| TestCaseError::fail(format!("merge_keys: {e}")))?;
             }
             Op::Restart => {
                 drop(wal.take());

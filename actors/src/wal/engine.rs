@@ -5,9 +5,9 @@
 //! commands). See the module doc of [`crate::wal`] for the format, the
 //! invariants and the recovery steps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -15,7 +15,9 @@ use super::delivery::{load_sink, SinkState};
 use crate::route::{Class, RecordRoute, MAX_SINKS};
 
 /// 2: records.class, records.sinks, sinks.bit (routes and priorities).
-pub(super) const SCHEMA_VERSION: i64 = 2;
+/// 3: the dedup index is the `idem` table, merged in bulk (was an index on
+/// records.idem_key).
+pub(super) const SCHEMA_VERSION: i64 = 3;
 /// The on-disk schema (the one copy; the module doc of [`crate::wal`] shows it).
 const SCHEMA: &str = include_str!("schema.sql");
 
@@ -269,6 +271,13 @@ pub struct Wal {
     pub(super) backpressure: Option<String>,
     pub(super) live_bytes: u64,
     pub(super) disk_free: u64,
+    /// Idempotency key -> latest seq of the records above `idem_upto`:
+    /// the dedup keys not merged into the `idem` table yet.
+    pub(super) recent_keys: HashMap<String, u64>,
+    /// The `idem` table holds the keys of every record up to this seq.
+    pub(super) idem_upto: u64,
+    /// When records were last appended (an idle writer merges its keys).
+    pub(super) last_append: Instant,
 }
 
 /// Epoch milliseconds now.
@@ -295,6 +304,7 @@ impl Wal {
         conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         migrate(&conn)?;
         conn.execute_batch(SCHEMA)?;
+        move_dedup_index(&conn)?;
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?1)",
             [SCHEMA_VERSION],
@@ -329,6 +339,21 @@ impl Wal {
             sinks.insert(name.clone(), load_sink(&conn, name, head)?);
         }
         assign_bits(&conn, &cfg.sinks, &mut sinks)?;
+        let idem_upto: u64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'idem_upto'", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        let mut recent_keys = HashMap::new();
+        {
+            let mut q =
+                conn.prepare("SELECT idem_key, seq FROM records WHERE seq > ?1 ORDER BY seq")?;
+            for row in q.query_map([idem_upto], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                let (key, seq) = row?;
+                recent_keys.insert(key, seq);
+            }
+        }
 
         let mut wal = Self {
             conn,
@@ -339,6 +364,9 @@ impl Wal {
             backpressure: None,
             live_bytes: 0,
             disk_free: u64::MAX,
+            recent_keys,
+            idem_upto,
+            last_append: Instant::now(),
         };
         wal.refresh_space()?;
         Ok(wal)
@@ -395,6 +423,37 @@ fn migrate(conn: &Connection) -> Result<(), WalError> {
     if !sinks.is_empty() && !sinks.iter().any(|c| c == "bit") {
         conn.execute_batch("ALTER TABLE sinks ADD COLUMN bit INTEGER;")?;
     }
+    Ok(())
+}
+
+/// Schema 3: moves the dedup index from an index on `records.idem_key` to
+/// the `idem` table (see `schema.sql`). Runs while that index exists: also
+/// after a binary of schema 2 opened the WAL and re-created it.
+fn move_dedup_index(conn: &Connection) -> Result<(), WalError> {
+    let old: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'records_idem'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if old.is_none() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    // Dropped unless committed: nothing half-moved.
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(
+        "INSERT OR REPLACE INTO idem(key, seq) SELECT idem_key, seq FROM records ORDER BY seq;
+         INSERT INTO meta(key, value) VALUES('idem_upto', (SELECT COALESCE(MAX(seq), 0) FROM records))
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value;
+         DROP INDEX records_idem;",
+    )?;
+    tx.commit()?;
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "WAL dedup index moved to the idem table (schema 3)"
+    );
     Ok(())
 }
 

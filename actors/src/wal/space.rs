@@ -98,6 +98,7 @@ impl Wal {
                 |r| r.get(0),
             )?;
             if let Some(upto) = upto {
+                self.merge_keys_upto(upto)?;
                 let tx = self.conn.transaction()?;
                 dropped = tx.execute("DELETE FROM records WHERE seq <= ?1", [upto])? as u64;
                 tx.execute("DELETE FROM dead WHERE seq <= ?1", [upto])?;
@@ -176,6 +177,7 @@ impl Wal {
         let Some(upto) = boundary else {
             return Ok(0);
         };
+        self.merge_keys_upto(upto)?;
         let tx = self.conn.transaction()?;
         let compacted = tx.execute(
             "DELETE FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead WHERE seq <= ?1)",

@@ -662,6 +662,9 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
             }
         }
     }
+    if let Err(e) = wal.merge_keys_if_idle() {
+        tracing::warn!(error = %e, "merging the WAL's dedup keys failed");
+    }
     let was = health.backpressure.load(Ordering::SeqCst);
     let now = wal.backpressure().map(str::to_string);
     if now.is_some() != was && repeats::admit(Kind::WalBackpressure, "") {
