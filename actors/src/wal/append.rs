@@ -212,8 +212,7 @@ impl Wal {
         }
         tx.commit()?;
         if merged {
-            self.recent_keys.clear();
-            self.idem_upto = self.next_seq - 1;
+            self.keys_merged();
         }
         Ok(out)
     }
@@ -243,9 +242,16 @@ impl Wal {
         let tx = self.conn.transaction()?;
         write_keys(&tx, &self.recent_keys, self.next_seq - 1)?;
         tx.commit()?;
-        self.recent_keys = HashMap::new();
-        self.idem_upto = self.next_seq - 1;
+        self.keys_merged();
+        // Outside a burst of appends the memory goes back.
+        self.recent_keys.shrink_to_fit();
         Ok(())
+    }
+
+    /// After `write_keys` committed: every key up to the head is in `idem`.
+    fn keys_merged(&mut self) {
+        self.recent_keys.clear();
+        self.idem_upto = self.next_seq - 1;
     }
 
     /// Appends one request's records in their own transaction (tools, tests).
@@ -359,6 +365,23 @@ mod tests {
                 "k{k}"
             );
         }
+    }
+
+    #[test]
+    fn an_idle_writer_merges_the_keys_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = open(&dir);
+        outcome(&mut wal, "k1");
+        wal.merge_keys_if_idle().unwrap();
+        assert_eq!(idem_on_disk(&dir), (0, 0), "appends have not paused yet");
+        wal.last_append = Instant::now() - MERGE_KEYS_IDLE;
+        wal.merge_keys_if_idle().unwrap();
+        assert_eq!(idem_on_disk(&dir), (1, 1));
+        assert_eq!(wal.recent_keys.capacity(), 0, "its memory is freed");
+        assert!(matches!(
+            outcome(&mut wal, "k1"),
+            AppendOutcome::Duplicate { seq: 1, .. }
+        ));
     }
 
     #[test]
