@@ -10,25 +10,26 @@
 # an OpenTelemetry collector (compose/compose.yml).
 
 FROM rust:1-bookworm AS build
-# librdkafka is built from source (cmake) and links libcurl and OpenSSL.
+# The build dependencies of scripts/deps.sh: librdkafka and SQLite are built
+# from source (configure + make) and link OpenSSL.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake libcurl4-openssl-dev pkg-config libssl-dev \
+    && apt-get install -y --no-install-recommends gcc make pkg-config libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The commit for /version (the build context has no .git).
 ARG GIT_COMMIT=unknown
 ENV GATEWAY_GIT_COMMIT=${GIT_COMMIT}
 COPY . .
-# The release profile (Cargo.toml) builds with LTO and strips the binary;
+# The dist profile (Cargo.toml) builds with fat LTO and strips the binary;
 # its line tables go to a separate gateway.dwp, left in the build stage.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin gateway \
-    && cp target/release/gateway /usr/local/bin/gateway
+    cargo build --profile dist --locked --bin gateway \
+    && cp target/dist/gateway /usr/local/bin/gateway
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libssl3 libcurl4 \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --home-dir /data --shell /usr/sbin/nologin gateway \

@@ -2,19 +2,28 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build test test-deps fmt lint bench soak chaos fuzz clean-data certs up down help
+.PHONY: run build deps test test-deps fmt lint bench dist deb soak chaos fuzz clean-data certs up down help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-run: ## build (release) and run the gateway with zero configuration on 127.0.0.1:8080
+run: deps ## install the build dependencies, build (release) and run the gateway with zero configuration on 127.0.0.1:8080
 	MIMALLOC_ARENA_EAGER_COMMIT=$${MIMALLOC_ARENA_EAGER_COMMIT:-0} $(CARGO) run --release --bin gateway -- run
 
-build: ## build the release binary (target/release/gateway)
+build: deps ## build the release binary (target/release/gateway): a quick optimised build
 	$(CARGO) build --release --bin gateway
 
-test-deps: ## install what the tests need (skips what is already installed)
-	scripts/test-deps.sh
+dist: deps ## build the shipped binary (target/dist/gateway): fat LTO, one codegen unit, stripped
+	$(CARGO) build --profile dist --bin gateway
+
+deb: dist ## the Debian package of the dist binary: target/debian/gateway_*.deb
+	$(CARGO) deb --no-build --profile dist
+
+deps: ## install the build dependencies (skips what is already installed)
+	scripts/deps.sh build
+
+test-deps: ## install what the build and the tests need (skips what is already installed)
+	scripts/deps.sh test
 
 test: test-deps lint ## install test dependencies, check format and lints, run every test
 	scripts/test.sh
@@ -27,10 +36,13 @@ lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, ba
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) deny check licenses bans sources
 
-BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-sinks bench-routes bench-outage bench-soak
-bench: ## WAL, HTTP, start-up, MQTT, sink-drain, routes/live-first, an upstream outage and a 2-minute soak; results in bench/results/latest.md and latest.json
-	$(CARGO) build --release -p gateway --bin gateway --bin loadgen
-	$(CARGO) build --release -p gateway-actors --example wal_bench --example drain_bench
+# The profile measured: dist (what ships); `make bench BENCH_PROFILE=release` measures the quick build.
+BENCH_PROFILE ?= dist
+export BENCH_PROFILE
+BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-cost bench-sinks bench-routes bench-outage bench-soak
+bench: test-deps ## WAL, HTTP, start-up, MQTT, cost per record (CPU, disk writes, fsyncs at 40 and 1k records/s), sink-drain, routes/live-first, an upstream outage and a 2-minute soak; results in bench/results/latest.md and latest.json
+	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway --bin gateway --bin loadgen
+	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway-actors --example wal_bench --example drain_bench
 	scripts/bench-report.py --reset
 	@failed=""; for s in $(BENCH_SCRIPTS); do \
 		f=scripts/$$s.sh; [ -x $$f ] || f=scripts/$$s.py; \
@@ -39,7 +51,7 @@ bench: ## WAL, HTTP, start-up, MQTT, sink-drain, routes/live-first, an upstream 
 	scripts/bench-report.py --failed "$$failed"; \
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
-chaos: ## the fault harness at full scale (crash loop, sink outages, broker restart, full disk, soak; hours): bench/results/chaos-latest.md
+chaos: test-deps ## the fault harness at full scale (crash loop, sink outages, broker restart, full disk, soak; hours): bench/results/chaos-latest.md
 	scripts/chaos.sh --scale full
 
 fuzz: ## each fuzz target for FUZZ_SECS (600) with libFuzzer; results in bench/results/fuzz-latest.md

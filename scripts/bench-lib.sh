@@ -5,6 +5,11 @@
 ROOT="${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+# The profile measured: dist (what ships: the .deb and the image);
+# BENCH_PROFILE=release measures the quick build of `make run`.
+BENCH_PROFILE="${BENCH_PROFILE:-dist}"
+export BENCH_PROFILE
+BIN_DIR="$TARGET_DIR/$BENCH_PROFILE"
 RESULTS_DIR="$ROOT/bench/results"
 RESULTS="$RESULTS_DIR/latest.md"
 
@@ -96,12 +101,12 @@ cargo_build() {
     fi
 }
 
-# release_gateway: builds the release gateway (cargo_build honours
+# release_gateway: builds the gateway of BENCH_PROFILE (cargo_build honours
 # BENCH_SKIP_BUILD and BENCH_CARGO_LOCK) and sets GATEWAY_BIN to it.
 release_gateway() {
-    log "building the release gateway (cargo waits if another build holds the lock)"
-    cargo_build --release -p gateway --bin gateway
-    GATEWAY_BIN="$TARGET_DIR/release/gateway"
+    log "building the $BENCH_PROFILE gateway (cargo waits if another build holds the lock)"
+    cargo_build --profile "$BENCH_PROFILE" -p gateway --bin gateway
+    GATEWAY_BIN="$BIN_DIR/gateway"
     [ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN was not built"
 }
 
@@ -122,7 +127,7 @@ figure() {
     [ $# -ge 3 ] || die "figure: NAME VALUE UNIT expected"
     mkdir -p "$(dirname "$FIGURES")"
     local build=""
-    [ ! -x "$TARGET_DIR/release/gateway" ] || build="$("$TARGET_DIR/release/gateway" --version 2>/dev/null || true)"
+    [ ! -x "$BIN_DIR/gateway" ] || build="$("$BIN_DIR/gateway" --version 2>/dev/null || true)"
     python3 - "$FIGURES" "${BENCH_NAME:-bench}" "$build" "$@" <<'PY' || log "could not record figure $1"
 import json, sys, time
 path, source, build, name, value, unit, *rest = sys.argv[1:]

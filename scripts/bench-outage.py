@@ -148,7 +148,7 @@ def figure(name, value, unit, target=None, check=None, note=None, build=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bin-dir", default=str(ROOT / "target/release"))
+    ap.add_argument("--bin-dir", default=str(ROOT / "target" / os.environ.get("BENCH_PROFILE", "dist")))
     ap.add_argument("--modes", default="embedded,mosquitto")
     ap.add_argument("--rate", type=int, default=400)
     ap.add_argument("--outage-secs", type=int, default=20)

@@ -80,7 +80,7 @@ def gateway_build():
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
     if not os.path.isabs(target):
         target = os.path.join(ROOT, target)
-    gw = os.path.join(target, "release", "gateway")
+    gw = os.path.join(target, os.environ.get("BENCH_PROFILE", "dist"), "gateway")
     return run(gw, "--version") if os.access(gw, os.X_OK) else None
 
 

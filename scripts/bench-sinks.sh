@@ -39,8 +39,8 @@ drain_figure() {
 
 wait_port() { for _ in $(seq 1 200); do port_in_use "$1" && return 0; sleep 0.1; done; die "port $1 never opened"; }
 
-cargo_build --release -p gateway-actors --example drain_bench
-BIN="$ROOT/target/release/examples/drain_bench"
+cargo_build --profile "$BENCH_PROFILE" -p gateway-actors --example drain_bench
+BIN="$BIN_DIR/examples/drain_bench"
 mkdir -p bench/results
 ROWS="$TMP/rows.md"
 
@@ -60,7 +60,7 @@ if [ -x .venv-test/bin/moto_server ]; then
   drain_figure s3 --target "drain rates must not fall (issue 12, target 3)"
   rm -rf "$TMP/s3"
 else
-  echo "s3: skipped (run scripts/test-deps.sh for moto)" | tee -a "$ROWS"
+  echo "s3: skipped (run scripts/deps.sh test for moto)" | tee -a "$ROWS"
 fi
 
 TANSU="$(command -v tansu || echo "$HOME/.cargo/bin/tansu")"
@@ -75,7 +75,7 @@ if [ -x "$TANSU" ]; then
   drain_figure kafka --target "drain rates must not fall (issue 12, target 3)"
   rm -rf "$TMP/kafka"
 else
-  echo "kafka: skipped (tansu not installed; scripts/test-deps.sh installs it)" | tee -a "$ROWS"
+  echo "kafka: skipped (tansu not installed; scripts/deps.sh test installs it)" | tee -a "$ROWS"
 fi
 
 MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
@@ -111,7 +111,7 @@ if [ -x "$MOSQUITTO" ] && command -v mosquitto_pub >/dev/null; then
   echo "| mqtt ceiling: mosquitto_pub -q 1 --repeat | $CEIL_N | - | - | $CEIL | sink at $(awk -v r="$RATE" -v c="$CEIL" 'BEGIN { printf "%.1f", 100 * r / c }') % of it |" >>"$ROWS"
   rm -rf "$TMP/mqtt"
 else
-  echo "mqtt: skipped (mosquitto not installed; scripts/test-deps.sh installs it)" | tee -a "$ROWS"
+  echo "mqtt: skipped (mosquitto not installed; scripts/deps.sh test installs it)" | tee -a "$ROWS"
 fi
 
 echo "==> http (python http.server)"

@@ -72,8 +72,8 @@ NGINX=""
 
 # ------------------------------------------------------------------ build
 release_gateway
-cargo_build --release -p gateway-actors --example wal_bench
-WAL_BENCH_BIN="$TARGET_DIR/release/examples/wal_bench"
+cargo_build --profile "$BENCH_PROFILE" -p gateway-actors --example wal_bench
+WAL_BENCH_BIN="$BIN_DIR/examples/wal_bench"
 [ -x "$WAL_BENCH_BIN" ] || die "$WAL_BENCH_BIN was not built"
 
 # ------------------------------------------------------------------ work dir

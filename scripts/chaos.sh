@@ -14,7 +14,7 @@
 #       (built here only when missing); no soak.
 #
 # Runs as root (disk_full mounts a tmpfs, powercut a FUSE filesystem). Needs
-# Mosquitto, tansu and the .venv-test virtualenv: scripts/test-deps.sh
+# Mosquitto, tansu and the .venv-test virtualenv: scripts/deps.sh test
 # installs what is missing.
 # Results: bench/results/chaos-latest.md; exit status 1 if any scenario failed.
 set -euo pipefail
@@ -38,8 +38,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 if ! [ -x "$ROOT/.venv-test/bin/moto_server" ] || ! command -v mosquitto_sub >/dev/null \
     || ! { [ -x "$HOME/.cargo/bin/tansu" ] || command -v tansu >/dev/null; }; then
-    log "test dependencies missing: running scripts/test-deps.sh"
-    scripts/test-deps.sh
+    log "test dependencies missing: running scripts/deps.sh test"
+    scripts/deps.sh test
 fi
 
 case "$SCALE" in

@@ -13,7 +13,7 @@ CACHE="${GATEWAY_TEST_CACHE:-$HOME/.cache/iot-gateway}"
 ROOT="$CACHE/bookworm-systemd"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 if [ ! -x "$ROOT/usr/bin/dpkg" ]; then
-    command -v debootstrap >/dev/null || { echo "debian-root: debootstrap is missing (scripts/test-deps.sh installs it)" >&2; exit 1; }
+    command -v debootstrap >/dev/null || { echo "debian-root: debootstrap is missing (scripts/deps.sh test installs it)" >&2; exit 1; }
     [ "$(id -u)" = 0 ] || { echo "debian-root: debootstrap needs root" >&2; exit 1; }
     mkdir -p "$CACHE"
     TMP="$CACHE/bookworm-systemd.tmp"

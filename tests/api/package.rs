@@ -8,9 +8,12 @@
 //! then stands in for the container: the image's runtime user, `ENV` and the
 //! compose overrides.
 //!
+//! `ldd` of the binary checks that the package's and the image's library
+//! dependencies are exactly what it links (no root needed).
+//!
 //! Needs root (chroot, mounts). Skipped with a note otherwise.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -482,4 +485,112 @@ fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
     }
     assert!(out.iter().any(|(k, _)| k == "GATEWAY_DATA_DIR"), "{out:?}");
     out
+}
+
+/// The Debian package that holds a shared library (the path as `ldd`
+/// resolved it, or the same file under /usr: Debian's merged /usr).
+fn package_of(lib: &str) -> String {
+    let alt = match lib.strip_prefix("/usr") {
+        Some(rest) => rest.to_string(),
+        None => format!("/usr{lib}"),
+    };
+    for path in [lib, alt.as_str()] {
+        let out = Command::new("dpkg").args(["-S", path]).output().unwrap();
+        if out.status.success() {
+            let line = String::from_utf8_lossy(&out.stdout).into_owned();
+            let pkg = line.split(':').next().unwrap().trim();
+            return pkg.to_string();
+        }
+    }
+    panic!("no Debian package holds {lib}");
+}
+
+/// The shared libraries a binary links (`ldd`): (soname, resolved path).
+fn linked_libraries(bin: &str) -> Vec<(String, String)> {
+    let out = run(Command::new("ldd").arg(bin));
+    out.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().split_once(" => ")?;
+            let path = rest.split(" (").next()?.trim();
+            Some((name.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+/// Package names of a Debian relationship field ("a (>= 1), b | c").
+fn package_names(field: &str) -> BTreeSet<String> {
+    field
+        .split([',', '|'])
+        .map(|p| p.split_whitespace().next().unwrap_or("").to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+#[test]
+fn the_binary_links_only_what_the_deb_and_the_image_install() {
+    let bin = env!("CARGO_BIN_EXE_gateway");
+    let libs = linked_libraries(bin);
+    let sonames: Vec<&str> = libs.iter().map(|(n, _)| n.as_str()).collect();
+    // The build turns these off (librdkafka: no curl, SASL or zstd); the
+    // package and the image must not need them either.
+    for unused in ["libcurl", "libsasl2", "libzstd", "liblz4", "libgssapi"] {
+        assert!(
+            !sonames.iter().any(|n| n.starts_with(unused)),
+            "the binary links {unused}: {sonames:?}"
+        );
+    }
+    // libc6's own dependencies (libgcc-s1) come with it.
+    let linked: BTreeSet<String> = libs
+        .iter()
+        .map(|(_, path)| package_of(path))
+        .filter(|p| p != "libgcc-s1")
+        .collect();
+
+    let manifest = std::fs::read_to_string(root_dir().join("Cargo.toml")).unwrap();
+    let depends = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("depends = \""))
+        .expect("[package.metadata.deb] depends")
+        .trim_end_matches('"');
+    let depends = package_names(depends);
+    let deb_libs: BTreeSet<String> = depends
+        .iter()
+        .filter(|p| p.starts_with("lib") || p.as_str() == "zlib1g")
+        .cloned()
+        .collect();
+    assert_eq!(
+        deb_libs, linked,
+        "the .deb's library dependencies ({depends:?}) must be exactly the packages of the libraries the binary links ({libs:?})"
+    );
+
+    // The image's runtime stage: debian:bookworm-slim has libc6 and zlib1g;
+    // it installs the rest, and no library the binary does not link.
+    let dockerfile = std::fs::read_to_string(root_dir().join("Dockerfile")).unwrap();
+    let runtime = dockerfile.rsplit_once("\nFROM ").unwrap().1;
+    let install = runtime
+        .split("apt-get install")
+        .nth(1)
+        .expect("the runtime stage installs packages");
+    let installed: BTreeSet<String> = install
+        .split("&&")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| !w.starts_with('-') && *w != "\\")
+        .map(str::to_string)
+        .collect();
+    let image_libs: BTreeSet<String> = installed
+        .iter()
+        .filter(|p| p.starts_with("lib"))
+        .cloned()
+        .collect();
+    let needed: BTreeSet<String> = linked
+        .iter()
+        .filter(|p| !["libc6", "zlib1g"].contains(&p.as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(
+        image_libs, needed,
+        "the image's runtime libraries ({installed:?}) against what the binary links"
+    );
 }

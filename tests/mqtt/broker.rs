@@ -74,7 +74,7 @@ impl Mosquitto {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("mosquitto is installed (scripts/test-deps.sh)");
+            .expect("mosquitto is installed (scripts/deps.sh test)");
         self.child = Some(child);
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {

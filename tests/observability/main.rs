@@ -1,6 +1,6 @@
 //! The dashboards and alert rules in `dashboards/` against the real tools:
 //! `promtool` checks the rules and the live `/metrics` text, and a real
-//! Prometheus (Debian's `prometheus` package, see scripts/test-deps.sh)
+//! Prometheus (Debian's `prometheus` package, see scripts/deps.sh test)
 //! scrapes in-process gateways and evaluates every dashboard and alert
 //! expression. Grafana itself is not installable on the build machine.
 //!
@@ -74,7 +74,7 @@ impl Prometheus {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("prometheus is installed (scripts/test-deps.sh)");
+            .expect("prometheus is installed (scripts/deps.sh test)");
         let prom = Prometheus {
             child,
             dir,
@@ -225,7 +225,7 @@ fn alert_rules_pass_promtool_check_rules() {
         .args(["check", "rules"])
         .arg(dashboards().join("alerts.yml"))
         .output()
-        .expect("promtool is installed (scripts/test-deps.sh)");
+        .expect("promtool is installed (scripts/deps.sh test)");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -254,7 +254,7 @@ fn live_metrics_pass_promtool_check_metrics() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool is installed (scripts/test-deps.sh)");
+        .expect("promtool is installed (scripts/deps.sh test)");
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();

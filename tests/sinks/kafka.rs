@@ -64,7 +64,7 @@ impl Tansu {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("tansu is installed (scripts/test-deps.sh)");
+            .expect("tansu is installed (scripts/deps.sh test)");
         self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -26,7 +26,7 @@ impl Moto {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server is installed in .venv-test (scripts/test-deps.sh)");
+            .expect("moto_server is installed in .venv-test (scripts/deps.sh test)");
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
