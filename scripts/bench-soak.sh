@@ -305,14 +305,14 @@ rss_figures embedded "$E_PEAK" "$E_SLOPE" "$E_WARM" "$E_END" \
 rss_figures external "$X_PEAK" "$X_SLOPE" "$X_WARM" "$X_END" \
     "MQTT ingest from a private Mosquitto, ${RATE}/s MQTT + ${RATE}/s HTTP for ${SECS}s"
 figure soak.embedded.e2e_p99 "$(ms_or_empty "$E_P99")" ms \
-    --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
+    --target "receive -> archive-ack p99 within its 1 s batch wait (<= 2048 ms bucket) at 1k records/s (issue 31: a local archive batches for seconds; issue 12 had <= 20 ms)" --check "value <= 2048" \
     --note "archive (file) sink, upper bound of the gateway_e2e_latency_seconds bucket; the load is ${RATE}/s MQTT + ${RATE}/s HTTP"
 figure soak.embedded.e2e_p50 "$(ms_or_empty "$E_P50")" ms --note "as soak.embedded.e2e_p99"
 figure soak.cloud.mqtt_e2e_p99 "$(ms_or_empty "$C_C_P99")" ms \
     --target "receive -> sink-ack p99 <= 50 ms for the MQTT sink at 1k records/s (issue 12, target 3)" --check "value <= 50" \
     --note "MQTT sink (3.1.1, defaults) to a local Mosquitto beside the archive, ${RATE}/s MQTT + ${RATE}/s HTTP for ${CLOUD_SECS}s; upper bound of the gateway_e2e_latency_seconds bucket; p50 <= $C_C_P50 ms"
 figure soak.cloud.file_e2e_p99 "$(ms_or_empty "$C_A_P99")" ms \
-    --target "receive -> sink-ack p99 <= 20 ms for the file sink at 1k records/s (issue 12, target 3)" --check "value <= 20" \
+    --target "receive -> archive-ack p99 within its 1 s batch wait (<= 2048 ms bucket) at 1k records/s (issue 31; issue 12 had <= 20 ms)" --check "value <= 2048" \
     --note "the archive of the same run, beside the MQTT sink; p50 <= $C_A_P50 ms"
 figure soak.limit.refused_pct "$L_REFUSED_PCT" % \
     --target "a gateway at its WAL size limit with healthy sinks answers no 503 (issue 12)" --check "value <= 0" \

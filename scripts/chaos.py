@@ -1049,6 +1049,29 @@ def check(ctx, res, gw, rig, acked_files, stop_gateway=True):
         finish_gateway(res, gw)
 
 
+# The gateway's wal.ack_flush (its default): sink acknowledgements wait in
+# memory at most this long, so a crash may deliver this long of records
+# again; IN_FLIGHT_SECS allows for the batches a sink had sent but not had
+# acknowledged when the process died.
+ACK_FLUSH_SECS = 1.0
+IN_FLIGHT_SECS = 1.0
+
+
+def bound_duplicates(ctx, res, crashes, what):
+    """Fails `res` if a sink got more duplicates than `crashes` crashes may
+    cause: per crash, (ACK_FLUSH_SECS + IN_FLIGHT_SECS) of the whole load."""
+    rate = ctx.scale.http_rate + ctx.scale.mqtt_rate
+    per_crash = rate * (ACK_FLUSH_SECS + IN_FLIGHT_SECS)
+    worst = max(res.dups.values(), default=0)
+    for sink, n in sorted(res.dups.items()):
+        if n > crashes * per_crash:
+            res.failures.append(f"{sink}: {n} duplicates over {crashes} crashes, more than "
+                                f"{per_crash:.0f} a {what} ({rate}/s x ({ACK_FLUSH_SECS} s ack_flush + "
+                                f"{IN_FLIGHT_SECS} s in flight))")
+    res.notes.append(f"duplicates per {what} at most {worst / max(crashes, 1):.0f} at one sink "
+                     f"(bound {per_crash:.0f}: {ACK_FLUSH_SECS} s of held acks + {IN_FLIGHT_SECS} s in flight at {rate}/s)")
+
+
 def finish_gateway(res, gw):
     """SIGTERM the gateway (it must exit, status 0) and run the offline WAL check."""
     rc = gw.stop()
@@ -1115,6 +1138,7 @@ def crash_loop(ctx):
     load_notes(res, loads)
     res.timings.update(cycles=str(cycles), ready_avg=fmt_s(sum(ready) / len(ready)), ready_max=fmt_s(max(ready)))
     check(ctx, res, gw, rig, [lg.acked for lg in loads])
+    bound_duplicates(ctx, res, cycles, "kill -9")
     return res
 
 
@@ -1647,6 +1671,7 @@ def _powercut(ctx, res, work, fs, held):
         res.notes.append(f"admin.token was regenerated {len(tokens) - 1} times: a cut lost it "
                          "(created with fsync of the file, not of its directory)")
     check(ctx, res, gw, rig, [lg.acked for lg in loads])
+    bound_duplicates(ctx, res, cycles, "cut")
     problem = runtime_problem(data, 1900 + cycles - 1)
     if problem:
         res.failures.append(f"after the run: {problem}")

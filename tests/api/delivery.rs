@@ -11,7 +11,9 @@ use gateway_actors::sink::s3::ObjectStoreSink;
 use gateway_actors::sink::{PublishFuture, Sink};
 use gateway_actors::wal::Batch;
 
-use crate::helpers::{archived_keys, spawn_app, spawn_app_with, telemetry, wait_until};
+use crate::helpers::{
+    archive_objects, archived_keys, spawn_app, spawn_app_with, telemetry, wait_until,
+};
 
 #[test]
 fn an_unwritable_archive_keeps_records_pending_with_backoff_and_delivers_them_all_once_writable() {
@@ -251,13 +253,18 @@ fn a_gateway_at_its_wal_size_limit_with_a_healthy_sink_refuses_nothing() {
     });
 }
 
-/// Adaptive batching (the default): a sink with nothing in flight sends a
-/// lone record at once. With the old fixed wait every record waited for
-/// its batch (200 ms), so none of these would be acknowledged within 128 ms;
-/// the margin is wide so a slow machine does not fail it.
+/// Adaptive batching (the default of a configured sink): a sink with
+/// nothing in flight sends a lone record at once. With the old fixed wait
+/// every record waited for its batch (200 ms), so none of these would be
+/// acknowledged within 128 ms; the margin is wide so a slow machine does not
+/// fail it.
 #[test]
-fn with_the_default_config_a_lone_record_is_not_held_back_for_a_batch() {
-    let app = spawn_app("");
+fn a_configured_sink_sends_a_lone_record_without_waiting_for_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(&format!(
+        "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\n",
+        dir.path().display()
+    ));
     let sent = 10;
     for i in 0..sent {
         assert_eq!(
@@ -275,5 +282,31 @@ fn with_the_default_config_a_lone_record_is_not_held_back_for_a_batch() {
     assert!(
         fast >= (sent - 2) as f64,
         "only {fast} of {sent} lone records were acknowledged within 128 ms"
+    );
+}
+
+/// The zero-config archive has no latency target: it gathers a second of
+/// records into one object (each object costs a file, an fsync, a rename
+/// and a directory fsync), so records sent 30 ms apart share objects.
+#[test]
+fn the_zero_config_archive_gathers_a_second_of_records_into_one_object() {
+    let app = spawn_app("");
+    let sent = 20;
+    for i in 0..sent {
+        assert_eq!(
+            app.post_json("dev-1", &telemetry(&format!("calm-{i}"), 1.0))
+                .status,
+            202
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    wait_until("every record archived", Duration::from_secs(10), || {
+        archived_keys(&app.archive_dir()).len() == sent
+    });
+    // ~0.6 s of records: one object, or two when a batch closed mid-way.
+    let objects = archive_objects(&app.archive_dir()).len();
+    assert!(
+        (1..=3).contains(&objects),
+        "{sent} records 30 ms apart made {objects} archive objects"
     );
 }

@@ -517,19 +517,7 @@ impl Wal {
     pub fn check(&mut self, repair: bool) -> Result<CheckReport, WalError> {
         let mut rep = CheckReport::default();
         // Whatever memory holds that the disk does not yet, store first.
-        {
-            let tx = self.conn.transaction()?;
-            for (name, st) in &self.sinks {
-                if st.dirty {
-                    persist_sink(&tx, name, st)?;
-                }
-            }
-            tx.commit()?;
-            self.sinks
-                .values_mut()
-                .filter(|s| s.dirty)
-                .for_each(|s| s.mark_persisted());
-        }
+        self.flush_acks()?;
 
         let integrity: Vec<String> = {
             let mut stmt = self.conn.prepare("PRAGMA integrity_check(20)")?;

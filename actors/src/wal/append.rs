@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::delivery::persist_sink;
+use super::delivery::persist_dirty;
 use super::engine::{now_ms, AppendOutcome, NewRecord, Wal, WalError, WriteOp, WriteResult};
 use super::ranges::RangeSet;
 use super::space::COMPACT_CHUNK;
@@ -62,12 +62,10 @@ impl Wal {
             self.last_append = Instant::now();
         }
         match res {
-            Ok(out) => {
-                // Every sink touched is now stored as it is in memory.
-                for st in self.sinks.values_mut() {
-                    if st.dirty {
-                        st.mark_persisted();
-                    }
+            Ok((out, stored)) => {
+                if stored {
+                    // Every sink touched is now stored as it is in memory.
+                    self.sinks_stored();
                 }
                 Ok(out)
             }
@@ -88,12 +86,15 @@ impl Wal {
         }
     }
 
+    /// Returns the answers, and whether the sinks' delivery state was
+    /// stored: with a dead letter (its row and the range it finishes go
+    /// together), or once acknowledgements waited `ack_flush`.
     #[allow(clippy::type_complexity)]
     fn write_inner(
         &mut self,
         ops: &[WriteOp],
         undo: &mut Vec<(String, Option<u64>)>,
-    ) -> Result<Vec<Result<WriteResult, WalError>>, WalError> {
+    ) -> Result<(Vec<Result<WriteResult, WalError>>, bool), WalError> {
         let window_start = now_ms() - self.cfg.dedup_window.as_millis() as i64;
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(ops.len());
@@ -166,6 +167,9 @@ impl Wal {
                             for &(a, b) in ranges {
                                 st.finish(a, b);
                             }
+                            if st.dirty && self.unstored_since.is_none() {
+                                self.unstored_since = Some(Instant::now());
+                            }
                             out.push(Ok(WriteResult::Done));
                         }
                     },
@@ -200,11 +204,14 @@ impl Wal {
                     },
                 }
             }
-            for (name, st) in &self.sinks {
-                if st.dirty {
-                    persist_sink(&tx, name, st)?;
-                }
-            }
+        }
+        // (`acks_due`, spelled out: `tx` borrows the connection.)
+        let acks_due = self
+            .unstored_since
+            .is_some_and(|t| t.elapsed() >= self.cfg.ack_flush);
+        let store = acks_due || ops.iter().any(|op| matches!(op, WriteOp::Dead { .. }));
+        if store {
+            persist_dirty(&tx, &self.sinks)?;
         }
         let merged = self.recent_keys.len() >= MERGE_KEYS_AT;
         if merged {
@@ -214,7 +221,7 @@ impl Wal {
         if merged {
             self.keys_merged();
         }
-        Ok(out)
+        Ok((out, store))
     }
 
     /// Merges the dedup keys held in memory into the `idem` table, in their

@@ -632,6 +632,68 @@ pub(super) fn ttl_mark_key(sink: &str, class: Class) -> String {
     format!("ttl/{sink}/{class}")
 }
 
+/// Stores every sink whose delivery state in memory is ahead of the stored
+/// one. The caller calls [`Wal::sinks_stored`] once the transaction committed.
+pub(super) fn persist_dirty(
+    conn: &Connection,
+    sinks: &BTreeMap<String, SinkState>,
+) -> Result<(), WalError> {
+    for (name, st) in sinks {
+        if st.dirty {
+            persist_sink(conn, name, st)?;
+        }
+    }
+    Ok(())
+}
+
+impl Wal {
+    /// Every sink's delivery state was committed as it is in memory.
+    pub(super) fn sinks_stored(&mut self) {
+        for st in self.sinks.values_mut() {
+            if st.dirty {
+                st.mark_persisted();
+            }
+        }
+        self.unstored_since = None;
+    }
+
+    /// Acknowledgements waited in memory for `ack_flush` (or it is zero):
+    /// the next commit stores them.
+    pub(super) fn acks_due(&self) -> bool {
+        self.unstored_since
+            .is_some_and(|t| t.elapsed() >= self.cfg.ack_flush)
+    }
+
+    /// How long until acknowledgements held in memory are due to be
+    /// stored (`None`: none are held).
+    pub fn acks_due_in(&self) -> Option<Duration> {
+        self.unstored_since
+            .map(|t| self.cfg.ack_flush.saturating_sub(t.elapsed()))
+    }
+
+    /// Stores the acknowledgements held in memory now, in a commit of their
+    /// own without an fsync: losing it to a power cut only delivers those
+    /// records again, and the next append's fsync (or a checkpoint) makes it
+    /// durable. The writer calls it once they are due, before an operator
+    /// command and when it stops.
+    pub fn flush_acks(&mut self) -> Result<(), WalError> {
+        if self.unstored_since.is_none() && !self.sinks.values().any(|s| s.dirty) {
+            return Ok(());
+        }
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let res = (|| {
+            let tx = self.conn.transaction()?;
+            persist_dirty(&tx, &self.sinks)?;
+            tx.commit()?;
+            Ok::<_, WalError>(())
+        })();
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        res?;
+        self.sinks_stored();
+        Ok(())
+    }
+}
+
 /// Stores one sink's cursor and done ranges as they are in memory: only
 /// what changed since the last commit when that is known, else everything.
 /// The caller calls `mark_persisted` once the transaction committed.

@@ -187,6 +187,9 @@ impl Wal {
             "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
             [upto],
         )?;
+        // The cursors that allowed this may still be held in memory
+        // (`ack_flush`): after a crash a stored cursor below `upto` finds no
+        // record there, and its next fetch moves it past them.
         tx.commit()?;
         self.stored_records = self.stored_records.saturating_sub(compacted);
         Ok(compacted)

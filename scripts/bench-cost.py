@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""The cost of one record at steady rates (`make bench`; issue 31).
+
+    scripts/bench-cost.py [--bin-dir DIR] [--rates 40,1000] [--secs 30] [--warmup 8]
+                          [--runs default-http,default-mqtt,before-http,five-http,window]
+                          [--windows 50ms,100ms,200ms]
+
+Each run starts a fresh gateway and drives it at a steady rate with
+`loadgen` for WARMUP + SECS seconds; over the last SECS it reads, from
+/proc/PID/stat and /proc/PID/io and the gateway's own metrics:
+
+- CPU (user + system) as a share of one core, and per record;
+- bytes written to the storage layer (`write_bytes`) per record;
+- write syscalls (`syscw`) and fsyncs (fsync + fdatasync, counted by
+  `perf stat` on syscall tracepoints, with every thread the gateway starts)
+  per record;
+- WAL commits a second (`gateway_wal_commits_total`);
+- the device acknowledgement latency (loadgen: p50, p99).
+
+Runs:
+- `default-http`: the default config (embedded broker, the zero-config
+  archive), records over HTTP from 50 devices, one keep-alive connection
+  each (a device waits for its answer before it sends again; with fewer
+  connections than a commit window's worth of records, each record waits
+  the whole window: issue 31 measured the old gateway over 4);
+- `default-mqtt`: the same gateway, QoS 1 through the embedded broker from
+  200 device connections;
+- `five-http`: all five sink kinds (file archive, S3 on moto, HTTP, MQTT to
+  Mosquitto, Kafka on tansu: the chaos rig), over HTTP;
+- `window`: default-http at the first rate with `wal.commit_window` at each
+  of --windows (the wear / latency curve);
+- `before-http`: default-http with the settings before issue 31 (every
+  acknowledgement committed at once, `wal.ack_flush = "0s"`; the archive
+  batching for 5 ms), for a comparison in the same run.
+
+The floor beside them, in the same run: bare SQLite (Python's sqlite3, WAL
+mode, synchronous=FULL, default page size) inserting one 400-byte record per
+commit into a rowid table with no secondary index, at each rate.
+
+Appends a section to bench/results/latest.md and one JSON line per figure to
+bench/results/figures.jsonl (scripts/bench-report.py). Exit status 1 when a
+run failed.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chaos  # noqa: E402  the rig, the gateway, loadgen
+
+ROOT = chaos.ROOT
+RESULTS = ROOT / "bench/results/latest.md"
+FIGURES = Path(os.environ.get("BENCH_FIGURES", ROOT / "bench/results/figures.jsonl"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FSYNC_EVENTS = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync"
+RECORD_BYTES = 400  # the floor's record
+
+
+class Ctx:
+    """What chaos.Gateway and chaos.Loadgen use."""
+
+    def __init__(self, args):
+        bin_dir = Path(args.bin_dir).resolve()
+        self.gateway_bin = bin_dir / "gateway"
+        self.loadgen_bin = bin_dir / "loadgen"
+        self.scale = chaos.QUICK
+        self.run_tag = time.strftime("c%H%M%S")
+        self.run_dir = ROOT / "target" / f"bench-cost-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def perf_works():
+    if not shutil.which("perf"):
+        return False
+    r = subprocess.run(["perf", "stat", "-x,", "-e", FSYNC_EVENTS, "--", "true"],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "sys_enter_fsync" in r.stderr and "<not supported>" not in r.stderr
+
+
+class CountedGateway(chaos.Gateway):
+    """chaos.Gateway started under `perf stat -I 1000` (fsyncs per second of
+    every thread it ever starts), when perf can count syscalls here."""
+
+    def __init__(self, ctx, work, config, perf):
+        super().__init__(ctx, work, config)
+        self.perf_csv = self.work / "perf.csv" if perf else None
+
+    def start(self, timeout=120):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env["MIMALLOC_ARENA_EAGER_COMMIT"] = "0"
+        cmd = [self.ctx.gateway_bin, "run", "--config", self.cfg, "--data-dir", self.data,
+               "--http-addr", f"127.0.0.1:{self.port}", "--log-level", "warn"]
+        if self.perf_csv:
+            cmd = ["perf", "stat", "-I", "1000", "-x,", "-e", FSYNC_EVENTS, "-o", self.perf_csv, "--"] + cmd
+        t0 = self.spawned = time.monotonic()
+        self.proc = chaos.CHILDREN.spawn(cmd, self.log, env=env)
+        chaos.wait_for("the gateway to be ready", timeout, self.ready, 0.05)
+        return time.monotonic() - t0
+
+    def gateway_pid(self):
+        if not self.perf_csv:
+            return self.proc.pid
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(kids[0])
+
+    def stop(self, timeout=60):
+        """SIGTERM to the gateway itself (perf does not pass it on); perf
+        then exits with it. The gateway's exit status."""
+        if self.perf_csv and self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.gateway_pid(), signal.SIGTERM)
+            except (OSError, IndexError, ValueError):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return super().stop(timeout)
+
+    def fsyncs_between(self, t0, t1):
+        """fsyncs counted in perf's intervals that end within (t0, t1] (seconds since start)."""
+        if not self.perf_csv or not self.perf_csv.exists():
+            return None
+        total = 0
+        for line in self.perf_csv.read_text().splitlines():
+            parts = line.split(",")
+            if len(parts) < 4 or line.startswith("#"):
+                continue
+            try:
+                ts, count = float(parts[0]), parts[1]
+            except ValueError:
+                continue
+            if t0 < ts <= t1 and count.strip().isdigit():
+                total += int(count)
+        return total
+
+
+def proc_counters(pid):
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return {"cpu_s": ticks / CLK_TCK, "write_bytes": int(io["write_bytes"]), "syscw": int(io["syscw"])}
+
+
+def accepted_and_commits(gw):
+    m = gw.metrics()
+    return (chaos.metric_sum(m, "gateway_ingest_records_total", outcome="accepted"),
+            chaos.metric_sum(m, "gateway_wal_commits_total"))
+
+
+def measure(ctx, args, name, config, kind, rate, perf, devices):
+    """One gateway at one rate: the figures of its last `secs` seconds."""
+    work = ctx.run_dir / f"{name}-{rate}"
+    work.mkdir(parents=True, exist_ok=True)
+    rig = None
+    if config is None:  # the five sink kinds
+        rig = chaos.Rig(work, ingest="off").start()
+        config = rig.config()
+    gw = CountedGateway(ctx, work, config, perf)
+    try:
+        gw.start()
+        pid = gw.gateway_pid()
+        url = gw.url("") if kind == "http" else f"mqtt://127.0.0.1:{args.mqtt_port}"
+        load = chaos.Loadgen(ctx, work, kind, url, rate, args.warmup + args.secs + 2, kind, devices)
+        if kind == "http":  # one keep-alive connection a device, as a fleet sends
+            i = load.args.index("--connections")
+            load.args[i + 1] = devices
+        load.start()
+        time.sleep(args.warmup)
+        t0, c0, (a0, k0) = time.monotonic(), proc_counters(pid), accepted_and_commits(gw)
+        time.sleep(args.secs)
+        t1, c1, (a1, k1) = time.monotonic(), proc_counters(pid), accepted_and_commits(gw)
+        summary = load.finish(30)
+        gw.check_alive()
+        wall = t1 - t0
+        records = a1 - a0
+        if records <= 0:
+            raise chaos.ChaosFailure(f"{name} at {rate}/s: no record accepted while measuring")
+        # perf's intervals end on whole seconds since it started.
+        fsyncs = gw.fsyncs_between(t0 - gw.spawned + 0.5, t1 - gw.spawned + 0.5)
+        return {
+            "run": name, "rate": rate, "records": int(records), "secs": wall,
+            "cpu_pct": 100.0 * (c1["cpu_s"] - c0["cpu_s"]) / wall,
+            "cpu_us": 1e6 * (c1["cpu_s"] - c0["cpu_s"]) / records,
+            "bytes": (c1["write_bytes"] - c0["write_bytes"]) / records,
+            "syscw": (c1["syscw"] - c0["syscw"]) / records,
+            "fsyncs": None if fsyncs is None else fsyncs / records,
+            "commits_s": (k1 - k0) / wall,
+            "p50": (summary.get("latency_ms") or {}).get("p50"),
+            "p99": (summary.get("latency_ms") or {}).get("p99"),
+        }
+    finally:
+        gw.stop()
+        chaos.CHILDREN.stop_all()
+
+
+FLOOR_CHILD = r"""
+import os, sqlite3, sys, time
+path, rate, warmup, secs, size = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+def io():
+    d = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+    return int(d["write_bytes"]), int(d["syscw"])
+db = sqlite3.connect(path, isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+body = "x" * size
+start = time.monotonic()
+n = measured = 0
+b0 = None
+while True:
+    now = time.monotonic()
+    if b0 is None and now - start >= warmup:
+        b0, w0, t0, n0 = *io(), now, n
+    if now - start >= warmup + secs:
+        break
+    due = start + n / rate
+    if due > now:
+        time.sleep(due - now)
+    db.execute("INSERT INTO t(body) VALUES(?)", (body,))
+    n += 1
+b1, w1 = io()
+print(f"{(b1 - b0) / (n - n0)} {(w1 - w0) / (n - n0)} {n - n0}")
+"""
+
+
+def floor(ctx, args, rate):
+    """Bare SQLite, one RECORD_BYTES record per commit at `rate`: bytes and write syscalls per record."""
+    work = ctx.run_dir / f"floor-{rate}"
+    work.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([sys.executable, "-c", FLOOR_CHILD, str(work / "floor.db"), str(rate),
+                          str(args.warmup), str(args.secs), str(RECORD_BYTES)],
+                         capture_output=True, text=True, check=True)
+    b, w, n = out.stdout.split()
+    return {"rate": rate, "bytes": float(b), "syscw": float(w), "records": int(n)}
+
+
+def default_config(mqtt_port, window=None):
+    wal = f'[wal]\ncommit_window = "{window}"\n' if window else ""
+    return f'gateway_id = "cost"\n[mqtt]\nurl = "embedded"\nembedded_addr = "127.0.0.1:{mqtt_port}"\n{wal}'
+
+
+def before_config(mqtt_port, work):
+    """The default config as it was before issue 31 (its zero-config archive spelled out)."""
+    return (default_config(mqtt_port) + '[wal]\nack_flush = "0s"\n[sinks.archive]\nkind = "s3"\n'
+            f'url = "file://{work}/data/archive"\nmax_bytes = 1073741824\nbatch_max_wait_ms = 5\n')
+
+
+def figure(name, value, unit, ceiling=None, target=None, check=None, note=None, build=None):
+    fig = {"name": name, "value": value, "unit": unit, "bench": "bench-cost",
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build}
+    if ceiling is not None:
+        fig["ceiling"] = {"name": ceiling[0], "value": ceiling[1]}
+        fig["ratio"] = value / ceiling[1] if ceiling[1] else None
+    for k, v in (("target", target), ("check", check), ("note", note)):
+        if v is not None:
+            fig[k] = v
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    with open(FIGURES, "a") as f:
+        f.write(json.dumps(fig) + "\n")
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin-dir", default=str(ROOT / "target" / os.environ.get("BENCH_PROFILE", "dist")))
+    ap.add_argument("--rates", default="40,1000")
+    ap.add_argument("--secs", type=float, default=float(os.environ.get("BENCH_COST_SECS", 30)))
+    ap.add_argument("--warmup", type=float, default=8)
+    ap.add_argument("--runs", default="default-http,default-mqtt,before-http,five-http,window")
+    ap.add_argument("--windows", default="50ms,100ms,200ms")
+    args = ap.parse_args()
+    ctx = Ctx(args)
+    for p in (ctx.gateway_bin, ctx.loadgen_bin):
+        if not p.exists():
+            sys.exit(f"bench-cost: {p} is missing (make bench builds it)")
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    perf = perf_works()
+    build = os.popen(f"'{ctx.gateway_bin}' --version 2>/dev/null").read().strip() or None
+    floors = {r: floor(ctx, args, r) for r in rates}
+    rows, failures = [], []
+
+    def run(name, config, kind, rate, devices):
+        try:
+            row = measure(ctx, args, name, config, kind, rate, perf, devices)
+            rows.append(row)
+            chaos.log(f"cost: {name} at {rate}/s: {row['cpu_pct']:.1f} % CPU, {row['bytes']:.0f} B/record")
+        except (chaos.ChaosFailure, OSError, subprocess.SubprocessError) as e:
+            failures.append(f"{name} at {rate}/s: {e}")
+            chaos.log(f"cost: {name} at {rate}/s failed: {e}")
+
+    for rate in rates:
+        if "default-http" in runs:
+            args.mqtt_port = chaos.free_port()
+            run("default-http", default_config(args.mqtt_port), "http", rate, 50)
+        if "default-mqtt" in runs:
+            args.mqtt_port = chaos.free_port()
+            run("default-mqtt", default_config(args.mqtt_port), "mqtt", rate, 200)
+        if "before-http" in runs:
+            args.mqtt_port = chaos.free_port()
+            run("before-http", before_config(args.mqtt_port, ctx.run_dir / f"before-http-{rate}"), "http", rate, 50)
+        if "five-http" in runs:
+            if chaos.TANSU.exists() and chaos.VENV_PY.exists():
+                run("five-http", None, "http", rate, 50)
+            else:
+                failures.append("five-http: tansu or .venv-test missing (scripts/deps.sh test)")
+    if "window" in runs:
+        for w in [w.strip() for w in args.windows.split(",") if w.strip()]:
+            args.mqtt_port = chaos.free_port()
+            run(f"window-{w}", default_config(args.mqtt_port, w), "http", rates[0], 50)
+
+    lines = [
+        "", f"### Cost per record (scripts/bench-cost.py, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})", "",
+        f"{build or ctx.gateway_bin}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end. "
+        f"Each run: a fresh gateway, loadgen at a steady rate, measured over {args.secs:.0f} s after {args.warmup:.0f} s "
+        "of warm-up from /proc/PID/stat and /proc/PID/io (`write_bytes`: bytes sent to the storage layer) and "
+        + ("`perf stat` (fsyncs of every thread)." if perf else "no fsync count (perf cannot count syscalls here)."), "",
+        "Floor (same run): bare SQLite, one 400-byte record per commit, WAL mode, synchronous=FULL, no index: "
+        + ", ".join(f"{f['rate']}/s: **{f['bytes']:.0f} B** and {f['syscw']:.1f} write syscalls a record" for f in floors.values()),
+        "",
+        "| run | rate | gateway CPU | CPU per record | written per record | vs floor | write syscalls | fsyncs | WAL commits/s | ack p50 / p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        fl = floors.get(r["rate"])
+        vs = r["bytes"] / fl["bytes"] if fl and fl["bytes"] else None
+        lines.append(f"| {r['run']} | {r['rate']}/s | {r['cpu_pct']:.2f} % | {r['cpu_us']:.0f} µs | {r['bytes']:.0f} B "
+                     f"| {fmt(vs, '.2f')}× | {r['syscw']:.1f} | {fmt(r['fsyncs'], '.2f')} | {r['commits_s']:.0f} "
+                     f"| {fmt(r['p50'], '.1f')} / {fmt(r['p99'], '.1f')} ms |")
+    lines += [f"- FAILED: {f}" for f in failures]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    lo, hi = (rates[0], rates[-1]) if rates else (None, None)
+    for r in rows:
+        fl = floors.get(r["rate"])
+        key = f"cost.{r['run']}.{r['rate']}"
+        note = f"{r['records']} records in {r['secs']:.0f} s; ack p99 {fmt(r['p99'], '.1f')} ms"
+        default = r["run"] in ("default-http", "default-mqtt")
+        window = r["run"].startswith("window-")
+        if default and r["rate"] == lo:
+            figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", target="<= 1 % of a core at 40 records/s (issue 31)",
+                   check="value <= 1", note=note, build=build)
+        elif default and r["rate"] == hi:
+            figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", target="<= 15 % of a core at 1,000 records/s (issue 31)",
+                   check="value <= 15", note=note, build=build)
+        else:
+            figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", note=note, build=build)
+        if fl and default and r["rate"] == lo:
+            figure(f"{key}.bytes", round(r["bytes"]), "B/record", ceiling=("bare SQLite, 1 record a commit", round(fl["bytes"])),
+                   target="<= 1.0 x the bare-SQLite floor at 40 records/s (issue 31)", check="ratio <= 1.0", note=note, build=build)
+        elif default and r["rate"] == hi:
+            figure(f"{key}.bytes", round(r["bytes"]), "B/record", target="<= 1.5 KB a record at 1,000 records/s (issue 31)",
+                   check="value <= 1500", note=note, build=build)
+        elif window:
+            figure(f"{key}.bytes", round(r["bytes"]), "B/record", target="<= 3 KB a record at 40 records/s with a commit window (issue 31)",
+                   check="value <= 3000", note=note, build=build)
+        else:
+            figure(f"{key}.bytes", round(r["bytes"]), "B/record", note=note, build=build)
+        if r["p99"] is not None and (default or window):
+            limit = 250 if window else 50
+            figure(f"{key}.ack_p99", r["p99"], "ms", target=f"device ack p99 <= {limit} ms (issue 31)",
+                   check=f"value <= {limit}", note=note, build=build)
+    for fl in floors.values():
+        figure(f"cost.floor.{fl['rate']}.bytes", round(fl["bytes"]), "B/record",
+               note="bare SQLite: one 400-byte record per commit, WAL, synchronous=FULL, rowid table, no index", build=build)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    finally:
+        chaos.CHILDREN.stop_all()
