@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::engine::{BackpressurePolicy, Wal, WalError};
 
@@ -162,6 +162,17 @@ impl Wal {
     /// that are not dead letters and that were received before `cutoff`
     /// (epoch ms); moves the seq floor up. Returns how many it deleted.
     fn compact_delivered(&mut self, cutoff: i64, chunk: usize) -> Result<u64, WalError> {
+        // Mostly nothing is old enough: the oldest record says so from one
+        // index lookup, where the scan below reads up to `chunk` records
+        // every housekeeping pass (half the writer's CPU at 40 records/s).
+        let oldest: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT receive_ms FROM records ORDER BY seq LIMIT 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        if oldest.is_none_or(|ms| ms >= cutoff) {
+            return Ok(0);
+        }
         let min_cursor = self
             .sinks
             .values()
