@@ -667,7 +667,7 @@ impl Loaded {
         }
         let commit_window = self.duration(
             "wal.commit_window",
-            raw.wal.commit_window.as_deref().unwrap_or("20ms"),
+            raw.wal.commit_window.as_deref().unwrap_or("30ms"),
         )?;
         if commit_window > MAX_COMMIT_WINDOW {
             return Err(self.invalid(
@@ -1261,7 +1261,7 @@ mod tests {
         let s = Settings::from_toml("").unwrap();
         let w = s.wal_config();
         assert_eq!(w.ack_flush, Duration::from_secs(1));
-        assert_eq!(w.commit_window, Duration::from_millis(20));
+        assert_eq!(w.commit_window, Duration::from_millis(30));
         let s =
             Settings::from_toml("[wal]\nack_flush = \"0s\"\ncommit_window = \"200ms\"\n").unwrap();
         assert_eq!(s.wal.ack_flush, Duration::ZERO);

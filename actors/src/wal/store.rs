@@ -475,13 +475,14 @@ fn writer_loop(
         let mut reads = Vec::new();
         // Appends may wait for others to share their commit (`CommitWindow`).
         let mut window_end: Option<Instant> = None;
-        let mut records = 0;
+        let (mut records, mut appends) = (0, 0);
         let mut next = first;
         while let Some(r) = next {
             match r {
                 Request::Write(op, t, tx) => {
                     if let WriteOp::Append(r) = &op {
                         records += r.len();
+                        appends += 1;
                         window.arrived(t);
                         if window_end.is_none() {
                             window_end = window.deadline(t);
@@ -501,6 +502,9 @@ fn writer_loop(
                     .ok(),
                 (Err(_), _) => None,
             };
+        }
+        if window_end.is_some() {
+            window.waited(appends, Instant::now());
         }
         if !writes.is_empty() {
             if let Some(full) = commit_group(&mut wal, writes, &metrics, &health) {
@@ -551,28 +555,41 @@ fn flush_acks(wal: &mut Wal) {
 
 /// When a group commit waits for more appends (`wal.commit_window`): every
 /// commit writes whole pages and ends a partly written block, so records
-/// that share a commit cost less disk each. It waits only while appends
-/// arrive faster than the window (their average gap is shorter), so a slow
-/// steady rate, where nothing would come in time, is not delayed; and only
-/// until the group holds GROUP_FULL records.
+/// that share a commit cost less disk each. It waits only
+/// - while appends arrive faster than the window (their average gap is
+///   shorter): at a slow steady rate nothing would come in time;
+/// - while waiting pays: when the last wait gathered no other append (one
+///   sender waiting for each answer before it sends again, say) it does not
+///   wait again for PROBE_EVERY;
+/// - and until the group holds GROUP_FULL records.
 struct CommitWindow {
     window: Duration,
     /// When the last append was submitted.
     last: Option<Instant>,
     /// The average gap between appends (exponentially weighted, 1/8).
     gap: Duration,
+    /// When a wait last gathered no other append.
+    unpaid: Option<Instant>,
 }
 
 impl CommitWindow {
     /// Gaps longer than this count as this (an idle spell is not averaged in whole).
     const MAX_GAP: Duration = Duration::from_secs(1);
+    /// After a wait that gathered nothing, how long until the next try.
+    const PROBE_EVERY: Duration = Duration::from_secs(1);
 
     fn new(window: Duration) -> Self {
         Self {
             window,
             last: None,
             gap: Self::MAX_GAP,
+            unpaid: None,
         }
+    }
+
+    /// A group that waited ended with `appends` append requests in it.
+    fn waited(&mut self, appends: usize, now: Instant) {
+        self.unpaid = (appends <= 1).then_some(now);
     }
 
     /// An append submitted at `t`.
@@ -587,7 +604,10 @@ impl CommitWindow {
     /// Until when a group whose first append was submitted at `first` may
     /// wait for more (`None`: commit at once).
     fn deadline(&self, first: Instant) -> Option<Instant> {
-        (!self.window.is_zero() && self.gap < self.window).then(|| first + self.window)
+        let pays = self
+            .unpaid
+            .is_none_or(|t| first.saturating_duration_since(t) >= Self::PROBE_EVERY);
+        (!self.window.is_zero() && self.gap < self.window && pays).then(|| first + self.window)
     }
 }
 
@@ -929,6 +949,41 @@ mod tests {
         assert_eq!(after(window, Duration::from_millis(1), 1), None);
         // A zero window never waits.
         assert_eq!(after(Duration::ZERO, Duration::from_millis(1), 50), None);
+    }
+
+    #[test]
+    fn one_sender_waiting_for_each_answer_is_not_held_back_by_the_window() {
+        let window = Duration::from_millis(20);
+        let mut w = CommitWindow::new(window);
+        let t0 = Instant::now();
+        for i in 0..50 {
+            w.arrived(t0 + Duration::from_millis(i));
+        }
+        let t = t0 + Duration::from_millis(50);
+        w.arrived(t);
+        assert!(w.deadline(t).is_some(), "fast appends: a wait is tried");
+        // It gathered nothing: the next ones do not wait...
+        let unpaid = t + window;
+        w.waited(1, unpaid);
+        let t = unpaid + Duration::from_millis(1);
+        w.arrived(t);
+        assert_eq!(w.deadline(t), None);
+        // ...until a probe a second later (appends still coming every ms);
+        // a wait that gathered others goes on.
+        let end = unpaid + CommitWindow::PROBE_EVERY;
+        let mut t = t;
+        while t < end {
+            t += Duration::from_millis(1);
+            w.arrived(t);
+            if t < end {
+                assert_eq!(w.deadline(t), None);
+            }
+        }
+        assert!(w.deadline(t).is_some());
+        w.waited(2, t + window);
+        let t = t + window;
+        w.arrived(t);
+        assert!(w.deadline(t).is_some());
     }
 
     #[test]
