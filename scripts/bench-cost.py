@@ -43,7 +43,6 @@ run failed.
 """
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -53,6 +52,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchfig  # noqa: E402  one figure line for bench-report.py
 import chaos  # noqa: E402  the rig, the gateway, loadgen
 
 ROOT = chaos.ROOT
@@ -253,18 +253,8 @@ def before_config(mqtt_port, work):
             f'url = "file://{work}/data/archive"\nmax_bytes = 1073741824\nbatch_max_wait_ms = 5\n')
 
 
-def figure(name, value, unit, ceiling=None, target=None, check=None, note=None, build=None):
-    fig = {"name": name, "value": value, "unit": unit, "bench": "bench-cost",
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build}
-    if ceiling is not None:
-        fig["ceiling"] = {"name": ceiling[0], "value": ceiling[1]}
-        fig["ratio"] = value / ceiling[1] if ceiling[1] else None
-    for k, v in (("target", target), ("check", check), ("note", note)):
-        if v is not None:
-            fig[k] = v
-    FIGURES.parent.mkdir(parents=True, exist_ok=True)
-    with open(FIGURES, "a") as f:
-        f.write(json.dumps(fig) + "\n")
+def figure(name, value, unit, **kw):
+    benchfig.figure(FIGURES, "bench-cost", name, value, unit, **kw)
 
 
 def fmt(v, spec):

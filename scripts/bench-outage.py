@@ -25,7 +25,6 @@ record was lost or a run failed.
 """
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchfig  # noqa: E402  one figure line for bench-report.py
 import chaos  # noqa: E402  the rig, the gateway, loadgen and the checker
 
 ROOT = chaos.ROOT
@@ -135,15 +135,8 @@ def count_lines(path):
         return 0
 
 
-def figure(name, value, unit, target=None, check=None, note=None, build=None):
-    fig = {"name": name, "value": value, "unit": unit, "source": "bench-outage",
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build}
-    for k, v in (("target", target), ("check", check), ("note", note)):
-        if v is not None:
-            fig[k] = v
-    FIGURES.parent.mkdir(parents=True, exist_ok=True)
-    with open(FIGURES, "a") as f:
-        f.write(json.dumps(fig) + "\n")
+def figure(name, value, unit, **kw):
+    benchfig.figure(FIGURES, "bench-outage", name, value, unit, **kw)
 
 
 def main():

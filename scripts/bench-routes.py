@@ -32,6 +32,9 @@ import threading
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchfig  # noqa: E402  one figure line for bench-report.py
+
 GW, WORK, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRK_SECS = int(os.environ.get("BENCH_ROUTES_WRK_SECS", "10"))
@@ -46,21 +49,13 @@ def log(msg):
     print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
-def figure(name, value, unit, ceiling=None, target=None, check=None, note=None):
-    """One figure for scripts/bench-report.py (the format of `figure` in bench-lib.sh)."""
+def figure(name, value, unit, **kw):
+    """One figure for scripts/bench-report.py, with the build of the gateway measured."""
     try:
         build = subprocess.run([GW, "--version"], capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         build = None
-    fig = {"name": name, "value": value, "unit": unit, "source": "bench-routes",
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build}
-    if ceiling:
-        fig["ceiling"] = {"name": ceiling[0], "value": ceiling[1]}
-    for k, v in (("target", target), ("check", check), ("note", note)):
-        if v is not None:
-            fig[k] = v
-    with open(FIGURES, "a") as f:
-        f.write(json.dumps(fig) + "\n")
+    benchfig.figure(FIGURES, "bench-routes", name, value, unit, build=build, **kw)
 
 
 def free_port():

@@ -652,32 +652,18 @@ impl Loaded {
             "wal.dedup_window",
             raw.wal.dedup_window.as_deref().unwrap_or("24h"),
         )?;
-        let ack_flush = self.duration(
+        let ack_flush = self.duration_at_most(
             "wal.ack_flush",
             raw.wal.ack_flush.as_deref().unwrap_or("1s"),
+            MAX_ACK_FLUSH,
+            "a crash delivers this long of acknowledged records again",
         )?;
-        if ack_flush > MAX_ACK_FLUSH {
-            return Err(self.invalid(
-                "wal.ack_flush",
-                format!(
-                    "at most {} (a crash delivers this long of acknowledged records again)",
-                    humantime::format_duration(MAX_ACK_FLUSH)
-                ),
-            ));
-        }
-        let commit_window = self.duration(
+        let commit_window = self.duration_at_most(
             "wal.commit_window",
             raw.wal.commit_window.as_deref().unwrap_or("30ms"),
+            MAX_COMMIT_WINDOW,
+            "every acknowledgement waits up to this long",
         )?;
-        if commit_window > MAX_COMMIT_WINDOW {
-            return Err(self.invalid(
-                "wal.commit_window",
-                format!(
-                    "at most {} (every acknowledgement waits up to this long)",
-                    humantime::format_duration(MAX_COMMIT_WINDOW)
-                ),
-            ));
-        }
         let policy = match raw.wal.policy.as_deref().unwrap_or("block") {
             "block" => BackpressurePolicy::Block,
             "drop_oldest" => BackpressurePolicy::DropOldest,
@@ -900,6 +886,24 @@ impl Loaded {
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         text.parse()
             .map_err(|e| self.invalid(key, format!("{text:?} is not host:port ({e})")))
+    }
+
+    /// A duration no longer than `max` (`why` says what a longer one would cost).
+    fn duration_at_most(
+        &self,
+        key: &str,
+        text: &str,
+        max: Duration,
+        why: &str,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, text)?;
+        if d > max {
+            return Err(self.invalid(
+                key,
+                format!("at most {} ({why})", humantime::format_duration(max)),
+            ));
+        }
+        Ok(d)
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {

@@ -674,8 +674,9 @@ impl Wal {
     /// Stores the acknowledgements held in memory now, in a commit of their
     /// own without an fsync: losing it to a power cut only delivers those
     /// records again, and the next append's fsync (or a checkpoint) makes it
-    /// durable. The writer calls it once they are due, before an operator
-    /// command and when it stops.
+    /// durable. The writer calls it once they are due and when it stops;
+    /// the consistency check before it reads the stored state. (Operator
+    /// commands work on the state in memory and store their sink's.)
     pub fn flush_acks(&mut self) -> Result<(), WalError> {
         if self.unstored_since.is_none() && !self.sinks.values().any(|s| s.dirty) {
             return Ok(());
