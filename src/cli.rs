@@ -1,6 +1,7 @@
 //! The `gateway` command line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -98,7 +99,28 @@ pub enum Command {
     #[command(subcommand)]
     Route(RouteCommand),
     /// Is the gateway on this host alive? GET /healthz as configured; exit 0 or 1 with one line.
-    Healthcheck(crate::healthcheck::HealthcheckArgs),
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `gateway healthcheck`: what to check and how (`healthcheck.rs` does it).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HealthcheckArgs {
+    /// The URL to GET (default: /healthz on http.addr, https when TLS is on;
+    /// an unspecified address means this host: localhost).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// CA to verify the server with (default: http.client_ca_file, else the system roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) when the server requires one (mTLS).
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `gateway route …`

@@ -3,32 +3,11 @@
 //! and systemd checks use it; no curl needed). Prints one line and exits 0
 //! (healthy) or 1 (not).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
+use crate::cli::HealthcheckArgs;
 use crate::config::Settings;
-
-/// What to check and how.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct HealthcheckArgs {
-    /// The URL to GET (default: /healthz on http.addr, https when TLS is on;
-    /// an unspecified address means this host: localhost).
-    #[arg(long)]
-    pub url: Option<String>,
-    /// CA to verify the server with (default: http.client_ca_file, else the system roots).
-    #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) when the server requires one (mTLS).
-    #[arg(long, value_name = "FILE", requires = "key_file")]
-    pub cert_file: Option<PathBuf>,
-    /// Its private key (PKCS#8 PEM).
-    #[arg(long, value_name = "FILE", requires = "cert_file")]
-    pub key_file: Option<PathBuf>,
-    /// Give up after this long.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-}
 
 /// The URL checked by default.
 pub fn default_url(settings: &Settings) -> Result<String, String> {

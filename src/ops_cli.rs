@@ -27,7 +27,7 @@ use gateway_actors::control::{Command, OpError, Operator, RuntimeOverrides};
 use gateway_actors::wal::{
     integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalHealth, WalReader, WalStore,
 };
-use gateway_actors::Metrics;
+use gateway_actors::{Metrics, Secret};
 use serde_json::{json, Value};
 
 use crate::cli::{
@@ -67,7 +67,7 @@ enum Target {
 struct AdminClient {
     base: String,
     /// Bearer token; `None` when a client certificate identifies us.
-    token: Option<String>,
+    token: Option<Secret>,
     client: reqwest::Client,
 }
 
@@ -262,7 +262,7 @@ fn target(cli: &Cli, settings: &Settings) -> Result<Target, String> {
         },
     };
     let token = match gateway_actors::secret::read_secret_file(&token_path) {
-        Ok(t) => Some(t.expose().to_string()),
+        Ok(t) => Some(t),
         Err(_) if identity.is_some() => None,
         Err(e) => {
             return Err(format!(
@@ -404,7 +404,7 @@ impl AdminClient {
     /// `identity` (certificate, PKCS#8 key), both PEM files.
     fn new(
         base: String,
-        token: Option<String>,
+        token: Option<Secret>,
         ca: Option<&PathBuf>,
         identity: Option<&(PathBuf, PathBuf)>,
     ) -> Result<Self, String> {
@@ -438,7 +438,7 @@ impl AdminClient {
             .header("content-type", "application/json")
             .body(args.to_string());
         if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
+            req = req.bearer_auth(t.expose());
         }
         let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();

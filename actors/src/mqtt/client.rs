@@ -20,8 +20,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::config::{MqttTls, MqttVersion};
+use super::tls::MqttTls;
 use crate::Secret;
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1.
+    V311,
+    /// MQTT 5.
+    V5,
+}
 
 /// The one reconnect policy: exponential from `base`, capped at `max`,
 /// with jitter (a delay is drawn from its upper half) so that many

@@ -8,5 +8,7 @@ mod ingest;
 pub mod tls;
 pub mod topics;
 
-pub use config::{broker_address, broker_tls, MqttIngestConfig, MqttTls, MqttVersion, TlsFiles};
+pub use client::MqttVersion;
+pub use config::{broker_address, MqttIngestConfig};
 pub use ingest::{MqttIngest, MqttStatus, ReloadTls};
+pub use tls::{broker_tls, MqttTls, TlsFiles};

@@ -66,18 +66,6 @@ impl KafkaSink {
     }
 }
 
-/// The record's `traceparent`, when it has one (cheap check first).
-fn traceparent_of(json: &str) -> Option<String> {
-    if !json.contains("\"traceparent\"") {
-        return None;
-    }
-    serde_json::from_str::<serde_json::Value>(json)
-        .ok()?
-        .get("traceparent")?
-        .as_str()
-        .map(str::to_string)
-}
-
 fn classify(e: &KafkaError) -> SinkError {
     let permanent = matches!(
         e.rdkafka_error_code(),
@@ -135,10 +123,10 @@ impl Sink for KafkaSink {
                         key: "correlation-id",
                         value: Some(r.correlation_id.as_str()),
                     });
-                if let Some(tp) = traceparent_of(&r.json) {
+                if let Some(tp) = crate::trace::record_traceparent(&r.json) {
                     headers = headers.insert(Header {
                         key: "traceparent",
-                        value: Some(tp.as_str()),
+                        value: Some(tp),
                     });
                 }
                 let record = FutureRecord::to(&topic)
@@ -181,15 +169,6 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_traceparent_is_found_only_when_present() {
-        assert_eq!(traceparent_of(r#"{"a":1}"#), None);
-        assert_eq!(
-            traceparent_of(r#"{"traceparent":"00-x-y-01"}"#).as_deref(),
-            Some("00-x-y-01")
-        );
-    }
 
     #[test]
     fn oversized_messages_are_permanent_and_transport_errors_retryable() {
