@@ -31,7 +31,7 @@ pub struct MetricSet {
     pub wal_append_seconds: Histogram,
     /// `gateway_wal_group_size`: records committed per group commit (one fsync).
     pub wal_group_size: Histogram,
-    /// `gateway_wal_commits_total`: group commits (each one fsync).
+    /// `gateway_wal_commits_total`: group commits that wrote (each one fsync).
     pub wal_commits: IntCounter,
     /// `gateway_wal_records{sink,state}`: records per sink in state enqueued, inflight, dead.
     pub wal_records: IntGaugeVec,
@@ -116,7 +116,7 @@ impl Metrics {
                 HistogramOpts::new("gateway_wal_group_size", "Records committed per WAL group commit.")
                     .buckets(exponential_buckets(1.0, 4.0, 8)?),
             )?,
-            wal_commits: IntCounter::new("gateway_wal_commits_total", "WAL group commits (one fsync each).")?,
+            wal_commits: IntCounter::new("gateway_wal_commits_total", "WAL group commits that wrote (one fsync each).")?,
             wal_records: IntGaugeVec::new(
                 Opts::new("gateway_wal_records", "Records in the WAL per sink and delivery state (enqueued, inflight, dead)."),
                 &["sink", "state"],

@@ -404,6 +404,12 @@ impl Wal {
         Ok(wal)
     }
 
+    /// Rows inserted, updated or deleted on the writer's connection since it
+    /// opened: a commit that changed none wrote nothing (acks held in memory).
+    pub fn total_changes(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
     /// The configuration it was opened with.
     pub fn config(&self) -> &WalConfig {
         &self.cfg

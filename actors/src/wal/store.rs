@@ -662,9 +662,13 @@ fn commit_group(
             _ => 0,
         })
         .sum();
+    let changes_before = wal.total_changes();
     match wal.write(&ops) {
         Ok(results) => {
-            metrics.wal_commits.inc();
+            // Acks held in memory (`ack_flush`) make commits that write nothing.
+            if wal.total_changes() > changes_before {
+                metrics.wal_commits.inc();
+            }
             if appended > 0 {
                 metrics.wal_group_size.observe(appended as f64);
                 metrics
