@@ -209,11 +209,19 @@ const IDLE_FALLBACK: Duration = Duration::from_millis(100);
 
 /// The delivery loop of one sink.
 pub struct Dispatcher {
+    /// Batching, retries and the circuit; runtime settings change it.
     cfg: DispatchConfig,
+    /// Where batches are fetched from and acks and dead letters go.
     wal: Addr<WalStore>,
+    /// The one sink it feeds: a batch at a time, so a sink's failures and
+    /// slowness stay with it.
     sink: Addr<SinkActor>,
     metrics: Metrics,
+    /// An operator paused it: no fetch until resumed (the backlog waits in
+    /// the WAL).
     paused: bool,
+    /// A fetch, publish or ack is under way: `step` starts nothing else, so
+    /// one batch at a time is in flight and acks keep their order.
     busy: bool,
     /// Failed attempts in a row, across batches.
     consecutive_failures: u32,

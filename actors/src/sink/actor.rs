@@ -27,8 +27,14 @@ pub type SinkFactory = Arc<dyn Fn() -> Result<Box<dyn Sink>, SinkError> + Send +
 
 /// The actor around one sink.
 pub struct SinkActor {
+    /// The sink's name, for logs and metric labels.
     name: String,
+    /// Builds the client: at start, after a restart, and on a TLS reload
+    /// (it reads the TLS files again), so a client is never kept past them.
     factory: SinkFactory,
+    /// The client; `None` until one could be built (a target that is down
+    /// at start is retried with the next batch) and after a restart, which
+    /// drops a client that may be in a bad state.
     sink: Option<Box<dyn Sink>>,
     metrics: Metrics,
 }
