@@ -460,9 +460,14 @@ fn container_stand_in(root: &DebianRoot) {
     assert!(errors[0].contains("server.key"), "{err}");
 }
 
-/// `KEY=VALUE` pairs of the Dockerfile's runtime `ENV` (the last stage).
+/// The Dockerfile's runtime stage (the last).
+fn runtime_stage(dockerfile: &str) -> &str {
+    dockerfile.rsplit_once("\nFROM ").unwrap().1
+}
+
+/// `KEY=VALUE` pairs of the Dockerfile's runtime `ENV`.
 fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
-    let last = dockerfile.rsplit_once("\nFROM ").unwrap().1;
+    let last = runtime_stage(dockerfile);
     let mut out = Vec::new();
     let mut in_env = false;
     for line in last.lines() {
@@ -566,8 +571,7 @@ fn the_binary_links_only_what_the_deb_and_the_image_install() {
     // The image's runtime stage: debian:bookworm-slim has libc6 and zlib1g;
     // it installs the rest, and no library the binary does not link.
     let dockerfile = std::fs::read_to_string(root_dir().join("Dockerfile")).unwrap();
-    let runtime = dockerfile.rsplit_once("\nFROM ").unwrap().1;
-    let install = runtime
+    let install = runtime_stage(&dockerfile)
         .split("apt-get install")
         .nth(1)
         .expect("the runtime stage installs packages");

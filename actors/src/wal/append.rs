@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::delivery::persist_dirty;
+use super::delivery::{held_acks_due, persist_dirty};
 use super::engine::{now_ms, AppendOutcome, NewRecord, Wal, WalError, WriteOp, WriteResult};
 use super::ranges::RangeSet;
 use super::space::COMPACT_CHUNK;
@@ -205,11 +205,8 @@ impl Wal {
                 }
             }
         }
-        // (`acks_due`, spelled out: `tx` borrows the connection.)
-        let acks_due = self
-            .unstored_since
-            .is_some_and(|t| t.elapsed() >= self.cfg.ack_flush);
-        let store = acks_due || ops.iter().any(|op| matches!(op, WriteOp::Dead { .. }));
+        let store = held_acks_due(self.unstored_since, self.cfg.ack_flush)
+            || ops.iter().any(|op| matches!(op, WriteOp::Dead { .. }));
         if store {
             persist_dirty(&tx, &self.sinks)?;
         }

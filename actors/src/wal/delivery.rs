@@ -2,7 +2,7 @@
 //! and in memory; fetch, ack, dead, release and the stats per sink.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -632,6 +632,12 @@ pub(super) fn ttl_mark_key(sink: &str, class: Class) -> String {
     format!("ttl/{sink}/{class}")
 }
 
+/// Acknowledgements held in memory since `since` are due to be stored
+/// ([`Wal::acks_due`]; a free function for callers that hold a transaction).
+pub(super) fn held_acks_due(since: Option<Instant>, ack_flush: Duration) -> bool {
+    since.is_some_and(|t| t.elapsed() >= ack_flush)
+}
+
 /// Stores every sink whose delivery state in memory is ahead of the stored
 /// one. The caller calls [`Wal::sinks_stored`] once the transaction committed.
 pub(super) fn persist_dirty(
@@ -660,8 +666,7 @@ impl Wal {
     /// Acknowledgements waited in memory for `ack_flush` (or it is zero):
     /// the next commit stores them.
     pub(super) fn acks_due(&self) -> bool {
-        self.unstored_since
-            .is_some_and(|t| t.elapsed() >= self.cfg.ack_flush)
+        held_acks_due(self.unstored_since, self.cfg.ack_flush)
     }
 
     /// How long until acknowledgements held in memory are due to be
