@@ -20,7 +20,7 @@ use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
 use gateway_actors::sink::s3::ArchiveKeeper;
 use gateway_actors::sink::{Rebuild, SinkActor, SinkFactory};
-use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore};
+use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore, WithWal};
 use gateway_actors::Metrics;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use prometheus::Registry;
@@ -420,9 +420,25 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until the server stops (SIGINT/SIGTERM or a handle).
+    /// Serves until the server stops (SIGINT/SIGTERM or a handle), then
+    /// stores the sinks' acknowledgements held in memory (`wal.ack_flush`):
+    /// after a clean stop a restart delivers nothing again. (The WAL writer
+    /// also stores them when its actor stops; this does not race the exit.)
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let res = self.server.await;
+        match self
+            .handles
+            .wal
+            .send(WithWal::new(|w| w.flush_acks()))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "storing the sinks' acknowledgements at stop failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "the WAL was gone at stop"),
+        }
+        res
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::analytics::Analytics;
 use crate::helpers::{
-    archived_keys, free_port, python_json_lines, spawn_app, telemetry, wait_until,
+    archived_keys, free_port, python_json_lines, request, spawn_app, telemetry, wait_until,
 };
 
 fn tansu_bin() -> PathBuf {
@@ -166,13 +166,17 @@ fn the_kafka_sink_produces_every_record_keyed_by_device_with_idempotency_headers
     tansu.create_topic("telemetry");
     let app = spawn_app(&kafka_sink(&tansu));
     let mut want = HashSet::new();
+    // The first record carries a W3C trace context: a `traceparent` header.
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     for i in 0..60 {
         let device = format!("dev-{}", i % 4);
-        assert_eq!(
-            app.post_json(&device, &telemetry(&format!("k{i}"), i as f64))
-                .status,
-            202
-        );
+        let mut req = ureq::post(&app.url(&format!("/ingest/{device}")))
+            .set("Content-Type", "application/json");
+        if i == 0 {
+            req = req.set("traceparent", TRACEPARENT);
+        }
+        let body = telemetry(&format!("k{i}"), i as f64);
+        assert_eq!(request(req, Some(&body)).status, 202);
         want.insert(format!("{device}:k{i}"));
     }
     wait_until("delivery reports for all", Duration::from_secs(30), || {
@@ -187,7 +191,17 @@ fn the_kafka_sink_produces_every_record_keyed_by_device_with_idempotency_headers
             m["value"]["idempotency_key"]
         );
         assert_eq!(m["headers"]["correlation-id"], m["value"]["correlation_id"]);
+        // A record's trace context rides as a header, and only where it has one.
+        assert_eq!(
+            m["headers"].get("traceparent"),
+            m["value"].get("traceparent")
+        );
     }
+    let traced: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["headers"]["traceparent"].is_string())
+        .collect();
+    assert_eq!(traced.len(), 1, "one record had a trace context");
     // Order per device: seqs of one device rise through the topic's partition.
     for d in 0..4 {
         let device = format!("dev-{d}");

@@ -926,6 +926,74 @@ impl Handler<InjectWriterPanic> for WalStore {
 mod tests {
     use super::*;
 
+    /// A writer on a fresh WAL with one sink "a" holding acks `ack_flush`,
+    /// one record appended, fetched and acked; and the stored cursor of "a",
+    /// read through a connection of its own.
+    async fn acked_one(
+        dir: &std::path::Path,
+        ack_flush: Duration,
+    ) -> (Addr<WalStore>, impl Fn() -> u64) {
+        let mut cfg = WalConfig::new(dir.join("w.db"), &["a"]);
+        cfg.ack_flush = ack_flush;
+        let wal = Wal::open(cfg).unwrap();
+        let store = WalStore::new(wal, Metrics::unregistered(), Arc::default()).start();
+        store
+            .send(WithWal::new(|w| {
+                w.append(vec![NewRecord {
+                    idempotency_key: "d:1".into(),
+                    correlation_id: "c1".into(),
+                    device_id: "d".into(),
+                    receive_ms: now_ms(),
+                    body: r#"{"idempotency_key":"d:1"}"#.into(),
+                    route: Default::default(),
+                }])?;
+                let batch = w.fetch("a", 10, Duration::ZERO)?.expect("the record");
+                w.ack("a", &batch.ranges)
+            }))
+            .await
+            .unwrap()
+            .unwrap();
+        let path = dir.join("w.db");
+        let cursor = move || -> u64 {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT cursor FROM sinks WHERE name = 'a'", [], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        (store, cursor)
+    }
+
+    #[test]
+    fn the_writer_stores_held_acks_once_due_with_no_other_traffic() {
+        let sys = actix::System::new();
+        sys.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (_store, cursor) = acked_one(dir.path(), Duration::from_millis(200)).await;
+            assert_eq!(cursor(), 0, "held in memory at first");
+            actix_rt::time::sleep(Duration::from_millis(700)).await;
+            assert_eq!(cursor(), 1, "stored once ack_flush passed");
+        });
+    }
+
+    #[test]
+    fn a_stopping_writer_stores_its_held_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = actix::System::new();
+        let (store, cursor) = sys.block_on(acked_one(dir.path(), Duration::from_secs(10)));
+        assert_eq!(cursor(), 0);
+        // With its last address gone the actor stops, and its writer thread
+        // ends once the queue is dropped.
+        drop(store);
+        sys.block_on(async { actix_rt::time::sleep(Duration::from_millis(100)).await });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cursor() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(cursor(), 1);
+    }
+
     /// The deadline a window gives after `n` appends `gap` apart.
     fn after(window: Duration, gap: Duration, n: u32) -> Option<Duration> {
         let mut w = CommitWindow::new(window);
