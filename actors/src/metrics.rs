@@ -93,6 +93,43 @@ pub struct MetricSet {
     /// `gateway_control_commands_total{command,outcome}`: operator commands
     /// (MQTT control plane, admin API, CLI) by outcome (ok, error).
     pub control_commands: IntCounterVec,
+    /// `gateway_fleet_commands_total{result}`: commands from the fleet
+    /// broker by result: ok, error (ran and failed), or why it was refused
+    /// (unsigned, bad_signature, expired, replayed, unknown_key,
+    /// wrong_target, bad_request).
+    pub fleet_commands: IntCounterVec,
+    /// `gateway_fleet_connected`: 1 while connected to the fleet broker.
+    pub fleet_connected: IntGauge,
+    /// Each sink's last publish error, redacted, until a publish succeeds
+    /// (`/admin/sinks`, the fleet state). Not a Prometheus series: kept
+    /// here because it moves where `gateway_sink_publish_total` does.
+    pub sink_last_error: LastErrors,
+}
+
+/// The last error text per key (redacted with [`crate::secret::redact`]
+/// when set, at most 200 characters).
+#[derive(Debug, Default)]
+pub struct LastErrors(std::sync::Mutex<std::collections::BTreeMap<String, String>>);
+
+impl LastErrors {
+    /// Records `key`'s error, or clears it (`None`: it worked).
+    pub fn set(&self, key: &str, error: Option<&str>) {
+        if let Ok(mut m) = self.0.lock() {
+            match error {
+                Some(e) => {
+                    m.insert(key.to_string(), crate::secret::redact(e, 200));
+                }
+                None => {
+                    m.remove(key);
+                }
+            }
+        }
+    }
+
+    /// `key`'s last error, if any.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.0.lock().ok().and_then(|m| m.get(key).cloned())
+    }
 }
 
 impl Metrics {
@@ -216,6 +253,18 @@ impl Metrics {
                 ),
                 &["command", "outcome"],
             )?,
+            fleet_commands: IntCounterVec::new(
+                Opts::new(
+                    "gateway_fleet_commands_total",
+                    "Commands from the fleet broker, by result (ok, error, or the reason it was refused).",
+                ),
+                &["result"],
+            )?,
+            fleet_connected: IntGauge::new(
+                "gateway_fleet_connected",
+                "1 while connected to the fleet broker.",
+            )?,
+            sink_last_error: LastErrors::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
         registry.register(Box::new(m.ingest_rejected.clone()))?;
@@ -228,6 +277,8 @@ impl Metrics {
         registry.register(Box::new(m.wal_pending_bytes.clone()))?;
         registry.register(Box::new(m.wal_disk_free_bytes.clone()))?;
         registry.register(Box::new(m.wal_oldest_pending_age.clone()))?;
+        registry.register(Box::new(m.fleet_commands.clone()))?;
+        registry.register(Box::new(m.fleet_connected.clone()))?;
         registry.register(Box::new(m.wal_class_records.clone()))?;
         registry.register(Box::new(m.wal_class_oldest_age.clone()))?;
         registry.register(Box::new(m.wal_expired.clone()))?;
@@ -259,6 +310,7 @@ impl Metrics {
             "SinkActor",
             "MqttIngest",
             "ControlPlane",
+            "FleetClient",
         ] {
             m.actor_restarts.with_label_values(&[actor]);
         }

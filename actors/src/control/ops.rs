@@ -28,7 +28,7 @@ use crate::ingest::{IngestLimits, IngestRouters, RateLimit, Source};
 use crate::metrics::Metrics;
 use crate::mqtt::topics::Topics;
 use crate::route::{PriorityRule, Routing, SinkPolicy};
-use crate::wal::{DlqFilter, WalError, WalReader, WalStore, WithWal};
+use crate::wal::{DlqFilter, WalError, WalReader, WalStats, WalStore, WithWal};
 
 /// Most dead letters one `dlq.list` returns.
 pub const DLQ_LIST_MAX: u64 = 10_000;
@@ -582,19 +582,7 @@ impl Operator {
                     .await?;
                 Ok(serde_json::to_value(out).unwrap_or_default())
             }
-            Command::SinksList => {
-                let stats = self.with_wal(|w| w.stats()).await?;
-                let states = self.effective().await;
-                let mut out = Vec::new();
-                for name in self.p.sinks.keys() {
-                    out.push(json!({
-                        "name": name,
-                        "state": states["sinks"][name],
-                        "wal": stats.sinks.get(name),
-                    }));
-                }
-                Ok(Value::Array(out))
-            }
+            Command::SinksList => Ok(self.sinks_report().await?.1),
             Command::WalStats => {
                 let stats = self.with_wal(|w| w.stats()).await?;
                 let now = crate::wal::now_ms();
@@ -638,6 +626,32 @@ impl Operator {
                 Ok(json!({"compacted": c, "dropped": d, "live_bytes": bytes}))
             }
         }
+    }
+
+    /// The WAL's counts and every sink's state, as `sinks.list` (and so
+    /// `GET /admin/sinks`) shows it: name, `running` (its dispatcher is
+    /// alive; null on a stopped gateway), `state` (paused, circuit, failures
+    /// in a row, settings), `wal` (backlog, oldest pending, dead letters)
+    /// and `last_error` (redacted). The fleet state report reads the same.
+    pub async fn sinks_report(&self) -> Result<(WalStats, Value), OpError> {
+        let stats = self.with_wal(|w| w.stats()).await?;
+        let states = self.effective().await;
+        let mut out = Vec::new();
+        for (name, (_, disp)) in &self.p.sinks {
+            out.push(json!({
+                "name": name,
+                "running": disp.as_ref().map(Addr::connected),
+                "state": states["sinks"][name],
+                "wal": stats.sinks.get(name),
+                "last_error": self.p.metrics.sink_last_error.get(name),
+            }));
+        }
+        Ok((stats, Value::Array(out)))
+    }
+
+    /// Time since this operator (the gateway) started.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// The routes and priority rules in force.

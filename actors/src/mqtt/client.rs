@@ -157,6 +157,10 @@ pub struct ClientOptions {
     pub subscribe: Vec<String>,
     /// Events buffered towards the consumer.
     pub event_capacity: usize,
+    /// The last will: (topic, payload), published retained at QoS 1 by the
+    /// broker when the connection drops without a DISCONNECT (a crash, a
+    /// kill -9, a lost link).
+    pub last_will: Option<(String, Bytes)>,
 }
 
 impl ClientOptions {
@@ -172,6 +176,7 @@ impl ClientOptions {
             request_capacity: 64,
             subscribe: Vec::new(),
             event_capacity: 64,
+            last_will: None,
         }
     }
 }
@@ -248,6 +253,8 @@ pub struct PublishExtras {
     pub user_properties: Vec<(String, String)>,
     /// Correlation Data (a response to a request).
     pub correlation_data: Option<Bytes>,
+    /// The broker keeps it as the topic's retained message (state reports).
+    pub retain: bool,
 }
 
 /// A connection to one broker, either protocol version. Cheap to clone.
@@ -288,6 +295,14 @@ impl MqttClient {
                 if let Some((u, p)) = c.credentials() {
                     o.set_credentials(u, p);
                 }
+                if let Some((topic, payload)) = &opts.last_will {
+                    o.set_last_will(rumqttc::LastWill::new(
+                        topic,
+                        payload.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ));
+                }
                 let (client, mut eventloop) = rumqttc::AsyncClient::new(o, opts.request_capacity);
                 let mut net = eventloop.network_options();
                 net.set_tcp_nodelay(true);
@@ -319,6 +334,15 @@ impl MqttClient {
                 if let Some((u, p)) = c.credentials() {
                     o.set_credentials(u, p);
                 }
+                if let Some((topic, payload)) = &opts.last_will {
+                    o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                        topic,
+                        payload.clone(),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+                }
                 let mut net = o.network_options();
                 net.set_tcp_nodelay(true);
                 o.set_network_options(net);
@@ -343,20 +367,21 @@ impl MqttClient {
     ) -> Result<(), String> {
         match &self.0 {
             Client::V4(c) => c
-                .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, extras.retain, payload)
                 .await
                 .map_err(|e| e.to_string()),
             Client::V5(c) => {
                 let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                let retain = extras.retain;
                 if extras.user_properties.is_empty() && extras.correlation_data.is_none() {
-                    c.publish_bytes(topic, qos, false, payload).await
+                    c.publish_bytes(topic, qos, retain, payload).await
                 } else {
                     let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
                         user_properties: extras.user_properties,
                         correlation_data: extras.correlation_data,
                         ..Default::default()
                     };
-                    c.publish_bytes_with_properties(topic, qos, false, payload, props)
+                    c.publish_bytes_with_properties(topic, qos, retain, payload, props)
                         .await
                 }
                 .map_err(|e| e.to_string())

@@ -1,10 +1,13 @@
 //! Settings of the MQTT ingest connection.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::client::{Backoff, ClientOptions, Connection, MqttVersion};
+use super::tls::broker_tls;
 use super::topics::Topics;
 use crate::ingest::PayloadFormat;
+use crate::keys::{secret_key, KeyError};
 
 /// Everything `MqttIngest` needs to connect and subscribe.
 #[derive(Debug, Clone)]
@@ -88,4 +91,57 @@ pub fn broker_address(url: &str) -> Result<(&'static str, String, u16), String> 
         return Err(format!("{url:?}: host is missing"));
     }
     Ok((scheme, h, p))
+}
+
+/// The keys of a broker connection that every MQTT client section shares
+/// (the upstream sink, the fleet): where, TLS files, credentials, version.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerKeys<'a> {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: &'a str,
+    /// CA file (`mqtts` only).
+    pub ca_file: Option<&'a PathBuf>,
+    /// Client certificate file for mutual TLS (`mqtts` only).
+    pub client_cert_file: Option<&'a PathBuf>,
+    /// Client key file for mutual TLS (`mqtts` only).
+    pub client_key_file: Option<&'a PathBuf>,
+    /// User name.
+    pub username: Option<&'a str>,
+    /// File holding the password.
+    pub password_file: Option<&'a PathBuf>,
+    /// `3.1.1` or `5`; `None`: the section's default.
+    pub version: Option<&'a str>,
+}
+
+impl BrokerKeys<'_> {
+    /// The connection of `client_id` these keys describe (files read now);
+    /// errors name the key (`url`, `ca_file`, `version`…).
+    pub fn connection(
+        &self,
+        client_id: &str,
+        default_version: MqttVersion,
+    ) -> Result<Connection, KeyError> {
+        let (scheme, host, port) = broker_address(self.url).map_err(|e| KeyError::new("url", e))?;
+        let mut conn = Connection::new(&host, port, client_id);
+        conn.tls = broker_tls(
+            scheme,
+            self.ca_file.map(PathBuf::as_path),
+            self.client_cert_file.map(PathBuf::as_path),
+            self.client_key_file.map(PathBuf::as_path),
+        )?;
+        conn.username = self.username.map(str::to_string);
+        conn.password = secret_key("password_file", self.password_file.map(PathBuf::as_path))?;
+        conn.version = match self.version {
+            None => default_version,
+            Some("3.1.1" | "311" | "4" | "v4") => MqttVersion::V311,
+            Some("5" | "5.0" | "v5") => MqttVersion::V5,
+            Some(other) => {
+                return Err(KeyError::new(
+                    "version",
+                    format!("{other:?}: expected \"3.1.1\" or \"5\""),
+                ))
+            }
+        };
+        Ok(conn)
+    }
 }

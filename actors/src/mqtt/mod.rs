@@ -9,6 +9,6 @@ pub mod tls;
 pub mod topics;
 
 pub use client::MqttVersion;
-pub use config::{broker_address, MqttIngestConfig};
+pub use config::{broker_address, BrokerKeys, MqttIngestConfig};
 pub use ingest::{MqttIngest, MqttStatus, ReloadTls};
 pub use tls::{broker_tls, MqttTls, TlsFiles};

@@ -142,7 +142,11 @@ impl Handler<PublishBatch> for SinkActor {
             }
         };
         Box::pin(fut.into_actor(self).map(|res, act, ctx| match res {
-            Ok(r) => r,
+            Ok(r) => {
+                let error = r.as_ref().err().map(ToString::to_string);
+                act.metrics.sink_last_error.set(&act.name, error.as_deref());
+                r
+            }
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -151,7 +155,11 @@ impl Handler<PublishBatch> for SinkActor {
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(sink = %act.name, panic = %what, "sink panicked; restarting it");
                 ctx.stop();
-                Err(SinkError::Retryable(format!("sink panicked: {what}")))
+                let err = SinkError::Retryable(format!("sink panicked: {what}"));
+                act.metrics
+                    .sink_last_error
+                    .set(&act.name, Some(&err.to_string()));
+                Err(err)
             }
         }))
     }

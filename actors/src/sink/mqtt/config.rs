@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::keys::{secret_key, KeyError};
+use crate::keys::KeyError;
 use crate::mqtt::client::Connection;
-use crate::mqtt::{broker_address, broker_tls, MqttVersion};
+use crate::mqtt::{BrokerKeys, MqttVersion};
 use crate::sink::SinkContext;
 
 /// Settings of one `mqtt` sink (`[sinks.NAME]` with `kind = "mqtt"`).
@@ -53,31 +53,20 @@ impl MqttKeys {
                 "is required for kind mqtt (mqtt://host:port or mqtts://host:port)",
             )
         })?;
-        let (scheme, host, port) = broker_address(&url).map_err(|e| KeyError::new("url", e))?;
-        let tls = broker_tls(
-            scheme,
-            self.ca_file.as_deref(),
-            self.client_cert_file.as_deref(),
-            self.client_key_file.as_deref(),
-        )?;
         let client_id = self
             .client_id
             .clone()
             .unwrap_or_else(|| format!("gateway-{}-{}", ctx.gateway_id, ctx.name));
-        let mut conn = Connection::new(&host, port, &client_id);
-        conn.tls = tls;
-        conn.username = self.username.clone();
-        conn.password = secret_key("password_file", self.password_file.as_deref())?;
-        conn.version = match self.version.as_deref().unwrap_or("3.1.1") {
-            "3.1.1" | "311" | "4" | "v4" => MqttVersion::V311,
-            "5" | "5.0" | "v5" => MqttVersion::V5,
-            other => {
-                return Err(KeyError::new(
-                    "version",
-                    format!("{other:?}: expected \"3.1.1\" or \"5\""),
-                ))
-            }
-        };
+        let conn = BrokerKeys {
+            url: &url,
+            ca_file: self.ca_file.as_ref(),
+            client_cert_file: self.client_cert_file.as_ref(),
+            client_key_file: self.client_key_file.as_ref(),
+            username: self.username.as_deref(),
+            password_file: self.password_file.as_ref(),
+            version: self.version.as_deref(),
+        }
+        .connection(&client_id, MqttVersion::V311)?;
         Ok(MqttSinkConfig {
             conn,
             topic_prefix: self
