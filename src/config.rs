@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gateway_actors::dispatcher::{DispatchConfig, DispatchKeys};
+use gateway_actors::fleet::{FleetConfig, FleetKeys};
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::ingest::{IngestLimits, RateLimit};
 use gateway_actors::keys::{secret_key, KeyError};
@@ -81,6 +82,9 @@ struct RawConfig {
     wal: RawWal,
     #[serde(default)]
     otlp: RawOtlp,
+    /// `[fleet]`, checked by its owner (`gateway_actors::fleet::FleetKeys`).
+    #[serde(default)]
+    fleet: FleetKeys,
     #[serde(default)]
     /// Each `[sinks.NAME]` table as written: its keys belong to the kind
     /// (`gateway_actors::sink::SinkConfig`) and are checked in validation.
@@ -242,9 +246,33 @@ struct EnvLayer {
     wal_commit_window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     otlp_endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_groups: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_trusted_keys_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_probation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_state_interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_client_cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_client_key_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_password_file: Option<String>,
 }
 
-const SECTIONS: [&str; 6] = ["log", "http", "ingest", "mqtt", "wal", "otlp"];
+const SECTIONS: [&str; 7] = ["log", "http", "ingest", "mqtt", "wal", "otlp", "fleet"];
 
 fn env_key_path(field: &str) -> Vec<String> {
     if field == "id" {
@@ -688,6 +716,11 @@ impl Loaded {
             commit_window,
         };
 
+        let fleet = raw
+            .fleet
+            .build(&gateway_id, wal.max_bytes)
+            .map_err(|e| self.invalid(&format!("fleet.{}", e.key), e.message))?;
+
         let mut raw_sinks = raw.sinks.clone();
         if raw_sinks.is_empty() {
             let mut archive = toml::Table::new();
@@ -748,6 +781,7 @@ impl Loaded {
             mqtt,
             wal,
             otlp_endpoint,
+            fleet,
             sinks,
             priority,
             rendered: String::new(),
@@ -1092,6 +1126,8 @@ pub struct Settings {
     /// OTLP/HTTP base URL for traces (`otlp.endpoint`, without `/v1/traces`);
     /// `None` = traces off unless the standard `OTEL_EXPORTER_OTLP_*` variables say where.
     pub otlp_endpoint: Option<String>,
+    /// The fleet channel (DESIGN §11); `None` without `fleet.url`.
+    pub fleet: Option<FleetConfig>,
     /// Sinks by name.
     pub sinks: BTreeMap<String, SinkSettings>,
     /// `[[priority]]` rules, first match wins.
@@ -1425,6 +1461,31 @@ mod tests {
         assert_eq!(env_key_path("id"), vec!["gateway_id"]);
         assert_eq!(env_key_path("data_dir"), vec!["data_dir"]);
         assert_eq!(env_key_path("wal_max_bytes"), vec!["wal", "max_bytes"]);
+        assert_eq!(
+            env_key_path("fleet_trusted_keys_file"),
+            vec!["fleet", "trusted_keys_file"]
+        );
+    }
+
+    #[test]
+    fn a_fleet_without_trusted_keys_or_with_a_bad_url_names_the_key() {
+        assert!(Settings::from_toml("").unwrap().fleet.is_none());
+        let e = Settings::from_toml("[fleet]\nurl = \"mqtt://127.0.0.1:1883\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid `fleet.trusted_keys_file`"),
+            "{e}"
+        );
+        let e = Settings::from_toml(
+            "[fleet]\nurl = \"fleet.example.com\"\ntrusted_keys_file = \"/nonexistent\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("invalid `fleet.url`"), "{e}");
+        let e = Settings::from_toml(
+            "[fleet]\nurl = \"mqtt://h:1\"\ntrusted_keys_file = \"/nonexistent\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent"), "{e}");
     }
 
     #[test]

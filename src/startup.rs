@@ -15,6 +15,7 @@ use gateway_actors::control::{
     ControlPlane, LogControl as _, Operator, OperatorParts, RuntimeOverrides,
 };
 use gateway_actors::dispatcher::Dispatcher;
+use gateway_actors::fleet::{FleetClient, SeenIds};
 use gateway_actors::ingest::{IngestCore, IngestRouters};
 use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
@@ -62,6 +63,8 @@ pub struct Handles {
     pub operator: Arc<Operator>,
     /// The MQTT control plane, when MQTT is on.
     pub control: Option<Addr<ControlPlane>>,
+    /// The fleet channel, when `fleet.url` is set.
+    pub fleet: Option<Addr<FleetClient>>,
 }
 
 /// Builds the client factory of a configured sink ([`gateway_actors::sink::factory`]).
@@ -215,6 +218,15 @@ impl Application {
             crate::broker::start_embedded(*addr, cfg.conn.max_packet_bytes)?;
         }
 
+        // The fleet's accepted request ids (a replay stays refused across
+        // restarts): a data dir where they cannot be kept stops start-up.
+        let fleet_seen = settings
+            .fleet
+            .as_ref()
+            .map(|_| SeenIds::open(&settings.data_dir))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("fleet: {e}"))?;
+
         // Every step that can fail has run: only now start the actors. An
         // actor started and then dropped unpolled (start-up failed after
         // it) runs its `started` outside the runtime and panics.
@@ -298,6 +310,11 @@ impl Application {
             );
             Supervisor::start(move |_| ControlPlane::new(&c, &id, op, m))
         });
+        let fleet = settings.fleet.clone().zip(fleet_seen).map(|(cfg, seen)| {
+            tracing::info!(host = %cfg.conn.host, port = cfg.conn.port, tls = cfg.conn.tls.is_some(), groups = ?cfg.groups, "starting the fleet channel");
+            let (op, m) = (operator.clone(), metrics.clone());
+            Supervisor::start(move |_| FleetClient::new(cfg, op, seen, m))
+        });
         // `tls.reload` and SIGHUP read every TLS file again: HTTPS, the MQTT
         // connections with TLS, and the sinks whose clients read TLS files.
         let mqtt_tls = settings.mqtt.ingest().is_some_and(|c| c.conn.tls.is_some());
@@ -305,6 +322,12 @@ impl Application {
             https: server_tls.clone(),
             mqtt: mqtt.clone().filter(|_| mqtt_tls),
             control: control.clone().filter(|_| mqtt_tls),
+            fleet: fleet.clone().filter(|_| {
+                settings
+                    .fleet
+                    .as_ref()
+                    .is_some_and(|f| f.conn.tls.is_some())
+            }),
             sinks: sinks
                 .iter()
                 .filter(|(name, _)| settings.sinks[name].target.reads_tls_files())
@@ -406,6 +429,7 @@ impl Application {
                 mqtt_status,
                 operator,
                 control,
+                fleet,
             },
         })
     }
@@ -475,6 +499,7 @@ struct TlsParts {
     https: Option<Arc<ServerTls>>,
     mqtt: Option<Addr<MqttIngest>>,
     control: Option<Addr<ControlPlane>>,
+    fleet: Option<Addr<FleetClient>>,
     sinks: Vec<(String, Addr<SinkActor>)>,
 }
 
@@ -483,6 +508,7 @@ impl TlsParts {
         self.https.is_none()
             && self.mqtt.is_none()
             && self.control.is_none()
+            && self.fleet.is_none()
             && self.sinks.is_empty()
     }
 
@@ -504,6 +530,9 @@ impl TlsParts {
         }
         if let Some(a) = &self.control {
             note("mqtt.control".into(), flatten(a.send(ReloadTls).await));
+        }
+        if let Some(a) = &self.fleet {
+            note("fleet".into(), flatten(a.send(ReloadTls).await));
         }
         for (name, a) in &self.sinks {
             let r = flatten(a.send(Rebuild).await.map(|r| r.map(|()| true)));

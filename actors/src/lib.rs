@@ -17,6 +17,8 @@
 //!   only after the WAL commit.
 //! - [`control`]: operator commands (`Operator`), the MQTT `ControlPlane`
 //!   and runtime settings persisted in the data dir.
+//! - [`fleet`]: the `FleetClient`: signed commands from the fleet broker,
+//!   run by the same `Operator`, and the state reported there.
 //! - [`keys`]: the error a section's own validation returns (`KeyError`).
 //! - [`metrics`]: the Prometheus metrics every actor moves.
 //! - [`repeats`]: rate limits for repeated log events (one broken device
@@ -37,6 +39,7 @@
 pub mod control;
 pub mod dispatcher;
 pub mod durable;
+pub mod fleet;
 pub mod fuzzing;
 pub mod ingest;
 pub mod keys;

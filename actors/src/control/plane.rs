@@ -111,7 +111,7 @@ impl Supervised for ControlPlane {
 }
 
 /// A request id usable as one topic level.
-fn valid_request_id(id: &str) -> bool {
+pub(crate) fn valid_request_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && !id.contains(['/', '+', '#', '\0'])
 }
 
@@ -208,7 +208,7 @@ async fn run(
 
 /// Sends a reply to the reply topic and, when the request named one (MQTT
 /// 5), to its response topic with its correlation data.
-async fn reply(client: &MqttClient, request: &Message, topic: String, body: Bytes) {
+pub(crate) async fn reply(client: &MqttClient, request: &Message, topic: String, body: Bytes) {
     if let Err(e) = client
         .publish(topic, body.clone(), PublishExtras::default())
         .await
