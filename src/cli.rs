@@ -98,6 +98,9 @@ pub enum Command {
     /// Routes: which class and sinks a record would get.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// The fleet, from the operator's desk: keys, signed commands, states (DESIGN §11).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Is the gateway on this host alive? GET /healthz as configured; exit 0 or 1 with one line.
     Healthcheck(HealthcheckArgs),
 }
@@ -253,6 +256,99 @@ pub enum ConfigCommand {
         /// Its value (JSON: 5, true, "debug"; a bare word is a string).
         value: String,
     },
+}
+
+/// `gateway fleet …` (README "Run a fleet").
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Make an Ed25519 signing key: DIR/KEY_ID.key (mode 0600, for the
+    /// operator) and DIR/KEY_ID.pub; prints the public key line for the
+    /// gateways' fleet.trusted_keys_file.
+    Keygen {
+        /// Where to write the key files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The key's id (in every signed command).
+        #[arg(long, default_value = "operator", value_name = "ID")]
+        key_id: String,
+    },
+    /// Print a signed command envelope (to publish yourself, e.g. with
+    /// mosquitto_pub on fleet/ID/control/COMMAND).
+    Sign {
+        #[command(flatten)]
+        target: FleetTarget,
+        /// The private key file (from `gateway fleet keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The command: ping, config.get, config.set, sink.pause, sinks.list…
+        command: String,
+        /// Its arguments, a JSON object (e.g. '{"sink":"archive"}').
+        args: Option<String>,
+    },
+    /// Sign and publish a command, wait for the reply and print it (exit 1
+    /// when refused or failed, or when no reply came).
+    Send {
+        #[command(flatten)]
+        broker: FleetBroker,
+        #[command(flatten)]
+        target: FleetTarget,
+        /// The private key file (from `gateway fleet keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The command: ping, config.get, config.set, sink.pause, sinks.list…
+        command: String,
+        /// Its arguments, a JSON object (e.g. '{"sink":"archive"}').
+        args: Option<String>,
+        /// Wait this long for the reply (for a group: for all replies).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// The fleet as a table from the gateways' retained states (--json: the states).
+    Status {
+        #[command(flatten)]
+        broker: FleetBroker,
+        /// Only the members of this group.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// Collect retained states this long after subscribing.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+}
+
+/// Which gateway or group a command is for (it is signed for it).
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct FleetTarget {
+    /// One gateway.
+    #[arg(long, value_name = "ID")]
+    pub gateway: Option<String>,
+    /// Every member of a group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+/// The fleet broker, as the operator reaches it.
+#[derive(Debug, clap::Args)]
+pub struct FleetBroker {
+    /// mqtt://host:port or mqtts://host:port.
+    #[arg(long, env = "GATEWAY_FLEET_URL", value_name = "URL")]
+    pub url: String,
+    /// CA of the broker (mqtts; default: system roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_key_file")]
+    pub client_cert_file: Option<PathBuf>,
+    /// Its PKCS#8 key.
+    #[arg(long, value_name = "FILE", requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
+    /// User name.
+    #[arg(long, value_name = "NAME")]
+    pub username: Option<String>,
+    /// File holding the password.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// `gateway token …`

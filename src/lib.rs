@@ -11,6 +11,8 @@
 //! - [`telemetry`]: JSON logging.
 //! - [`cli`]: the `gateway` subcommands; [`ops_cli`] runs the operator ones
 //!   (offline on the data dir, or through a running gateway's admin API).
+//! - [`fleet_cli`]: `gateway fleet keygen | sign | send | status`, the
+//!   operator's side of the fleet channel.
 //! - [`lock`]: one process per data dir.
 //! - [`healthcheck`]: `gateway healthcheck`; [`sdnotify`]: systemd readiness
 //!   and watchdog.
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod fleet_cli;
 pub mod fuzzing;
 pub mod healthcheck;
 pub mod http;

@@ -72,6 +72,7 @@ fn main() -> ExitCode {
             | Command::Route(_)
             | Command::Ping),
         ) => gateway::ops_cli::run(&cli, cmd).unwrap_or(ExitCode::from(2)),
+        Some(Command::Fleet(ref cmd)) => gateway::fleet_cli::run(cmd, cli.json),
         Some(Command::Healthcheck(ref args)) => {
             match Loaded::load(cli.config.as_deref(), true, &flags).and_then(|l| l.settings()) {
                 Ok(settings) => gateway::healthcheck::run(&settings, args),
