@@ -87,6 +87,11 @@ impl Mosquitto {
         }
     }
 
+    /// Its process id (to stop it with kill -STOP).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }

@@ -1,8 +1,9 @@
-//! MQTT ingest against a real Mosquitto started by the harness (and the
-//! embedded broker).
+//! MQTT ingest, the control plane and the fleet channel against a real
+//! Mosquitto started by the harness (and the embedded broker).
 
 mod broker;
 mod control;
+mod fleet;
 #[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;
