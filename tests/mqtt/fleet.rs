@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use crate::broker::{mosquitto_pub, Mosquitto, Subscriber};
 use crate::helpers::{
-    free_port, metric_value, python_json_lines, request, spawn_gateway_binary_logged, telemetry,
-    wait_until, GatewayProcess,
+    archived_keys, free_port, metric_value, python_json_lines, request,
+    spawn_gateway_binary_logged, telemetry, wait_until, GatewayProcess,
 };
 
 /// An operator's key pair: the signing key and a trusted-keys file with its
@@ -498,24 +498,38 @@ fn a_gateway_killed_with_sigkill_is_reported_offline_by_its_last_will() {
     );
 }
 
-/// Posts 20 records; each must be accepted (202) within a second.
-fn assert_ingest_prompt(gw: &Gateway, prefix: &str) {
+/// Posts 20 records; each must be accepted (202) within a second, and the
+/// default archive sink must have them all within 5 s (its batches wait up
+/// to 1 s).
+fn assert_ingest_and_sinks_prompt(gw: &Gateway, archive: &Path, prefix: &str) {
     for i in 0..20 {
         let (status, took) = gw.post("pump-1", &format!("{prefix}-{i}"));
         assert_eq!(status, 202, "{prefix}-{i}");
         assert!(took < Duration::from_secs(1), "{prefix}-{i} took {took:?}");
     }
+    let started = Instant::now();
+    while !(0..20).all(|i| archived_keys(archive).contains(&format!("pump-1:{prefix}-{i}"))) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the archive did not get the {prefix} records within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
-fn http_ingest_answers_202_promptly_while_the_fleet_broker_refuses_connections_or_is_stopped() {
+fn ingest_answers_202_and_sinks_deliver_promptly_while_the_fleet_broker_refuses_connections_or_is_stopped(
+) {
     let tmp = tempfile::tempdir().unwrap();
     let k = keys(tmp.path(), "ops-1");
 
     // A port nobody listens on.
     let refused = format!("mqtt://127.0.0.1:{}", free_port());
     let gw = start_gateway(tmp.path(), "gw-refused", &refused, &k.trusted, "");
-    assert_ingest_prompt(&gw, "refused");
+    let archive = tmp.path().join("data-gw-refused/archive");
+    assert_ingest_and_sinks_prompt(&gw, &archive, "refused");
+    std::thread::sleep(Duration::from_secs(3)); // reconnect attempts pile up
+    assert_ingest_and_sinks_prompt(&gw, &archive, "refused-later");
     assert_eq!(gw.metric("gateway_fleet_connected"), 0.0);
     drop(gw);
 
@@ -533,11 +547,12 @@ fn http_ingest_answers_202_promptly_while_the_fleet_broker_refuses_connections_o
         .status()
         .unwrap()
         .success());
+    let archive = tmp.path().join("data-gw-stopped/archive");
     std::thread::sleep(Duration::from_secs(1));
-    assert_ingest_prompt(&gw, "stopped");
+    assert_ingest_and_sinks_prompt(&gw, &archive, "stopped");
     // Long enough for a state publish and keep-alives to hit the frozen broker.
     std::thread::sleep(Duration::from_secs(6));
-    assert_ingest_prompt(&gw, "stopped-later");
+    assert_ingest_and_sinks_prompt(&gw, &archive, "stopped-later");
     let _ = std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status();
