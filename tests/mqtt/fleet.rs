@@ -557,3 +557,199 @@ fn ingest_answers_202_and_sinks_deliver_promptly_while_the_fleet_broker_refuses_
         .args(["-CONT", &pid])
         .status();
 }
+
+/// `gateway ARGS…` with `env`: (exit code, stdout, stderr).
+fn gateway_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .env_remove("GATEWAY_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_operator_cli_makes_a_key_sends_a_signed_command_and_reads_the_fleet_status() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let keydir = tmp.path().join("keys");
+    let keydir_s = keydir.display().to_string();
+    let (code, public, err) = gateway_cli(
+        &["fleet", "keygen", "--out", &keydir_s, "--key-id", "ops-1"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let key = keydir.join("ops-1.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(public.starts_with("ops-1 "), "{public}");
+    // Never overwrites a key.
+    let (code, _, _) = gateway_cli(
+        &["fleet", "keygen", "--out", &keydir_s, "--key-id", "ops-1"],
+        &[],
+    );
+    assert_ne!(code, 0);
+    let trusted = keydir.join("ops-1.pub");
+    let _gw = start_gateway(tmp.path(), "gw-1", &url, &trusted, "north");
+    let key_s = key.display().to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let (code, out, err) = gateway_cli(
+            &[
+                "fleet",
+                "send",
+                "--url",
+                &url,
+                "--gateway",
+                "gw-1",
+                "--key",
+                &key_s,
+                "--timeout",
+                "2s",
+                "sink.pause",
+                r#"{"sink":"archive"}"#,
+            ],
+            &[],
+        );
+        if code == 0 {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "fleet send: {code} {out} {err}");
+    };
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let (code, out, err) = gateway_cli(
+        &[
+            "fleet",
+            "send",
+            "--url",
+            &url,
+            "--gateway",
+            "gw-1",
+            "--key",
+            &key_s,
+            "--timeout",
+            "2s",
+            "sink.pause",
+            r#"{"sink":"nope"}"#,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(out.contains("unknown_sink"), "{out}");
+
+    // `sign` prints an envelope the gateway accepts when published as is.
+    let sub = Subscriber::start(broker.port, tmp.path(), &["fleet/+/reply/#"], &[]);
+    let (code, env, err) = gateway_cli(
+        &[
+            "fleet",
+            "sign",
+            "--gateway",
+            "gw-1",
+            "--key",
+            &key_s,
+            "ping",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let env: Value = serde_json::from_str(&env).unwrap();
+    assert_eq!(
+        send(broker.port, &sub, "gw-1", "fleet/gw-1/control/ping", &env)["ok"],
+        true
+    );
+
+    wait_until(
+        "the state shows the sink paused",
+        Duration::from_secs(15),
+        || {
+            let (_, out, _) = gateway_cli(
+                &[
+                    "fleet", "status", "--url", &url, "--json", "--wait", "500ms",
+                ],
+                &[],
+            );
+            serde_json::from_str::<Value>(&out)
+                .is_ok_and(|v| v[0]["sinks"]["archive"]["paused"] == true)
+        },
+    );
+    let (code, table, err) = gateway_cli(
+        &[
+            "fleet", "status", "--url", &url, "--group", "north", "--wait", "500ms",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("gw-1"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("yes") && row.contains("archive paused"),
+        "{table}"
+    );
+    let (_, other, _) = gateway_cli(
+        &[
+            "fleet", "status", "--url", &url, "--group", "south", "--json", "--wait", "500ms",
+        ],
+        &[],
+    );
+    assert_eq!(serde_json::from_str::<Value>(&other).unwrap(), json!([]));
+}
+
+#[test]
+fn a_fleet_without_usable_trusted_keys_stops_start_up_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data").display().to_string();
+    let bad_keys = tmp.path().join("keys");
+    std::fs::write(&bad_keys, "ops-1 !!!\n").unwrap();
+    let bad_keys = bad_keys.display().to_string();
+    for (env, key) in [
+        (
+            vec![("GATEWAY_FLEET_URL", "mqtt://127.0.0.1:1")],
+            "fleet.trusted_keys_file",
+        ),
+        (
+            vec![
+                ("GATEWAY_FLEET_URL", "mqtt://127.0.0.1:1"),
+                ("GATEWAY_FLEET_TRUSTED_KEYS_FILE", "/nonexistent/keys"),
+            ],
+            "fleet.trusted_keys_file",
+        ),
+        (
+            vec![
+                ("GATEWAY_FLEET_URL", "mqtt://127.0.0.1:1"),
+                ("GATEWAY_FLEET_TRUSTED_KEYS_FILE", &bad_keys),
+            ],
+            "fleet.trusted_keys_file",
+        ),
+        (
+            vec![
+                ("GATEWAY_FLEET_URL", "tcp://fleet:1"),
+                ("GATEWAY_FLEET_TRUSTED_KEYS_FILE", &bad_keys),
+            ],
+            "fleet.url",
+        ),
+    ] {
+        let mut env = env;
+        env.push(("GATEWAY_MQTT_URL", "off"));
+        let (code, _, err) = gateway_cli(
+            &["run", "--data-dir", &data, "--http-addr", "127.0.0.1:0"],
+            &env,
+        );
+        assert_eq!(code, 2, "{env:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: configuration: invalid `") && err.contains(key),
+            "{err}"
+        );
+    }
+}
