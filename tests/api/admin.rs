@@ -74,6 +74,8 @@ fn admin_endpoints_answer_401_without_the_admin_token_and_403_to_a_device_token(
     assert_eq!(ok.status, 200, "{}", ok.text);
     assert_eq!(ok.body[0]["name"], "archive");
     assert_eq!(ok.body[0]["state"]["paused"], false);
+    assert_eq!(ok.body[0]["running"], true);
+    assert_eq!(ok.body[0]["last_error"], serde_json::Value::Null);
     assert!(!app.dir.path().join("runtime.json").exists());
     // Denials and admin actions are counted and audit-logged.
     assert!(
