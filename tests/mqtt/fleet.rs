@@ -426,11 +426,12 @@ fn the_retained_state_validates_against_its_schema_and_stays_under_2_kb_with_5_f
     let url = format!("mqtt://127.0.0.1:{}", broker.port);
     // Five sinks with long names whose targets refuse connections: each
     // reports a last error (with credentials in its URL to redact).
+    let long = "a-long-path-segment/".repeat(10);
     let mut cfg = String::new();
     for i in 0..5 {
         cfg.push_str(&format!(
             "[sinks.warehouse-analytics-{i}]\nkind = \"http\"\n\
-             url = \"http://svc-user:hunter2@127.0.0.1:1/ingest/a-rather-long-path-{i}?token=s3cr3t\"\n\
+             url = \"http://svc-user:hunter2@127.0.0.1:1/ingest/{long}-{i}?token=s3cr3t\"\n\
              retry_budget = 1000\nretry_base_ms = 50\nretry_max_ms = 200\n"
         ));
     }
