@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`ingest`]: payload validation (`validate`) and the `IngestRouter`
-//!   actor, the one door into the WAL for HTTP and MQTT.
+//! - [`ingest`]: payload validation (`validate`) and `IngestCore`, the one
+//!   door into the WAL for HTTP and MQTT (the `IngestRouter` actors run it
+//!   for MQTT).
 //! - [`wal`]: the SQLite write-ahead-log queue — the `Wal` engine (format,
 //!   invariants and recovery are documented there) and the `WalStore` actor
 //!   that group-commits on its own thread.

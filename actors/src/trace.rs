@@ -36,7 +36,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 // Integer fields are recorded as i64: the OpenTelemetry layer turns u64
 // fields into strings.
 
-use crate::ingest::Source;
 use crate::wal::Batch;
 
 /// The `tracing` target of every pipeline span (lets the log filter keep
@@ -114,7 +113,7 @@ pub fn record_traceparent(json: &str) -> Option<&str> {
 /// user property) the span continues that trace; without it the span is the
 /// child of the current span (HTTP: the request span), or a root.
 pub fn ingest_span(
-    source: Source,
+    source: &str,
     device_id: &str,
     correlation_id: &str,
     remote: Option<&str>,
@@ -130,7 +129,7 @@ pub fn ingest_span(
                 "ingest",
                 otel.kind = "consumer",
                 device_id,
-                source = source.as_str(),
+                source,
                 correlation_id,
             );
             let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
@@ -139,9 +138,9 @@ pub fn ingest_span(
         None => tracing::info_span!(
             target: TARGET,
             "ingest",
-            otel.kind = if source == Source::Mqtt { "consumer" } else { "internal" },
+            otel.kind = if source == "mqtt" { "consumer" } else { "internal" },
             device_id,
-            source = source.as_str(),
+            source,
             correlation_id,
         ),
     }
@@ -325,7 +324,7 @@ mod tests {
     #[test]
     fn spans_are_not_made_while_traces_are_off() {
         set_enabled(false);
-        assert!(ingest_span(Source::Http, "d", "c", None).is_disabled());
+        assert!(ingest_span("http", "d", "c", None).is_disabled());
         let batch = Batch {
             sink: "s".into(),
             ranges: vec![],

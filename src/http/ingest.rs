@@ -3,9 +3,8 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use gateway_actors::ingest::validate::is_traceparent;
 use gateway_actors::ingest::{
-    count_reject, IngestError, IngestTelemetry, PayloadFormat, RecordReceipt, Rejection, Source,
+    IngestError, IngestTelemetry, PayloadFormat, RecordReceipt, Rejection, Source,
 };
 use gateway_actors::repeats::{self, Kind};
 use gateway_actors::trace;
@@ -31,7 +30,7 @@ fn is_json(req: &HttpRequest) -> bool {
 /// This handler checks what only HTTP knows (credentials, content type,
 /// size) and maps the outcome to a status; the [`IngestCore`] validates
 /// the device id, the idempotency key and the records, and counts and logs
-/// every reject (through [`count_reject`], also for the refusals here).
+/// every reject (through [`IngestCore::reject`], also for the refusals here).
 ///
 /// [`IngestCore`]: gateway_actors::ingest::IngestCore
 pub async fn ingest(
@@ -47,16 +46,12 @@ pub async fn ingest(
         .map(|c| c.0.clone())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // A child of the request span, which continues the `traceparent` header.
-    let span = trace::ingest_span(Source::Http, &device_id, &correlation_id, None);
+    let span = trace::ingest_span(Source::Http.as_str(), &device_id, &correlation_id, None);
     let reject = |status, reason, message: String| {
         let r = Rejection { reason, message };
-        count_reject(
-            &state.metrics,
-            Source::Http,
-            &device_id,
-            &correlation_id,
-            &r,
-        );
+        state
+            .router
+            .reject(Source::Http, &device_id, &correlation_id, &r);
         ApiError::new(status, r.reason, r.message)
     };
 
@@ -123,14 +118,13 @@ pub async fn ingest(
         }
     }
     let idempotency_key = header_str(&req, "Idempotency-Key").map(str::to_string);
-    let traceparent = header_str(&req, "traceparent")
-        .filter(|t| is_traceparent(t))
-        .map(str::to_string);
+    // Checked by the core, with the MQTT user property's.
+    let traceparent = header_str(&req, "traceparent").map(str::to_string);
 
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk =
-            chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?;
+            chunk.map_err(|e| reject(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?;
         if body.len() + chunk.len() > limit {
             return Err(reject(
                 StatusCode::PAYLOAD_TOO_LARGE,

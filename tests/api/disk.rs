@@ -95,6 +95,15 @@ fn a_really_full_disk_fails_appends_with_503_and_loses_nothing_acknowledged() {
     );
     assert!(full.headers.contains_key("retry-after"));
     assert!(acked.len() > 100, "only {} records fit", acked.len());
+    // A refusal after the append is counted like any other.
+    assert_eq!(
+        app.metric(r#"gateway_ingest_rejected_total{reason="storage",source="http"}"#),
+        1.0
+    );
+    assert_eq!(
+        app.metric(r#"gateway_ingest_records_total{outcome="rejected",source="http"}"#),
+        1.0
+    );
     assert_eq!(
         app.get("/readyz").status,
         503,

@@ -116,6 +116,37 @@ fn a_bad_idempotency_key_or_device_id_is_refused_counted_once_and_not_stored() {
 }
 
 #[test]
+fn a_body_cut_short_is_refused_as_bad_body_counted_and_not_stored() {
+    use std::io::{Read, Write};
+    let app = spawn_app("");
+    let addr = app.url("").trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(addr.trim_end_matches('/')).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // 100 bytes announced, 30 sent, then the client stops sending.
+    write!(
+        conn,
+        "POST /ingest/dev-1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"ts\":1764057600123,\"metrics\":{{"
+    )
+    .unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    let series = r#"gateway_ingest_rejected_total{reason="bad_body",source="http"}"#;
+    wait_until(
+        "the cut body counted as bad_body",
+        Duration::from_secs(5),
+        || app.metric(series) == 1.0,
+    );
+    assert_eq!(
+        app.metric(r#"gateway_ingest_records_total{outcome="rejected",source="http"}"#),
+        1.0
+    );
+    let ok = app.post_json("dev-1", r#"{"ts":1764057600123,"metrics":{"t":1}}"#);
+    assert_eq!(ok.body["seq"], 1, "the cut body was stored: {}", ok.text);
+}
+
+#[test]
 fn a_json_array_is_accepted_as_one_batch() {
     let app = spawn_app("");
     let batch = format!(

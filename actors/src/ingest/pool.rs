@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::router::{device_hash, IngestCore, IngestRouter};
+use super::core::{device_hash, IngestCore};
+use super::router::IngestRouter;
+use super::validate::{Rejection, Source};
 use super::{IngestError, IngestReceipt, IngestTelemetry, RateLimit};
 
 /// Handles to the shared core and the running routers. Cheap to clone.
@@ -56,6 +58,12 @@ impl IngestRouters {
         msg: IngestTelemetry,
     ) -> impl Future<Output = Result<IngestReceipt, IngestError>> + 'static {
         self.core.ingest(msg)
+    }
+
+    /// Counts and logs a refusal made before the core saw the payload
+    /// ([`IngestCore::reject`]).
+    pub fn reject(&self, source: Source, device_id: &str, correlation_id: &str, r: &Rejection) {
+        self.core.reject(source, device_id, correlation_id, r)
     }
 
     /// The per-device rate limit in force.

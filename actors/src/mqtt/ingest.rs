@@ -52,7 +52,7 @@ use super::client::{Ack, Event, MqttClient};
 use super::config::MqttIngestConfig;
 use super::topics::{TopicMatch, Topics};
 use crate::ingest::{
-    count_reject, IngestError, IngestRouters, IngestTelemetry, PayloadFormat, Rejection, Source,
+    IngestError, IngestRouters, IngestTelemetry, PayloadFormat, Rejection, Source,
 };
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
@@ -159,7 +159,6 @@ async fn ingest_until_ackable(
     router: IngestRouters,
     format: PayloadFormat,
     topics: Arc<Topics>,
-    metrics: Metrics,
     topic: String,
     payload: Bytes,
     traceparent: Option<String>,
@@ -174,11 +173,11 @@ async fn ingest_until_ackable(
             reason: "invalid_topic",
             message: format!("topic {topic:?} matches no template of mqtt.topics"),
         };
-        count_reject(&metrics, Source::Mqtt, "", &correlation_id, &r);
+        router.reject(Source::Mqtt, "", &correlation_id, &r);
         return;
     };
     let span = crate::trace::ingest_span(
-        Source::Mqtt,
+        Source::Mqtt.as_str(),
         &device_id,
         &correlation_id,
         traceparent.as_deref(),
@@ -270,7 +269,6 @@ async fn run(
                         router.clone(),
                         cfg.payload_format,
                         topics.clone(),
-                        metrics.clone(),
                         message.topic,
                         message.payload,
                         message.traceparent,

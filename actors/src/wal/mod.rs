@@ -147,6 +147,7 @@ mod ranges;
 mod reader;
 mod space;
 mod store;
+mod writer;
 
 pub use admin::{
     count_dead, for_each_dead, integrity_report, list_dead, parse_time_ms, time_ms, CheckReport,
