@@ -20,9 +20,10 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::delivery::{load_sink, persist_sink, SinkState};
-use super::engine::{splice_record, Wal, WalError};
+use super::engine::{splice_record, Wal};
+use super::error::WalError;
 use super::ranges::RangeSet;
+use super::sink_state::{load_sink, persist_sink, SinkState};
 
 /// Which dead letters an action applies to. Every field is optional; all
 /// given ones must match.

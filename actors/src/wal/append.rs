@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::delivery::{held_acks_due, persist_dirty};
-use super::engine::{now_ms, AppendOutcome, NewRecord, Wal, WalError, WriteOp, WriteResult};
+use super::engine::{now_ms, AppendOutcome, NewRecord, Wal, WriteOp, WriteResult};
+use super::error::WalError;
 use super::ranges::RangeSet;
+use super::sink_state::{held_acks_due, persist_dirty};
 use super::space::COMPACT_CHUNK;
 
 /// Dedup keys held in memory before a group commit merges them into the

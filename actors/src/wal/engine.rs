@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::delivery::{load_sink, SinkState};
+use super::error::WalError;
+use super::sink_state::{load_sink, SinkState};
 use crate::route::{Class, RecordRoute, MAX_SINKS};
 
 /// 2: records.class, records.sinks, sinks.bit (routes and priorities).
@@ -20,34 +21,6 @@ use crate::route::{Class, RecordRoute, MAX_SINKS};
 pub(super) const SCHEMA_VERSION: i64 = 3;
 /// The on-disk schema (the one copy; the module doc of [`crate::wal`] shows it).
 const SCHEMA: &str = include_str!("schema.sql");
-
-/// Errors of the WAL engine.
-#[derive(Debug, thiserror::Error)]
-pub enum WalError {
-    /// SQLite failed (I/O error, disk full, corruption). Retryable by the caller.
-    #[error("WAL storage error: {0}")]
-    Storage(#[from] rusqlite::Error),
-    /// Ingest is refused until space is freed (policy `block`).
-    #[error("WAL backpressure: {0}")]
-    Backpressure(String),
-    /// The named sink is not configured.
-    #[error("unknown sink {0:?}")]
-    UnknownSink(String),
-    /// An operator request makes no sense (e.g. an empty time range).
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    /// The WAL thread is gone (it is being restarted).
-    #[error("WAL unavailable: {0}")]
-    Unavailable(String),
-    /// Creating the data directory failed.
-    #[error("cannot create WAL directory {path}: {source}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-}
 
 /// What to do when the WAL is over its size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

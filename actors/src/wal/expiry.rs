@@ -12,9 +12,10 @@
 
 use rusqlite::params;
 
-use super::delivery::ttl_mark_key;
-use super::engine::{Wal, WalError, WriteOp};
+use super::engine::{Wal, WriteOp};
+use super::error::WalError;
 use super::ranges::RangeSet;
+use super::sink_state::ttl_mark_key;
 use crate::route::Class;
 
 /// The dead-letter error of an expired record.

@@ -103,17 +103,22 @@
 //!
 //! # Rooms
 //!
-//! - `engine.rs`: the types, [`Wal::open`] and recovery.
+//! - `engine.rs`: the types, [`Wal::open`] and recovery; `error.rs`:
+//!   [`WalError`].
 //! - `append.rs`: appends with dedup, and the group write (one transaction,
 //!   one commit for appends, acks, dead letters and releases).
-//! - `delivery.rs`: per-sink delivery state (cursor + done ranges), fetch,
-//!   ack, dead, release, stats.
+//! - `sink_state.rs`: a sink's delivery state (cursor + done ranges) and
+//!   how it is loaded and stored.
+//! - `delivery.rs`: fetch, ack, dead, release and stats on that state;
+//!   acknowledgements held in memory (`wal.ack_flush`).
 //! - `space.rs`: the size counted against `max_bytes`, free disk,
 //!   backpressure and compaction.
 //! - `expiry.rs`: per-sink TTLs.
 //! - `admin.rs`: operator commands (below).
-//! - `store.rs`: the writer thread and its actor ([`WalStore`]);
-//!   `reader.rs`: read-only connections ([`WalReader`]); `ranges.rs`.
+//! - `writer.rs`: the writer thread (group commits, the commit window,
+//!   housekeeping); `store.rs`: its actor ([`WalStore`]) and the ingest's
+//!   direct queue to it; `reader.rs`: read-only connections
+//!   ([`WalReader`]); `ranges.rs`.
 //!
 //! # Operator actions
 //!
@@ -142,9 +147,11 @@ mod admin;
 mod append;
 mod delivery;
 mod engine;
+mod error;
 mod expiry;
 mod ranges;
 mod reader;
+mod sink_state;
 mod space;
 mod store;
 mod writer;
@@ -155,8 +162,9 @@ pub use admin::{
 };
 pub use engine::{
     now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, Fetched, NewRecord, SinkStats,
-    StoredRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
+    StoredRecord, Wal, WalConfig, WalStats, WriteOp, WriteResult,
 };
+pub use error::WalError;
 pub use expiry::EXPIRED;
 pub use ranges::RangeSet;
 pub use reader::WalReader;

@@ -24,7 +24,7 @@ pub(super) fn make_query_only(c: &rusqlite::Connection) -> rusqlite::Result<()> 
     c.busy_timeout(Duration::from_secs(5))?;
     c.pragma_update(None, "query_only", true)
 }
-use super::engine::WalError;
+use super::error::WalError;
 
 /// A pool of read-only connections.
 #[derive(Clone)]

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use rusqlite::{params, OptionalExtension};
 
-use super::engine::{BackpressurePolicy, Wal, WalError};
+use super::engine::{BackpressurePolicy, Wal};
+use super::error::WalError;
 
 /// Records compacted per step (keeps commit latency low).
 pub(crate) const COMPACT_CHUNK: usize = 5000;

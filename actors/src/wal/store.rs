@@ -24,8 +24,9 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::engine::{
-    AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalError, WalStats, WriteOp, WriteResult,
+    AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalStats, WriteOp, WriteResult,
 };
+use super::error::WalError;
 use super::writer::{writer_loop, Request};
 use crate::metrics::Metrics;
 
