@@ -13,6 +13,8 @@
 //!   (offline on the data dir, or through a running gateway's admin API).
 //! - [`fleet_cli`]: `gateway fleet keygen | sign | send | status`, the
 //!   operator's side of the fleet channel.
+//! - [`bundles`]: fleet config bundles: the layer a start runs with, the
+//!   re-exec that applies or rolls one back.
 //! - [`lock`]: one process per data dir.
 //! - [`healthcheck`]: `gateway healthcheck`; [`sdnotify`]: systemd readiness
 //!   and watchdog.
@@ -20,6 +22,7 @@
 pub mod auth;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod bundles;
 pub mod cli;
 pub mod config;
 pub mod fleet_cli;
