@@ -45,6 +45,28 @@ pub fn run(cmd: &FleetCommand, json: bool) -> ExitCode {
             group,
             wait,
         } => status(broker, group.as_deref(), *wait, json),
+        FleetCommand::Rollout {
+            broker,
+            group,
+            bundle,
+            key,
+            waves,
+            max_failures,
+            timeout,
+            wait,
+        } => crate::fleet_rollout::run(
+            broker,
+            &crate::fleet_rollout::Plan {
+                group: group.clone(),
+                bundle: bundle.clone(),
+                key: key.clone(),
+                waves: waves.clone(),
+                max_failures: *max_failures,
+                timeout: *timeout,
+                wait: *wait,
+            },
+            json,
+        ),
     };
     res.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -126,10 +148,10 @@ fn signed(
     Ok((topic, env))
 }
 
-/// A clean-session client of the fleet broker subscribed to `filter`.
-fn connect(
+/// A clean-session client of the fleet broker subscribed to `filters`.
+pub(crate) fn connect_filters(
     b: &FleetBroker,
-    filter: String,
+    filters: Vec<String>,
 ) -> anyhow::Result<(MqttClient, tokio::sync::mpsc::Receiver<Event>)> {
     let client_id = format!(
         "fleet-cli-{}",
@@ -147,8 +169,16 @@ fn connect(
     .connection(&client_id, MqttVersion::V5)
     .map_err(|e| anyhow::anyhow!("--{}: {}", e.key.replace('_', "-"), e.message))?;
     let mut opts = ClientOptions::new(conn);
-    opts.subscribe = vec![filter];
+    opts.subscribe = filters;
     MqttClient::connect(&opts).map_err(anyhow::Error::msg)
+}
+
+/// A clean-session client of the fleet broker subscribed to `filter`.
+fn connect(
+    b: &FleetBroker,
+    filter: String,
+) -> anyhow::Result<(MqttClient, tokio::sync::mpsc::Receiver<Event>)> {
+    connect_filters(b, vec![filter])
 }
 
 /// Publishes a signed command once the reply subscription is in place and

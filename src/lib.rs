@@ -15,6 +15,7 @@
 //!   operator's side of the fleet channel.
 //! - [`bundles`]: fleet config bundles: the layer a start runs with, the
 //!   re-exec that applies or rolls one back.
+//! - [`fleet_rollout`]: `gateway fleet rollout`, a bundle wave by wave.
 //! - [`lock`]: one process per data dir.
 //! - [`healthcheck`]: `gateway healthcheck`; [`sdnotify`]: systemd readiness
 //!   and watchdog.
@@ -26,6 +27,7 @@ pub mod bundles;
 pub mod cli;
 pub mod config;
 pub mod fleet_cli;
+pub mod fleet_rollout;
 pub mod fuzzing;
 pub mod healthcheck;
 pub mod http;

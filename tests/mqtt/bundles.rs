@@ -386,3 +386,241 @@ fn stale_inline_secret_and_invalid_bundles_are_refused_without_a_restart() {
     s.assert_no_acked_record_lost();
     let _: &Path = &s.dir;
 }
+
+/// `n` gateways `gw-0`… in group `north` on one fleet broker, each with its
+/// own archive and an `mqtt` sink `up` on that broker, probation `probation_s`.
+struct Fleet {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    broker: Mosquitto,
+    gws: Vec<Gateway>,
+}
+
+fn fleet_of(n: usize, probation_s: u64) -> Fleet {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let broker = Mosquitto::start(&dir, "allow_anonymous true", "");
+    let keys = keys(&dir, "ops-r");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let probation = format!("{probation_s}s");
+    let sub = Subscriber::start(broker.port, &dir, &["fleet/+/reply/#"], &[]);
+    let gws = (0..n)
+        .map(|i| {
+            let id = format!("gw-{i}");
+            let config = dir.join(format!("{id}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 100\n\n\
+                     [sinks.up]\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\ntopic_prefix = \"sinkdata\"\n\
+                     batch_max_wait_ms = 50\n",
+                    dir.join(format!("archive-{id}")).display(),
+                    broker.port
+                ),
+            )
+            .unwrap();
+            let cfg = config.display().to_string();
+            let gw = start_gateway_env(
+                &dir,
+                &id,
+                &url,
+                &keys.trusted,
+                "north",
+                &["--config", &cfg],
+                &[("GATEWAY_FLEET_PROBATION", &probation)],
+            );
+            wait_fleet(broker.port, &sub, &keys, &id);
+            gw
+        })
+        .collect();
+    Fleet {
+        _tmp: tmp,
+        dir,
+        broker,
+        gws,
+    }
+}
+
+/// Posts to every gateway every 100 ms until dropped; the acknowledged
+/// idempotency keys per gateway.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<HashSet<String>>>>,
+}
+
+impl Load {
+    fn start(ports: Vec<u16>) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut acked = vec![HashSet::new(); ports.len()];
+            let mut n = 0;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                for (i, port) in ports.iter().enumerate() {
+                    let id = format!("l{n}");
+                    let r = ureq::post(&format!("http://127.0.0.1:{port}/ingest/dev-l"))
+                        .set("Content-Type", "application/json")
+                        .timeout(Duration::from_secs(5))
+                        .send_string(&telemetry(&id, 20.0));
+                    if r.map(|r| r.status() == 202).unwrap_or(false) {
+                        acked[i].insert(format!("dev-l:{id}"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            acked
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<HashSet<String>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Runs `gateway fleet rollout` for `bundle`; (exit ok, stdout, stderr),
+/// calling `during` with the stderr so far until it returns true.
+fn rollout(
+    dir: &Path,
+    port: u16,
+    bundle: Value,
+    waves: &str,
+    max_failures: u32,
+    mut during: impl FnMut(&str) -> bool,
+) -> (bool, String, String) {
+    let file = dir.join(format!("bundle-{}.json", bundle["version"]));
+    std::fs::write(&file, bundle.to_string()).unwrap();
+    let (out, err) = (dir.join("rollout.out"), dir.join("rollout.err"));
+    let key = dir.join("ops-r.key");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["fleet", "rollout", "--url"])
+        .arg(format!("mqtt://127.0.0.1:{}", port))
+        .args(["--group", "north", "--bundle"])
+        .arg(&file)
+        .arg("--key")
+        .arg(&key)
+        .args([
+            "--waves",
+            waves,
+            "--max-failures",
+            &max_failures.to_string(),
+        ])
+        .args(["--timeout", "60s", "--wait", "1s"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut done = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if !done {
+            done = during(&std::fs::read_to_string(&err).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "the rollout never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        status.success(),
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&err).unwrap(),
+    )
+}
+
+impl Fleet {
+    fn store_state(&self, i: usize) -> Value {
+        let path = self.dir.join(format!("data-gw-{i}/bundles/state.json"));
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn assert_no_acked_record_lost(&self, acked: &[HashSet<String>]) {
+        for (i, keys) in acked.iter().enumerate() {
+            let archive = self.dir.join(format!("archive-gw-{i}"));
+            wait_until("acked records archived", Duration::from_secs(15), || {
+                keys.is_subset(&archived_keys(&archive))
+            });
+            assert!(keys.len() >= 10, "gw-{i}: {} acked", keys.len());
+        }
+    }
+}
+
+#[test]
+fn a_rollout_converges_in_waves_and_a_bad_bundle_stops_after_wave_1_rolled_back() {
+    let f = fleet_of(3, 3);
+    let load = Load::start(f.gws.iter().map(|g| g.http).collect());
+    let good = json!({"version": 1, "settings": {"priority": [{"class": "high", "match": {"metrics_any": ["alarm"]}}]}});
+    let (ok, out, err) = rollout(&f.dir, f.broker.port, good, "1,100%", 0, |_| true);
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("wave 1/2: sending to gw-0"), "{err}");
+    assert!(err.contains("wave 2/2: sending to gw-1, gw-2"), "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert!(rows[0].starts_with("MEMBER"), "{out}");
+    for i in 0..3 {
+        assert!(
+            rows.iter()
+                .any(|r| r.starts_with(&format!("gw-{i} ")) && r.contains("active")),
+            "{out}"
+        );
+        assert_eq!(f.store_state(i)["active"], 1);
+    }
+
+    let bad = json!({"version": 2, "settings": {"sinks": {"up": {"url": "mqtt://127.0.0.1:1"}}}});
+    let (ok, out, err) = rollout(&f.dir, f.broker.port, bad, "1,100%", 0, |_| true);
+    assert!(!ok, "the rollout must stop: {out}\n{err}");
+    assert!(
+        err.contains("stopping: 1 failure(s) > --max-failures 0"),
+        "{err}"
+    );
+    assert!(
+        out.lines()
+            .any(|r| r.starts_with("gw-0 ") && r.contains("rolled_back (sink up")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|r| r.starts_with("gw-1 ") && r.contains("not sent")),
+        "{out}"
+    );
+    assert_eq!(f.store_state(0)["status"], "rolled_back");
+    assert_eq!(f.store_state(0)["active"], 1);
+    for i in 1..3 {
+        assert_eq!(f.store_state(i)["version"], 1, "gw-{i} never got bundle 2");
+    }
+    let acked = load.finish();
+    f.assert_no_acked_record_lost(&acked);
+}
+
+#[test]
+fn a_rollout_resumes_and_finishes_when_the_fleet_broker_restarts_mid_rollout() {
+    let mut f = fleet_of(2, 8);
+    let load = Load::start(f.gws.iter().map(|g| g.http).collect());
+    let good = json!({"version": 5, "settings": {"log": {"level": "info"}}});
+    let mut restarted = false;
+    let (dir, port) = (f.dir.clone(), f.broker.port);
+    let (ok, out, err) = rollout(&dir, port, good, "1,100%", 0, |err| {
+        if err.contains("wave 1/2: sending to gw-0") {
+            // The fleet broker goes away and comes back on its port while
+            // wave 1 is on probation.
+            f.broker.restart();
+            restarted = true;
+        }
+        restarted
+    });
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("fleet broker reconnected"), "{err}");
+    for i in 0..2 {
+        assert_eq!(f.store_state(i)["active"], 5, "{out}\n{err}");
+    }
+    let acked = load.finish();
+    f.assert_no_acked_record_lost(&acked);
+}
