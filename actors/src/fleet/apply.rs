@@ -49,6 +49,8 @@ pub struct Bundles {
     metrics: Metrics,
     /// One apply at a time (the check and the stage are one step).
     applying: tokio::sync::Mutex<()>,
+    /// Woken on every status change: the state is published right away.
+    changed: tokio::sync::Notify,
 }
 
 impl Bundles {
@@ -69,6 +71,7 @@ impl Bundles {
             probation,
             metrics,
             applying: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
         };
         b.set_state(state);
         b
@@ -86,6 +89,12 @@ impl Bundles {
         if let Ok(mut g) = self.state.lock() {
             *g = s;
         }
+        self.changed.notify_one();
+    }
+
+    /// Returns at the next status change.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     /// The state document's `bundle` field.

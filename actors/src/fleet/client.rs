@@ -188,8 +188,8 @@ async fn run(cfg: FleetConfig, commands: Arc<Commands>, metrics: Metrics) -> Res
     Err("fleet event loop ended".to_string())
 }
 
-/// Publishes the retained state: right after each connect, then on change
-/// (checked every [`MIN_STATE_GAP`]) and at least every `interval`; never
+/// Publishes the retained state: right after each connect and each change
+/// of the bundle's status, then on change (checked every [`MIN_STATE_GAP`]) and at least every `interval`; never
 /// while disconnected (nothing queues up behind a dead link).
 async fn publish_states(
     client: MqttClient,
@@ -205,6 +205,9 @@ async fn publish_states(
         tokio::select! {
             _ = actix_rt::time::sleep(MIN_STATE_GAP) => {}
             _ = wake.notified() => last = None,
+            // A bundle's status is what a rollout waits for: published at
+            // once (it changes a few times per bundle, never in a flap).
+            _ = source.bundle_changed() => last = None,
         }
         if !connected.load(Ordering::SeqCst) {
             continue;

@@ -103,6 +103,14 @@ impl StateSource {
             .get()
     }
 
+    /// Returns when the bundle's status changes (never without bundles).
+    pub async fn bundle_changed(&self) {
+        match &self.bundles {
+            Some(b) => b.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// The state now.
     pub async fn report(&mut self, operator: &Operator) -> Result<Report, OpError> {
         let (stats, sinks) = operator.sinks_report().await?;
