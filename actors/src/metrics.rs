@@ -291,6 +291,12 @@ impl Metrics {
         registry.register(Box::new(m.fleet_commands.clone()))?;
         registry.register(Box::new(m.fleet_connected.clone()))?;
         registry.register(Box::new(m.fleet_bundle.clone()))?;
+        // Series that exist from the start (the dashboards' fleet panels
+        // show them for every gateway, fleet on or off).
+        m.fleet_bundle.with_label_values(&["none", "none"]).set(1);
+        for result in ["ok", "error"] {
+            m.fleet_commands.with_label_values(&[result]);
+        }
         registry.register(Box::new(m.wal_class_records.clone()))?;
         registry.register(Box::new(m.wal_class_oldest_age.clone()))?;
         registry.register(Box::new(m.wal_expired.clone()))?;
