@@ -1,6 +1,7 @@
 //! `gateway fleet …`: the operator's side of the fleet channel (DESIGN §11),
 //! in the gateway's own binary: make a signing key, sign a command, send
-//! one and wait for the reply, read the fleet's retained states.
+//! one and wait for the reply, read the fleet's retained states; `rollout`
+//! is in [`crate::fleet_rollout`].
 //!
 //! `send` and `status` connect to the fleet broker through the same
 //! [`MqttClient`] as the gateway (TLS, mTLS, credentials from files), with
