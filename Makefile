@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build deps test test-deps fmt lint bench dist deb soak chaos fuzz clean-data certs up down help
+.PHONY: run build deps test test-deps fmt lint bench dist deb soak chaos fleet-sim fuzz clean-data certs up down help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,10 @@ bench: test-deps ## WAL, HTTP, start-up, MQTT, cost per record (CPU, disk writes
 
 chaos: test-deps ## the fault harness at full scale (crash loop, sink outages, broker restart, full disk, soak; hours): bench/results/chaos-latest.md
 	scripts/chaos.sh --scale full
+
+fleet-sim: test-deps ## 50 gateways on one fleet broker: rollouts in waves, a bad bundle, forged commands, kill -9 on probation, a broker restart; bench/results/fleet-latest.md
+	$(CARGO) build -p gateway --bin gateway --bin loadgen
+	scripts/fleet-sim.py --n 50
 
 fuzz: ## each fuzz target for FUZZ_SECS (600) with libFuzzer; results in bench/results/fuzz-latest.md
 	scripts/fuzz.sh

@@ -15,8 +15,14 @@ chaos=skipped
 if [ "$status" -eq 0 ]; then
   if scripts/chaos.sh --scale quick --out target/chaos-quick.md; then chaos=passed; else chaos=failed; status=1; fi
 fi
+# The fleet simulation at quick scale (5 gateways, every scenario of
+# `make fleet-sim`; about 2-3 minutes).
+fleet=skipped
+if [ "$status" -eq 0 ]; then
+  if scripts/fleet-sim.py --n 5 --idle-secs 20 --out target/fleet-quick.md; then fleet=passed; else fleet=failed; status=1; fi
+fi
 echo
-echo "summary: ${passed} passed, ${failed} failed; chaos (quick): ${chaos}"
+echo "summary: ${passed} passed, ${failed} failed; chaos (quick): ${chaos}; fleet-sim (quick): ${fleet}"
 if [ "$status" -ne 0 ] || [ "$failed" -ne 0 ] || [ "$passed" -eq 0 ]; then
   exit 1
 fi

@@ -303,6 +303,36 @@ pub enum FleetCommand {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Roll a config bundle out to a group, wave by wave: each member of a
+    /// wave gets a signed bundle.apply and must report the bundle `active`
+    /// (or `rolled_back`) in its retained state; the rollout stops when
+    /// more than --max-failures members failed (exit 1). Prints progress
+    /// lines and a final table (--json: one JSON line per member).
+    Rollout {
+        #[command(flatten)]
+        broker: FleetBroker,
+        /// The group whose members get the bundle.
+        #[arg(long, value_name = "GROUP")]
+        group: String,
+        /// The bundle: a JSON file {"version": N, "settings": {...}}.
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// The private key file (from `gateway fleet keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Cumulative wave sizes: a count or a share of the members.
+        #[arg(long, default_value = "1,10%,50%,100%", value_name = "LIST")]
+        waves: String,
+        /// Stop when more members than this failed (rolled back, refused, timed out).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        max_failures: usize,
+        /// How long a member of a wave may take to report (probation included).
+        #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Collect retained states this long after subscribing, to find the members.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
     /// The fleet as a table from the gateways' retained states (--json: the states).
     Status {
         #[command(flatten)]

@@ -384,6 +384,29 @@ impl Loaded {
         use_env: bool,
         flags: &FlagLayer,
     ) -> Result<Self, ConfigError> {
+        Self::load_with_bundle(file, use_env, flags, None)
+    }
+
+    /// Like [`Loaded::load`] with a fleet config bundle's settings (its
+    /// version and the JSON object) as the layer between the file and the
+    /// environment.
+    pub fn load_with_bundle(
+        file: Option<&Path>,
+        use_env: bool,
+        flags: &FlagLayer,
+        bundle: Option<(u64, &serde_json::Value)>,
+    ) -> Result<Self, ConfigError> {
+        let bundle = bundle
+            .map(|(version, settings)| {
+                let layer = format!("bundle {version}");
+                Value::try_from(settings)
+                    .map(|tree| (layer.clone(), tree))
+                    .map_err(|e| ConfigError::Layer {
+                        layer,
+                        message: format!("not a configuration layer: {e}"),
+                    })
+            })
+            .transpose()?;
         let file = match file {
             Some(path) => {
                 let layer = format!("file {}", path.display());
@@ -395,7 +418,7 @@ impl Loaded {
             }
             None => None,
         };
-        Self::from_layers(file, use_env, flags)
+        Self::from_layers(file, bundle, use_env, flags)
     }
 
     /// Validates a configuration file's text on its own (no environment,
@@ -403,16 +426,18 @@ impl Loaded {
     pub fn check_text(layer: &str, text: &str) -> Result<Settings, ConfigError> {
         Self::from_layers(
             Some((layer.to_string(), text.to_string())),
+            None,
             false,
             &FlagLayer::default(),
         )?
         .settings()
     }
 
-    /// The compiled defaults, then the file's (layer, text), the
-    /// environment and the flags.
+    /// The compiled defaults, then the file's (layer, text), the bundle's
+    /// (layer, tree), the environment and the flags.
     fn from_layers(
         file: Option<(String, String)>,
+        bundle: Option<(String, Value)>,
         use_env: bool,
         flags: &FlagLayer,
     ) -> Result<Self, ConfigError> {
@@ -429,6 +454,11 @@ impl Loaded {
                 layer: layer.clone(),
                 message: e.to_string(),
             })?;
+            check_layer(&tree, &layer)?;
+            merge_into(&mut merged, tree, "", &layer, &mut origin);
+        }
+
+        if let Some((layer, tree)) = bundle {
             check_layer(&tree, &layer)?;
             merge_into(&mut merged, tree, "", &layer, &mut origin);
         }
@@ -1427,6 +1457,48 @@ mod tests {
             SinkTarget::Mqtt(m) => assert_eq!((m.conn.host.as_str(), m.conn.port), ("cloud", 1883)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_fleet_bundle_sits_between_the_file_and_the_flags_and_is_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("g.toml");
+        std::fs::write(&file, "[http]\naddr = \"127.0.0.1:7001\"\nworkers = 1\n").unwrap();
+        let bundle =
+            serde_json::json!({"http": {"addr": "127.0.0.1:7002"}, "log": {"level": "debug"}});
+        let s = Loaded::load_with_bundle(
+            Some(&file),
+            false,
+            &FlagLayer::default(),
+            Some((4, &bundle)),
+        )
+        .unwrap()
+        .settings()
+        .unwrap();
+        assert_eq!((s.http.addr.port(), s.http.workers), (7002, 1));
+        assert_eq!(s.log_level, "debug");
+        let flags = FlagLayer {
+            http_addr: Some("127.0.0.1:7003".into()),
+            ..FlagLayer::default()
+        };
+        let s = Loaded::load_with_bundle(Some(&file), false, &flags, Some((4, &bundle)))
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(s.http.addr.port(), 7003);
+        let bad = serde_json::json!({"http": {"addr": "nowhere"}});
+        let err =
+            Loaded::load_with_bundle(Some(&file), false, &FlagLayer::default(), Some((5, &bad)))
+                .unwrap()
+                .settings()
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("set by bundle 5"), "{err}");
+        let unknown = serde_json::json!({"htp": {}});
+        let err = Loaded::load_with_bundle(None, false, &FlagLayer::default(), Some((6, &unknown)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("bundle 6"), "{err}");
     }
 
     #[test]

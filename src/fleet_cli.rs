@@ -1,6 +1,7 @@
 //! `gateway fleet …`: the operator's side of the fleet channel (DESIGN §11),
 //! in the gateway's own binary: make a signing key, sign a command, send
-//! one and wait for the reply, read the fleet's retained states.
+//! one and wait for the reply, read the fleet's retained states; `rollout`
+//! is in [`crate::fleet_rollout`].
 //!
 //! `send` and `status` connect to the fleet broker through the same
 //! [`MqttClient`] as the gateway (TLS, mTLS, credentials from files), with
@@ -45,6 +46,28 @@ pub fn run(cmd: &FleetCommand, json: bool) -> ExitCode {
             group,
             wait,
         } => status(broker, group.as_deref(), *wait, json),
+        FleetCommand::Rollout {
+            broker,
+            group,
+            bundle,
+            key,
+            waves,
+            max_failures,
+            timeout,
+            wait,
+        } => crate::fleet_rollout::run(
+            broker,
+            &crate::fleet_rollout::Plan {
+                group: group.clone(),
+                bundle: bundle.clone(),
+                key: key.clone(),
+                waves: waves.clone(),
+                max_failures: *max_failures,
+                timeout: *timeout,
+                wait: *wait,
+            },
+            json,
+        ),
     };
     res.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -126,10 +149,10 @@ fn signed(
     Ok((topic, env))
 }
 
-/// A clean-session client of the fleet broker subscribed to `filter`.
-fn connect(
+/// A clean-session client of the fleet broker subscribed to `filters`.
+pub(crate) fn connect_filters(
     b: &FleetBroker,
-    filter: String,
+    filters: Vec<String>,
 ) -> anyhow::Result<(MqttClient, tokio::sync::mpsc::Receiver<Event>)> {
     let client_id = format!(
         "fleet-cli-{}",
@@ -147,8 +170,16 @@ fn connect(
     .connection(&client_id, MqttVersion::V5)
     .map_err(|e| anyhow::anyhow!("--{}: {}", e.key.replace('_', "-"), e.message))?;
     let mut opts = ClientOptions::new(conn);
-    opts.subscribe = vec![filter];
+    opts.subscribe = filters;
     MqttClient::connect(&opts).map_err(anyhow::Error::msg)
+}
+
+/// A clean-session client of the fleet broker subscribed to `filter`.
+fn connect(
+    b: &FleetBroker,
+    filter: String,
+) -> anyhow::Result<(MqttClient, tokio::sync::mpsc::Receiver<Event>)> {
+    connect_filters(b, vec![filter])
 }
 
 /// Publishes a signed command once the reply subscription is in place and

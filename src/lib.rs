@@ -13,6 +13,9 @@
 //!   (offline on the data dir, or through a running gateway's admin API).
 //! - [`fleet_cli`]: `gateway fleet keygen | sign | send | status`, the
 //!   operator's side of the fleet channel.
+//! - [`bundles`]: fleet config bundles: the layer a start runs with, the
+//!   re-exec that applies or rolls one back.
+//! - [`fleet_rollout`]: `gateway fleet rollout`, a bundle wave by wave.
 //! - [`lock`]: one process per data dir.
 //! - [`healthcheck`]: `gateway healthcheck`; [`sdnotify`]: systemd readiness
 //!   and watchdog.
@@ -20,9 +23,11 @@
 pub mod auth;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod bundles;
 pub mod cli;
 pub mod config;
 pub mod fleet_cli;
+pub mod fleet_rollout;
 pub mod fuzzing;
 pub mod healthcheck;
 pub mod http;

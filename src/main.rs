@@ -112,37 +112,44 @@ fn config_error(e: gateway::config::ConfigError) -> ExitCode {
 }
 
 fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
-    let settings = match Loaded::load(cli.config.as_deref(), true, flags).and_then(|l| l.settings())
-    {
+    let base = match Loaded::load(cli.config.as_deref(), true, flags).and_then(|l| l.settings()) {
         Ok(s) => s,
         Err(e) => return config_error(e),
     };
-    gateway_actors::repeats::configure(settings.log_repeats.burst, settings.log_repeats.interval);
-    let telemetry = gateway::telemetry::init_with_traces(
-        &settings.log_level,
-        settings.otlp_endpoint.as_deref(),
-        &settings.gateway_id,
-    );
     // One gateway per data dir; the CLI uses the admin API while we hold it.
-    let _lock = match gateway::lock::try_lock(&settings.data_dir) {
+    let _lock = match gateway::lock::try_lock(&base.data_dir) {
         Ok(LockState::Acquired(l)) => l,
         Ok(LockState::Held(pid)) => {
             let who = pid.map_or("another process".to_string(), |p| format!("pid {p}"));
-            tracing::error!(data_dir = %settings.data_dir.display(), holder = %who, "data dir in use");
             eprintln!(
                 "error: data dir {} is in use by {who} (another gateway, or a CLI command); stop it first",
-                settings.data_dir.display()
+                base.data_dir.display()
             );
             return ExitCode::FAILURE;
         }
         Err(e) => {
             eprintln!(
                 "error: cannot lock data dir {}: {e}",
-                settings.data_dir.display()
+                base.data_dir.display()
             );
             return ExitCode::FAILURE;
         }
     };
+    // With the lock held: the fleet config bundle this start runs with.
+    let (settings, bundle_notes) =
+        match gateway::bundles::load_settings(cli.config.as_deref(), flags, base) {
+            Ok(s) => s,
+            Err(e) => return config_error(e),
+        };
+    gateway_actors::repeats::configure(settings.log_repeats.burst, settings.log_repeats.interval);
+    let telemetry = gateway::telemetry::init_with_traces(
+        &settings.log_level,
+        settings.otlp_endpoint.as_deref(),
+        &settings.gateway_id,
+    );
+    for note in bundle_notes {
+        tracing::warn!(note = %note, "config bundles");
+    }
     let system = actix::System::new();
     let result = system.block_on(async move {
         let app = Application::build(settings).await?;
@@ -175,5 +182,10 @@ fn run(cli: &Cli, flags: &FlagLayer) -> ExitCode {
     };
     // Exports the spans still queued.
     telemetry.shutdown();
+    if gateway::bundles::reexec_requested() && code == ExitCode::SUCCESS {
+        let err = gateway::bundles::reexec();
+        eprintln!("error: cannot re-execute the gateway to apply its configuration: {err}");
+        return ExitCode::FAILURE;
+    }
     code
 }

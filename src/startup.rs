@@ -15,7 +15,7 @@ use gateway_actors::control::{
     ControlPlane, LogControl as _, Operator, OperatorParts, RuntimeOverrides,
 };
 use gateway_actors::dispatcher::Dispatcher;
-use gateway_actors::fleet::{FleetClient, SeenIds};
+use gateway_actors::fleet::{Bundles, FleetClient, SeenIds};
 use gateway_actors::ingest::{IngestCore, IngestRouters};
 use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
@@ -310,10 +310,27 @@ impl Application {
             );
             Supervisor::start(move |_| ControlPlane::new(&c, &id, op, m))
         });
+        // Config bundles: with the fleet on, in `gateway run` (which read
+        // the bundle store before building the settings).
+        let (restart, restart_server) = crate::bundles::restarter();
+        let bundles = settings
+            .fleet
+            .as_ref()
+            .zip(crate::bundles::context())
+            .map(|(cfg, ctx)| {
+                Arc::new(Bundles::new(
+                    ctx.store.clone(),
+                    ctx.boot.state.clone(),
+                    crate::bundles::validator(ctx),
+                    restart.clone(),
+                    cfg.probation,
+                    metrics.clone(),
+                ))
+            });
         let fleet = settings.fleet.clone().zip(fleet_seen).map(|(cfg, seen)| {
             tracing::info!(host = %cfg.conn.host, port = cfg.conn.port, tls = cfg.conn.tls.is_some(), groups = ?cfg.groups, "starting the fleet channel");
-            let (op, m) = (operator.clone(), metrics.clone());
-            Supervisor::start(move |_| FleetClient::new(cfg, op, seen, m))
+            let (op, b, m) = (operator.clone(), bundles.clone(), metrics.clone());
+            Supervisor::start(move |_| FleetClient::new(cfg, op, seen, b, m))
         });
         // `tls.reload` and SIGHUP read every TLS file again: HTTPS, the MQTT
         // connections with TLS, and the sinks whose clients read TLS files.
@@ -369,6 +386,19 @@ impl Application {
             cert_identity,
         });
 
+        // A bundle on probation is watched from now on.
+        if let (Some(b), Some(ctx)) = (&bundles, crate::bundles::context()) {
+            if let Some(candidate) = ctx.boot.layer.clone().filter(|_| ctx.boot.probation) {
+                let st = state.clone();
+                let ready: gateway_actors::fleet::apply::Ready =
+                    Arc::new(move || match http::health::readiness(&st) {
+                        Ok(_) => Ok(()),
+                        Err((failing, _)) => Err(format!("not ready: {}", failing.join(", "))),
+                    });
+                actix_rt::spawn(b.clone().run_probation(candidate, operator.clone(), ready));
+            }
+        }
+
         // Request spans only when they are exported: without a trace layer
         // nobody reads them, and building one costs every request.
         let traces = gateway_actors::trace::enabled();
@@ -403,6 +433,9 @@ impl Application {
             None => server.listen(listener)?,
         }
         .run();
+        if let Ok(mut g) = restart_server.lock() {
+            *g = Some(server.handle());
+        }
         tracing::info!(
             gateway_id = %settings.gateway_id,
             addr = %settings.http.addr,

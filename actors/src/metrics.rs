@@ -100,6 +100,10 @@ pub struct MetricSet {
     pub fleet_commands: IntCounterVec,
     /// `gateway_fleet_connected`: 1 while connected to the fleet broker.
     pub fleet_connected: IntGauge,
+    /// `gateway_fleet_bundle_info{version,status}`: 1 for the config
+    /// bundle's current version and status (none, applying, probation,
+    /// active, rolled_back); one series at a time.
+    pub fleet_bundle: IntGaugeVec,
     /// Each sink's last publish error, redacted, until a publish succeeds
     /// (`/admin/sinks`, the fleet state). Not a Prometheus series: kept
     /// here because it moves where `gateway_sink_publish_total` does.
@@ -264,6 +268,13 @@ impl Metrics {
                 "gateway_fleet_connected",
                 "1 while connected to the fleet broker.",
             )?,
+            fleet_bundle: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_fleet_bundle_info",
+                    "1 for the config bundle's version and status (none, applying, probation, active, rolled_back).",
+                ),
+                &["version", "status"],
+            )?,
             sink_last_error: LastErrors::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
@@ -279,6 +290,13 @@ impl Metrics {
         registry.register(Box::new(m.wal_oldest_pending_age.clone()))?;
         registry.register(Box::new(m.fleet_commands.clone()))?;
         registry.register(Box::new(m.fleet_connected.clone()))?;
+        registry.register(Box::new(m.fleet_bundle.clone()))?;
+        // Series that exist from the start (the dashboards' fleet panels
+        // show them for every gateway, fleet on or off).
+        m.fleet_bundle.with_label_values(&["none", "none"]).set(1);
+        for result in ["ok", "error"] {
+            m.fleet_commands.with_label_values(&[result]);
+        }
         registry.register(Box::new(m.wal_class_records.clone()))?;
         registry.register(Box::new(m.wal_class_oldest_age.clone()))?;
         registry.register(Box::new(m.wal_expired.clone()))?;

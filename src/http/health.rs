@@ -15,6 +15,16 @@ pub async fn healthz() -> HttpResponse {
 /// Readiness: the WAL is writable and below backpressure, the dispatchers
 /// run, and MQTT ingest is connected or disabled. The body names every check.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match readiness(&state) {
+        Ok(checks) => HttpResponse::Ok().json(json!({"status": "ready", "checks": checks})),
+        Err((failing, checks)) => HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "not_ready", "failing": failing, "checks": checks})),
+    }
+}
+
+/// The readiness checks: `Ok(checks)` when ready, else the failing
+/// checks' names and every check (`/readyz`, and a bundle's probation).
+pub fn readiness(state: &AppState) -> Result<Value, (Vec<&'static str>, Value)> {
     let h = &state.wal_health;
     let problem = || h.last_problem.lock().ok().and_then(|g| g.clone());
     let wal_ok = h.alive.load(Ordering::SeqCst) && h.writable.load(Ordering::SeqCst);
@@ -67,10 +77,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .filter(|k| checks[k]["ok"] != Value::Bool(true))
         .collect();
     if ready {
-        HttpResponse::Ok().json(json!({"status": "ready", "checks": checks}))
+        Ok(checks)
     } else {
-        HttpResponse::ServiceUnavailable()
-            .json(json!({"status": "not_ready", "failing": failing, "checks": checks}))
+        Err((failing, checks))
     }
 }
 

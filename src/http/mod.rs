@@ -2,7 +2,7 @@
 
 pub mod admin;
 mod error;
-mod health;
+pub mod health;
 mod ingest;
 
 use std::sync::Arc;

@@ -18,12 +18,12 @@ use crate::helpers::{
 
 /// An operator's key pair: the signing key and a trusted-keys file with its
 /// public line.
-struct Keys {
-    signer: SigningKey,
-    trusted: PathBuf,
+pub(crate) struct Keys {
+    pub(crate) signer: SigningKey,
+    pub(crate) trusted: PathBuf,
 }
 
-fn keys(dir: &Path, key_id: &str) -> Keys {
+pub(crate) fn keys(dir: &Path, key_id: &str) -> Keys {
     let (private, public) = SigningKey::generate(key_id).unwrap();
     let key_file = dir.join(format!("{key_id}.key"));
     std::fs::write(&key_file, private).unwrap();
@@ -35,29 +35,42 @@ fn keys(dir: &Path, key_id: &str) -> Keys {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
 /// A gateway binary on the fleet broker at `port` (MQTT ingest off), its
 /// HTTP port and log file.
-struct Gateway {
-    process: GatewayProcess,
-    http: u16,
-    log: PathBuf,
+pub(crate) struct Gateway {
+    pub(crate) process: GatewayProcess,
+    pub(crate) http: u16,
+    pub(crate) log: PathBuf,
 }
 
 fn start_gateway(dir: &Path, id: &str, fleet_url: &str, trusted: &Path, groups: &str) -> Gateway {
     start_gateway_with(dir, id, fleet_url, trusted, groups, &[])
 }
 
-fn start_gateway_with(
+pub(crate) fn start_gateway_with(
     dir: &Path,
     id: &str,
     fleet_url: &str,
     trusted: &Path,
     groups: &str,
     args: &[&str],
+) -> Gateway {
+    start_gateway_env(dir, id, fleet_url, trusted, groups, args, &[])
+}
+
+/// Like [`start_gateway_with`] with more environment variables.
+pub(crate) fn start_gateway_env(
+    dir: &Path,
+    id: &str,
+    fleet_url: &str,
+    trusted: &Path,
+    groups: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
 ) -> Gateway {
     let data = dir.join(format!("data-{id}"));
     let log = dir.join(format!("{id}.log"));
@@ -68,19 +81,23 @@ fn start_gateway_with(
         http,
         args,
         &[
-            ("GATEWAY_ID", id),
-            ("GATEWAY_MQTT_URL", "off"),
-            ("GATEWAY_FLEET_URL", fleet_url),
-            ("GATEWAY_FLEET_TRUSTED_KEYS_FILE", &trusted),
-            ("GATEWAY_FLEET_GROUPS", groups),
-        ],
+            &[
+                ("GATEWAY_ID", id),
+                ("GATEWAY_MQTT_URL", "off"),
+                ("GATEWAY_FLEET_URL", fleet_url),
+                ("GATEWAY_FLEET_TRUSTED_KEYS_FILE", &trusted),
+                ("GATEWAY_FLEET_GROUPS", groups),
+            ],
+            env,
+        ]
+        .concat(),
         Some(&log),
     );
     Gateway { process, http, log }
 }
 
 impl Gateway {
-    fn metric(&self, series: &str) -> f64 {
+    pub(crate) fn metric(&self, series: &str) -> f64 {
         let text = ureq::get(&format!("http://127.0.0.1:{}/metrics", self.http))
             .call()
             .unwrap()
@@ -89,11 +106,11 @@ impl Gateway {
         metric_value(&text, series)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn post(&self, device: &str, msg_id: &str) -> (u16, Duration) {
+    pub(crate) fn post(&self, device: &str, msg_id: &str) -> (u16, Duration) {
         let started = Instant::now();
         let r = request(
             ureq::post(&format!("http://127.0.0.1:{}/ingest/{device}", self.http))
@@ -106,7 +123,13 @@ impl Gateway {
 }
 
 /// Publishes `envelope` on `topic` and waits for the reply to its request id.
-fn send(port: u16, sub: &Subscriber, gateway: &str, topic: &str, envelope: &Value) -> Value {
+pub(crate) fn send(
+    port: u16,
+    sub: &Subscriber,
+    gateway: &str,
+    topic: &str,
+    envelope: &Value,
+) -> Value {
     let (ok, err) = mosquitto_pub(port, topic, &["-m", &envelope.to_string()]);
     assert!(ok, "{err}");
     let rid = envelope["request_id"].as_str().unwrap_or("invalid");
@@ -118,7 +141,7 @@ fn send(port: u16, sub: &Subscriber, gateway: &str, topic: &str, envelope: &Valu
 
 /// Pings with signed commands until the fleet client answers (it connects
 /// after start-up).
-fn wait_fleet(port: u16, sub: &Subscriber, k: &Keys, gateway: &str) {
+pub(crate) fn wait_fleet(port: u16, sub: &Subscriber, k: &Keys, gateway: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let rid = format!("ready-{}", uuid::Uuid::new_v4());
@@ -144,7 +167,11 @@ fn wait_fleet(port: u16, sub: &Subscriber, k: &Keys, gateway: &str) {
 }
 
 /// Waits for a message on `topic` whose JSON payload satisfies `pred`.
-fn wait_json_where(sub: &Subscriber, topic: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_json_where(
+    sub: &Subscriber,
+    topic: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let found = sub
@@ -399,7 +426,7 @@ fn a_group_command_reaches_its_members_and_no_one_else() {
 
 /// Validates `docs` against `schemas/fleet-state.schema.json` with the
 /// Python jsonschema package of the test virtualenv.
-fn assert_valid_states(dir: &Path, docs: &[&Value]) {
+pub(crate) fn assert_valid_states(dir: &Path, docs: &[&Value]) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut args = vec![root
         .join("schemas/fleet-state.schema.json")

@@ -2,6 +2,7 @@
 //! Mosquitto started by the harness (and the embedded broker).
 
 mod broker;
+mod bundles;
 mod control;
 mod fleet;
 #[allow(dead_code)]

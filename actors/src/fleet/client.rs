@@ -34,6 +34,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use super::apply::Bundles;
+use super::bundle::Refusal as BundleRefusal;
 use super::config::FleetConfig;
 use super::seen::SeenIds;
 use super::state::{offline, StateSource};
@@ -60,7 +62,14 @@ impl FleetClient {
     /// A client for `cfg` running commands through `operator`; `seen` holds
     /// the accepted request ids (opened by the caller, so that start-up
     /// fails on a data dir it cannot write).
-    pub fn new(cfg: FleetConfig, operator: Arc<Operator>, seen: SeenIds, metrics: Metrics) -> Self {
+    /// `bundles`: config bundles (`bundle.apply` is refused without them).
+    pub fn new(
+        cfg: FleetConfig,
+        operator: Arc<Operator>,
+        seen: SeenIds,
+        bundles: Option<Arc<Bundles>>,
+        metrics: Metrics,
+    ) -> Self {
         for r in Refusal::ALL {
             metrics.fleet_commands.with_label_values(&[r.as_str()]);
         }
@@ -70,6 +79,7 @@ impl FleetClient {
             trusted: cfg.trusted.clone(),
             seen: Mutex::new(seen),
             operator,
+            bundles,
             metrics: metrics.clone(),
         });
         Self {
@@ -136,7 +146,8 @@ async fn run(cfg: FleetConfig, commands: Arc<Commands>, metrics: Metrics) -> Res
     let states = actix_rt::spawn(publish_states(
         client.clone(),
         commands.operator.clone(),
-        StateSource::new(&cfg.gateway_id, &cfg.groups, cfg.wal_limit, metrics.clone()),
+        StateSource::new(&cfg.gateway_id, &cfg.groups, cfg.wal_limit, metrics.clone())
+            .with_bundles(commands.bundles.clone()),
         topic,
         cfg.state_interval,
         connected.clone(),
@@ -177,8 +188,8 @@ async fn run(cfg: FleetConfig, commands: Arc<Commands>, metrics: Metrics) -> Res
     Err("fleet event loop ended".to_string())
 }
 
-/// Publishes the retained state: right after each connect, then on change
-/// (checked every [`MIN_STATE_GAP`]) and at least every `interval`; never
+/// Publishes the retained state: right after each connect and each change
+/// of the bundle's status, then on change (checked every [`MIN_STATE_GAP`]) and at least every `interval`; never
 /// while disconnected (nothing queues up behind a dead link).
 async fn publish_states(
     client: MqttClient,
@@ -194,6 +205,9 @@ async fn publish_states(
         tokio::select! {
             _ = actix_rt::time::sleep(MIN_STATE_GAP) => {}
             _ = wake.notified() => last = None,
+            // A bundle's status is what a rollout waits for: published at
+            // once (it changes a few times per bundle, never in a flap).
+            _ = source.bundle_changed() => last = None,
         }
         if !connected.load(Ordering::SeqCst) {
             continue;
@@ -230,6 +244,7 @@ pub struct Commands {
     trusted: TrustedKeys,
     seen: Mutex<SeenIds>,
     operator: Arc<Operator>,
+    bundles: Option<Arc<Bundles>>,
     metrics: Metrics,
 }
 
@@ -272,6 +287,9 @@ impl Commands {
         let reply_topic = self.reply_topic(Some(&env.request_id));
         let rid = env.request_id.clone();
         let actor = format!("fleet:{}", env.key_id);
+        if env.command == "bundle.apply" {
+            return (reply_topic, self.apply_bundle(env, &actor).await);
+        }
         let result = match Command::parse(&env.command, env.args) {
             Err(e) => {
                 tracing::warn!(target: "audit", actor = %actor, command = %env.command, outcome = "error", error = %e, "operator command");
@@ -291,6 +309,36 @@ impl Commands {
             .with_label_values(&[outcome])
             .inc();
         (reply_topic, body)
+    }
+
+    /// Runs an accepted `bundle.apply`: the reply body (audit-logged and
+    /// counted like the other commands).
+    async fn apply_bundle(&self, env: verify::Envelope, actor: &str) -> Value {
+        let rid = env.request_id;
+        let result = match &self.bundles {
+            None => Err(BundleRefusal::Invalid(
+                "config bundles need the gateway binary (`gateway run`)".into(),
+            )),
+            Some(b) => b.apply(&self.operator, env.args, &rid).await,
+        };
+        let (outcome, body) = match result {
+            Ok(v) => {
+                tracing::info!(target: "audit", actor = %actor, command = "bundle.apply", outcome = "ok", result = %v, "operator command");
+                ("ok", json!({"request_id": rid, "ok": true, "result": v}))
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", actor = %actor, command = "bundle.apply", outcome = "error", error = %e, "operator command");
+                (
+                    "error",
+                    json!({"request_id": rid, "ok": false, "error": e.code(), "message": e.message()}),
+                )
+            }
+        };
+        self.metrics
+            .fleet_commands
+            .with_label_values(&[outcome])
+            .inc();
+        body
     }
 
     /// A verified envelope is for this topic's target and command, and its

@@ -27,7 +27,8 @@ pub struct FleetKeys {
     /// line (required with `url`).
     pub trusted_keys_file: Option<PathBuf>,
     /// How long a new config bundle must stay healthy before it is kept
-    /// (bundles are not there yet; the key is read and checked already).
+    /// (ready, connected to the fleet broker, every sink that was up still
+    /// up; see [`super::apply`]).
     pub probation: Option<String>,
     /// The state is published at least this often (and on change).
     pub state_interval: Option<String>,
@@ -59,7 +60,7 @@ pub struct FleetConfig {
     pub groups: Vec<String>,
     /// Who may sign commands.
     pub trusted: TrustedKeys,
-    /// Config bundle probation (part 2 of issue 32).
+    /// Config bundle probation ([`super::apply`]).
     pub probation: Duration,
     /// The state is published at least this often.
     pub state_interval: Duration,

@@ -25,17 +25,21 @@
 //! Every refusal is answered, counted in
 //! `gateway_fleet_commands_total{result}` and audit-logged.
 //!
-//! Not yet here (issue 32, part 2): config bundles (`bundle.apply`),
-//! probation and rollback, and `gateway fleet rollout`. The state already
-//! carries `bundle: {"version": null, "status": "none"}` and `probation` is
-//! read, so they fit in without a new schema version.
+//! Config bundles (`bundle.apply`, a signed config layer kept only after a
+//! probation) are in [`bundle`] (the files and the life of a bundle) and
+//! [`apply`] (applying by re-exec, the probation, the rollback); the state
+//! reports them in its `bundle` field.
 
+pub mod apply;
+pub mod bundle;
 mod client;
 pub mod config;
 pub mod seen;
 pub mod state;
 pub mod verify;
 
+pub use apply::Bundles;
+pub use bundle::BundleStore;
 pub use client::{Commands, FleetClient, MIN_STATE_GAP};
 pub use config::{FleetConfig, FleetKeys};
 pub use seen::SeenIds;

@@ -11,10 +11,12 @@
 //! under 2 KB (checked by a test), because error texts are cut to 120
 //! characters.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::apply::Bundles;
 use crate::control::{OpError, Operator};
 use crate::metrics::Metrics;
 
@@ -52,6 +54,17 @@ pub struct StateSource {
     wal_limit: u64,
     metrics: Metrics,
     last: Option<Sample>,
+    bundles: Option<Arc<Bundles>>,
+}
+
+/// A sink of `GET /admin/sinks` is up: its dispatcher runs, its circuit
+/// is closed and its last attempt did not fail (the state's `up`, and
+/// what a bundle's probation keeps).
+pub fn sink_up(s: &Value) -> bool {
+    let state = &s["state"];
+    let circuit_open = state["circuit_open"].as_bool().unwrap_or(false);
+    let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
+    s["running"].as_bool().unwrap_or(false) && !circuit_open && !failing
 }
 
 /// The document the broker publishes for us when we vanish (the last will).
@@ -73,7 +86,14 @@ impl StateSource {
             wal_limit,
             metrics,
             last: None,
+            bundles: None,
         }
+    }
+
+    /// Reports the config bundle's version and status from `bundles`.
+    pub fn with_bundles(mut self, bundles: Option<Arc<Bundles>>) -> Self {
+        self.bundles = bundles;
+        self
     }
 
     fn accepted(&self, source: &str) -> u64 {
@@ -81,6 +101,14 @@ impl StateSource {
             .ingest_records
             .with_label_values(&[source, "accepted"])
             .get()
+    }
+
+    /// Returns when the bundle's status changes (never without bundles).
+    pub async fn bundle_changed(&self) {
+        match &self.bundles {
+            Some(b) => b.changed().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The state now.
@@ -117,9 +145,7 @@ impl StateSource {
             let wal = &s["wal"];
             let paused = state["paused"].as_bool().unwrap_or(false);
             let circuit_open = state["circuit_open"].as_bool().unwrap_or(false);
-            let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
-            let running = s["running"].as_bool().unwrap_or(false);
-            let up = running && !circuit_open && !failing;
+            let up = sink_up(s);
             let backlog =
                 wal["enqueued"].as_u64().unwrap_or(0) + wal["inflight"].as_u64().unwrap_or(0);
             let oldest = wal["oldest_pending_ms"]
@@ -145,13 +171,18 @@ impl StateSource {
             );
         }
         significant.push(format!("wal:{}:{}", full_in.is_some(), stats.backpressure));
+        let bundle = self.bundles.as_ref().map_or_else(
+            || json!({"version": null, "status": "none"}),
+            |b| b.report(),
+        );
+        significant.push(format!("bundle:{bundle}"));
         let body = json!({
             "schema": SCHEMA,
             "gateway_id": self.gateway_id,
             "groups": self.groups,
             "online": true,
             "version": env!("CARGO_PKG_VERSION"),
-            "bundle": {"version": null, "status": "none"},
+            "bundle": bundle,
             "uptime_s": operator.uptime().as_secs(),
             "at_ms": wall_ms,
             "ingest": {"http_per_s": http_rate, "mqtt_per_s": mqtt_rate},
