@@ -367,6 +367,7 @@ impl Application {
             operator: operator.clone(),
             request_timeout: settings.http.request_timeout,
             cert_identity,
+            status: crate::status::StatusSource::started(&settings, &metrics, &mqtt_status),
         });
 
         // Request spans only when they are exported: without a trace layer

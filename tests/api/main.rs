@@ -18,4 +18,5 @@ mod ingest;
 mod ops_cli;
 mod package;
 mod slow_clients;
+mod status;
 mod tls;
