@@ -19,4 +19,5 @@ mod ops_cli;
 mod package;
 mod slow_clients;
 mod status;
+mod status_page;
 mod tls;

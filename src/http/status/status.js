@@ -152,44 +152,66 @@
     renderDead(doc.dead_letters, doc.sinks);
   }
 
-  function renderSinks(sinks) {
-    const body = $("sink-rows");
-    const focused = document.activeElement && document.activeElement.id;
-    body.replaceChildren();
-    sinks.forEach(function (s) {
-      const tr = document.createElement("tr");
-      tr.id = "sink-" + s.name;
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = s.name;
-      tr.appendChild(th);
-      const st = cell(tr, STATE_WORDS[s.condition] || s.condition, "state state-" + s.condition);
-      st.dataset.state = s.condition;
-      st.className += " sink-state";
-      cell(tr, String(s.backlog), "num sink-backlog");
-      cell(tr, s.oldest_pending_age_s === null ? "none" : duration(s.oldest_pending_age_s), "num");
-      cell(tr, s.delivered_per_s === null ? "" : String(s.delivered_per_s), "num sink-rate");
-      cell(tr, String(s.dead_letters), "num");
-      cell(tr, s.last_error || "none", "err");
-      const actions = cell(tr, "", "actions");
-      const paused = s.condition === "paused";
-      const b = button(paused ? "Resume" : "Pause", paused ? "resume" : "pause", function () {
-        const verb = paused ? "resume" : "pause";
-        confirmThen((paused ? "Resume" : "Pause") + " delivery to sink " + s.name + "?", function () {
-          return api("POST", "/admin/sinks/" + encodeURIComponent(s.name) + "/" + verb).then(function (r) {
-            return r.ok ? "Sink " + s.name + ": " + (paused ? "resumed" : "paused") + "." : "Sink " + s.name + ": " + errorText(r);
-          });
+  // Rows are built once per sink and updated in place, so a focused button
+  // keeps its focus (and its identity) across the 1 s updates.
+  function sinkRow(body, name) {
+    let tr = $("sink-" + name);
+    if (tr) return tr;
+    tr = document.createElement("tr");
+    tr.id = "sink-" + name;
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = name;
+    tr.appendChild(th);
+    // data-label: the column's name, shown before each value on a phone,
+    // where the rows stack (status.css).
+    [["state sink-state", "State"], ["num sink-backlog", "Backlog"], ["num sink-oldest", "Oldest pending"],
+     ["num sink-rate", "Delivered per second"], ["num sink-dead", "Dead letters"], ["err", "Last error"]].forEach(function (c) {
+      cell(tr, "", c[0]).dataset.label = c[1];
+    });
+    const actions = cell(tr, "", "actions");
+    actions.dataset.label = "Actions";
+    const b = button("Pause", "pause", function () {
+      const paused = b.dataset.paused === "true";
+      const verb = paused ? "resume" : "pause";
+      confirmThen((paused ? "Resume" : "Pause") + " delivery to sink " + name + "?", function () {
+        return api("POST", "/admin/sinks/" + encodeURIComponent(name) + "/" + verb).then(function (r) {
+          return r.ok ? "Sink " + name + ": " + (paused ? "resumed" : "paused") + "." : "Sink " + name + ": " + errorText(r);
         });
       });
-      b.id = "sink-action-" + s.name;
-      b.setAttribute("aria-label", (paused ? "Resume" : "Pause") + " sink " + s.name);
-      actions.appendChild(b);
-      body.appendChild(tr);
     });
-    if (focused && $(focused)) $(focused).focus();
+    b.id = "sink-action-" + name;
+    actions.appendChild(b);
+    body.appendChild(tr);
+    return tr;
+  }
+
+  function renderSinks(sinks) {
+    const body = $("sink-rows");
+    const names = sinks.map(function (s) { return s.name; });
+    Array.from(body.children).forEach(function (tr) {
+      if (names.indexOf(tr.id.slice(5)) < 0) tr.remove();
+    });
+    sinks.forEach(function (s) {
+      const tr = sinkRow(body, s.name);
+      const st = tr.querySelector(".sink-state");
+      st.textContent = STATE_WORDS[s.condition] || s.condition;
+      st.className = "state sink-state state-" + s.condition;
+      st.dataset.state = s.condition;
+      tr.querySelector(".sink-backlog").textContent = String(s.backlog);
+      tr.querySelector(".sink-oldest").textContent = s.oldest_pending_age_s === null ? "none" : duration(s.oldest_pending_age_s);
+      tr.querySelector(".sink-rate").textContent = s.delivered_per_s === null ? "" : String(s.delivered_per_s);
+      tr.querySelector(".sink-dead").textContent = String(s.dead_letters);
+      tr.querySelector(".err").textContent = s.last_error || "none";
+      const b = $("sink-action-" + s.name);
+      const paused = s.condition === "paused";
+      b.dataset.paused = String(paused);
+      b.textContent = paused ? "Resume" : "Pause";
+      b.className = paused ? "resume" : "pause";
+      b.setAttribute("aria-label", (paused ? "Resume" : "Pause") + " sink " + s.name);
+    });
 
     const sel = $("replay-sink");
-    const names = sinks.map(function (s) { return s.name; });
     if (sel.options.length !== names.length) {
       const keep = sel.value;
       sel.replaceChildren();
@@ -205,6 +227,7 @@
 
   function renderDead(dead, sinks) {
     text($("dlq-total"), dead.total === 0 ? "No dead letters." : dead.total + " dead letters (showing the first " + dead.recent.length + ").");
+    $("dlq-table").hidden = dead.recent.length === 0;
     const body = $("dlq-rows");
     body.replaceChildren();
     dead.recent.forEach(function (d) {
@@ -226,8 +249,13 @@
       bar.className = "buttons";
       sec.after(bar);
     }
+    // Rebuilt only when the counts change, so focus stays put.
+    const withDead = sinks.filter(function (s) { return s.dead_letters > 0; });
+    const key = withDead.map(function (s) { return s.name + ":" + s.dead_letters; }).join(",");
+    if (bar.dataset.key === key) return;
+    bar.dataset.key = key;
     bar.replaceChildren();
-    sinks.filter(function (s) { return s.dead_letters > 0; }).forEach(function (s) {
+    withDead.forEach(function (s) {
       const rq = button("Requeue " + s.name + " (" + s.dead_letters + ")", "requeue", function () {
         confirmThen("Requeue the " + s.dead_letters + " dead letters of sink " + s.name + " for delivery?", function () {
           return api("POST", "/admin/dlq/requeue", { sink: s.name }).then(function (r) {
