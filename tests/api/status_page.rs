@@ -20,15 +20,21 @@ fn the_status_page_works_in_a_real_browser_against_the_real_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let analytics_port = free_port();
+    // Sink "bad": its server (in the script) answers 400 to everything, so
+    // its records become dead letters (for requeue and purge).
+    let refuser_port = free_port();
     let config = dir.path().join("gateway.toml");
-    // Many retries and a high circuit threshold: with its server stopped the
-    // sink stays "down" with its records pending (not dead letters).
+    // Sink "api": many retries and a high circuit threshold, so with its
+    // server stopped it stays "down" with its records pending.
     std::fs::write(
         &config,
         format!(
             "gateway_id = \"edge-browser\"\n\
              [sinks.api]\nkind = \"http\"\nurl = \"http://127.0.0.1:{analytics_port}/ingest\"\n\
              batch_max_wait_ms = 20\nretry_budget = 100000\nretry_base_ms = 50\nretry_max_ms = 200\n\
+             circuit_threshold = 100000\n\
+             [sinks.bad]\nkind = \"http\"\nurl = \"http://127.0.0.1:{refuser_port}/ingest\"\n\
+             batch_max_wait_ms = 20\nretry_budget = 1\nretry_base_ms = 10\nretry_max_ms = 20\n\
              circuit_threshold = 100000\n"
         ),
     )
@@ -49,6 +55,7 @@ fn the_status_page_works_in_a_real_browser_against_the_real_gateway() {
         .args(["--analytics-port", &analytics_port.to_string()])
         .arg("--analytics-out")
         .arg(dir.path().join("analytics.ndjson"))
+        .args(["--refuser-port", &refuser_port.to_string()])
         .args(["--gateway-pid", &gw.id().to_string()])
         .arg("--artifacts")
         .arg(&artifacts)

@@ -8,23 +8,27 @@ Steps: a wrong token shows an error and no data; the right one shows the
 data; an HTTP ingest moves the record count; the sink's server stopped turns
 the sink "Down" with its backlog growing; pause and resume from the page, and
 the admin API agrees; a replay from the page is delivered; a stopped gateway
-shows "Stale"; the browser console has no errors and no CSP violations;
+shows "Stale"; requeue and purge from the page (sink "bad", whose server
+refuses every batch with 400); the browser console has no errors and no CSP violations;
 screenshots at 360 and 1920 px go to --artifacts.
 
 Always Debian's /usr/bin/chromedriver and /usr/bin/chromium: no driver or
 browser is ever downloaded (SE_OFFLINE, no Selenium Manager).
 
 usage: status_page.py --base URL --token FILE --analytics-port N
-                      --analytics-out FILE --gateway-pid PID --artifacts DIR
+                      --analytics-out FILE --refuser-port N --gateway-pid PID
+                      --artifacts DIR
 """
 
 import argparse
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -83,6 +87,32 @@ class Analytics:
                 return [json.loads(line) for line in f if line.strip()]
         except FileNotFoundError:
             return []
+
+
+class Refuser(http.server.BaseHTTPRequestHandler):
+    """Sink "bad"'s server: refuses every batch with 400 (a permanent
+    error), so its records become dead letters at once."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"error":"schema mismatch"}'
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def start_refuser(port):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Refuser)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 class Gateway:
@@ -182,6 +212,7 @@ def main():
     ap.add_argument("--analytics-port", type=int, required=True)
     ap.add_argument("--analytics-out", required=True)
     ap.add_argument("--gateway-pid", type=int, required=True)
+    ap.add_argument("--refuser-port", type=int, required=True, help="sink bad's server (400 to all)")
     ap.add_argument("--artifacts", required=True)
     a = ap.parse_args()
     os.makedirs(a.artifacts, exist_ok=True)
@@ -189,6 +220,7 @@ def main():
     gw = Gateway(a.base, token)
     analytics = Analytics(a.analytics_port, a.analytics_out)
     analytics.start()
+    refuser = start_refuser(a.refuser_port)
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
@@ -292,6 +324,30 @@ def main():
         assert matched >= 10, result
         wait(driver, "the replay delivered", lambda: len(analytics.lines()) >= delivered + matched, timeout=30)
 
+        step("requeue, then purge the dead letters of sink bad from the page")
+        bad = "bad"
+        wait(driver, "bad's records all dead", lambda: gw.sink(bad)["wal"]["dead"] > 0
+             and gw.sink(bad)["wal"]["enqueued"] + gw.sink(bad)["wal"]["inflight"] == 0, timeout=30)
+        dead = gw.sink(bad)["wal"]["dead"]
+        wait(driver, "the requeue button", lambda: driver.find_elements(By.ID, "dlq-requeue-" + bad))
+        wait(driver, "the dead letters listed", lambda: "bad" in text(driver, "#dlq-rows"))
+        driver.find_element(By.ID, "dlq-requeue-" + bad).click()
+        confirm(driver, "Requeue the")
+        wait(driver, "the requeue result", lambda: "Requeued" in text(driver, "#result"))
+        assert text(driver, "#result") == "Requeued %d dead letters of bad." % dead, text(driver, "#result")
+        # They fail again (the server is not there) and come back as dead letters.
+        wait(driver, "dead again", lambda: gw.sink(bad)["wal"]["dead"] == dead
+             and gw.sink(bad)["wal"]["enqueued"] + gw.sink(bad)["wal"]["inflight"] == 0, timeout=30)
+        wait(driver, "the purge button", lambda: driver.find_elements(By.ID, "dlq-purge-" + bad)
+             and driver.find_element(By.ID, "dlq-purge-" + bad).is_displayed())
+        driver.find_element(By.ID, "dlq-purge-" + bad).click()
+        confirm(driver, "for good")
+        wait(driver, "the purge result", lambda: "Purged" in text(driver, "#result"))
+        assert text(driver, "#result") == "Purged %d dead letters of bad." % dead, text(driver, "#result")
+        _, listed = gw.call("GET", "/admin/dlq?sink=bad")
+        assert listed["total"] == 0, listed
+        wait(driver, "no dead letters on the page", lambda: text(driver, "#dlq-total") == "No dead letters.")
+
         step("a stopped gateway: Stale, in words; then Live again")
         os.kill(a.gateway_pid, signal.SIGSTOP)
         try:
@@ -326,6 +382,7 @@ def main():
     finally:
         driver.quit()
         analytics.stop()
+        refuser.shutdown()
 
 
 if __name__ == "__main__":
