@@ -95,6 +95,9 @@ pub enum Command {
     },
     /// Ping a running gateway through its admin API.
     Ping,
+    /// A running gateway's status (GET /admin/status, what the status page
+    /// at / shows): gateway, ingest rates, WAL, sinks, dead letters (--json: the document).
+    Status,
     /// Routes: which class and sinks a record would get.
     #[command(subcommand)]
     Route(RouteCommand),

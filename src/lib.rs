@@ -8,6 +8,8 @@
 //! - `broker`: the embedded MQTT broker (feature `embedded-broker`).
 //! - [`http`]: ingest, health, version, metrics and admin endpoints.
 //! - [`startup`]: wiring the supervised actors and the HTTP server.
+//! - [`status`]: the status document (`GET /admin/status`, the status page
+//!   at `/`, `gateway status`).
 //! - [`telemetry`]: JSON logging.
 //! - [`cli`]: the `gateway` subcommands; [`ops_cli`] runs the operator ones
 //!   (offline on the data dir, or through a running gateway's admin API).
@@ -35,6 +37,7 @@ pub mod lock;
 pub mod ops_cli;
 pub mod sdnotify;
 pub mod startup;
+pub mod status;
 pub mod telemetry;
 
 /// Version, git commit and build time, as served on `/version`.

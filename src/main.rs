@@ -70,7 +70,8 @@ fn main() -> ExitCode {
             | Command::Sink(_)
             | Command::DeviceSend { .. }
             | Command::Route(_)
-            | Command::Ping),
+            | Command::Ping
+            | Command::Status),
         ) => gateway::ops_cli::run(&cli, cmd).unwrap_or(ExitCode::from(2)),
         Some(Command::Fleet(ref cmd)) => gateway::fleet_cli::run(cmd, cli.json),
         Some(Command::Healthcheck(ref args)) => {

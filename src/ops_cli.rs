@@ -1,5 +1,5 @@
 //! The operator subcommands of the CLI (`gateway dlq …`, `replay`, `wal …`,
-//! `sink …`, `config get|set`, `device-send`, `ping`).
+//! `sink …`, `config get|set`, `device-send`, `ping`, `status`).
 //!
 //! Each builds one control-plane command (name + JSON arguments) and runs it
 //! where it is safe:
@@ -11,6 +11,9 @@
 //!   its WAL writer thread. The CLI never writes to a live WAL.
 //! - **`--admin-url`** given: always that admin API (a remote gateway too),
 //!   with the admin token or an admin client certificate.
+//!
+//! `status` reads a running gateway's `GET /admin/status`, the document the
+//! status page shows (its rates and connections exist only while it runs).
 //!
 //! `dlq export` only reads: it streams from a read-only SQLite connection in
 //! both cases (SQLite's own locking keeps that safe beside a live writer).
@@ -220,6 +223,9 @@ pub fn run(cli: &Cli, cmd: &CliCommand) -> Option<ExitCode> {
         };
     if let CliCommand::Dlq(DlqCommand::Export { filter, output }) = cmd {
         return Some(export(&settings, filter, output.as_ref()));
+    }
+    if let CliCommand::Status = cmd {
+        return Some(status(cli, &settings));
     }
     let (name, args, show, wait) = match request(cmd) {
         Ok(Some(r)) => r,
@@ -432,11 +438,21 @@ impl AdminClient {
     /// `POST /admin/commands/{name}` with `args`; the result, or the error message.
     async fn call(&self, name: &str, args: Value) -> Result<Value, String> {
         let url = format!("{}/admin/commands/{name}", self.base);
-        let mut req = self
+        let req = self
             .client
             .post(&url)
             .header("content-type", "application/json")
             .body(args.to_string());
+        self.send(req, &url).await
+    }
+
+    /// `GET {path}` of the admin API; the JSON body, or the error message.
+    async fn get(&self, path: &str) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.client.get(&url), &url).await
+    }
+
+    async fn send(&self, mut req: reqwest::RequestBuilder, url: &str) -> Result<Value, String> {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
@@ -573,6 +589,99 @@ fn show_dlq(v: &Value) {
     }
     if let Some(n) = v["next_after_seq"].as_u64() {
         println!("more: --after-seq {n}");
+    }
+}
+
+/// `gateway status`: a running gateway's `GET /admin/status`, as text or
+/// (`--json`) the document itself.
+fn status(cli: &Cli, settings: &Settings) -> ExitCode {
+    let client = match target(cli, settings) {
+        Ok(Target::Live(c)) => c,
+        Ok(Target::Offline { .. }) => {
+            return fail(
+                format!(
+                    "the gateway on {} is not running; `gateway status` reads a running one \
+                     (for the stored state: `gateway wal stats`, `gateway sink list`)",
+                    settings.data_dir.display()
+                ),
+                1,
+            )
+        }
+        Err(e) => return fail(e, 1),
+    };
+    let system = actix::System::new();
+    match system.block_on(client.get("/admin/status")) {
+        Ok(v) if cli.json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            show_status(&v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
+    }
+}
+
+fn show_status(v: &Value) {
+    let g = &v["gateway"];
+    println!(
+        "gateway {} {}, up {}, bundle {}, MQTT {}",
+        g["id"].as_str().unwrap_or("?"),
+        g["version"].as_str().unwrap_or("?"),
+        humantime::format_duration(Duration::from_secs(g["uptime_s"].as_u64().unwrap_or(0))),
+        g["bundle"]["version"].as_str().unwrap_or("none"),
+        g["mqtt"]["state"].as_str().unwrap_or("?"),
+    );
+    for (src, s) in v["ingest"]["sources"].as_object().into_iter().flatten() {
+        println!(
+            "ingest {src}: {} accepted, {}/s",
+            cell(&s["total"]),
+            cell(&s["per_s"])
+        );
+    }
+    let w = &v["wal"];
+    println!(
+        "WAL {} of {} bytes, disk free {}, full in {}{}",
+        cell(&w["bytes"]),
+        cell(&w["limit_bytes"]),
+        cell(&w["disk_free_bytes"]),
+        w["full_in_s"]
+            .as_u64()
+            .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
+            .unwrap_or_else(|| "not known".into()),
+        if w["backpressure"] == Value::Bool(true) {
+            ", BACKPRESSURE (ingest refused)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<16} {:<13} {:>9} {:>10} {:>8} {:>6}  LAST ERROR",
+        "SINK", "STATE", "BACKLOG", "OLDEST_S", "RATE/S", "DEAD"
+    );
+    for s in v["sinks"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<13} {:>9} {:>10} {:>8} {:>6}  {}",
+            s["name"].as_str().unwrap_or(""),
+            s["condition"].as_str().unwrap_or("?"),
+            cell(&s["backlog"]),
+            cell(&s["oldest_pending_age_s"]),
+            cell(&s["delivered_per_s"]),
+            cell(&s["dead_letters"]),
+            s["last_error"].as_str().unwrap_or("-"),
+        );
+    }
+    let d = &v["dead_letters"];
+    println!("dead letters: {}", cell(&d["total"]));
+    for l in d["recent"].as_array().into_iter().flatten() {
+        println!(
+            "  {} seq {} device {}: {}",
+            l["sink"].as_str().unwrap_or(""),
+            cell(&l["seq"]),
+            l["device_id"].as_str().unwrap_or(""),
+            l["reason"].as_str().unwrap_or("")
+        );
     }
 }
 

@@ -384,6 +384,7 @@ impl Application {
             operator: operator.clone(),
             request_timeout: settings.http.request_timeout,
             cert_identity,
+            status: crate::status::StatusSource::started(&settings, &metrics, &mqtt_status),
         });
 
         // A bundle on probation is watched from now on.

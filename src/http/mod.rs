@@ -4,6 +4,7 @@ pub mod admin;
 mod error;
 pub mod health;
 mod ingest;
+mod status;
 
 use std::sync::Arc;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     /// Client certificates are on (`http.client_ca_file`): ingest for a
     /// device needs a certificate whose CN or a DNS SAN is that device id.
     pub cert_identity: bool,
+    /// The status document's source (`GET /admin/status`, the status page).
+    pub status: Arc<crate::status::StatusSource>,
 }
 
 /// The verified client certificate's CN and DNS subject alternative names.
@@ -121,6 +124,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/version", web::get().to(health::version))
+        .configure(status::configure)
         .configure(admin::configure)
         .default_service(web::to(not_found));
 }

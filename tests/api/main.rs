@@ -18,4 +18,6 @@ mod ingest;
 mod ops_cli;
 mod package;
 mod slow_clients;
+mod status;
+mod status_page;
 mod tls;

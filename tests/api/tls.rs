@@ -97,6 +97,19 @@ fn the_admin_certificate_opens_the_admin_api_and_a_device_certificate_gets_403()
     let (code, out) = as_client("dev-1");
     assert_eq!(code, 0, "{out}");
     assert!(out.ends_with("403") && out.contains("forbidden"), "{out}");
+    // The status page's document too: the certificate is enough, no token.
+    let status = app.base.replace("http://", "https://") + "/admin/status";
+    let (code, out) = curl(&[
+        "--cacert",
+        &certs.path("ca.crt"),
+        "--cert",
+        &certs.path("gateway-admin.crt"),
+        "--key",
+        &certs.path("gateway-admin.key"),
+        &status,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("200") && out.contains("\"gateway\""), "{out}");
 
     // The CLI reaches the same API with the admin certificate and no token.
     let elsewhere = tempfile::tempdir().unwrap();

@@ -539,22 +539,8 @@ impl Operator {
                     .map_err(OpError::Unavailable)?;
                 Ok(json!({"topic": topic, "qos": 1, "bytes": size}))
             }
-            Command::DlqList(mut f) => {
-                if let Some(s) = &f.sink {
-                    self.known_sink(s)?;
-                }
-                let limit = f.limit.unwrap_or(100).clamp(1, DLQ_LIST_MAX);
-                f.limit = Some(limit);
-                let reader = self.p.reader.clone();
-                let total = reader.count_dead(&DlqFilter {
-                    after_seq: None,
-                    limit: None,
-                    ..f.clone()
-                })?;
-                let list = reader.list_dead(&f)?;
-                let next = (list.len() as u64 == limit)
-                    .then(|| list.last().map(|d| d.seq))
-                    .flatten();
+            Command::DlqList(f) => {
+                let (total, list, next) = self.dead_letters(f)?;
                 Ok(json!({"total": total, "dead_letters": list, "next_after_seq": next}))
             }
             Command::DlqRequeue(f) => {
@@ -631,22 +617,55 @@ impl Operator {
     /// The WAL's counts and every sink's state, as `sinks.list` (and so
     /// `GET /admin/sinks`) shows it: name, `running` (its dispatcher is
     /// alive; null on a stopped gateway), `state` (paused, circuit, failures
-    /// in a row, settings), `wal` (backlog, oldest pending, dead letters)
-    /// and `last_error` (redacted). The fleet state report reads the same.
+    /// in a row, settings), `condition` (one word: [`condition`]), `wal`
+    /// (backlog, oldest pending, dead letters) and `last_error` (redacted). The fleet state report reads the same.
     pub async fn sinks_report(&self) -> Result<(WalStats, Value), OpError> {
         let stats = self.with_wal(|w| w.stats()).await?;
         let states = self.effective().await;
         let mut out = Vec::new();
         for (name, (_, disp)) in &self.p.sinks {
+            let running = disp.as_ref().map(Addr::connected);
             out.push(json!({
                 "name": name,
-                "running": disp.as_ref().map(Addr::connected),
+                "running": running,
+                "condition": condition(running, &states["sinks"][name]),
                 "state": states["sinks"][name],
                 "wal": stats.sinks.get(name),
                 "last_error": self.p.metrics.sink_last_error.get(name),
             }));
         }
         Ok((stats, Value::Array(out)))
+    }
+
+    /// The dead letters `f` selects, as `dlq.list` (and so `GET
+    /// /admin/dlq`) lists them: the total matching, one page (`f.limit`,
+    /// default 100) in seq order, and the seq to continue after. The status
+    /// page reads the same, without an audit line per poll.
+    pub fn dead_letters(
+        &self,
+        mut f: DlqFilter,
+    ) -> Result<(u64, Vec<crate::wal::DeadLetter>, Option<u64>), OpError> {
+        if let Some(s) = &f.sink {
+            self.known_sink(s)?;
+        }
+        let limit = f.limit.unwrap_or(100).clamp(1, DLQ_LIST_MAX);
+        f.limit = Some(limit);
+        let reader = &self.p.reader;
+        let total = reader.count_dead(&DlqFilter {
+            after_seq: None,
+            limit: None,
+            ..f.clone()
+        })?;
+        let list = reader.list_dead(&f)?;
+        let next = (list.len() as u64 == limit)
+            .then(|| list.last().map(|d| d.seq))
+            .flatten();
+        Ok((total, list, next))
+    }
+
+    /// This gateway's id.
+    pub fn gateway_id(&self) -> &str {
+        &self.p.gateway_id
     }
 
     /// Time since this operator (the gateway) started.
@@ -814,6 +833,22 @@ impl Operator {
     }
 }
 
+/// A sink's condition in one word, for people (the status page, `gateway
+/// sink list`): `paused`, `circuit_open`, `down` (its dispatcher is not
+/// running, or its last publish failed), `up`, or `stopped` (the gateway is
+/// not running: `running` is null).
+pub fn condition(running: Option<bool>, state: &Value) -> &'static str {
+    let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
+    match running {
+        None => "stopped",
+        Some(_) if state["paused"] == Value::Bool(true) => "paused",
+        Some(_) if state["circuit_open"] == Value::Bool(true) => "circuit_open",
+        Some(false) => "down",
+        Some(true) if failing => "down",
+        Some(true) => "up",
+    }
+}
+
 /// A sink's route, TTLs and drain order as settings (`config.get`).
 fn policy_json(p: &SinkPolicy) -> serde_json::Map<String, Value> {
     let ttl: BTreeMap<&str, String> = p
@@ -910,4 +945,20 @@ pub fn route_test(
         "topic_tags": tags.into_iter().collect::<BTreeMap<_, _>>(),
         "records": out,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sinks_condition_says_paused_before_circuit_before_down() {
+        let st = |paused: bool, open: bool, fails: u64| json!({"paused": paused, "circuit_open": open, "consecutive_failures": fails});
+        assert_eq!(condition(Some(true), &st(false, false, 0)), "up");
+        assert_eq!(condition(Some(true), &st(false, false, 2)), "down");
+        assert_eq!(condition(Some(false), &st(false, false, 0)), "down");
+        assert_eq!(condition(Some(true), &st(false, true, 5)), "circuit_open");
+        assert_eq!(condition(Some(true), &st(true, true, 5)), "paused");
+        assert_eq!(condition(None, &st(true, false, 0)), "stopped");
+    }
 }
