@@ -87,15 +87,16 @@ if ! need mosquitto && [ -x /usr/sbin/mosquitto ]; then
 fi
 # Python tools for the sink tests (moto as the S3 server, boto3 to read it
 # back) and the observability tests (oteltap, a real OTLP/HTTP receiver)
-# live in a virtualenv of their own.
+# live in a virtualenv of their own; zstandard and paho-mqtt run the
+# README's uplink consumers (tests/support/readme_consumers.py).
 VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv-test"
-if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka, oteltap, opentelemetry.proto, jsonschema, yaml" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "deps: creating $VENV (moto, boto3, confluent-kafka, oteltap, jsonschema)"
+if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka, oteltap, opentelemetry.proto, jsonschema, yaml, zstandard, paho.mqtt" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "deps: creating $VENV (moto, boto3, confluent-kafka, oteltap, jsonschema, zstandard, paho-mqtt)"
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
     apt_install python3-venv
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka oteltap opentelemetry-proto jsonschema pyyaml
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka oteltap opentelemetry-proto jsonschema pyyaml zstandard paho-mqtt
 fi
 
 # The Kafka-API broker for the kafka sink tests: tansu, built once (10-18 min

@@ -351,7 +351,7 @@ impl Dispatcher {
                 }
             };
             match &res {
-                Ok(()) => publish_span.record("outcome", "ok"),
+                Ok(_) => publish_span.record("outcome", "ok"),
                 Err(e) if e.is_retryable() => publish_span.record("outcome", "retry"),
                 Err(_) => publish_span.record("outcome", "dead"),
             };
@@ -360,7 +360,7 @@ impl Dispatcher {
             }
             drop(publish_span);
             match res {
-                Ok(()) => {
+                Ok(_sent) => {
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
                     act.ack(batch, span, attempt, ctx);

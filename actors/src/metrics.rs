@@ -104,6 +104,12 @@ pub struct MetricSet {
     /// (`/admin/sinks`, the fleet state). Not a Prometheus series: kept
     /// here because it moves where `gateway_sink_publish_total` does.
     pub sink_last_error: LastErrors,
+    // --- the uplink (DESIGN §6b) ---
+    /// `gateway_sink_sent_bytes_total{sink}`: bytes of the bodies a sink
+    /// delivered, as sent on the wire (after compression).
+    pub sink_sent_bytes: IntCounterVec,
+    /// `gateway_sink_payload_bytes_total{sink}`: the same bodies before compression.
+    pub sink_payload_bytes: IntCounterVec,
 }
 
 /// The last error text per key (redacted with [`crate::secret::redact`]
@@ -265,6 +271,21 @@ impl Metrics {
                 "1 while connected to the fleet broker.",
             )?,
             sink_last_error: LastErrors::default(),
+            // --- the uplink (DESIGN §6b) ---
+            sink_sent_bytes: IntCounterVec::new(
+                Opts::new(
+                    "gateway_sink_sent_bytes_total",
+                    "Bytes a sink delivered, on the wire (after compression).",
+                ),
+                &["sink"],
+            )?,
+            sink_payload_bytes: IntCounterVec::new(
+                Opts::new(
+                    "gateway_sink_payload_bytes_total",
+                    "Bytes a sink delivered, before compression.",
+                ),
+                &["sink"],
+            )?,
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
         registry.register(Box::new(m.ingest_rejected.clone()))?;
@@ -302,6 +323,9 @@ impl Metrics {
         registry.register(Box::new(m.mqtt_reconnects.clone()))?;
         registry.register(Box::new(m.actor_restarts.clone()))?;
         registry.register(Box::new(m.control_commands.clone()))?;
+        // --- the uplink (DESIGN §6b) ---
+        registry.register(Box::new(m.sink_sent_bytes.clone()))?;
+        registry.register(Box::new(m.sink_payload_bytes.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",

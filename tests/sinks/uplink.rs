@@ -1,0 +1,333 @@
+//! The uplink (DESIGN §6b, issue 33): compression on the wire for the
+//! `http`, `mqtt` (batch payload) and `s3` sinks, read back at the far
+//! side by the README's own consumers (tests/support/readme_consumers.py
+//! runs the README blocks), and the bytes on the wire per record.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::analytics::Analytics;
+use crate::broker::Mosquitto;
+use crate::helpers::{free_port, python_json_lines, spawn_app, wait_until, TestApp};
+use crate::s3::Moto;
+
+fn support(script: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script)
+}
+
+fn python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-test/bin/python")
+}
+
+/// A Python helper process of the test; killed on drop.
+struct Py(Child);
+
+impl Py {
+    fn spawn(script: &str, args: &[String], stdout: Stdio) -> Py {
+        Py(Command::new(python())
+            .arg(support(script))
+            .args(args)
+            .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect(".venv-test exists (scripts/deps.sh test)"))
+    }
+
+    fn wait_port(self, port: u16) -> Py {
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Realistic telemetry (issue 33's targets): 200 devices, 5 metrics
+/// (slowly varying floats, a counter, a boolean), 2 tags. Record `i`.
+fn reading(i: usize) -> (String, String) {
+    let dev = i % 200;
+    let round = i / 200;
+    let drift = |base: f64, step: f64| {
+        let x = base + ((dev * 7 + round * 3) % 11) as f64 * step;
+        (x * 100.0).round() / 100.0
+    };
+    let body = format!(
+        r#"{{"msg_id":"r{i}","ts":"2026-11-25T08:{:02}:{:02}.{:03}Z","metrics":{{"temperature_c":{},"humidity_pct":{},"pressure_hpa":{},"cycles":{},"door_open":{}}},"tags":{{"site":"north","line":"line-{}"}}}}"#,
+        (round / 12) % 60,
+        (round * 5) % 60,
+        (dev * 37) % 1000,
+        drift(21.0, 0.05),
+        drift(40.0, 0.3),
+        drift(1012.0, 0.1),
+        1000 + round * 3 + dev,
+        (dev + round) % 17 == 0,
+        dev % 4
+    );
+    (format!("sensor-{dev:03}"), body)
+}
+
+fn send_readings(app: &TestApp, n: usize) -> HashSet<String> {
+    (0..n)
+        .map(|i| {
+            let (dev, body) = reading(i);
+            assert_eq!(app.post_json(&dev, &body).status, 202);
+            format!("{dev}:r{i}")
+        })
+        .collect()
+}
+
+fn keys_of<'a>(records: impl IntoIterator<Item = &'a Value>) -> HashSet<String> {
+    records
+        .into_iter()
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn http_sink(url: &str, extra: &str) -> String {
+    format!(
+        "gateway_id = \"edge-u\"\n[sinks.api]\nkind = \"http\"\nurl = \"{url}\"\nbatch_max_wait_ms = 20\n\
+         retry_base_ms = 50\nretry_max_ms = 200\n{extra}"
+    )
+}
+
+fn decode(encoding: Option<&str>, body: &[u8]) -> Vec<u8> {
+    match encoding {
+        None => body.to_vec(),
+        Some("gzip") => {
+            let mut v = Vec::new();
+            flate2::read::GzDecoder::new(body)
+                .read_to_end(&mut v)
+                .unwrap();
+            v
+        }
+        Some("zstd") => zstd::stream::decode_all(body).unwrap(),
+        Some(other) => panic!("unexpected Content-Encoding {other}"),
+    }
+}
+
+#[test]
+fn the_http_sink_compresses_each_body_names_it_in_content_encoding_and_counts_the_wire_bytes() {
+    for compression in ["gzip", "zstd"] {
+        let api = Analytics::start();
+        let app = spawn_app(&http_sink(
+            &api.url(),
+            &format!("compression = \"{compression}\"\n"),
+        ));
+        let want = send_readings(&app, 300);
+        let mut got = HashSet::new();
+        wait_until("every record posted", Duration::from_secs(15), || {
+            got = api
+                .seen()
+                .iter()
+                .flat_map(|s| {
+                    let body = decode(
+                        s.headers.get("content-encoding").map(String::as_str),
+                        &s.raw,
+                    );
+                    String::from_utf8(body)
+                        .unwrap()
+                        .lines()
+                        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                        .collect::<Vec<_>>()
+                })
+                .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+                .collect();
+            got == want
+        });
+        let seen = api.seen();
+        for s in &seen {
+            assert_eq!(
+                s.headers["content-encoding"], compression,
+                "{:?}",
+                s.headers
+            );
+        }
+        // The counter is the bytes the API received; far less than the NDJSON.
+        let wire: usize = seen.iter().map(|s| s.raw.len()).sum();
+        wait_until("bytes counted", Duration::from_secs(5), || {
+            app.metric(r#"gateway_sink_sent_bytes_total{sink="api"}"#) == wire as f64
+        });
+        let payload = app.metric(r#"gateway_sink_payload_bytes_total{sink="api"}"#);
+        assert!(
+            (wire as f64) < payload / 3.0,
+            "{compression}: {wire} bytes on the wire for {payload} of NDJSON"
+        );
+    }
+}
+
+#[test]
+fn the_readme_http_consumer_reads_every_record_the_sink_posts_with_zstd() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("records.ndjson");
+    let port = free_port();
+    let _server = Py::spawn(
+        "readme_consumers.py",
+        &["http".into(), port.to_string(), out.display().to_string()],
+        Stdio::null(),
+    )
+    .wait_port(port);
+    let app = spawn_app(&http_sink(
+        &format!("http://127.0.0.1:{port}/ingest"),
+        "compression = \"zstd\"\n",
+    ));
+    let want = send_readings(&app, 200);
+    wait_until(
+        "the README consumer has every record",
+        Duration::from_secs(15),
+        || keys_of(&read_lines(&out)) == want,
+    );
+}
+
+fn mqtt_batch_sink(port: u16, version: &str, compression: &str) -> String {
+    format!(
+        "gateway_id = \"edge-u\"\n[sinks.cloud]\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+         topic_prefix = \"cloud\"\nversion = \"{version}\"\npayload = \"batch\"\ncompression = \"{compression}\"\n\
+         batch_max_records = 100\nbatch_max_wait_ms = 200\nretry_base_ms = 50\nretry_max_ms = 300\n"
+    )
+}
+
+/// Starts the README's MQTT consumer on `port`; returns it and the file
+/// its JSON lines go to once `count` records arrived.
+fn readme_mqtt_consumer(dir: &Path, port: u16, version: &str, count: usize) -> (Py, PathBuf) {
+    let out = dir.join(format!("mqtt-{version}.ndjson"));
+    let ready = dir.join(format!("mqtt-{version}.ready"));
+    let py = Py::spawn(
+        "readme_consumers.py",
+        &[
+            "mqtt".into(),
+            port.to_string(),
+            version.into(),
+            count.to_string(),
+            "30".into(),
+            ready.display().to_string(),
+        ],
+        Stdio::from(std::fs::File::create(&out).unwrap()),
+    );
+    wait_until("the consumer subscribed", Duration::from_secs(15), || {
+        ready.exists()
+    });
+    (py, out)
+}
+
+#[test]
+fn an_mqtt_batch_payload_is_one_compressed_publish_with_the_v5_user_properties_read_by_the_readme_consumer(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cloud = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let (mut consumer, out) = readme_mqtt_consumer(tmp.path(), cloud.port, "5", 300);
+    let app = spawn_app(&mqtt_batch_sink(cloud.port, "5", "zstd"));
+    let want = send_readings(&app, 300);
+    wait_until("the consumer is done", Duration::from_secs(40), || {
+        consumer.0.try_wait().unwrap().is_some()
+    });
+    let got = read_lines(&out);
+    assert_eq!(keys_of(got.iter().map(|g| &g["record"])), want);
+    // One PUBLISH per batch (at most 100 records), on the batch topic, with
+    // properties that match what it carries.
+    let mut per_msg: BTreeMap<u64, Vec<&Value>> = BTreeMap::new();
+    for g in &got {
+        assert_eq!(g["topic"], "cloud/edge-u/batch");
+        per_msg
+            .entry(g["msg"].as_u64().unwrap())
+            .or_default()
+            .push(g);
+    }
+    assert!(
+        per_msg.len() >= 3 && per_msg.len() < 300,
+        "{} messages",
+        per_msg.len()
+    );
+    for msgs in per_msg.values() {
+        let props = &msgs[0]["props"];
+        assert_eq!(props["content-encoding"], "zstd");
+        assert_eq!(props["records"], msgs.len().to_string());
+        let first: u64 = props["first-seq"].as_str().unwrap().parse().unwrap();
+        let last: u64 = props["last-seq"].as_str().unwrap().parse().unwrap();
+        assert!(
+            first <= last && last - first + 1 >= msgs.len() as u64,
+            "{props}"
+        );
+        assert!(msgs.len() <= 100);
+    }
+    wait_until("acked in the WAL", Duration::from_secs(5), || {
+        app.metric(r#"gateway_sink_records_total{outcome="ok",sink="cloud"}"#) >= 300.0
+    });
+}
+
+#[test]
+fn an_mqtt_3_batch_payload_with_gzip_is_read_by_the_readme_consumer_without_properties() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cloud = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let (mut consumer, out) = readme_mqtt_consumer(tmp.path(), cloud.port, "3.1.1", 200);
+    let app = spawn_app(&mqtt_batch_sink(cloud.port, "3.1.1", "gzip"));
+    let want = send_readings(&app, 200);
+    wait_until("the consumer is done", Duration::from_secs(40), || {
+        consumer.0.try_wait().unwrap().is_some()
+    });
+    let got = read_lines(&out);
+    assert_eq!(keys_of(got.iter().map(|g| &g["record"])), want);
+    assert!(got.iter().all(|g| g["topic"] == "cloud/edge-u/batch"));
+}
+
+#[test]
+fn the_s3_sink_writes_zstd_objects_that_the_readme_consumer_reads() {
+    let moto = Moto::start();
+    moto.create_bucket("lake");
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("id"), "test\n").unwrap();
+    std::fs::write(creds.path().join("secret"), "test\n").unwrap();
+    let app = spawn_app(&format!(
+        "gateway_id = \"edge-u\"\n[sinks.lake]\nkind = \"s3\"\nurl = \"s3://lake/site\"\nendpoint = \"{}\"\n\
+         access_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\n\
+         compression = \"zstd\"\nbatch_max_wait_ms = 20\n",
+        moto.endpoint(),
+        creds.path().join("id").display(),
+        creds.path().join("secret").display()
+    ));
+    let want = send_readings(&app, 200);
+    let mut got = Vec::new();
+    wait_until(
+        "every record in the bucket",
+        Duration::from_secs(20),
+        || {
+            got = python_json_lines(
+                "readme_consumers.py",
+                &["s3".into(), moto.endpoint(), "lake".into()],
+            );
+            keys_of(got.iter().map(|g| &g["record"])) == want
+        },
+    );
+    for g in &got {
+        let key = g["key"].as_str().unwrap();
+        assert!(
+            key.starts_with("site/dt=") && key.ends_with(".ndjson.zst"),
+            "{key}"
+        );
+    }
+}
