@@ -276,10 +276,11 @@ impl Dispatcher {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
                 act.publish(Arc::new(batch), span, 1, 0, ctx)
             }
-            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(ctx),
+            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, ctx),
             // A partial batch, younger than `batch_max_wait`: it leaves when
-            // its oldest record has waited that long (or it fills up first).
-            Ok(Ok(Fetched::Wait(after))) => act.idle(after, ctx),
+            // its oldest record has waited that long, or when appends fill
+            // it up first (each append wakes the fetch again).
+            Ok(Ok(Fetched::Wait(after))) => act.wait_for_records(after, ctx),
             Ok(Err(e)) => {
                 if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
                     tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
@@ -295,19 +296,20 @@ impl Dispatcher {
         }));
     }
 
-    /// Nothing to send: wait for the next append (or a short fallback:
-    /// releases, requeues and replays do not append). Without the WAL's
+    /// Nothing to send yet: wait for the next append, at most `at_most`
+    /// (nothing at all: a short fallback, as releases, requeues and replays
+    /// do not append; a partial batch: until it is due). Without the WAL's
     /// append signal (not answered yet), poll.
-    fn wait_for_records(&mut self, ctx: &mut Context<Self>) {
+    fn wait_for_records(&mut self, at_most: Duration, ctx: &mut Context<Self>) {
         match self.appends.clone() {
             Some(mut rx) => {
                 self.busy = false;
                 let wait = async move {
-                    let _ = tokio::time::timeout(IDLE_FALLBACK, rx.changed()).await;
+                    let _ = tokio::time::timeout(at_most, rx.changed()).await;
                 };
                 ctx.spawn(wait.into_actor(self).map(|_, act, ctx| act.step(ctx)));
             }
-            None => self.idle(self.cfg.idle_poll(), ctx),
+            None => self.idle(self.cfg.idle_poll().min(at_most), ctx),
         }
     }
 

@@ -331,3 +331,101 @@ fn the_s3_sink_writes_zstd_objects_that_the_readme_consumer_reads() {
         );
     }
 }
+
+/// Bytes on the wire per record, counted at the far side, for one sink
+/// kind and compression: (raw NDJSON bytes, wire bytes, records).
+fn measure_http(compression: &str, n: usize) -> (u64, u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = dir.path().join("api.ndjson");
+    let _api = Py::spawn(
+        "analytics_server.py",
+        &[port.to_string(), out.display().to_string()],
+        Stdio::null(),
+    )
+    .wait_port(port);
+    // Full batches of the default size (500): they leave when full.
+    let app = spawn_app(&format!(
+        "gateway_id = \"edge-u\"\n[sinks.api]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/ingest\"\n\
+         compression = \"{compression}\"\nbatch_max_wait_ms = 600000\n"
+    ));
+    send_readings(&app, n);
+    let stats = || -> Value {
+        ureq::get(&format!("http://127.0.0.1:{port}/stats"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    wait_until("every batch at the API", Duration::from_secs(30), || {
+        stats()["records"] == n as u64
+    });
+    let s = stats();
+    (
+        s["body_bytes"].as_u64().unwrap(),
+        s["wire_bytes"].as_u64().unwrap(),
+        s["records"].as_u64().unwrap(),
+    )
+}
+
+fn measure_mqtt(compression: &str, n: usize) -> (u64, u64, u64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cloud = Mosquitto::start(tmp.path(), "allow_anonymous true", "");
+    let (mut consumer, out) = readme_mqtt_consumer(tmp.path(), cloud.port, "5", n);
+    let app = spawn_app(&format!(
+        "gateway_id = \"edge-u\"\n[sinks.cloud]\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
+         topic_prefix = \"cloud\"\nversion = \"5\"\npayload = \"batch\"\ncompression = \"{compression}\"\n\
+         batch_max_wait_ms = 600000\n",
+        cloud.port
+    ));
+    send_readings(&app, n);
+    wait_until("the consumer is done", Duration::from_secs(40), || {
+        consumer.0.try_wait().unwrap().is_some()
+    });
+    let got = read_lines(&out);
+    let mut wire = BTreeMap::new();
+    let mut raw = 0;
+    for g in &got {
+        wire.insert(g["msg"].as_u64().unwrap(), g["wire"].as_u64().unwrap());
+        raw += serde_json::to_string(&g["record"]).unwrap().len() as u64 + 1;
+    }
+    (raw, wire.values().sum(), got.len() as u64)
+}
+
+/// Issue 33, target 1: with batches of >= 100 records, zstd sends <= 15 %
+/// and gzip <= 30 % of the raw JSON, counted at the far side (the API's
+/// received body bytes; the payloads the cloud subscriber received).
+/// `--nocapture` prints the table of bench/results/uplink-bytes.md.
+#[test]
+fn bytes_on_the_wire_per_record_meet_the_targets_for_zstd_and_gzip_batches() {
+    let n = 2000;
+    let mut table = String::from(
+        "| sink | compression | raw JSON B/record | wire B/record | wire / raw |\n|---|---|---|---|---|\n",
+    );
+    for (kind, measure) in [
+        ("http", measure_http as fn(&str, usize) -> (u64, u64, u64)),
+        ("mqtt batch", measure_mqtt),
+    ] {
+        for compression in ["none", "gzip", "zstd"] {
+            let (raw, wire, records) = measure(compression, n);
+            assert_eq!(records, n as u64);
+            let ratio = wire as f64 / raw as f64;
+            table.push_str(&format!(
+                "| {kind} | {compression} | {:.0} | {:.1} | {:.1} % |\n",
+                raw as f64 / n as f64,
+                wire as f64 / n as f64,
+                ratio * 100.0
+            ));
+            let limit = match compression {
+                "zstd" => 0.15,
+                "gzip" => 0.30,
+                _ => 1.0,
+            };
+            assert!(
+                ratio <= limit,
+                "{kind} {compression}: {ratio:.3} of the raw JSON\n{table}"
+            );
+        }
+    }
+    println!("{table}");
+}
