@@ -41,6 +41,7 @@ pub mod dispatcher;
 pub mod durable;
 pub mod fleet;
 pub mod fuzzing;
+pub mod growth;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;

@@ -110,6 +110,12 @@ pub struct MetricSet {
     pub sink_sent_bytes: IntCounterVec,
     /// `gateway_sink_payload_bytes_total{sink}`: the same bodies before compression.
     pub sink_payload_bytes: IntCounterVec,
+    /// `gateway_wal_full_in_seconds{limit}`: time until the nearer WAL limit
+    /// (`max_bytes` or `disk_free`) at the current net growth; absent while
+    /// the WAL does not grow ([`crate::growth`]).
+    pub wal_full_in_seconds: IntGaugeVec,
+    /// The samples behind `wal_full_in_seconds`.
+    pub wal_growth: crate::growth::WalGrowth,
 }
 
 /// The last error text per key (redacted with [`crate::secret::redact`]
@@ -286,6 +292,14 @@ impl Metrics {
                 ),
                 &["sink"],
             )?,
+            wal_full_in_seconds: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_wal_full_in_seconds",
+                    "Seconds until the WAL reaches its nearer limit (label limit: max_bytes or disk_free) at the current net growth; absent while it does not grow.",
+                ),
+                &["limit"],
+            )?,
+            wal_growth: Default::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
         registry.register(Box::new(m.ingest_rejected.clone()))?;
@@ -326,6 +340,7 @@ impl Metrics {
         // --- the uplink (DESIGN §6b) ---
         registry.register(Box::new(m.sink_sent_bytes.clone()))?;
         registry.register(Box::new(m.sink_payload_bytes.clone()))?;
+        registry.register(Box::new(m.wal_full_in_seconds.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",

@@ -416,6 +416,11 @@ impl Operator {
     /// An operator over `parts`.
     pub fn new(mut parts: OperatorParts) -> Self {
         let runtime = std::mem::take(&mut parts.runtime);
+        // The running gateway (not the offline CLI) samples the WAL's
+        // growth for `gateway_wal_full_in_seconds` (`crate::growth`).
+        if parts.router.is_some() {
+            crate::growth::spawn_sampler(parts.wal.downgrade(), parts.metrics.clone());
+        }
         Self {
             p: parts,
             runtime: Mutex::new(runtime),
