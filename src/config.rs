@@ -1520,6 +1520,8 @@ mod tests {
         for k in DispatchKeys::KEYS {
             let v = if *k == "paused" {
                 Value::Boolean(true)
+            } else if *k == "budget" {
+                toml::toml! { bytes_per_s = 7 }.into()
             } else {
                 Value::Integer(7)
             };

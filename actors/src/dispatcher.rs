@@ -20,7 +20,7 @@
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
+use crate::uplink::{Budget, TokenBucket};
 use crate::wal::{
     now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseSink, WalStore, WatchAppends,
 };
@@ -66,6 +67,8 @@ pub struct DispatchConfig {
     pub circuit_threshold: u32,
     /// While the circuit is open, attempts are probes this far apart (with jitter).
     pub circuit_cooldown: Duration,
+    /// Token bucket on the bytes sent (DESIGN §6b); `None`: no limit.
+    pub budget: Option<Budget>,
 }
 
 /// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
@@ -93,6 +96,10 @@ pub struct DispatchKeys {
     pub circuit_threshold: Option<u32>,
     /// Probe interval while the circuit is open, ms (default 5000).
     pub circuit_cooldown_ms: Option<u64>,
+    /// `{ bytes_per_s = N, burst_bytes = N }`: a token bucket on the bytes
+    /// the sink sends (after compression); held records wait in the WAL
+    /// (default: none). A runtime setting.
+    pub budget: Option<serde_json::Value>,
 }
 
 impl DispatchKeys {
@@ -107,6 +114,7 @@ impl DispatchKeys {
         "paused",
         "circuit_threshold",
         "circuit_cooldown_ms",
+        "budget",
     ];
 
     /// Validates the keys into the delivery settings of sink `name`.
@@ -159,6 +167,9 @@ impl DispatchKeys {
         if let Some(v) = self.circuit_cooldown_ms {
             d.circuit_cooldown = Duration::from_millis(v.max(1));
         }
+        if let Some(v) = &self.budget {
+            d.budget = Budget::from_value(v).map_err(|e| KeyError::new("budget", e))?;
+        }
         Ok(d)
     }
 }
@@ -177,6 +188,7 @@ impl DispatchConfig {
             paused: false,
             circuit_threshold: 5,
             circuit_cooldown: Duration::from_secs(5),
+            budget: None,
         }
     }
 
@@ -230,6 +242,8 @@ pub struct Dispatcher {
     /// Changes after every WAL commit that appended: what an idle
     /// dispatcher waits on (none until the WAL answered [`WatchAppends`]).
     appends: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The byte budget's bucket (`cfg.budget`), charged after each batch.
+    bucket: Option<TokenBucket>,
 }
 
 impl Dispatcher {
@@ -241,7 +255,9 @@ impl Dispatcher {
         metrics: Metrics,
     ) -> Self {
         let paused = cfg.paused;
+        let bucket = cfg.budget.map(|b| TokenBucket::new(b, Instant::now()));
         Self {
+            bucket,
             cfg,
             wal,
             sink,
@@ -259,6 +275,16 @@ impl Dispatcher {
             return;
         }
         if self.paused {
+            return;
+        }
+        // Over budget: the backlog waits in the WAL until the debt is paid.
+        let hold = self
+            .bucket
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.wait(Instant::now()));
+        self.set_held("budget", !hold.is_zero());
+        if !hold.is_zero() {
+            self.idle(hold, ctx);
             return;
         }
         self.busy = true;
@@ -362,7 +388,10 @@ impl Dispatcher {
             }
             drop(publish_span);
             match res {
-                Ok(_sent) => {
+                Ok(sent) => {
+                    if let Some(b) = &mut act.bucket {
+                        b.charge(sent.wire_bytes, Instant::now());
+                    }
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
                     act.ack(batch, span, attempt, ctx);
@@ -416,6 +445,23 @@ impl Dispatcher {
                 }
             }
         }));
+    }
+
+    /// `gateway_sink_held_records{sink,reason}`: while held, the sink's
+    /// whole backlog (its enqueued records) waits for `reason`.
+    fn set_held(&self, reason: &str, held: bool) {
+        let n = if held {
+            self.metrics
+                .wal_records
+                .with_label_values(&[&self.cfg.sink, "enqueued"])
+                .get()
+        } else {
+            0
+        };
+        self.metrics
+            .sink_held_records
+            .with_label_values(&[&self.cfg.sink, reason])
+            .set(n);
     }
 
     /// Counts a failed attempt; enough in a row open the circuit.
@@ -673,6 +719,9 @@ pub struct SinkState {
     pub retry_base_ms: u64,
     /// Largest backoff delay, ms.
     pub retry_max_ms: u64,
+    /// The byte budget in force (`null`: none).
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 /// Reads the dispatcher's state.
@@ -691,7 +740,32 @@ impl Handler<GetSinkState> for Dispatcher {
             retry_budget: self.cfg.retry_budget,
             retry_base_ms: self.cfg.retry_base.as_millis() as u64,
             retry_max_ms: self.cfg.retry_max.as_millis() as u64,
+            budget: self.bucket.as_ref().map(TokenBucket::budget),
         })
+    }
+}
+
+/// Sets or clears the byte budget at run time (`config.set
+/// sinks.NAME.budget`); a bucket in debt keeps its debt.
+pub struct SetBudget(pub Option<Budget>);
+impl Message for SetBudget {
+    type Result = ();
+}
+impl Handler<SetBudget> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetBudget, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.cfg.budget = msg.0;
+        match (msg.0, &mut self.bucket) {
+            (None, _) => self.bucket = None,
+            (Some(b), Some(bucket)) => bucket.set_budget(b, now),
+            (Some(b), None) => self.bucket = Some(TokenBucket::new(b, now)),
+        }
+        tracing::info!(sink = %self.cfg.sink, budget = ?msg.0, "sink byte budget changed");
+        if msg.0.is_none() {
+            self.set_held("budget", false);
+            self.step(ctx);
+        }
     }
 }
 

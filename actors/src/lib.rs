@@ -51,6 +51,7 @@ pub mod route;
 pub mod secret;
 pub mod sink;
 pub mod trace;
+pub mod uplink;
 pub mod wal;
 
 pub use metrics::Metrics;

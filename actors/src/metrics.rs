@@ -114,6 +114,9 @@ pub struct MetricSet {
     /// (`max_bytes` or `disk_free`) at the current net growth; absent while
     /// the WAL does not grow ([`crate::growth`]).
     pub wal_full_in_seconds: IntGaugeVec,
+    /// `gateway_sink_held_records{sink,reason}`: records a sink holds back
+    /// in the WAL (reason `budget`).
+    pub sink_held_records: IntGaugeVec,
     /// The samples behind `wal_full_in_seconds`.
     pub wal_growth: crate::growth::WalGrowth,
 }
@@ -299,6 +302,13 @@ impl Metrics {
                 ),
                 &["limit"],
             )?,
+            sink_held_records: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_sink_held_records",
+                    "Records a sink holds back in the WAL, by reason (budget).",
+                ),
+                &["sink", "reason"],
+            )?,
             wal_growth: Default::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
@@ -341,6 +351,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_sent_bytes.clone()))?;
         registry.register(Box::new(m.sink_payload_bytes.clone()))?;
         registry.register(Box::new(m.wal_full_in_seconds.clone()))?;
+        registry.register(Box::new(m.sink_held_records.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",

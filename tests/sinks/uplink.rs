@@ -429,3 +429,52 @@ fn bytes_on_the_wire_per_record_meet_the_targets_for_zstd_and_gzip_batches() {
     }
     println!("{table}");
 }
+
+/// The body bytes per second a series of requests arrived at, after the
+/// first `burst` bytes (what a full bucket lets go at once).
+fn arrival_rate(seen: &[crate::analytics::Seen], burst: f64) -> f64 {
+    let (first, last) = (&seen[0], &seen[seen.len() - 1]);
+    let before_last: usize = seen[..seen.len() - 1].iter().map(|s| s.raw.len()).sum();
+    (before_last as f64 - burst) / last.at.duration_since(first.at).as_secs_f64()
+}
+
+#[test]
+fn a_byte_budget_holds_the_sink_within_its_rate_at_the_api_and_changes_at_run_time() {
+    let api = Analytics::start();
+    let app = spawn_app(&http_sink(
+        &api.url(),
+        "batch_max_records = 25\nbudget = { bytes_per_s = 20000, burst_bytes = 20000 }\n",
+    ));
+    let want = send_readings(&app, 800); // ~320 kB: 16 s at 20 kB/s
+    std::thread::sleep(Duration::from_secs(8));
+    let seen = api.seen();
+    let rate = arrival_rate(&seen, 20000.0);
+    assert!(
+        (17_000.0..=21_000.0).contains(&rate),
+        "{rate:.0} B/s at the API over {} requests for a budget of 20000 B/s",
+        seen.len()
+    );
+    assert!(app.metric(r#"gateway_sink_held_records{reason="budget",sink="api"}"#) > 0.0);
+    let state = |app: &TestApp| app.admin("GET", "/admin/sinks", None).body;
+    let budget = |v: &Value| v[0]["state"]["budget"].clone();
+    assert_eq!(
+        budget(&state(&app)),
+        serde_json::json!({"bytes_per_s": 20000, "burst_bytes": 20000})
+    );
+
+    // Lifted at run time: the rest goes at once, and /admin/sinks says so.
+    let r = app.admin(
+        "POST",
+        "/admin/config",
+        Some(serde_json::json!({"settings": {"sinks.api.budget": null}})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(budget(&state(&app)), Value::Null);
+    wait_until("the backlog delivered", Duration::from_secs(5), || {
+        api.accepted_keys() == want
+    });
+    assert_eq!(
+        app.metric(r#"gateway_sink_held_records{reason="budget",sink="api"}"#),
+        0.0
+    );
+}

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::runtime::{RuntimeOverrides, Setting};
-use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetPaused, SetRetry};
+use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetPaused, SetRetry};
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
 use crate::ingest::{IngestLimits, IngestRouters, RateLimit, Source};
@@ -712,6 +712,7 @@ impl Operator {
                         "retry_budget": d.retry_budget,
                         "retry_base_ms": d.retry_base.as_millis() as u64,
                         "retry_max_ms": d.retry_max.as_millis() as u64,
+                        "budget": d.budget,
                     })
                 }
             };
@@ -784,6 +785,10 @@ impl Operator {
             }
             Setting::Paused(sink, p) => match self.p.sinks.get(sink) {
                 Some((_, Some(d))) => d.send(SetPaused(*p)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::Budget(sink, b) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetBudget(*b)).await.map_err(unavailable),
                 _ => Ok(()),
             },
             Setting::Policy(..) | Setting::Priority(_) => {

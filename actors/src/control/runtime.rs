@@ -40,6 +40,9 @@ pub struct SinkOverrides {
     /// Largest backoff delay, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_max_ms: Option<u64>,
+    /// The byte budget as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Value>,
     /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
     /// `null` clears a route or the TTLs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -83,6 +86,8 @@ pub enum Setting {
     RetryBase(String, u64),
     /// `sinks.NAME.retry_max_ms`.
     RetryMax(String, u64),
+    /// `sinks.NAME.budget` (validated; `None` clears it).
+    Budget(String, Option<crate::uplink::Budget>),
     /// `sinks.NAME.route|ttl|drain|live_after` (validated).
     Policy(String, String, Value),
     /// `priority`.
@@ -93,7 +98,7 @@ pub enum Setting {
 pub const SETTABLE_KEYS: &str =
     "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
     sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
-    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after";
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -147,6 +152,9 @@ impl Setting {
                     )),
                     "retry_base_ms" => Ok(Setting::RetryBase(sink, int(1)?)),
                     "retry_max_ms" => Ok(Setting::RetryMax(sink, int(1)?)),
+                    "budget" => crate::uplink::Budget::from_value(value)
+                        .map(|b| Setting::Budget(sink, b))
+                        .map_err(|e| format!("{key}: {e}")),
                     f if SinkPolicy::KEYS.contains(&f) => {
                         SinkPolicy::new()
                             .set(f, value)
@@ -214,6 +222,10 @@ impl RuntimeOverrides {
             }
             Setting::RetryMax(sink, v) => {
                 self.sinks.entry(sink.clone()).or_default().retry_max_ms = Some(*v)
+            }
+            Setting::Budget(sink, b) => {
+                self.sinks.entry(sink.clone()).or_default().budget =
+                    Some(serde_json::to_value(b).unwrap_or_default())
             }
             Setting::Policy(sink, key, v) => {
                 self.sinks
@@ -300,6 +312,14 @@ impl RuntimeOverrides {
             d.retry_max = Duration::from_millis(ms.max(1));
         }
         d.retry_max = d.retry_max.max(d.retry_base);
+        if let Some(v) = &o.budget {
+            // Validated when set; a hand-edited file that breaks it is
+            // reported and the budget left as configured.
+            match crate::uplink::Budget::from_value(v) {
+                Ok(b) => d.budget = b,
+                Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime budget"),
+            }
+        }
     }
 }
 
@@ -324,6 +344,7 @@ mod tests {
             ("ingest.rate_limit_per_device", json!(2.5)),
             ("sinks.s3.paused", json!(true)),
             ("sinks.s3.retry_budget", json!(3)),
+            ("sinks.s3.budget", json!({"bytes_per_s": 1000})),
         ] {
             o.set(&Setting::parse(k, &v, &sinks).unwrap());
         }
@@ -335,6 +356,20 @@ mod tests {
         back.apply_to(&mut d);
         assert!(d.paused);
         assert_eq!(d.retry_budget, 3);
+        assert_eq!(
+            d.budget.map(|b| (b.bytes_per_s, b.burst_bytes)),
+            Some((1000, 1000))
+        );
+        assert!(Setting::parse("sinks.s3.budget", &json!({"bytes_per_s": -1}), &sinks).is_err());
+        // Cleared at run time over a configured budget.
+        o.set(&Setting::parse("sinks.s3.budget", &Value::Null, &sinks).unwrap());
+        let mut d = DispatchConfig::new("s3");
+        d.budget = Some(crate::uplink::Budget {
+            bytes_per_s: 5,
+            burst_bytes: 5,
+        });
+        o.apply_to(&mut d);
+        assert_eq!(d.budget, None);
         let r = back.rate_limit(RateLimit::OFF);
         assert_eq!((r.per_second, r.burst), (2.5, 5.0));
         assert_eq!(
