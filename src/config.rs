@@ -1522,6 +1522,8 @@ mod tests {
                 Value::Boolean(true)
             } else if *k == "budget" {
                 toml::toml! { bytes_per_s = 7 }.into()
+            } else if *k == "quota" {
+                toml::toml! { bytes = 7 }.into()
             } else {
                 Value::Integer(7)
             };

@@ -20,7 +20,7 @@
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -37,9 +37,10 @@ use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
-use crate::uplink::{Budget, TokenBucket};
+use crate::uplink::{Allowance, Budget, Quota, QuotaSpent, TokenBucket};
 use crate::wal::{
-    now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseSink, WalStore, WatchAppends,
+    now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseBatch, ReleaseSink, WalStore,
+    WatchAppends, WithWal,
 };
 
 /// Delivery settings of one sink.
@@ -69,6 +70,8 @@ pub struct DispatchConfig {
     pub circuit_cooldown: Duration,
     /// Token bucket on the bytes sent (DESIGN §6b); `None`: no limit.
     pub budget: Option<Budget>,
+    /// Bytes per period, the rest for `high` only (DESIGN §6b); `None`: no limit.
+    pub quota: Option<Quota>,
 }
 
 /// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
@@ -100,6 +103,11 @@ pub struct DispatchKeys {
     /// the sink sends (after compression); held records wait in the WAL
     /// (default: none). A runtime setting.
     pub budget: Option<serde_json::Value>,
+    /// `{ bytes = "2GiB", period = "30d", reserve_high = "10%" }`: bytes
+    /// per period; once `bytes - reserve_high` is spent only `high` records
+    /// go, from the reserve. Spent bytes persist across restarts (default:
+    /// none). A runtime setting.
+    pub quota: Option<serde_json::Value>,
 }
 
 impl DispatchKeys {
@@ -115,6 +123,7 @@ impl DispatchKeys {
         "circuit_threshold",
         "circuit_cooldown_ms",
         "budget",
+        "quota",
     ];
 
     /// Validates the keys into the delivery settings of sink `name`.
@@ -170,6 +179,9 @@ impl DispatchKeys {
         if let Some(v) = &self.budget {
             d.budget = Budget::from_value(v).map_err(|e| KeyError::new("budget", e))?;
         }
+        if let Some(v) = &self.quota {
+            d.quota = Quota::from_value(v).map_err(|e| KeyError::new("quota", e))?;
+        }
         Ok(d)
     }
 }
@@ -189,6 +201,7 @@ impl DispatchConfig {
             circuit_threshold: 5,
             circuit_cooldown: Duration::from_secs(5),
             budget: None,
+            quota: None,
         }
     }
 
@@ -244,6 +257,11 @@ pub struct Dispatcher {
     appends: Option<tokio::sync::watch::Receiver<u64>>,
     /// The byte budget's bucket (`cfg.budget`), charged after each batch.
     bucket: Option<TokenBucket>,
+    /// Where the quota's spent bytes are kept (the WAL's directory, the
+    /// data dir); `None` until the WAL said.
+    quota_dir: Option<std::path::PathBuf>,
+    /// The quota spent so far; `None` until loaded from `quota_dir`.
+    spent: Option<QuotaSpent>,
 }
 
 impl Dispatcher {
@@ -258,6 +276,8 @@ impl Dispatcher {
         let bucket = cfg.budget.map(|b| TokenBucket::new(b, Instant::now()));
         Self {
             bucket,
+            quota_dir: None,
+            spent: None,
             cfg,
             wal,
             sink,
@@ -287,6 +307,37 @@ impl Dispatcher {
             self.idle(hold, ctx);
             return;
         }
+        let allowance = match (self.cfg.quota, self.spent.as_mut()) {
+            (None, _) => Allowance::All,
+            // Not loaded yet: nothing goes before the spent bytes are known.
+            (Some(_), None) => {
+                self.idle(Duration::from_millis(20), ctx);
+                return;
+            }
+            (Some(q), Some(spent)) => {
+                spent.roll(&q, now_ms());
+                let a = spent.allowance(&q);
+                self.metrics
+                    .sink_quota_remaining
+                    .with_label_values(&[&self.cfg.sink])
+                    .set(
+                        q.bytes
+                            .saturating_sub(spent.spent_bytes)
+                            .min(i64::MAX as u64) as i64,
+                    );
+                a
+            }
+        };
+        self.set_held("quota", allowance != Allowance::All);
+        if allowance == Allowance::Nothing {
+            let end = self
+                .spent
+                .zip(self.cfg.quota)
+                .map_or(0, |(s, q)| s.period_end_ms(&q));
+            let until = Duration::from_millis((end - now_ms()).clamp(10, 5_000) as u64);
+            self.idle(until, ctx);
+            return;
+        }
         self.busy = true;
         // Appends from now on wake the wait below, if this fetch finds nothing.
         if let Some(rx) = &mut self.appends {
@@ -297,10 +348,14 @@ impl Dispatcher {
             max_records: self.cfg.batch_max_records,
             max_wait: self.cfg.batch_max_wait,
         });
-        ctx.spawn(fetch.into_actor(self).map(|res, act, ctx| match res {
+        ctx.spawn(fetch.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(Fetched::Batch(batch))) => {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
-                act.publish(Arc::new(batch), span, 1, 0, ctx)
+                if allowance == Allowance::HighOnly {
+                    act.publish_high_only(batch, span, ctx)
+                } else {
+                    act.publish(Arc::new(batch), span, 1, 0, ctx)
+                }
             }
             Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, ctx),
             // A partial batch, younger than `batch_max_wait`: it leaves when
@@ -392,6 +447,7 @@ impl Dispatcher {
                     if let Some(b) = &mut act.bucket {
                         b.charge(sent.wire_bytes, Instant::now());
                     }
+                    act.spend_quota(sent.wire_bytes);
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
                     act.ack(batch, span, attempt, ctx);
@@ -445,6 +501,63 @@ impl Dispatcher {
                 }
             }
         }));
+    }
+
+    /// The quota's reserve is all that is left: only the batch's `high`
+    /// records go; the others go back to the WAL and wait for the next
+    /// period (they are fetched again, after the high ones, when appends
+    /// or a second pass).
+    fn publish_high_only(&mut self, batch: Batch, span: Span, ctx: &mut Context<Self>) {
+        let high: Vec<_> = batch
+            .records
+            .iter()
+            .filter(|r| r.class == crate::route::Class::High)
+            .cloned()
+            .collect();
+        let seqs: Vec<u64> = high.iter().map(|r| r.seq).collect();
+        let release = ReleaseBatch {
+            sink: self.cfg.sink.clone(),
+            ranges: subtract(&batch.ranges, &seqs),
+        };
+        let high = Batch {
+            sink: batch.sink,
+            ranges: runs(&seqs),
+            records: high,
+        };
+        ctx.spawn(
+            self.wal
+                .send(release)
+                .into_actor(self)
+                .map(move |_, act, ctx| {
+                    if high.records.is_empty() {
+                        act.wait_for_records(Duration::from_secs(1), ctx);
+                    } else {
+                        act.publish(Arc::new(high), span, 1, 0, ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Counts `bytes` against the quota and persists what was spent.
+    fn spend_quota(&mut self, bytes: u64) {
+        let (Some(q), Some(spent)) = (self.cfg.quota, self.spent.as_mut()) else {
+            return;
+        };
+        spent.roll(&q, now_ms());
+        spent.spent_bytes += bytes;
+        self.metrics
+            .sink_quota_remaining
+            .with_label_values(&[&self.cfg.sink])
+            .set(
+                q.bytes
+                    .saturating_sub(spent.spent_bytes)
+                    .min(i64::MAX as u64) as i64,
+            );
+        if let Some(dir) = &self.quota_dir {
+            if let Err(e) = spent.save(dir, &self.cfg.sink) {
+                tracing::warn!(sink = %self.cfg.sink, error = %e, "cannot persist the quota spent");
+            }
+        }
     }
 
     /// `gateway_sink_held_records{sink,reason}`: while held, the sink's
@@ -605,6 +718,26 @@ impl Actor for Dispatcher {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.busy = false;
+        // The quota's spent bytes live next to the WAL (the data dir).
+        let sink = self.cfg.sink.clone();
+        ctx.spawn(
+            self.wal
+                .send(WithWal::new(|w| {
+                    Ok(w.config().path.parent().map(std::path::Path::to_path_buf))
+                }))
+                .into_actor(self)
+                .map(move |res, act, _| {
+                    let dir = match res {
+                        Ok(Ok(Some(dir))) => dir,
+                        _ => std::path::PathBuf::from("."),
+                    };
+                    act.spent = Some(QuotaSpent::load(&dir, &sink).unwrap_or_else(|e| {
+                        tracing::warn!(sink = %sink, error = %e, "quota spent unreadable; starting from zero");
+                        QuotaSpent::default()
+                    }));
+                    act.quota_dir = Some(dir);
+                }),
+        );
         ctx.spawn(
             self.wal
                 .send(WatchAppends)
@@ -722,6 +855,12 @@ pub struct SinkState {
     /// The byte budget in force (`null`: none).
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// The quota in force (`null`: none).
+    #[serde(default)]
+    pub quota: Option<Quota>,
+    /// Bytes spent of the quota in the current period.
+    #[serde(default)]
+    pub quota_spent_bytes: Option<u64>,
 }
 
 /// Reads the dispatcher's state.
@@ -741,6 +880,8 @@ impl Handler<GetSinkState> for Dispatcher {
             retry_base_ms: self.cfg.retry_base.as_millis() as u64,
             retry_max_ms: self.cfg.retry_max.as_millis() as u64,
             budget: self.bucket.as_ref().map(TokenBucket::budget),
+            quota: self.cfg.quota,
+            quota_spent_bytes: self.cfg.quota.and(self.spent.map(|s| s.spent_bytes)),
         })
     }
 }
@@ -769,6 +910,54 @@ impl Handler<SetBudget> for Dispatcher {
     }
 }
 
+/// Sets or clears the quota at run time (`config.set sinks.NAME.quota`);
+/// what was spent in the period is kept.
+pub struct SetQuota(pub Option<Quota>);
+impl Message for SetQuota {
+    type Result = ();
+}
+impl Handler<SetQuota> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetQuota, ctx: &mut Context<Self>) {
+        self.cfg.quota = msg.0;
+        tracing::info!(sink = %self.cfg.sink, quota = ?msg.0, "sink quota changed");
+        if msg.0.is_none() {
+            self.set_held("quota", false);
+        }
+        self.step(ctx);
+    }
+}
+
+/// `ranges` without the seqs in `seqs` (sorted).
+fn subtract(ranges: &[(u64, u64)], seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(a, b) in ranges {
+        let mut from = a;
+        for &s in seqs.iter().filter(|&&s| s >= a && s <= b) {
+            if s > from {
+                out.push((from, s - 1));
+            }
+            from = s + 1;
+        }
+        if from <= b {
+            out.push((from, b));
+        }
+    }
+    out
+}
+
+/// Sorted seqs as runs of consecutive ones.
+fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &s in seqs {
+        match out.last_mut() {
+            Some((_, b)) if *b + 1 == s => *b = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
 /// Asks whether the loop is running (for `/readyz`).
 pub struct IsRunning;
 impl Message for IsRunning {
@@ -784,6 +973,16 @@ impl Handler<IsRunning> for Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn high_only_splits_a_batch_into_the_high_runs_and_the_rest() {
+        assert_eq!(runs(&[3, 4, 5, 9, 11, 12]), vec![(3, 5), (9, 9), (11, 12)]);
+        assert_eq!(
+            subtract(&[(1, 10), (20, 22)], &[1, 4, 5, 10, 21]),
+            vec![(2, 3), (6, 9), (20, 20), (22, 22)]
+        );
+        assert_eq!(subtract(&[(1, 3)], &[]), vec![(1, 3)]);
+    }
 
     #[test]
     fn backoff_grows_exponentially_with_jitter_and_is_capped() {

@@ -115,8 +115,10 @@ pub struct MetricSet {
     /// the WAL does not grow ([`crate::growth`]).
     pub wal_full_in_seconds: IntGaugeVec,
     /// `gateway_sink_held_records{sink,reason}`: records a sink holds back
-    /// in the WAL (reason `budget`).
+    /// in the WAL, by reason (`budget`, `quota`).
     pub sink_held_records: IntGaugeVec,
+    /// `gateway_sink_quota_remaining_bytes{sink}`: bytes left of a sink's quota this period.
+    pub sink_quota_remaining: IntGaugeVec,
     /// The samples behind `wal_full_in_seconds`.
     pub wal_growth: crate::growth::WalGrowth,
 }
@@ -309,6 +311,13 @@ impl Metrics {
                 ),
                 &["sink", "reason"],
             )?,
+            sink_quota_remaining: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_sink_quota_remaining_bytes",
+                    "Bytes left of a sink's quota in the current period.",
+                ),
+                &["sink"],
+            )?,
             wal_growth: Default::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
@@ -352,6 +361,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_payload_bytes.clone()))?;
         registry.register(Box::new(m.wal_full_in_seconds.clone()))?;
         registry.register(Box::new(m.sink_held_records.clone()))?;
+        registry.register(Box::new(m.sink_quota_remaining.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",

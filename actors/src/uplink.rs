@@ -1,5 +1,17 @@
 //! Per-sink limits on what a sink sends (DESIGN §6b): the byte `budget`, a
-//! token bucket on the bytes a sink puts on the wire.
+//! token bucket on the bytes a sink puts on the wire, and the `quota`,
+//! bytes per period.
+//!
+//! Quota: `quota = { bytes = "2GiB", period = "30d", reserve_high = "10%" }`.
+//! Records of class normal and low may use `bytes - reserve_high`; once
+//! that is spent only `high` flows, from the reserve, until `bytes` is spent
+//! too; then nothing until the next period. A period starts at 00:00 UTC of
+//! its first day and the next one `period` later. What was spent is kept in
+//! `{data_dir}/quota-{sink}.json`, written (fsync, rename) after every
+//! delivered batch, so it survives restarts and crashes (a crash between a
+//! delivery and its write under-counts that one batch). A batch fetched
+//! before the quota ran out still goes: the quota stops normal and low
+//! within one batch.
 //!
 //! The bucket is charged after a batch went out, with the bytes it
 //! actually took (after compression), and may go into debt: the dispatcher
@@ -11,6 +23,8 @@
 //!
 //! Lost on restart: the bucket's level (it starts full).
 
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -115,6 +129,191 @@ impl TokenBucket {
     }
 }
 
+/// `quota = { bytes, period, reserve_high }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Bytes on the wire per period.
+    pub bytes: u64,
+    /// The period, seconds (default 30 days).
+    pub period_s: u64,
+    /// Bytes of `bytes` only `high` records may use (default 10 %).
+    pub reserve_high: u64,
+}
+
+/// `123`, `"123"`, `"500KB"`, `"2GiB"`, … as bytes.
+fn parse_bytes(v: &Value) -> Result<u64, String> {
+    if let Some(n) = v.as_u64() {
+        return Ok(n);
+    }
+    let s = v
+        .as_str()
+        .ok_or_else(|| format!("expected bytes, got {v}"))?
+        .trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 500MB or 2GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} is not a size like 500MB or 2GiB")),
+    };
+    Ok((num * mult as f64) as u64)
+}
+
+impl Quota {
+    /// Parses the key's value; `null` is no quota.
+    pub fn from_value(v: &Value) -> Result<Option<Quota>, String> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        let Some(m) = v.as_object() else {
+            return Err(format!(
+                "expected {{ bytes = \"2GiB\", period = \"30d\", reserve_high = \"10%\" }} or null, got {v}"
+            ));
+        };
+        if let Some(k) = m
+            .keys()
+            .find(|k| !["bytes", "period", "reserve_high"].contains(&k.as_str()))
+        {
+            return Err(format!("unknown key {k:?} (bytes, period, reserve_high)"));
+        }
+        let bytes = parse_bytes(m.get("bytes").ok_or("bytes is required")?)
+            .map_err(|e| format!("bytes: {e}"))?;
+        if bytes == 0 {
+            return Err("bytes: must be > 0".into());
+        }
+        let period = match m.get("period") {
+            None => Duration::from_secs(30 * 86_400),
+            Some(p) => {
+                let text = p
+                    .as_str()
+                    .ok_or_else(|| format!("period: expected a duration like \"30d\", got {p}"))?;
+                humantime::parse_duration(text).map_err(|e| format!("period: {text:?}: {e}"))?
+            }
+        };
+        if period < Duration::from_secs(1) {
+            return Err("period: must be at least 1s".into());
+        }
+        let reserve_high = match m.get("reserve_high") {
+            None => bytes / 10,
+            Some(Value::String(p)) if p.trim().ends_with('%') => {
+                let pct: f64 =
+                    p.trim().trim_end_matches('%').trim().parse().map_err(|_| {
+                        format!("reserve_high: {p:?} is not a percentage like \"10%\"")
+                    })?;
+                if !(0.0..=100.0).contains(&pct) {
+                    return Err("reserve_high: must be 0% to 100%".into());
+                }
+                (bytes as f64 * pct / 100.0) as u64
+            }
+            Some(r) => parse_bytes(r).map_err(|e| format!("reserve_high: {e}"))?,
+        };
+        if reserve_high > bytes {
+            return Err("reserve_high: must not exceed bytes".into());
+        }
+        Ok(Some(Quota {
+            bytes,
+            period_s: period.as_secs(),
+            reserve_high,
+        }))
+    }
+}
+
+/// What a sink spent of its quota (the persisted part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QuotaSpent {
+    /// Start of the current period, epoch ms (00:00 UTC of its first day).
+    pub period_start_ms: i64,
+    /// Bytes sent in it.
+    pub spent_bytes: u64,
+}
+
+/// What may go now under a quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    /// Every class.
+    All,
+    /// Only `high` (the reserve).
+    HighOnly,
+    /// Nothing until the period ends.
+    Nothing,
+}
+
+impl QuotaSpent {
+    /// The file in `dir` for `sink`.
+    pub fn path(dir: &Path, sink: &str) -> PathBuf {
+        dir.join(format!("quota-{sink}.json"))
+    }
+
+    /// Reads the sink's spent quota; a missing file is nothing spent.
+    pub fn load(dir: &Path, sink: &str) -> Result<Self, String> {
+        let path = Self::path(dir, sink);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Writes it durably (temp file, fsync, rename, fsync of the directory).
+    pub fn save(&self, dir: &Path, sink: &str) -> Result<(), String> {
+        let path = Self::path(dir, sink);
+        let tmp = dir.join(format!("quota-{sink}.json.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            crate::durable::sync_dir(dir)
+        };
+        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    /// Moves to the period that holds `now_ms` (a new one spends nothing yet).
+    pub fn roll(&mut self, q: &Quota, now_ms: i64) {
+        let period_ms = (q.period_s as i64).saturating_mul(1000).max(1000);
+        if self.period_start_ms == 0 || now_ms < self.period_start_ms {
+            // The first period starts at 00:00 UTC of today.
+            *self = QuotaSpent {
+                period_start_ms: now_ms - now_ms.rem_euclid(86_400_000),
+                spent_bytes: 0,
+            };
+        }
+        let elapsed = now_ms - self.period_start_ms;
+        if elapsed >= period_ms {
+            self.period_start_ms += elapsed / period_ms * period_ms;
+            self.spent_bytes = 0;
+        }
+    }
+
+    /// What may go now.
+    pub fn allowance(&self, q: &Quota) -> Allowance {
+        if self.spent_bytes >= q.bytes {
+            Allowance::Nothing
+        } else if self.spent_bytes >= q.bytes - q.reserve_high {
+            Allowance::HighOnly
+        } else {
+            Allowance::All
+        }
+    }
+
+    /// When the current period ends, epoch ms.
+    pub fn period_end_ms(&self, q: &Quota) -> i64 {
+        self.period_start_ms + (q.period_s as i64).saturating_mul(1000)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +351,58 @@ mod tests {
                 .unwrap()
                 .burst_bytes,
             7
+        );
+    }
+
+    #[test]
+    fn a_quota_lets_everything_then_only_high_then_nothing_and_rolls_at_period_boundaries() {
+        let q = Quota::from_value(&json!({"bytes": "1MB", "period": "1d", "reserve_high": "10%"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (q.bytes, q.period_s, q.reserve_high),
+            (1_000_000, 86_400, 100_000)
+        );
+        let day = 86_400_000i64;
+        let noon = 20_000 * day + day / 2;
+        let mut s = QuotaSpent::default();
+        s.roll(&q, noon);
+        assert_eq!(
+            s.period_start_ms,
+            20_000 * day,
+            "00:00 UTC of the first day"
+        );
+        assert_eq!(s.allowance(&q), Allowance::All);
+        s.spent_bytes = 900_000;
+        assert_eq!(s.allowance(&q), Allowance::HighOnly);
+        s.spent_bytes = 1_000_000;
+        assert_eq!(s.allowance(&q), Allowance::Nothing);
+        s.roll(&q, noon + day / 4);
+        assert_eq!(s.allowance(&q), Allowance::Nothing);
+        s.roll(&q, noon + 3 * day);
+        assert_eq!((s.period_start_ms, s.spent_bytes), (20_003 * day, 0));
+        let dir = tempfile::tempdir().unwrap();
+        s.spent_bytes = 42;
+        s.save(dir.path(), "cloud").unwrap();
+        assert_eq!(QuotaSpent::load(dir.path(), "cloud").unwrap(), s);
+        assert_eq!(
+            QuotaSpent::load(dir.path(), "other").unwrap(),
+            QuotaSpent::default()
+        );
+        for bad in [
+            json!({"bytes": 0}),
+            json!({"bytes": "1XB"}),
+            json!({"bytes": 10, "reserve_high": 11}),
+            json!({"period": "1d"}),
+        ] {
+            assert!(Quota::from_value(&bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Quota::from_value(&json!({"bytes": "2GiB"}))
+                .unwrap()
+                .unwrap()
+                .bytes,
+            2 << 30
         );
     }
 }

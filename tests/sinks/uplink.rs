@@ -478,3 +478,93 @@ fn a_byte_budget_holds_the_sink_within_its_rate_at_the_api_and_changes_at_run_ti
         0.0
     );
 }
+
+fn alarm(i: usize) -> String {
+    format!(r#"{{"msg_id":"a{i}","ts":"2026-11-25T08:00:00.123Z","metrics":{{"alarm":1}}}}"#)
+}
+
+/// Idempotency keys the API accepted that start with `prefix`.
+fn accepted_with(api: &Analytics, prefix: &str) -> HashSet<String> {
+    api.accepted_keys()
+        .into_iter()
+        .filter(|k| k.starts_with(prefix))
+        .collect()
+}
+
+#[test]
+fn a_spent_quota_lets_only_high_through_from_the_reserve_and_is_still_spent_after_a_restart() {
+    let api = Analytics::start();
+    let data = tempfile::tempdir().unwrap();
+    // 12 kB a day, 6 kB of it for high only: normal stops after ~6 kB.
+    let toml = format!(
+        "gateway_id = \"edge-u\"\n\
+         [[priority]]\nclass = \"high\"\nmatch = {{ metrics_any = [\"alarm\"] }}\n\
+         [sinks.api]\nkind = \"http\"\nurl = \"{}\"\nbatch_max_records = 10\nbatch_max_wait_ms = 20\n\
+         retry_base_ms = 50\nretry_max_ms = 200\n\
+         quota = {{ bytes = 12000, period = \"1d\", reserve_high = 6000 }}\n",
+        api.url()
+    );
+    let start = || {
+        crate::helpers::spawn_app_at(Some(data.path()), &toml, |_, t| {
+            gateway::startup::sink_factory(t)
+        })
+    };
+    let remaining = |app: &TestApp| app.metric(r#"gateway_sink_quota_remaining_bytes{sink="api"}"#);
+    let app = start();
+    send_readings(&app, 60);
+    wait_until(
+        "normal records stop at the quota",
+        Duration::from_secs(10),
+        || {
+            remaining(&app) <= 6000.0
+                && app.metric(r#"gateway_sink_held_records{reason="quota",sink="api"}"#) > 0.0
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let normal = accepted_with(&api, "sensor-").len();
+    let wire: usize = api.seen().iter().map(|s| s.raw.len()).sum();
+    assert!(
+        normal < 60,
+        "{normal} normal records went past a spent quota"
+    );
+    // Stopped within one batch (10 records, ~4 kB) of the normal share.
+    assert!(
+        wire <= 6000 + 4500,
+        "{wire} bytes for a normal share of 6000"
+    );
+
+    // High records still go, from the reserve.
+    for i in 0..5 {
+        assert_eq!(app.post_json("pump-1", &alarm(i)).status, 202);
+    }
+    wait_until("high records delivered", Duration::from_secs(5), || {
+        accepted_with(&api, "pump-1:").len() == 5
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        accepted_with(&api, "sensor-").len(),
+        normal,
+        "normal records went too"
+    );
+    let left = remaining(&app);
+    drop(app);
+
+    // After a restart the spent bytes are still known: normal stays held, high goes.
+    let app = start();
+    wait_until("the quota reloaded", Duration::from_secs(5), || {
+        remaining(&app) == left
+    });
+    assert_eq!(app.post_json("pump-1", &alarm(5)).status, 202);
+    wait_until(
+        "high delivered after the restart",
+        Duration::from_secs(5),
+        || accepted_with(&api, "pump-1:").len() == 6,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        accepted_with(&api, "sensor-").len(),
+        normal,
+        "normal records flowed after a restart despite the spent quota"
+    );
+    assert!(app.metric(r#"gateway_sink_held_records{reason="quota",sink="api"}"#) > 0.0);
+}

@@ -21,7 +21,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::runtime::{RuntimeOverrides, Setting};
-use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetPaused, SetRetry};
+use crate::dispatcher::{
+    DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetPaused, SetQuota, SetRetry,
+};
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
 use crate::ingest::{IngestLimits, IngestRouters, RateLimit, Source};
@@ -713,6 +715,7 @@ impl Operator {
                         "retry_base_ms": d.retry_base.as_millis() as u64,
                         "retry_max_ms": d.retry_max.as_millis() as u64,
                         "budget": d.budget,
+                        "quota": d.quota,
                     })
                 }
             };
@@ -789,6 +792,10 @@ impl Operator {
             },
             Setting::Budget(sink, b) => match self.p.sinks.get(sink) {
                 Some((_, Some(d))) => d.send(SetBudget(*b)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::Quota(sink, q) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetQuota(*q)).await.map_err(unavailable),
                 _ => Ok(()),
             },
             Setting::Policy(..) | Setting::Priority(_) => {

@@ -43,6 +43,9 @@ pub struct SinkOverrides {
     /// The byte budget as set (`null`: cleared; absent: as configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Value>,
+    /// The quota as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Value>,
     /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
     /// `null` clears a route or the TTLs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -88,6 +91,8 @@ pub enum Setting {
     RetryMax(String, u64),
     /// `sinks.NAME.budget` (validated; `None` clears it).
     Budget(String, Option<crate::uplink::Budget>),
+    /// `sinks.NAME.quota` (validated; `None` clears it).
+    Quota(String, Option<crate::uplink::Quota>),
     /// `sinks.NAME.route|ttl|drain|live_after` (validated).
     Policy(String, String, Value),
     /// `priority`.
@@ -98,7 +103,7 @@ pub enum Setting {
 pub const SETTABLE_KEYS: &str =
     "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
     sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
-    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget";
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -154,6 +159,9 @@ impl Setting {
                     "retry_max_ms" => Ok(Setting::RetryMax(sink, int(1)?)),
                     "budget" => crate::uplink::Budget::from_value(value)
                         .map(|b| Setting::Budget(sink, b))
+                        .map_err(|e| format!("{key}: {e}")),
+                    "quota" => crate::uplink::Quota::from_value(value)
+                        .map(|q| Setting::Quota(sink, q))
                         .map_err(|e| format!("{key}: {e}")),
                     f if SinkPolicy::KEYS.contains(&f) => {
                         SinkPolicy::new()
@@ -226,6 +234,17 @@ impl RuntimeOverrides {
             Setting::Budget(sink, b) => {
                 self.sinks.entry(sink.clone()).or_default().budget =
                     Some(serde_json::to_value(b).unwrap_or_default())
+            }
+            Setting::Quota(sink, q) => {
+                // Stored as parsed: whole bytes and seconds.
+                self.sinks.entry(sink.clone()).or_default().quota = Some(match q {
+                    Some(q) => serde_json::json!({
+                        "bytes": q.bytes,
+                        "period": format!("{}s", q.period_s),
+                        "reserve_high": q.reserve_high,
+                    }),
+                    None => Value::Null,
+                })
             }
             Setting::Policy(sink, key, v) => {
                 self.sinks
@@ -320,6 +339,12 @@ impl RuntimeOverrides {
                 Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime budget"),
             }
         }
+        if let Some(v) = &o.quota {
+            match crate::uplink::Quota::from_value(v) {
+                Ok(q) => d.quota = q,
+                Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime quota"),
+            }
+        }
     }
 }
 
@@ -370,6 +395,16 @@ mod tests {
         });
         o.apply_to(&mut d);
         assert_eq!(d.budget, None);
+        let q = json!({"bytes": "1MB", "period": "1d", "reserve_high": "25%"});
+        o.set(&Setting::parse("sinks.s3.quota", &q, &sinks).unwrap());
+        let mut d = DispatchConfig::new("s3");
+        RuntimeOverrides::load(dir.path()).unwrap();
+        o.apply_to(&mut d);
+        assert_eq!(
+            d.quota,
+            crate::uplink::Quota::from_value(&q).unwrap(),
+            "a runtime quota reads back as set"
+        );
         let r = back.rate_limit(RateLimit::OFF);
         assert_eq!((r.per_second, r.burst), (2.5, 5.0));
         assert_eq!(
