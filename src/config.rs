@@ -1524,6 +1524,8 @@ mod tests {
                 toml::toml! { bytes_per_s = 7 }.into()
             } else if *k == "quota" {
                 toml::toml! { bytes = 7 }.into()
+            } else if *k == "windows" {
+                toml::toml! { low = ["01:00-05:00"] }.into()
             } else {
                 Value::Integer(7)
             };

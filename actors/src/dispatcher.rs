@@ -20,7 +20,7 @@
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -35,9 +35,10 @@ use tracing::Span;
 
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
+use crate::route::Class;
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
-use crate::uplink::{Allowance, Budget, Quota, QuotaSpent, TokenBucket};
+use crate::uplink::{Allowance, Budget, Quota, QuotaSpent, TokenBucket, Windows};
 use crate::wal::{
     now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseBatch, ReleaseSink, WalStore,
     WatchAppends, WithWal,
@@ -72,6 +73,8 @@ pub struct DispatchConfig {
     pub budget: Option<Budget>,
     /// Bytes per period, the rest for `high` only (DESIGN §6b); `None`: no limit.
     pub quota: Option<Quota>,
+    /// Per-class local-time send windows (DESIGN §6b); `None`: any time.
+    pub windows: Option<Windows>,
 }
 
 /// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
@@ -108,6 +111,10 @@ pub struct DispatchKeys {
     /// go, from the reserve. Spent bytes persist across restarts (default:
     /// none). A runtime setting.
     pub quota: Option<serde_json::Value>,
+    /// `{ low = ["01:00-05:00"] }`: a class goes only inside its local-time
+    /// windows (classes not named: any time); held records wait in the WAL
+    /// (default: none). A runtime setting.
+    pub windows: Option<serde_json::Value>,
 }
 
 impl DispatchKeys {
@@ -124,6 +131,7 @@ impl DispatchKeys {
         "circuit_cooldown_ms",
         "budget",
         "quota",
+        "windows",
     ];
 
     /// Validates the keys into the delivery settings of sink `name`.
@@ -182,6 +190,9 @@ impl DispatchKeys {
         if let Some(v) = &self.quota {
             d.quota = Quota::from_value(v).map_err(|e| KeyError::new("quota", e))?;
         }
+        if let Some(v) = &self.windows {
+            d.windows = Windows::from_value(v).map_err(|e| KeyError::new("windows", e))?;
+        }
         Ok(d)
     }
 }
@@ -202,6 +213,7 @@ impl DispatchConfig {
             circuit_cooldown: Duration::from_secs(5),
             budget: None,
             quota: None,
+            windows: None,
         }
     }
 
@@ -329,7 +341,19 @@ impl Dispatcher {
             }
         };
         self.set_held("quota", allowance != Allowance::All);
-        if allowance == Allowance::Nothing {
+        // The classes that may go now: the quota's, inside their windows.
+        let minute = crate::uplink::local_minute();
+        let mut allowed = [allowance == Allowance::All; 3];
+        allowed[Class::High as usize] = allowance != Allowance::Nothing;
+        let mut outside = false;
+        if let Some(w) = &self.cfg.windows {
+            for c in Class::ALL {
+                outside |= !w.allows(c, minute);
+                allowed[c as usize] &= w.allows(c, minute);
+            }
+        }
+        self.set_held("window", outside);
+        if allowance == Allowance::Nothing || allowed == [false; 3] {
             let end = self
                 .spent
                 .zip(self.cfg.quota)
@@ -351,8 +375,8 @@ impl Dispatcher {
         ctx.spawn(fetch.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(Fetched::Batch(batch))) => {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
-                if allowance == Allowance::HighOnly {
-                    act.publish_high_only(batch, span, ctx)
+                if allowed != [true; 3] {
+                    act.publish_classes(batch, allowed, span, ctx)
                 } else {
                     act.publish(Arc::new(batch), span, 1, 0, ctx)
                 }
@@ -503,15 +527,21 @@ impl Dispatcher {
         }));
     }
 
-    /// The quota's reserve is all that is left: only the batch's `high`
-    /// records go; the others go back to the WAL and wait for the next
-    /// period (they are fetched again, after the high ones, when appends
-    /// or a second pass).
-    fn publish_high_only(&mut self, batch: Batch, span: Span, ctx: &mut Context<Self>) {
+    /// Only some classes may go now (the quota's reserve is all that is
+    /// left: only `high`; a class outside its windows): the batch's records
+    /// of those classes go, the others go back to the WAL and wait (they
+    /// are fetched again on the next pass).
+    fn publish_classes(
+        &mut self,
+        batch: Batch,
+        allowed: [bool; 3],
+        span: Span,
+        ctx: &mut Context<Self>,
+    ) {
         let high: Vec<_> = batch
             .records
             .iter()
-            .filter(|r| r.class == crate::route::Class::High)
+            .filter(|r| allowed[r.class as usize])
             .cloned()
             .collect();
         let seqs: Vec<u64> = high.iter().map(|r| r.seq).collect();
@@ -858,6 +888,9 @@ pub struct SinkState {
     /// The quota in force (`null`: none).
     #[serde(default)]
     pub quota: Option<Quota>,
+    /// The send windows in force (`null`: none).
+    #[serde(default)]
+    pub windows: Option<serde_json::Value>,
     /// Bytes spent of the quota in the current period.
     #[serde(default)]
     pub quota_spent_bytes: Option<u64>,
@@ -881,6 +914,7 @@ impl Handler<GetSinkState> for Dispatcher {
             retry_max_ms: self.cfg.retry_max.as_millis() as u64,
             budget: self.bucket.as_ref().map(TokenBucket::budget),
             quota: self.cfg.quota,
+            windows: self.cfg.windows.as_ref().map(Windows::to_json),
             quota_spent_bytes: self.cfg.quota.and(self.spent.map(|s| s.spent_bytes)),
         })
     }
@@ -924,6 +958,20 @@ impl Handler<SetQuota> for Dispatcher {
         if msg.0.is_none() {
             self.set_held("quota", false);
         }
+        self.step(ctx);
+    }
+}
+
+/// Sets or clears the send windows at run time (`config.set sinks.NAME.windows`).
+pub struct SetWindows(pub Option<Windows>);
+impl Message for SetWindows {
+    type Result = ();
+}
+impl Handler<SetWindows> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetWindows, ctx: &mut Context<Self>) {
+        tracing::info!(sink = %self.cfg.sink, windows = ?msg.0, "sink send windows changed");
+        self.cfg.windows = msg.0;
         self.step(ctx);
     }
 }

@@ -21,14 +21,22 @@
 //! records wait in the WAL (`gateway_sink_held_records{reason="budget"}`);
 //! a budget never drops one (a TTL still may, counted as always).
 //!
+//! Windows: `windows = { low = ["01:00-05:00"] }` lets a class go only
+//! inside its local-time windows (a window may wrap past midnight); a class
+//! without windows goes at any time. Outside, its records wait in the WAL
+//! (`gateway_sink_held_records{reason="window"}`) while the other classes go.
+//!
 //! Lost on restart: the bucket's level (it starts full).
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::route::Class;
 
 /// `budget = { bytes_per_s = 20000, burst_bytes = 200000 }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +322,89 @@ impl QuotaSpent {
     }
 }
 
+/// Per class, the local-time windows it may be sent in, as minutes of the
+/// day `[start, end)`; `end <= start` wraps past midnight.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Windows(BTreeMap<Class, Vec<(u16, u16)>>);
+
+fn parse_hhmm(t: &str) -> Option<u16> {
+    let (h, m) = t.trim().split_once(':')?;
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 24 && m < 60 && h * 60 + m <= 1440).then_some(h * 60 + m)
+}
+
+impl Windows {
+    /// Parses `{ class = ["HH:MM-HH:MM", …] }`; `null` is no windows.
+    pub fn from_value(v: &Value) -> Result<Option<Windows>, String> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        let Some(m) = v.as_object() else {
+            return Err(format!(
+                "expected {{ low = [\"01:00-05:00\"] }} or null, got {v}"
+            ));
+        };
+        let mut out = BTreeMap::new();
+        for (class, list) in m {
+            let c: Class = serde_json::from_value(Value::String(class.clone()))
+                .map_err(|_| format!("{class}: not a class; expected high, normal or low"))?;
+            let Some(list) = list.as_array() else {
+                return Err(format!("{class}: expected a list like [\"01:00-05:00\"]"));
+            };
+            let mut ws = Vec::new();
+            for w in list {
+                let text = w.as_str().unwrap_or_default();
+                let parsed = text
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((parse_hhmm(a)?, parse_hhmm(b)?)));
+                match parsed {
+                    Some((a, b)) if a != b => ws.push((a, b)),
+                    _ => return Err(format!("{class}: {w} is not a window like \"01:00-05:00\"")),
+                }
+            }
+            out.insert(c, ws);
+        }
+        Ok(Some(Windows(out)))
+    }
+
+    /// Whether `class` may go at `minute` of the local day.
+    pub fn allows(&self, class: Class, minute: u16) -> bool {
+        match self.0.get(&class) {
+            None => true,
+            Some(ws) => ws.iter().any(|&(a, b)| {
+                if a < b {
+                    (a..b).contains(&minute)
+                } else {
+                    minute >= a || minute < b
+                }
+            }),
+        }
+    }
+
+    /// As written in the configuration.
+    pub fn to_json(&self) -> Value {
+        let fmt = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(c, ws)| {
+                    let list = ws
+                        .iter()
+                        .map(|&(a, b)| Value::String(format!("{}-{}", fmt(a), fmt(b))));
+                    (c.as_str().to_string(), Value::Array(list.collect()))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The minute of the local day now.
+pub fn local_minute() -> u16 {
+    use chrono::Timelike;
+    let t = chrono::Local::now();
+    (t.hour() * 60 + t.minute()) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +443,28 @@ mod tests {
                 .burst_bytes,
             7
         );
+    }
+
+    #[test]
+    fn windows_let_a_class_go_only_inside_them_and_may_wrap_past_midnight() {
+        let w = Windows::from_value(&json!({"low": ["22:00-02:00", "12:00-12:30"]}))
+            .unwrap()
+            .unwrap();
+        assert!(w.allows(Class::Low, 23 * 60));
+        assert!(w.allows(Class::Low, 60));
+        assert!(!w.allows(Class::Low, 2 * 60));
+        assert!(w.allows(Class::Low, 12 * 60 + 29));
+        assert!(!w.allows(Class::Low, 12 * 60 + 30));
+        assert!(w.allows(Class::Normal, 2 * 60), "no windows: any time");
+        assert_eq!(w.to_json(), json!({"low": ["22:00-02:00", "12:00-12:30"]}));
+        for bad in [
+            json!({"low": ["25:00-01:00"]}),
+            json!({"urgent": []}),
+            json!({"low": "01:00-02:00"}),
+            json!({"low": ["01:00-01:00"]}),
+        ] {
+            assert!(Windows::from_value(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -568,3 +568,66 @@ fn a_spent_quota_lets_only_high_through_from_the_reserve_and_is_still_spent_afte
     );
     assert!(app.metric(r#"gateway_sink_held_records{reason="quota",sink="api"}"#) > 0.0);
 }
+
+/// `HH:MM-HH:MM` from `from` to `to` minutes after the local time now.
+fn window_from_now(from: i64, to: i64) -> String {
+    use chrono::Timelike;
+    let t = chrono::Local::now();
+    let now = i64::from(t.hour() * 60 + t.minute());
+    let fmt = |m: i64| {
+        let m = m.rem_euclid(1440);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    format!("{}-{}", fmt(now + from), fmt(now + to))
+}
+
+fn debug_record(i: usize) -> String {
+    format!(r#"{{"msg_id":"d{i}","ts":"2026-11-25T08:00:00.123Z","metrics":{{"debug_level":3}}}}"#)
+}
+
+#[test]
+fn a_class_outside_its_send_window_waits_in_the_wal_while_the_others_go_and_goes_when_the_window_opens(
+) {
+    let api = Analytics::start();
+    let app = spawn_app(&format!(
+        "{}[[priority]]\nclass = \"low\"\nmatch = {{ metrics_any = [\"debug_level\"] }}\n",
+        http_sink(
+            &api.url(),
+            &format!(
+                "windows = {{ low = [\"{}\"] }}\n",
+                window_from_now(120, 180)
+            ),
+        )
+    ));
+    for i in 0..10 {
+        assert_eq!(app.post_json("trace-1", &debug_record(i)).status, 202);
+    }
+    let normal = send_readings(&app, 20);
+    wait_until("normal records delivered", Duration::from_secs(10), || {
+        accepted_with(&api, "sensor-") == normal
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        accepted_with(&api, "trace-1:").is_empty(),
+        "low went outside its window"
+    );
+    assert!(app.metric(r#"gateway_sink_held_records{reason="window",sink="api"}"#) > 0.0);
+
+    // The window is moved over now at run time: the low records go.
+    let open = serde_json::json!({"low": [window_from_now(-60, 60)]});
+    let r = app.admin(
+        "POST",
+        "/admin/config",
+        Some(serde_json::json!({"key": "sinks.api.windows", "value": open})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        app.admin("GET", "/admin/sinks", None).body[0]["state"]["windows"],
+        open
+    );
+    wait_until(
+        "low records delivered in their window",
+        Duration::from_secs(10),
+        || accepted_with(&api, "trace-1:").len() == 10,
+    );
+}

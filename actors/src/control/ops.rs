@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::runtime::{RuntimeOverrides, Setting};
 use crate::dispatcher::{
-    DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetPaused, SetQuota, SetRetry,
+    DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetPaused, SetQuota, SetRetry, SetWindows,
 };
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
@@ -716,6 +716,7 @@ impl Operator {
                         "retry_max_ms": d.retry_max.as_millis() as u64,
                         "budget": d.budget,
                         "quota": d.quota,
+                        "windows": d.windows.as_ref().map(crate::uplink::Windows::to_json),
                     })
                 }
             };
@@ -792,6 +793,10 @@ impl Operator {
             },
             Setting::Budget(sink, b) => match self.p.sinks.get(sink) {
                 Some((_, Some(d))) => d.send(SetBudget(*b)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::Windows(sink, w) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetWindows(w.clone())).await.map_err(unavailable),
                 _ => Ok(()),
             },
             Setting::Quota(sink, q) => match self.p.sinks.get(sink) {

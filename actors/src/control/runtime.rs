@@ -46,6 +46,9 @@ pub struct SinkOverrides {
     /// The quota as set (`null`: cleared; absent: as configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Value>,
+    /// The send windows as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Value>,
     /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
     /// `null` clears a route or the TTLs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -93,6 +96,8 @@ pub enum Setting {
     Budget(String, Option<crate::uplink::Budget>),
     /// `sinks.NAME.quota` (validated; `None` clears it).
     Quota(String, Option<crate::uplink::Quota>),
+    /// `sinks.NAME.windows` (validated; `None` clears them).
+    Windows(String, Option<crate::uplink::Windows>),
     /// `sinks.NAME.route|ttl|drain|live_after` (validated).
     Policy(String, String, Value),
     /// `priority`.
@@ -103,7 +108,7 @@ pub enum Setting {
 pub const SETTABLE_KEYS: &str =
     "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
     sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
-    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota";
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota, sinks.NAME.windows";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -159,6 +164,9 @@ impl Setting {
                     "retry_max_ms" => Ok(Setting::RetryMax(sink, int(1)?)),
                     "budget" => crate::uplink::Budget::from_value(value)
                         .map(|b| Setting::Budget(sink, b))
+                        .map_err(|e| format!("{key}: {e}")),
+                    "windows" => crate::uplink::Windows::from_value(value)
+                        .map(|w| Setting::Windows(sink, w))
                         .map_err(|e| format!("{key}: {e}")),
                     "quota" => crate::uplink::Quota::from_value(value)
                         .map(|q| Setting::Quota(sink, q))
@@ -234,6 +242,12 @@ impl RuntimeOverrides {
             Setting::Budget(sink, b) => {
                 self.sinks.entry(sink.clone()).or_default().budget =
                     Some(serde_json::to_value(b).unwrap_or_default())
+            }
+            Setting::Windows(sink, w) => {
+                self.sinks.entry(sink.clone()).or_default().windows = Some(
+                    w.as_ref()
+                        .map_or(Value::Null, crate::uplink::Windows::to_json),
+                )
             }
             Setting::Quota(sink, q) => {
                 // Stored as parsed: whole bytes and seconds.
@@ -337,6 +351,14 @@ impl RuntimeOverrides {
             match crate::uplink::Budget::from_value(v) {
                 Ok(b) => d.budget = b,
                 Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime budget"),
+            }
+        }
+        if let Some(v) = &o.windows {
+            match crate::uplink::Windows::from_value(v) {
+                Ok(w) => d.windows = w,
+                Err(e) => {
+                    tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime windows")
+                }
             }
         }
         if let Some(v) = &o.quota {
