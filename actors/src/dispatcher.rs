@@ -330,6 +330,10 @@ impl Dispatcher {
                 spent.roll(&q, now_ms());
                 let a = spent.allowance(&q);
                 self.metrics
+                    .sink_quota_period_end
+                    .with_label_values(&[&self.cfg.sink])
+                    .set(spent.period_end_ms(&q) / 1000);
+                self.metrics
                     .sink_quota_remaining
                     .with_label_values(&[&self.cfg.sink])
                     .set(

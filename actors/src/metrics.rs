@@ -119,6 +119,8 @@ pub struct MetricSet {
     pub sink_held_records: IntGaugeVec,
     /// `gateway_sink_quota_remaining_bytes{sink}`: bytes left of a sink's quota this period.
     pub sink_quota_remaining: IntGaugeVec,
+    /// `gateway_sink_quota_period_end_timestamp_seconds{sink}`: when a sink's quota period ends.
+    pub sink_quota_period_end: IntGaugeVec,
     /// The samples behind `wal_full_in_seconds`.
     pub wal_growth: crate::growth::WalGrowth,
 }
@@ -318,6 +320,13 @@ impl Metrics {
                 ),
                 &["sink"],
             )?,
+            sink_quota_period_end: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_sink_quota_period_end_timestamp_seconds",
+                    "When the current period of a sink's quota ends (Unix time).",
+                ),
+                &["sink"],
+            )?,
             wal_growth: Default::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
@@ -362,6 +371,7 @@ impl Metrics {
         registry.register(Box::new(m.wal_full_in_seconds.clone()))?;
         registry.register(Box::new(m.sink_held_records.clone()))?;
         registry.register(Box::new(m.sink_quota_remaining.clone()))?;
+        registry.register(Box::new(m.sink_quota_period_end.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",

@@ -320,7 +320,7 @@ fn every_dashboard_and_alert_expression_evaluates_in_a_real_prometheus() {
 
     let rules_text = std::fs::read_to_string(dashboards().join("alerts.yml")).unwrap();
     let rules = alert_rules(&rules_text);
-    assert_eq!(rules.len(), 9, "{rules:?}");
+    assert_eq!(rules.len(), 10, "{rules:?}");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - alerts.yml\n  - alerts-fast.yml\n\
