@@ -1526,6 +1526,8 @@ mod tests {
                 toml::toml! { bytes = 7 }.into()
             } else if *k == "windows" {
                 toml::toml! { low = ["01:00-05:00"] }.into()
+            } else if *k == "live_share" {
+                Value::Float(0.5)
             } else {
                 Value::Integer(7)
             };

@@ -20,7 +20,7 @@
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`SetLive`], [`SetLiveShare`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -75,6 +75,9 @@ pub struct DispatchConfig {
     pub quota: Option<Quota>,
     /// Per-class local-time send windows (DESIGN §6b); `None`: any time.
     pub windows: Option<Windows>,
+    /// With a budget and `drain = "live_first"`: the share of the budget kept
+    /// for live records while a backlog drains (0 < share < 1).
+    pub live_share: Option<f64>,
 }
 
 /// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
@@ -115,6 +118,10 @@ pub struct DispatchKeys {
     /// windows (classes not named: any time); held records wait in the WAL
     /// (default: none). A runtime setting.
     pub windows: Option<serde_json::Value>,
+    /// With a `budget` and `drain = "live_first"`: the share of the budget
+    /// kept for live records while a backlog drains, above 0 and below 1
+    /// (default: none, the backlog may use all of it).
+    pub live_share: Option<f64>,
 }
 
 impl DispatchKeys {
@@ -132,6 +139,7 @@ impl DispatchKeys {
         "budget",
         "quota",
         "windows",
+        "live_share",
     ];
 
     /// Validates the keys into the delivery settings of sink `name`.
@@ -193,6 +201,12 @@ impl DispatchKeys {
         if let Some(v) = &self.windows {
             d.windows = Windows::from_value(v).map_err(|e| KeyError::new("windows", e))?;
         }
+        if let Some(v) = self.live_share {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(KeyError::new("live_share", "must be above 0 and below 1"));
+            }
+            d.live_share = Some(v);
+        }
         Ok(d)
     }
 }
@@ -214,6 +228,7 @@ impl DispatchConfig {
             budget: None,
             quota: None,
             windows: None,
+            live_share: None,
         }
     }
 
@@ -274,6 +289,10 @@ pub struct Dispatcher {
     quota_dir: Option<std::path::PathBuf>,
     /// The quota spent so far; `None` until loaded from `quota_dir`.
     spent: Option<QuotaSpent>,
+    /// `live_after` while the sink drains live-first ([`SetLive`]).
+    live_after: Option<Duration>,
+    /// The backlog's bucket: the budget less `live_share`.
+    backlog_bucket: Option<TokenBucket>,
 }
 
 impl Dispatcher {
@@ -290,6 +309,8 @@ impl Dispatcher {
             bucket,
             quota_dir: None,
             spent: None,
+            live_after: None,
+            backlog_bucket: None,
             cfg,
             wal,
             sink,
@@ -358,14 +379,24 @@ impl Dispatcher {
         }
         self.set_held("window", outside);
         if allowance == Allowance::Nothing || allowed == [false; 3] {
-            let end = self
-                .spent
-                .zip(self.cfg.quota)
-                .map_or(0, |(s, q)| s.period_end_ms(&q));
-            let until = Duration::from_millis((end - now_ms()).clamp(10, 5_000) as u64);
-            self.idle(until, ctx);
+            // Look again at the period's end, or when a window may open.
+            let until = match (allowance, self.spent.zip(self.cfg.quota)) {
+                (Allowance::Nothing, Some((s, q))) => {
+                    (s.period_end_ms(&q) - now_ms()).clamp(10, 5_000)
+                }
+                _ => 5_000,
+            };
+            self.idle(Duration::from_millis(until as u64), ctx);
             return;
         }
+        // With live_share, a backlog over its share of the budget waits: only
+        // live records go until the backlog's bucket is paid back.
+        let cutoff = self.live_cutoff();
+        let backlog_waits = self
+            .backlog_bucket
+            .as_mut()
+            .is_some_and(|b| !b.wait(Instant::now()).is_zero());
+        let live_only = cutoff.filter(|_| backlog_waits);
         self.busy = true;
         // Appends from now on wake the wait below, if this fetch finds nothing.
         if let Some(rx) = &mut self.appends {
@@ -379,8 +410,8 @@ impl Dispatcher {
         ctx.spawn(fetch.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(Fetched::Batch(batch))) => {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
-                if allowed != [true; 3] {
-                    act.publish_classes(batch, allowed, span, ctx)
+                if allowed != [true; 3] || live_only.is_some() {
+                    act.publish_classes(batch, allowed, live_only, span, ctx)
                 } else {
                     act.publish(Arc::new(batch), span, 1, 0, ctx)
                 }
@@ -475,6 +506,17 @@ impl Dispatcher {
                     if let Some(b) = &mut act.bucket {
                         b.charge(sent.wire_bytes, Instant::now());
                     }
+                    if let (Some(cutoff), Some(b)) =
+                        (act.live_cutoff(), act.backlog_bucket.as_mut())
+                    {
+                        // The backlog's part of the bytes, by its share of the payload.
+                        let (old, all) = batch.records.iter().fold((0, 0), |(o, a), r| {
+                            let n = r.json.len() as u64;
+                            (o + if r.receive_ms < cutoff { n } else { 0 }, a + n)
+                        });
+                        let part = sent.wire_bytes as f64 * old as f64 / all.max(1) as f64;
+                        b.charge(part as u64, Instant::now());
+                    }
                     act.spend_quota(sent.wire_bytes);
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
@@ -539,13 +581,14 @@ impl Dispatcher {
         &mut self,
         batch: Batch,
         allowed: [bool; 3],
+        live_only: Option<i64>,
         span: Span,
         ctx: &mut Context<Self>,
     ) {
         let high: Vec<_> = batch
             .records
             .iter()
-            .filter(|r| allowed[r.class as usize])
+            .filter(|r| allowed[r.class as usize] && live_only.is_none_or(|c| r.receive_ms >= c))
             .cloned()
             .collect();
         let seqs: Vec<u64> = high.iter().map(|r| r.seq).collect();
@@ -570,6 +613,31 @@ impl Dispatcher {
                     }
                 }),
         );
+    }
+
+    /// Records received before this (epoch ms) are the backlog, while the
+    /// sink drains live-first with a `live_share`.
+    fn live_cutoff(&self) -> Option<i64> {
+        self.backlog_bucket.as_ref()?;
+        Some(now_ms() - self.live_after?.as_millis() as i64)
+    }
+
+    /// Builds, changes or drops the backlog's bucket after a change of the
+    /// budget, `live_share` or the drain order.
+    fn update_backlog_bucket(&mut self) {
+        let want = match (self.cfg.budget, self.cfg.live_share, self.live_after) {
+            (Some(b), Some(share), Some(_)) => Some(Budget {
+                bytes_per_s: ((b.bytes_per_s as f64 * (1.0 - share)) as u64).max(1),
+                burst_bytes: ((b.burst_bytes as f64 * (1.0 - share)) as u64).max(1),
+            }),
+            _ => None,
+        };
+        let now = Instant::now();
+        match (want, self.backlog_bucket.as_mut()) {
+            (None, _) => self.backlog_bucket = None,
+            (Some(w), Some(b)) => b.set_budget(w, now),
+            (Some(w), None) => self.backlog_bucket = Some(TokenBucket::new(w, now)),
+        }
     }
 
     /// Counts `bytes` against the quota and persists what was spent.
@@ -895,6 +963,9 @@ pub struct SinkState {
     /// The send windows in force (`null`: none).
     #[serde(default)]
     pub windows: Option<serde_json::Value>,
+    /// The share of the budget kept for live records (`null`: none).
+    #[serde(default)]
+    pub live_share: Option<serde_json::Value>,
     /// Bytes spent of the quota in the current period.
     #[serde(default)]
     pub quota_spent_bytes: Option<u64>,
@@ -919,6 +990,7 @@ impl Handler<GetSinkState> for Dispatcher {
             budget: self.bucket.as_ref().map(TokenBucket::budget),
             quota: self.cfg.quota,
             windows: self.cfg.windows.as_ref().map(Windows::to_json),
+            live_share: self.cfg.live_share.map(serde_json::Value::from),
             quota_spent_bytes: self.cfg.quota.and(self.spent.map(|s| s.spent_bytes)),
         })
     }
@@ -940,6 +1012,7 @@ impl Handler<SetBudget> for Dispatcher {
             (Some(b), Some(bucket)) => bucket.set_budget(b, now),
             (Some(b), None) => self.bucket = Some(TokenBucket::new(b, now)),
         }
+        self.update_backlog_bucket();
         tracing::info!(sink = %self.cfg.sink, budget = ?msg.0, "sink byte budget changed");
         if msg.0.is_none() {
             self.set_held("budget", false);
@@ -962,6 +1035,35 @@ impl Handler<SetQuota> for Dispatcher {
         if msg.0.is_none() {
             self.set_held("quota", false);
         }
+        self.step(ctx);
+    }
+}
+
+/// Tells the dispatcher the sink's drain order: `Some(live_after)` while
+/// it drains live-first (what `live_share` needs to tell live from backlog).
+pub struct SetLive(pub Option<Duration>);
+impl Message for SetLive {
+    type Result = ();
+}
+impl Handler<SetLive> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetLive, _: &mut Context<Self>) {
+        self.live_after = msg.0;
+        self.update_backlog_bucket();
+    }
+}
+
+/// Sets or clears `live_share` at run time (`config.set sinks.NAME.live_share`).
+pub struct SetLiveShare(pub Option<f64>);
+impl Message for SetLiveShare {
+    type Result = ();
+}
+impl Handler<SetLiveShare> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetLiveShare, ctx: &mut Context<Self>) {
+        tracing::info!(sink = %self.cfg.sink, live_share = ?msg.0, "sink live_share changed");
+        self.cfg.live_share = msg.0;
+        self.update_backlog_bucket();
         self.step(ctx);
     }
 }

@@ -631,3 +631,60 @@ fn a_class_outside_its_send_window_waits_in_the_wal_while_the_others_go_and_goes
         || accepted_with(&api, "trace-1:").len() == 10,
     );
 }
+
+#[test]
+fn with_live_share_a_draining_backlog_keeps_to_its_share_of_the_budget_while_live_records_go() {
+    let api = Analytics::start();
+    let app = spawn_app(&http_sink(
+        &api.url(),
+        "batch_max_records = 25\npaused = true\ndrain = \"live_first\"\nlive_after = \"1s\"\n\
+         budget = { bytes_per_s = 20000, burst_bytes = 20000 }\nlive_share = 0.5\n",
+    ));
+    send_readings(&app, 600); // ~240 kB of backlog
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        app.admin("POST", "/admin/sinks/api/resume", None).status,
+        200
+    );
+    // Live records, ~4 kB/s, for 8 s.
+    let started = Instant::now();
+    let mut live = HashSet::new();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        assert_eq!(
+            app.post_json("live-1", &alarm(i).replace("alarm", "flow"))
+                .status,
+            202
+        );
+        live.insert(format!("live-1:a{i}"));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_until("live records delivered", Duration::from_secs(3), || {
+        accepted_with(&api, "live-1:") == live
+    });
+    // The backlog's bytes at the API over the run: within its half of the budget.
+    let seen = api.seen();
+    let span = seen
+        .last()
+        .unwrap()
+        .at
+        .duration_since(seen[0].at)
+        .as_secs_f64();
+    let backlog: usize = seen
+        .iter()
+        .flat_map(|s| s.body.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| l.contains(r#""device_id":"sensor-"#))
+        .map(|l| l.len() + 1)
+        .sum();
+    let rate = (backlog as f64 - 10_000.0) / span;
+    assert!(
+        rate <= 11_500.0,
+        "the backlog took {rate:.0} B/s of a 20000 B/s budget with live_share 0.5"
+    );
+    assert!(rate >= 7_000.0, "the backlog drained at only {rate:.0} B/s");
+    assert_eq!(
+        app.admin("GET", "/admin/sinks", None).body[0]["state"]["live_share"],
+        0.5
+    );
+}

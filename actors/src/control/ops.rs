@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 
 use super::runtime::{RuntimeOverrides, Setting};
 use crate::dispatcher::{
-    DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetPaused, SetQuota, SetRetry, SetWindows,
+    DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetLive, SetLiveShare, SetPaused,
+    SetQuota, SetRetry, SetWindows,
 };
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
@@ -422,6 +423,12 @@ impl Operator {
         // growth for `gateway_wal_full_in_seconds` (`crate::growth`).
         if parts.router.is_some() {
             crate::growth::spawn_sampler(parts.wal.downgrade(), parts.metrics.clone());
+            // The dispatchers learn the drain order (for `live_share`).
+            for (name, (_, d)) in &parts.sinks {
+                if let (Some(d), Some(base)) = (d, parts.base_policies.get(name)) {
+                    d.do_send(SetLive(live_after(&runtime.policy(name, base))));
+                }
+            }
         }
         Self {
             p: parts,
@@ -717,6 +724,7 @@ impl Operator {
                         "budget": d.budget,
                         "quota": d.quota,
                         "windows": d.windows.as_ref().map(crate::uplink::Windows::to_json),
+                        "live_share": d.live_share,
                     })
                 }
             };
@@ -795,6 +803,10 @@ impl Operator {
                 Some((_, Some(d))) => d.send(SetBudget(*b)).await.map_err(unavailable),
                 _ => Ok(()),
             },
+            Setting::LiveShare(sink, v) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetLiveShare(*v)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
             Setting::Windows(sink, w) => match self.p.sinks.get(sink) {
                 Some((_, Some(d))) => d.send(SetWindows(w.clone())).await.map_err(unavailable),
                 _ => Ok(()),
@@ -810,6 +822,9 @@ impl Operator {
                 }
                 if let Setting::Policy(sink, ..) = s {
                     if let Some(base) = self.p.base_policies.get(sink) {
+                        if let Some((_, Some(d))) = self.p.sinks.get(sink) {
+                            d.do_send(SetLive(live_after(&o.policy(sink, base))));
+                        }
                         let (p, sink) = (o.policy(sink, base), sink.clone());
                         self.with_wal(move |w| w.set_policy(&sink, p)).await?;
                     }
@@ -834,6 +849,11 @@ impl Operator {
             },
         }
     }
+}
+
+/// `Some(live_after)` when `p` drains live-first.
+fn live_after(p: &SinkPolicy) -> Option<std::time::Duration> {
+    (p.drain == crate::route::DrainMode::LiveFirst).then_some(p.live_after)
 }
 
 /// A sink's route, TTLs and drain order as settings (`config.get`).

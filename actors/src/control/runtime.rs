@@ -49,6 +49,9 @@ pub struct SinkOverrides {
     /// The send windows as set (`null`: cleared; absent: as configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<Value>,
+    /// `live_share` as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_share: Option<Value>,
     /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
     /// `null` clears a route or the TTLs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -98,6 +101,8 @@ pub enum Setting {
     Quota(String, Option<crate::uplink::Quota>),
     /// `sinks.NAME.windows` (validated; `None` clears them).
     Windows(String, Option<crate::uplink::Windows>),
+    /// `sinks.NAME.live_share` (above 0 and below 1; `None` clears it).
+    LiveShare(String, Option<f64>),
     /// `sinks.NAME.route|ttl|drain|live_after` (validated).
     Policy(String, String, Value),
     /// `priority`.
@@ -108,7 +113,7 @@ pub enum Setting {
 pub const SETTABLE_KEYS: &str =
     "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
     sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
-    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota, sinks.NAME.windows";
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota, sinks.NAME.windows, sinks.NAME.live_share";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -165,6 +170,13 @@ impl Setting {
                     "budget" => crate::uplink::Budget::from_value(value)
                         .map(|b| Setting::Budget(sink, b))
                         .map_err(|e| format!("{key}: {e}")),
+                    "live_share" => match value.as_f64() {
+                        None if value.is_null() => Ok(Setting::LiveShare(sink, None)),
+                        Some(v) if v > 0.0 && v < 1.0 => Ok(Setting::LiveShare(sink, Some(v))),
+                        _ => Err(format!(
+                            "{key}: expected a number above 0 and below 1, or null, got {value}"
+                        )),
+                    },
                     "windows" => crate::uplink::Windows::from_value(value)
                         .map(|w| Setting::Windows(sink, w))
                         .map_err(|e| format!("{key}: {e}")),
@@ -242,6 +254,10 @@ impl RuntimeOverrides {
             Setting::Budget(sink, b) => {
                 self.sinks.entry(sink.clone()).or_default().budget =
                     Some(serde_json::to_value(b).unwrap_or_default())
+            }
+            Setting::LiveShare(sink, v) => {
+                self.sinks.entry(sink.clone()).or_default().live_share =
+                    Some(v.map_or(Value::Null, Value::from))
             }
             Setting::Windows(sink, w) => {
                 self.sinks.entry(sink.clone()).or_default().windows = Some(
@@ -353,6 +369,9 @@ impl RuntimeOverrides {
                 Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime budget"),
             }
         }
+        if let Some(v) = &o.live_share {
+            d.live_share = v.as_f64().filter(|v| *v > 0.0 && *v < 1.0);
+        }
         if let Some(v) = &o.windows {
             match crate::uplink::Windows::from_value(v) {
                 Ok(w) => d.windows = w,
@@ -417,6 +436,11 @@ mod tests {
         });
         o.apply_to(&mut d);
         assert_eq!(d.budget, None);
+        assert!(Setting::parse("sinks.s3.live_share", &json!(1.5), &sinks).is_err());
+        o.set(&Setting::parse("sinks.s3.live_share", &json!(0.25), &sinks).unwrap());
+        let mut d = DispatchConfig::new("s3");
+        o.apply_to(&mut d);
+        assert_eq!(d.live_share, Some(0.25));
         let q = json!({"bytes": "1MB", "period": "1d", "reserve_high": "25%"});
         o.set(&Setting::parse("sinks.s3.quota", &q, &sinks).unwrap());
         let mut d = DispatchConfig::new("s3");
