@@ -293,6 +293,9 @@ pub struct Dispatcher {
     live_after: Option<Duration>,
     /// The backlog's bucket: the budget less `live_share`.
     backlog_bucket: Option<TokenBucket>,
+    /// Bytes on the wire per record, a moving average of the batches sent
+    /// (sizes batches under a budget).
+    wire_per_record: Option<f64>,
 }
 
 impl Dispatcher {
@@ -311,6 +314,7 @@ impl Dispatcher {
             spent: None,
             live_after: None,
             backlog_bucket: None,
+            wire_per_record: None,
             cfg,
             wal,
             sink,
@@ -404,7 +408,7 @@ impl Dispatcher {
         }
         let fetch = self.wal.send(FetchBatch {
             sink: self.cfg.sink.clone(),
-            max_records: self.cfg.batch_max_records,
+            max_records: self.fetch_size(),
             max_wait: self.cfg.batch_max_wait,
         });
         ctx.spawn(fetch.into_actor(self).map(move |res, act, ctx| match res {
@@ -505,6 +509,11 @@ impl Dispatcher {
                 Ok(sent) => {
                     if let Some(b) = &mut act.bucket {
                         b.charge(sent.wire_bytes, Instant::now());
+                    }
+                    if !batch.records.is_empty() && sent.wire_bytes > 0 {
+                        let per = sent.wire_bytes as f64 / batch.records.len() as f64;
+                        act.wire_per_record =
+                            Some(act.wire_per_record.map_or(per, |p| (p + per) / 2.0));
                     }
                     if let (Some(cutoff), Some(b)) =
                         (act.live_cutoff(), act.backlog_bucket.as_mut())
@@ -613,6 +622,22 @@ impl Dispatcher {
                     }
                 }),
         );
+    }
+
+    /// Records per batch: `batch_max_records`, and under a budget no more
+    /// than its burst holds at the recent bytes per record, so one batch's
+    /// debt (and the wait of a `high` record behind it) stays near
+    /// `burst_bytes / bytes_per_s`.
+    fn fetch_size(&self) -> usize {
+        let max = self.cfg.batch_max_records;
+        match (&self.bucket, self.wire_per_record) {
+            (Some(b), per) => {
+                // Before the first batch: ~300 B a record (uncompressed telemetry).
+                let per = per.unwrap_or(300.0).max(1.0);
+                ((b.budget().burst_bytes as f64 / per) as usize).clamp(1, max)
+            }
+            (None, _) => max,
+        }
     }
 
     /// Records received before this (epoch ms) are the backlog, while the

@@ -688,3 +688,40 @@ fn with_live_share_a_draining_backlog_keeps_to_its_share_of_the_budget_while_liv
         0.5
     );
 }
+
+#[test]
+fn under_a_budget_high_records_arriving_during_a_backlog_drain_are_delivered_within_2_s() {
+    let api = Analytics::start();
+    // Default batch size (500 records, ~200 kB: 10 s of this budget).
+    let app = spawn_app(&format!(
+        "{}[[priority]]\nclass = \"high\"\nmatch = {{ metrics_any = [\"alarm\"] }}\n",
+        http_sink(
+            &api.url(),
+            "budget = { bytes_per_s = 20000, burst_bytes = 20000 }\n"
+        )
+    ));
+    send_readings(&app, 1500); // ~600 kB: 30 s of budget
+    let mut sent_at = Vec::new();
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(app.post_json("pump-1", &alarm(i)).status, 202);
+        sent_at.push((format!("pump-1:a{i}"), Instant::now()));
+    }
+    wait_until("every alarm delivered", Duration::from_secs(5), || {
+        accepted_with(&api, "pump-1:").len() == 8
+    });
+    let seen = api.seen();
+    let mut worst = Duration::ZERO;
+    for (key, at) in &sent_at {
+        let arrived = seen
+            .iter()
+            .find(|s| s.body.contains(&format!("\"{key}\"")))
+            .unwrap()
+            .at;
+        worst = worst.max(arrived.saturating_duration_since(*at));
+    }
+    assert!(
+        worst <= Duration::from_secs(2),
+        "a high record waited {worst:?} behind the budgeted backlog"
+    );
+}
