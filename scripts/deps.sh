@@ -88,18 +88,19 @@ if ! need mosquitto && [ -x /usr/sbin/mosquitto ]; then
   echo "deps: note: mosquitto is /usr/sbin/mosquitto; the tests look there too"
 fi
 # Python tools for the sink tests (moto as the S3 server, boto3 to read it
-# back), the observability tests (oteltap, a real OTLP/HTTP receiver) and
-# the status page's browser test (selenium, always with Debian's
-# /usr/bin/chromedriver: no driver or browser is ever downloaded) live in a
-# virtualenv of their own.
+# back), the observability tests (oteltap, a real OTLP/HTTP receiver), the
+# README's uplink consumers (zstandard, paho-mqtt:
+# tests/support/readme_consumers.py) and the status page's browser test
+# (selenium, always with Debian's /usr/bin/chromedriver: no driver or browser
+# is ever downloaded) live in a virtualenv of their own.
 VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv-test"
-if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka, oteltap, opentelemetry.proto, jsonschema, yaml, selenium" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "deps: creating $VENV (moto, boto3, confluent-kafka, oteltap, jsonschema, selenium)"
+if ! "$VENV/bin/python" -c "import boto3, moto, confluent_kafka, oteltap, opentelemetry.proto, jsonschema, yaml, zstandard, paho.mqtt, selenium" >/dev/null 2>&1 || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "deps: creating $VENV (moto, boto3, confluent-kafka, oteltap, jsonschema, zstandard, paho-mqtt, selenium)"
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
     apt_install python3-venv
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka oteltap opentelemetry-proto jsonschema pyyaml selenium
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors boto3 confluent-kafka oteltap opentelemetry-proto jsonschema pyyaml zstandard paho-mqtt selenium
 fi
 
 # The Kafka-API broker for the kafka sink tests: tansu, built once (10-18 min

@@ -1592,6 +1592,14 @@ mod tests {
         for k in DispatchKeys::KEYS {
             let v = if *k == "paused" {
                 Value::Boolean(true)
+            } else if *k == "budget" {
+                toml::toml! { bytes_per_s = 7 }.into()
+            } else if *k == "quota" {
+                toml::toml! { bytes = 7 }.into()
+            } else if *k == "windows" {
+                toml::toml! { low = ["01:00-05:00"] }.into()
+            } else if *k == "live_share" {
+                Value::Float(0.5)
             } else {
                 Value::Integer(7)
             };

@@ -125,6 +125,7 @@ fn main() {
                 url,
                 gateway_id: "bench".into(),
                 gzip_level: 1,
+                compression: gateway_actors::sink::Compression::Gzip(1),
                 endpoint: arg(&args, "--endpoint"),
                 region: None,
                 path_style: None,

@@ -20,7 +20,7 @@
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`SetLive`], [`SetLiveShare`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -35,10 +35,13 @@ use tracing::Span;
 
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
+use crate::route::Class;
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
+use crate::uplink::{Allowance, Budget, Quota, QuotaSpent, TokenBucket, Windows};
 use crate::wal::{
-    now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseSink, WalStore, WatchAppends,
+    now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseBatch, ReleaseSink, WalStore,
+    WatchAppends, WithWal,
 };
 
 /// Delivery settings of one sink.
@@ -66,6 +69,15 @@ pub struct DispatchConfig {
     pub circuit_threshold: u32,
     /// While the circuit is open, attempts are probes this far apart (with jitter).
     pub circuit_cooldown: Duration,
+    /// Token bucket on the bytes sent (DESIGN §6b); `None`: no limit.
+    pub budget: Option<Budget>,
+    /// Bytes per period, the rest for `high` only (DESIGN §6b); `None`: no limit.
+    pub quota: Option<Quota>,
+    /// Per-class local-time send windows (DESIGN §6b); `None`: any time.
+    pub windows: Option<Windows>,
+    /// With a budget and `drain = "live_first"`: the share of the budget kept
+    /// for live records while a backlog drains (0 < share < 1).
+    pub live_share: Option<f64>,
 }
 
 /// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
@@ -93,6 +105,23 @@ pub struct DispatchKeys {
     pub circuit_threshold: Option<u32>,
     /// Probe interval while the circuit is open, ms (default 5000).
     pub circuit_cooldown_ms: Option<u64>,
+    /// `{ bytes_per_s = N, burst_bytes = N }`: a token bucket on the bytes
+    /// the sink sends (after compression); held records wait in the WAL
+    /// (default: none). A runtime setting.
+    pub budget: Option<serde_json::Value>,
+    /// `{ bytes = "2GiB", period = "30d", reserve_high = "10%" }`: bytes
+    /// per period; once `bytes - reserve_high` is spent only `high` records
+    /// go, from the reserve. Spent bytes persist across restarts (default:
+    /// none). A runtime setting.
+    pub quota: Option<serde_json::Value>,
+    /// `{ low = ["01:00-05:00"] }`: a class goes only inside its local-time
+    /// windows (classes not named: any time); held records wait in the WAL
+    /// (default: none). A runtime setting.
+    pub windows: Option<serde_json::Value>,
+    /// With a `budget` and `drain = "live_first"`: the share of the budget
+    /// kept for live records while a backlog drains, above 0 and below 1
+    /// (default: none, the backlog may use all of it).
+    pub live_share: Option<f64>,
 }
 
 impl DispatchKeys {
@@ -107,6 +136,10 @@ impl DispatchKeys {
         "paused",
         "circuit_threshold",
         "circuit_cooldown_ms",
+        "budget",
+        "quota",
+        "windows",
+        "live_share",
     ];
 
     /// Validates the keys into the delivery settings of sink `name`.
@@ -159,6 +192,21 @@ impl DispatchKeys {
         if let Some(v) = self.circuit_cooldown_ms {
             d.circuit_cooldown = Duration::from_millis(v.max(1));
         }
+        if let Some(v) = &self.budget {
+            d.budget = Budget::from_value(v).map_err(|e| KeyError::new("budget", e))?;
+        }
+        if let Some(v) = &self.quota {
+            d.quota = Quota::from_value(v).map_err(|e| KeyError::new("quota", e))?;
+        }
+        if let Some(v) = &self.windows {
+            d.windows = Windows::from_value(v).map_err(|e| KeyError::new("windows", e))?;
+        }
+        if let Some(v) = self.live_share {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(KeyError::new("live_share", "must be above 0 and below 1"));
+            }
+            d.live_share = Some(v);
+        }
         Ok(d)
     }
 }
@@ -177,6 +225,10 @@ impl DispatchConfig {
             paused: false,
             circuit_threshold: 5,
             circuit_cooldown: Duration::from_secs(5),
+            budget: None,
+            quota: None,
+            windows: None,
+            live_share: None,
         }
     }
 
@@ -230,6 +282,20 @@ pub struct Dispatcher {
     /// Changes after every WAL commit that appended: what an idle
     /// dispatcher waits on (none until the WAL answered [`WatchAppends`]).
     appends: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The byte budget's bucket (`cfg.budget`), charged after each batch.
+    bucket: Option<TokenBucket>,
+    /// Where the quota's spent bytes are kept (the WAL's directory, the
+    /// data dir); `None` until the WAL said.
+    quota_dir: Option<std::path::PathBuf>,
+    /// The quota spent so far; `None` until loaded from `quota_dir`.
+    spent: Option<QuotaSpent>,
+    /// `live_after` while the sink drains live-first ([`SetLive`]).
+    live_after: Option<Duration>,
+    /// The backlog's bucket: the budget less `live_share`.
+    backlog_bucket: Option<TokenBucket>,
+    /// Bytes on the wire per record, a moving average of the batches sent
+    /// (sizes batches under a budget).
+    wire_per_record: Option<f64>,
 }
 
 impl Dispatcher {
@@ -241,7 +307,14 @@ impl Dispatcher {
         metrics: Metrics,
     ) -> Self {
         let paused = cfg.paused;
+        let bucket = cfg.budget.map(|b| TokenBucket::new(b, Instant::now()));
         Self {
+            bucket,
+            quota_dir: None,
+            spent: None,
+            live_after: None,
+            backlog_bucket: None,
+            wire_per_record: None,
             cfg,
             wal,
             sink,
@@ -261,6 +334,73 @@ impl Dispatcher {
         if self.paused {
             return;
         }
+        // Over budget: the backlog waits in the WAL until the debt is paid.
+        let hold = self
+            .bucket
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.wait(Instant::now()));
+        self.set_held("budget", !hold.is_zero());
+        if !hold.is_zero() {
+            self.idle(hold, ctx);
+            return;
+        }
+        let allowance = match (self.cfg.quota, self.spent.as_mut()) {
+            (None, _) => Allowance::All,
+            // Not loaded yet: nothing goes before the spent bytes are known.
+            (Some(_), None) => {
+                self.idle(Duration::from_millis(20), ctx);
+                return;
+            }
+            (Some(q), Some(spent)) => {
+                spent.roll(&q, now_ms());
+                let a = spent.allowance(&q);
+                self.metrics
+                    .sink_quota_period_end
+                    .with_label_values(&[&self.cfg.sink])
+                    .set(spent.period_end_ms(&q) / 1000);
+                self.metrics
+                    .sink_quota_remaining
+                    .with_label_values(&[&self.cfg.sink])
+                    .set(
+                        q.bytes
+                            .saturating_sub(spent.spent_bytes)
+                            .min(i64::MAX as u64) as i64,
+                    );
+                a
+            }
+        };
+        self.set_held("quota", allowance != Allowance::All);
+        // The classes that may go now: the quota's, inside their windows.
+        let minute = crate::uplink::local_minute();
+        let mut allowed = [allowance == Allowance::All; 3];
+        allowed[Class::High as usize] = allowance != Allowance::Nothing;
+        let mut outside = false;
+        if let Some(w) = &self.cfg.windows {
+            for c in Class::ALL {
+                outside |= !w.allows(c, minute);
+                allowed[c as usize] &= w.allows(c, minute);
+            }
+        }
+        self.set_held("window", outside);
+        if allowance == Allowance::Nothing || allowed == [false; 3] {
+            // Look again at the period's end, or when a window may open.
+            let until = match (allowance, self.spent.zip(self.cfg.quota)) {
+                (Allowance::Nothing, Some((s, q))) => {
+                    (s.period_end_ms(&q) - now_ms()).clamp(10, 5_000)
+                }
+                _ => 5_000,
+            };
+            self.idle(Duration::from_millis(until as u64), ctx);
+            return;
+        }
+        // With live_share, a backlog over its share of the budget waits: only
+        // live records go until the backlog's bucket is paid back.
+        let cutoff = self.live_cutoff();
+        let backlog_waits = self
+            .backlog_bucket
+            .as_mut()
+            .is_some_and(|b| !b.wait(Instant::now()).is_zero());
+        let live_only = cutoff.filter(|_| backlog_waits);
         self.busy = true;
         // Appends from now on wake the wait below, if this fetch finds nothing.
         if let Some(rx) = &mut self.appends {
@@ -268,18 +408,23 @@ impl Dispatcher {
         }
         let fetch = self.wal.send(FetchBatch {
             sink: self.cfg.sink.clone(),
-            max_records: self.cfg.batch_max_records,
+            max_records: self.fetch_size(),
             max_wait: self.cfg.batch_max_wait,
         });
-        ctx.spawn(fetch.into_actor(self).map(|res, act, ctx| match res {
+        ctx.spawn(fetch.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Ok(Fetched::Batch(batch))) => {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
-                act.publish(Arc::new(batch), span, 1, 0, ctx)
+                if allowed != [true; 3] || live_only.is_some() {
+                    act.publish_classes(batch, allowed, live_only, span, ctx)
+                } else {
+                    act.publish(Arc::new(batch), span, 1, 0, ctx)
+                }
             }
-            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(ctx),
+            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, ctx),
             // A partial batch, younger than `batch_max_wait`: it leaves when
-            // its oldest record has waited that long (or it fills up first).
-            Ok(Ok(Fetched::Wait(after))) => act.idle(after, ctx),
+            // its oldest record has waited that long, or when appends fill
+            // it up first (each append wakes the fetch again).
+            Ok(Ok(Fetched::Wait(after))) => act.wait_for_records(after, ctx),
             Ok(Err(e)) => {
                 if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
                     tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
@@ -295,19 +440,20 @@ impl Dispatcher {
         }));
     }
 
-    /// Nothing to send: wait for the next append (or a short fallback:
-    /// releases, requeues and replays do not append). Without the WAL's
+    /// Nothing to send yet: wait for the next append, at most `at_most`
+    /// (nothing at all: a short fallback, as releases, requeues and replays
+    /// do not append; a partial batch: until it is due). Without the WAL's
     /// append signal (not answered yet), poll.
-    fn wait_for_records(&mut self, ctx: &mut Context<Self>) {
+    fn wait_for_records(&mut self, at_most: Duration, ctx: &mut Context<Self>) {
         match self.appends.clone() {
             Some(mut rx) => {
                 self.busy = false;
                 let wait = async move {
-                    let _ = tokio::time::timeout(IDLE_FALLBACK, rx.changed()).await;
+                    let _ = tokio::time::timeout(at_most, rx.changed()).await;
                 };
                 ctx.spawn(wait.into_actor(self).map(|_, act, ctx| act.step(ctx)));
             }
-            None => self.idle(self.cfg.idle_poll(), ctx),
+            None => self.idle(self.cfg.idle_poll().min(at_most), ctx),
         }
     }
 
@@ -351,7 +497,7 @@ impl Dispatcher {
                 }
             };
             match &res {
-                Ok(()) => publish_span.record("outcome", "ok"),
+                Ok(_) => publish_span.record("outcome", "ok"),
                 Err(e) if e.is_retryable() => publish_span.record("outcome", "retry"),
                 Err(_) => publish_span.record("outcome", "dead"),
             };
@@ -360,7 +506,27 @@ impl Dispatcher {
             }
             drop(publish_span);
             match res {
-                Ok(()) => {
+                Ok(sent) => {
+                    if let Some(b) = &mut act.bucket {
+                        b.charge(sent.wire_bytes, Instant::now());
+                    }
+                    if !batch.records.is_empty() && sent.wire_bytes > 0 {
+                        let per = sent.wire_bytes as f64 / batch.records.len() as f64;
+                        act.wire_per_record =
+                            Some(act.wire_per_record.map_or(per, |p| (p + per) / 2.0));
+                    }
+                    if let (Some(cutoff), Some(b)) =
+                        (act.live_cutoff(), act.backlog_bucket.as_mut())
+                    {
+                        // The backlog's part of the bytes, by its share of the payload.
+                        let (old, all) = batch.records.iter().fold((0, 0), |(o, a), r| {
+                            let n = r.json.len() as u64;
+                            (o + if r.receive_ms < cutoff { n } else { 0 }, a + n)
+                        });
+                        let part = sent.wire_bytes as f64 * old as f64 / all.max(1) as f64;
+                        b.charge(part as u64, Instant::now());
+                    }
+                    act.spend_quota(sent.wire_bytes);
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
                     act.ack(batch, span, attempt, ctx);
@@ -414,6 +580,128 @@ impl Dispatcher {
                 }
             }
         }));
+    }
+
+    /// Only some classes may go now (the quota's reserve is all that is
+    /// left: only `high`; a class outside its windows): the batch's records
+    /// of those classes go, the others go back to the WAL and wait (they
+    /// are fetched again on the next pass).
+    fn publish_classes(
+        &mut self,
+        batch: Batch,
+        allowed: [bool; 3],
+        live_only: Option<i64>,
+        span: Span,
+        ctx: &mut Context<Self>,
+    ) {
+        let high: Vec<_> = batch
+            .records
+            .iter()
+            .filter(|r| allowed[r.class as usize] && live_only.is_none_or(|c| r.receive_ms >= c))
+            .cloned()
+            .collect();
+        let seqs: Vec<u64> = high.iter().map(|r| r.seq).collect();
+        let release = ReleaseBatch {
+            sink: self.cfg.sink.clone(),
+            ranges: subtract(&batch.ranges, &seqs),
+        };
+        let high = Batch {
+            sink: batch.sink,
+            ranges: runs(&seqs),
+            records: high,
+        };
+        ctx.spawn(
+            self.wal
+                .send(release)
+                .into_actor(self)
+                .map(move |_, act, ctx| {
+                    if high.records.is_empty() {
+                        act.wait_for_records(Duration::from_secs(1), ctx);
+                    } else {
+                        act.publish(Arc::new(high), span, 1, 0, ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Records per batch: `batch_max_records`, and under a budget no more
+    /// than its burst holds at the recent bytes per record, so one batch's
+    /// debt (and the wait of a `high` record behind it) stays near
+    /// `burst_bytes / bytes_per_s`.
+    fn fetch_size(&self) -> usize {
+        let max = self.cfg.batch_max_records;
+        match (&self.bucket, self.wire_per_record) {
+            (Some(b), per) => {
+                // Before the first batch: ~300 B a record (uncompressed telemetry).
+                let per = per.unwrap_or(300.0).max(1.0);
+                ((b.budget().burst_bytes as f64 / per) as usize).clamp(1, max)
+            }
+            (None, _) => max,
+        }
+    }
+
+    /// Records received before this (epoch ms) are the backlog, while the
+    /// sink drains live-first with a `live_share`.
+    fn live_cutoff(&self) -> Option<i64> {
+        self.backlog_bucket.as_ref()?;
+        Some(now_ms() - self.live_after?.as_millis() as i64)
+    }
+
+    /// Builds, changes or drops the backlog's bucket after a change of the
+    /// budget, `live_share` or the drain order.
+    fn update_backlog_bucket(&mut self) {
+        let want = match (self.cfg.budget, self.cfg.live_share, self.live_after) {
+            (Some(b), Some(share), Some(_)) => Some(Budget {
+                bytes_per_s: ((b.bytes_per_s as f64 * (1.0 - share)) as u64).max(1),
+                burst_bytes: ((b.burst_bytes as f64 * (1.0 - share)) as u64).max(1),
+            }),
+            _ => None,
+        };
+        let now = Instant::now();
+        match (want, self.backlog_bucket.as_mut()) {
+            (None, _) => self.backlog_bucket = None,
+            (Some(w), Some(b)) => b.set_budget(w, now),
+            (Some(w), None) => self.backlog_bucket = Some(TokenBucket::new(w, now)),
+        }
+    }
+
+    /// Counts `bytes` against the quota and persists what was spent.
+    fn spend_quota(&mut self, bytes: u64) {
+        let (Some(q), Some(spent)) = (self.cfg.quota, self.spent.as_mut()) else {
+            return;
+        };
+        spent.roll(&q, now_ms());
+        spent.spent_bytes += bytes;
+        self.metrics
+            .sink_quota_remaining
+            .with_label_values(&[&self.cfg.sink])
+            .set(
+                q.bytes
+                    .saturating_sub(spent.spent_bytes)
+                    .min(i64::MAX as u64) as i64,
+            );
+        if let Some(dir) = &self.quota_dir {
+            if let Err(e) = spent.save(dir, &self.cfg.sink) {
+                tracing::warn!(sink = %self.cfg.sink, error = %e, "cannot persist the quota spent");
+            }
+        }
+    }
+
+    /// `gateway_sink_held_records{sink,reason}`: while held, the sink's
+    /// whole backlog (its enqueued records) waits for `reason`.
+    fn set_held(&self, reason: &str, held: bool) {
+        let n = if held {
+            self.metrics
+                .wal_records
+                .with_label_values(&[&self.cfg.sink, "enqueued"])
+                .get()
+        } else {
+            0
+        };
+        self.metrics
+            .sink_held_records
+            .with_label_values(&[&self.cfg.sink, reason])
+            .set(n);
     }
 
     /// Counts a failed attempt; enough in a row open the circuit.
@@ -557,6 +845,26 @@ impl Actor for Dispatcher {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.busy = false;
+        // The quota's spent bytes live next to the WAL (the data dir).
+        let sink = self.cfg.sink.clone();
+        ctx.spawn(
+            self.wal
+                .send(WithWal::new(|w| {
+                    Ok(w.config().path.parent().map(std::path::Path::to_path_buf))
+                }))
+                .into_actor(self)
+                .map(move |res, act, _| {
+                    let dir = match res {
+                        Ok(Ok(Some(dir))) => dir,
+                        _ => std::path::PathBuf::from("."),
+                    };
+                    act.spent = Some(QuotaSpent::load(&dir, &sink).unwrap_or_else(|e| {
+                        tracing::warn!(sink = %sink, error = %e, "quota spent unreadable; starting from zero");
+                        QuotaSpent::default()
+                    }));
+                    act.quota_dir = Some(dir);
+                }),
+        );
         ctx.spawn(
             self.wal
                 .send(WatchAppends)
@@ -671,6 +979,21 @@ pub struct SinkState {
     pub retry_base_ms: u64,
     /// Largest backoff delay, ms.
     pub retry_max_ms: u64,
+    /// The byte budget in force (`null`: none).
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// The quota in force (`null`: none).
+    #[serde(default)]
+    pub quota: Option<Quota>,
+    /// The send windows in force (`null`: none).
+    #[serde(default)]
+    pub windows: Option<serde_json::Value>,
+    /// The share of the budget kept for live records (`null`: none).
+    #[serde(default)]
+    pub live_share: Option<serde_json::Value>,
+    /// Bytes spent of the quota in the current period.
+    #[serde(default)]
+    pub quota_spent_bytes: Option<u64>,
 }
 
 /// Reads the dispatcher's state.
@@ -689,8 +1012,129 @@ impl Handler<GetSinkState> for Dispatcher {
             retry_budget: self.cfg.retry_budget,
             retry_base_ms: self.cfg.retry_base.as_millis() as u64,
             retry_max_ms: self.cfg.retry_max.as_millis() as u64,
+            budget: self.bucket.as_ref().map(TokenBucket::budget),
+            quota: self.cfg.quota,
+            windows: self.cfg.windows.as_ref().map(Windows::to_json),
+            live_share: self.cfg.live_share.map(serde_json::Value::from),
+            quota_spent_bytes: self.cfg.quota.and(self.spent.map(|s| s.spent_bytes)),
         })
     }
+}
+
+/// Sets or clears the byte budget at run time (`config.set
+/// sinks.NAME.budget`); a bucket in debt keeps its debt.
+pub struct SetBudget(pub Option<Budget>);
+impl Message for SetBudget {
+    type Result = ();
+}
+impl Handler<SetBudget> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetBudget, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.cfg.budget = msg.0;
+        match (msg.0, &mut self.bucket) {
+            (None, _) => self.bucket = None,
+            (Some(b), Some(bucket)) => bucket.set_budget(b, now),
+            (Some(b), None) => self.bucket = Some(TokenBucket::new(b, now)),
+        }
+        self.update_backlog_bucket();
+        tracing::info!(sink = %self.cfg.sink, budget = ?msg.0, "sink byte budget changed");
+        if msg.0.is_none() {
+            self.set_held("budget", false);
+            self.step(ctx);
+        }
+    }
+}
+
+/// Sets or clears the quota at run time (`config.set sinks.NAME.quota`);
+/// what was spent in the period is kept.
+pub struct SetQuota(pub Option<Quota>);
+impl Message for SetQuota {
+    type Result = ();
+}
+impl Handler<SetQuota> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetQuota, ctx: &mut Context<Self>) {
+        self.cfg.quota = msg.0;
+        tracing::info!(sink = %self.cfg.sink, quota = ?msg.0, "sink quota changed");
+        if msg.0.is_none() {
+            self.set_held("quota", false);
+        }
+        self.step(ctx);
+    }
+}
+
+/// Tells the dispatcher the sink's drain order: `Some(live_after)` while
+/// it drains live-first (what `live_share` needs to tell live from backlog).
+pub struct SetLive(pub Option<Duration>);
+impl Message for SetLive {
+    type Result = ();
+}
+impl Handler<SetLive> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetLive, _: &mut Context<Self>) {
+        self.live_after = msg.0;
+        self.update_backlog_bucket();
+    }
+}
+
+/// Sets or clears `live_share` at run time (`config.set sinks.NAME.live_share`).
+pub struct SetLiveShare(pub Option<f64>);
+impl Message for SetLiveShare {
+    type Result = ();
+}
+impl Handler<SetLiveShare> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetLiveShare, ctx: &mut Context<Self>) {
+        tracing::info!(sink = %self.cfg.sink, live_share = ?msg.0, "sink live_share changed");
+        self.cfg.live_share = msg.0;
+        self.update_backlog_bucket();
+        self.step(ctx);
+    }
+}
+
+/// Sets or clears the send windows at run time (`config.set sinks.NAME.windows`).
+pub struct SetWindows(pub Option<Windows>);
+impl Message for SetWindows {
+    type Result = ();
+}
+impl Handler<SetWindows> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetWindows, ctx: &mut Context<Self>) {
+        tracing::info!(sink = %self.cfg.sink, windows = ?msg.0, "sink send windows changed");
+        self.cfg.windows = msg.0;
+        self.step(ctx);
+    }
+}
+
+/// `ranges` without the seqs in `seqs` (sorted).
+fn subtract(ranges: &[(u64, u64)], seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(a, b) in ranges {
+        let mut from = a;
+        for &s in seqs.iter().filter(|&&s| s >= a && s <= b) {
+            if s > from {
+                out.push((from, s - 1));
+            }
+            from = s + 1;
+        }
+        if from <= b {
+            out.push((from, b));
+        }
+    }
+    out
+}
+
+/// Sorted seqs as runs of consecutive ones.
+fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &s in seqs {
+        match out.last_mut() {
+            Some((_, b)) if *b + 1 == s => *b = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
 }
 
 /// Asks whether the loop is running (for `/readyz`).
@@ -708,6 +1152,16 @@ impl Handler<IsRunning> for Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn high_only_splits_a_batch_into_the_high_runs_and_the_rest() {
+        assert_eq!(runs(&[3, 4, 5, 9, 11, 12]), vec![(3, 5), (9, 9), (11, 12)]);
+        assert_eq!(
+            subtract(&[(1, 10), (20, 22)], &[1, 4, 5, 10, 21]),
+            vec![(2, 3), (6, 9), (20, 20), (22, 22)]
+        );
+        assert_eq!(subtract(&[(1, 3)], &[]), vec![(1, 3)]);
+    }
 
     #[test]
     fn backoff_grows_exponentially_with_jitter_and_is_capped() {

@@ -42,6 +42,7 @@ pub mod dispatcher;
 pub mod durable;
 pub mod fleet;
 pub mod fuzzing;
+pub mod growth;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;
@@ -51,6 +52,7 @@ pub mod route;
 pub mod secret;
 pub mod sink;
 pub mod trace;
+pub mod uplink;
 pub mod wal;
 
 pub use metrics::Metrics;

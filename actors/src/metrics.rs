@@ -108,6 +108,25 @@ pub struct MetricSet {
     /// (`/admin/sinks`, the fleet state). Not a Prometheus series: kept
     /// here because it moves where `gateway_sink_publish_total` does.
     pub sink_last_error: LastErrors,
+    // --- the uplink (DESIGN §6b) ---
+    /// `gateway_sink_sent_bytes_total{sink}`: bytes of the bodies a sink
+    /// delivered, as sent on the wire (after compression).
+    pub sink_sent_bytes: IntCounterVec,
+    /// `gateway_sink_payload_bytes_total{sink}`: the same bodies before compression.
+    pub sink_payload_bytes: IntCounterVec,
+    /// `gateway_wal_full_in_seconds{limit}`: time until the nearer WAL limit
+    /// (`max_bytes` or `disk_free`) at the current net growth; absent while
+    /// the WAL does not grow ([`crate::growth`]).
+    pub wal_full_in_seconds: IntGaugeVec,
+    /// `gateway_sink_held_records{sink,reason}`: records a sink holds back
+    /// in the WAL, by reason (`budget`, `quota`).
+    pub sink_held_records: IntGaugeVec,
+    /// `gateway_sink_quota_remaining_bytes{sink}`: bytes left of a sink's quota this period.
+    pub sink_quota_remaining: IntGaugeVec,
+    /// `gateway_sink_quota_period_end_timestamp_seconds{sink}`: when a sink's quota period ends.
+    pub sink_quota_period_end: IntGaugeVec,
+    /// The samples behind `wal_full_in_seconds`.
+    pub wal_growth: crate::growth::WalGrowth,
 }
 
 /// The last error text per key (redacted with [`crate::secret::redact`]
@@ -276,6 +295,50 @@ impl Metrics {
                 &["version", "status"],
             )?,
             sink_last_error: LastErrors::default(),
+            // --- the uplink (DESIGN §6b) ---
+            sink_sent_bytes: IntCounterVec::new(
+                Opts::new(
+                    "gateway_sink_sent_bytes_total",
+                    "Bytes a sink delivered, on the wire (after compression).",
+                ),
+                &["sink"],
+            )?,
+            sink_payload_bytes: IntCounterVec::new(
+                Opts::new(
+                    "gateway_sink_payload_bytes_total",
+                    "Bytes a sink delivered, before compression.",
+                ),
+                &["sink"],
+            )?,
+            wal_full_in_seconds: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_wal_full_in_seconds",
+                    "Seconds until the WAL reaches its nearer limit (label limit: max_bytes or disk_free) at the current net growth; absent while it does not grow.",
+                ),
+                &["limit"],
+            )?,
+            sink_held_records: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_sink_held_records",
+                    "Records a sink holds back in the WAL, by reason (budget).",
+                ),
+                &["sink", "reason"],
+            )?,
+            sink_quota_remaining: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_sink_quota_remaining_bytes",
+                    "Bytes left of a sink's quota in the current period.",
+                ),
+                &["sink"],
+            )?,
+            sink_quota_period_end: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_sink_quota_period_end_timestamp_seconds",
+                    "When the current period of a sink's quota ends (Unix time).",
+                ),
+                &["sink"],
+            )?,
+            wal_growth: Default::default(),
         };
         registry.register(Box::new(m.ingest_records.clone()))?;
         registry.register(Box::new(m.ingest_rejected.clone()))?;
@@ -320,6 +383,13 @@ impl Metrics {
         registry.register(Box::new(m.mqtt_reconnects.clone()))?;
         registry.register(Box::new(m.actor_restarts.clone()))?;
         registry.register(Box::new(m.control_commands.clone()))?;
+        // --- the uplink (DESIGN §6b) ---
+        registry.register(Box::new(m.sink_sent_bytes.clone()))?;
+        registry.register(Box::new(m.sink_payload_bytes.clone()))?;
+        registry.register(Box::new(m.wal_full_in_seconds.clone()))?;
+        registry.register(Box::new(m.sink_held_records.clone()))?;
+        registry.register(Box::new(m.sink_quota_remaining.clone()))?;
+        registry.register(Box::new(m.sink_quota_period_end.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".
         for actor in [
             "WalStore",

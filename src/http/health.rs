@@ -13,7 +13,9 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// Readiness: the WAL is writable and below backpressure, the dispatchers
-/// run, and MQTT ingest is connected or disabled. The body names every check.
+/// run, and MQTT ingest is connected or disabled. The body names every
+/// check; `checks.wal.full_in` says when the WAL would be full (details
+/// only: it never makes the gateway unready).
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match readiness(&state) {
         Ok(checks) => HttpResponse::Ok().json(json!({"status": "ready", "checks": checks})),
@@ -29,11 +31,18 @@ pub fn readiness(state: &AppState) -> Result<Value, (Vec<&'static str>, Value)> 
     let problem = || h.last_problem.lock().ok().and_then(|g| g.clone());
     let wal_ok = h.alive.load(Ordering::SeqCst) && h.writable.load(Ordering::SeqCst);
     let bp = h.backpressure.load(Ordering::SeqCst);
-    let wal = if !wal_ok {
+    let mut wal = if !wal_ok {
         json!({"ok": false, "detail": problem().unwrap_or_else(|| "WAL writer not running".into())})
     } else {
         json!({"ok": true})
     };
+    // Time until the WAL is full at its current net growth (null while it
+    // does not grow): an outage turning into a full disk, hours ahead.
+    wal["full_in"] = state
+        .metrics
+        .wal_growth
+        .full_in()
+        .map_or(Value::Null, |f| f.to_json());
     let backpressure = if bp {
         json!({"ok": false, "detail": problem().unwrap_or_else(|| "backpressure active".into())})
     } else {

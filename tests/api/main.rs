@@ -12,6 +12,7 @@ mod crash;
 mod delivery;
 mod deploy;
 mod disk;
+mod full_in;
 mod health;
 mod helpers;
 mod ingest;

@@ -283,12 +283,14 @@ fn live_metrics_pass_promtool_check_metrics() {
 fn every_dashboard_and_alert_expression_evaluates_in_a_real_prometheus() {
     let app = spawn_app("");
     // A second gateway whose only sink cannot write (a file where a directory
-    // must go): it feeds the error, dead-letter and SinkDown series.
+    // must go): it feeds the error, dead-letter and SinkDown series (and,
+    // with a quota, the quota series).
     let outside = tempfile::tempdir().unwrap();
     let blocker = outside.path().join("blocker");
     std::fs::write(&blocker, b"a file where a directory must go").unwrap();
     let broken = spawn_app(&format!(
-        "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 0\nretry_base_ms = 20\nretry_max_ms = 100\nretry_budget = 2\n",
+        "[sinks.archive]\nkind = \"s3\"\nurl = \"file://{}\"\nbatch_max_wait_ms = 0\nretry_base_ms = 20\nretry_max_ms = 100\nretry_budget = 2\n\
+         quota = {{ bytes = \"1GB\" }}\n",
         blocker.join("archive").display()
     ));
     load(&app, "a", 30);
@@ -320,7 +322,7 @@ fn every_dashboard_and_alert_expression_evaluates_in_a_real_prometheus() {
 
     let rules_text = std::fs::read_to_string(dashboards().join("alerts.yml")).unwrap();
     let rules = alert_rules(&rules_text);
-    assert_eq!(rules.len(), 9, "{rules:?}");
+    assert_eq!(rules.len(), 10, "{rules:?}");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - alerts.yml\n  - alerts-fast.yml\n\

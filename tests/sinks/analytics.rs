@@ -26,6 +26,8 @@ pub struct Seen {
     pub at: Instant,
     pub headers: HashMap<String, String>,
     pub body: String,
+    /// The body as received (compressed when `content-encoding` says so).
+    pub raw: Vec<u8>,
     pub answered: Option<u16>,
 }
 
@@ -132,6 +134,7 @@ impl Analytics {
                 at: Instant::now(),
                 headers,
                 body: String::from_utf8_lossy(&body).into_owned(),
+                raw: body,
                 answered,
             });
             match mode {

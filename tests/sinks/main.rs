@@ -15,3 +15,4 @@ mod mqtt;
 mod routes;
 mod s3;
 mod secrets;
+mod uplink;

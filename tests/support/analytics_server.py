@@ -3,7 +3,10 @@
 (scripts/chaos.py): for each POST it appends every NDJSON line of the body to
 OUTFILE, flushes it (so a SIGKILL right after the answer loses nothing that
 was acknowledged), and only then answers 200. A JSON-array body (sink
-`format = "json"`) is written one element a line.
+`format = "json"`) is written one element a line. A body sent with
+`Content-Encoding: gzip` or `zstd` (sink `compression`) is decoded first;
+`GET /stats` answers what came in: requests, records, the bytes on the wire
+(request bodies as received) and the bytes decoded.
 
 It runs as a process of its own so that the harness can SIGKILL it (connection
 refused) or SIGSTOP it (connections open, then hang).
@@ -11,16 +14,23 @@ refused) or SIGSTOP it (connections open, then hang).
 usage: analytics_server.py PORT OUTFILE
 """
 
+import gzip
 import http.server
 import json
 import sys
 import threading
+
+try:
+    import zstandard
+except ImportError:  # only needed for zstd bodies
+    zstandard = None
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a real API would do
     out = None
     lock = threading.Lock()
+    stats = {"requests": 0, "records": 0, "wire_bytes": 0, "body_bytes": 0}
 
     def _body(self):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -37,7 +47,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_POST(self):
-        body = self._body().strip()
+        wire = self._body()
+        encoding = self.headers.get("Content-Encoding", "identity").lower()
+        if encoding == "gzip":
+            body = gzip.decompress(wire)
+        elif encoding == "zstd":
+            body = zstandard.ZstdDecompressor().decompressobj().decompress(wire)
+        elif encoding == "identity":
+            body = wire
+        else:
+            self._answer(415, b'{"error":"unsupported Content-Encoding"}')
+            return
+        decoded = len(body)
+        body = body.strip()
         if body.startswith(b"["):
             lines = [json.dumps(r, separators=(",", ":")).encode() for r in json.loads(body)]
         else:
@@ -46,9 +68,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for line in lines:
                 Handler.out.write(line + b"\n")
             Handler.out.flush()
+            st = Handler.stats
+            st["requests"] += 1
+            st["records"] += len(lines)
+            st["wire_bytes"] += len(wire)
+            st["body_bytes"] += decoded
         self._answer(200, b'{"ok":true}')
 
     def do_GET(self):
+        if self.path == "/stats":
+            with Handler.lock:
+                self._answer(200, json.dumps(Handler.stats).encode())
+            return
         self._answer(200, b'{"ok":true}')
 
     def _answer(self, status, payload):

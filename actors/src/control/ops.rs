@@ -21,7 +21,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::runtime::{RuntimeOverrides, Setting};
-use crate::dispatcher::{DispatchConfig, Dispatcher, GetSinkState, SetPaused, SetRetry};
+use crate::dispatcher::{
+    DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetLive, SetLiveShare, SetPaused,
+    SetQuota, SetRetry, SetWindows,
+};
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
 use crate::ingest::{IngestLimits, IngestRouters, RateLimit, Source};
@@ -416,6 +419,17 @@ impl Operator {
     /// An operator over `parts`.
     pub fn new(mut parts: OperatorParts) -> Self {
         let runtime = std::mem::take(&mut parts.runtime);
+        // The running gateway (not the offline CLI) samples the WAL's
+        // growth for `gateway_wal_full_in_seconds` (`crate::growth`).
+        if parts.router.is_some() {
+            crate::growth::spawn_sampler(parts.wal.downgrade(), parts.metrics.clone());
+            // The dispatchers learn the drain order (for `live_share`).
+            for (name, (_, d)) in &parts.sinks {
+                if let (Some(d), Some(base)) = (d, parts.base_policies.get(name)) {
+                    d.do_send(SetLive(live_after(&runtime.policy(name, base))));
+                }
+            }
+        }
         Self {
             p: parts,
             runtime: Mutex::new(runtime),
@@ -726,6 +740,10 @@ impl Operator {
                         "retry_budget": d.retry_budget,
                         "retry_base_ms": d.retry_base.as_millis() as u64,
                         "retry_max_ms": d.retry_max.as_millis() as u64,
+                        "budget": d.budget,
+                        "quota": d.quota,
+                        "windows": d.windows.as_ref().map(crate::uplink::Windows::to_json),
+                        "live_share": d.live_share,
                     })
                 }
             };
@@ -800,6 +818,22 @@ impl Operator {
                 Some((_, Some(d))) => d.send(SetPaused(*p)).await.map_err(unavailable),
                 _ => Ok(()),
             },
+            Setting::Budget(sink, b) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetBudget(*b)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::LiveShare(sink, v) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetLiveShare(*v)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::Windows(sink, w) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetWindows(w.clone())).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::Quota(sink, q) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetQuota(*q)).await.map_err(unavailable),
+                _ => Ok(()),
+            },
             Setting::Policy(..) | Setting::Priority(_) => {
                 let routing = self.routing(o).await?;
                 if let Some(r) = &self.p.router {
@@ -807,6 +841,9 @@ impl Operator {
                 }
                 if let Setting::Policy(sink, ..) = s {
                     if let Some(base) = self.p.base_policies.get(sink) {
+                        if let Some((_, Some(d))) = self.p.sinks.get(sink) {
+                            d.do_send(SetLive(live_after(&o.policy(sink, base))));
+                        }
                         let (p, sink) = (o.policy(sink, base), sink.clone());
                         self.with_wal(move |w| w.set_policy(&sink, p)).await?;
                     }
@@ -847,6 +884,11 @@ pub fn condition(running: Option<bool>, state: &Value) -> &'static str {
         Some(true) if failing => "down",
         Some(true) => "up",
     }
+}
+
+/// `Some(live_after)` when `p` drains live-first.
+fn live_after(p: &SinkPolicy) -> Option<std::time::Duration> {
+    (p.drain == crate::route::DrainMode::LiveFirst).then_some(p.live_after)
 }
 
 /// A sink's route, TTLs and drain order as settings (`config.get`).

@@ -40,6 +40,18 @@ pub struct SinkOverrides {
     /// Largest backoff delay, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_max_ms: Option<u64>,
+    /// The byte budget as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Value>,
+    /// The quota as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Value>,
+    /// The send windows as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Value>,
+    /// `live_share` as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_share: Option<Value>,
     /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
     /// `null` clears a route or the TTLs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -83,6 +95,14 @@ pub enum Setting {
     RetryBase(String, u64),
     /// `sinks.NAME.retry_max_ms`.
     RetryMax(String, u64),
+    /// `sinks.NAME.budget` (validated; `None` clears it).
+    Budget(String, Option<crate::uplink::Budget>),
+    /// `sinks.NAME.quota` (validated; `None` clears it).
+    Quota(String, Option<crate::uplink::Quota>),
+    /// `sinks.NAME.windows` (validated; `None` clears them).
+    Windows(String, Option<crate::uplink::Windows>),
+    /// `sinks.NAME.live_share` (above 0 and below 1; `None` clears it).
+    LiveShare(String, Option<f64>),
     /// `sinks.NAME.route|ttl|drain|live_after` (validated).
     Policy(String, String, Value),
     /// `priority`.
@@ -93,7 +113,7 @@ pub enum Setting {
 pub const SETTABLE_KEYS: &str =
     "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
     sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
-    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after";
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota, sinks.NAME.windows, sinks.NAME.live_share";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -147,6 +167,22 @@ impl Setting {
                     )),
                     "retry_base_ms" => Ok(Setting::RetryBase(sink, int(1)?)),
                     "retry_max_ms" => Ok(Setting::RetryMax(sink, int(1)?)),
+                    "budget" => crate::uplink::Budget::from_value(value)
+                        .map(|b| Setting::Budget(sink, b))
+                        .map_err(|e| format!("{key}: {e}")),
+                    "live_share" => match value.as_f64() {
+                        None if value.is_null() => Ok(Setting::LiveShare(sink, None)),
+                        Some(v) if v > 0.0 && v < 1.0 => Ok(Setting::LiveShare(sink, Some(v))),
+                        _ => Err(format!(
+                            "{key}: expected a number above 0 and below 1, or null, got {value}"
+                        )),
+                    },
+                    "windows" => crate::uplink::Windows::from_value(value)
+                        .map(|w| Setting::Windows(sink, w))
+                        .map_err(|e| format!("{key}: {e}")),
+                    "quota" => crate::uplink::Quota::from_value(value)
+                        .map(|q| Setting::Quota(sink, q))
+                        .map_err(|e| format!("{key}: {e}")),
                     f if SinkPolicy::KEYS.contains(&f) => {
                         SinkPolicy::new()
                             .set(f, value)
@@ -214,6 +250,31 @@ impl RuntimeOverrides {
             }
             Setting::RetryMax(sink, v) => {
                 self.sinks.entry(sink.clone()).or_default().retry_max_ms = Some(*v)
+            }
+            Setting::Budget(sink, b) => {
+                self.sinks.entry(sink.clone()).or_default().budget =
+                    Some(serde_json::to_value(b).unwrap_or_default())
+            }
+            Setting::LiveShare(sink, v) => {
+                self.sinks.entry(sink.clone()).or_default().live_share =
+                    Some(v.map_or(Value::Null, Value::from))
+            }
+            Setting::Windows(sink, w) => {
+                self.sinks.entry(sink.clone()).or_default().windows = Some(
+                    w.as_ref()
+                        .map_or(Value::Null, crate::uplink::Windows::to_json),
+                )
+            }
+            Setting::Quota(sink, q) => {
+                // Stored as parsed: whole bytes and seconds.
+                self.sinks.entry(sink.clone()).or_default().quota = Some(match q {
+                    Some(q) => serde_json::json!({
+                        "bytes": q.bytes,
+                        "period": format!("{}s", q.period_s),
+                        "reserve_high": q.reserve_high,
+                    }),
+                    None => Value::Null,
+                })
             }
             Setting::Policy(sink, key, v) => {
                 self.sinks
@@ -300,6 +361,31 @@ impl RuntimeOverrides {
             d.retry_max = Duration::from_millis(ms.max(1));
         }
         d.retry_max = d.retry_max.max(d.retry_base);
+        if let Some(v) = &o.budget {
+            // Validated when set; a hand-edited file that breaks it is
+            // reported and the budget left as configured.
+            match crate::uplink::Budget::from_value(v) {
+                Ok(b) => d.budget = b,
+                Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime budget"),
+            }
+        }
+        if let Some(v) = &o.live_share {
+            d.live_share = v.as_f64().filter(|v| *v > 0.0 && *v < 1.0);
+        }
+        if let Some(v) = &o.windows {
+            match crate::uplink::Windows::from_value(v) {
+                Ok(w) => d.windows = w,
+                Err(e) => {
+                    tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime windows")
+                }
+            }
+        }
+        if let Some(v) = &o.quota {
+            match crate::uplink::Quota::from_value(v) {
+                Ok(q) => d.quota = q,
+                Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime quota"),
+            }
+        }
     }
 }
 
@@ -324,6 +410,7 @@ mod tests {
             ("ingest.rate_limit_per_device", json!(2.5)),
             ("sinks.s3.paused", json!(true)),
             ("sinks.s3.retry_budget", json!(3)),
+            ("sinks.s3.budget", json!({"bytes_per_s": 1000})),
         ] {
             o.set(&Setting::parse(k, &v, &sinks).unwrap());
         }
@@ -335,6 +422,35 @@ mod tests {
         back.apply_to(&mut d);
         assert!(d.paused);
         assert_eq!(d.retry_budget, 3);
+        assert_eq!(
+            d.budget.map(|b| (b.bytes_per_s, b.burst_bytes)),
+            Some((1000, 1000))
+        );
+        assert!(Setting::parse("sinks.s3.budget", &json!({"bytes_per_s": -1}), &sinks).is_err());
+        // Cleared at run time over a configured budget.
+        o.set(&Setting::parse("sinks.s3.budget", &Value::Null, &sinks).unwrap());
+        let mut d = DispatchConfig::new("s3");
+        d.budget = Some(crate::uplink::Budget {
+            bytes_per_s: 5,
+            burst_bytes: 5,
+        });
+        o.apply_to(&mut d);
+        assert_eq!(d.budget, None);
+        assert!(Setting::parse("sinks.s3.live_share", &json!(1.5), &sinks).is_err());
+        o.set(&Setting::parse("sinks.s3.live_share", &json!(0.25), &sinks).unwrap());
+        let mut d = DispatchConfig::new("s3");
+        o.apply_to(&mut d);
+        assert_eq!(d.live_share, Some(0.25));
+        let q = json!({"bytes": "1MB", "period": "1d", "reserve_high": "25%"});
+        o.set(&Setting::parse("sinks.s3.quota", &q, &sinks).unwrap());
+        let mut d = DispatchConfig::new("s3");
+        RuntimeOverrides::load(dir.path()).unwrap();
+        o.apply_to(&mut d);
+        assert_eq!(
+            d.quota,
+            crate::uplink::Quota::from_value(&q).unwrap(),
+            "a runtime quota reads back as set"
+        );
         let r = back.rate_limit(RateLimit::OFF);
         assert_eq!((r.per_second, r.burst), (2.5, 5.0));
         assert_eq!(

@@ -4,8 +4,8 @@
 //!
 //! Everything in it is read where the admin API reads it: the sinks and
 //! the WAL from [`Operator::sinks_report`] (`GET /admin/sinks`), ingest
-//! counts from the same counters `/metrics` serves. Rates and `full_in_s`
-//! are differences between two reports.
+//! counts from the same counters `/metrics` serves. Rates are differences
+//! between two reports; `full_in_s` is [`crate::growth`]'s, as everywhere.
 //!
 //! Size: about 150 bytes per sink plus 300; with the 5-sink budget well
 //! under 2 KB (checked by a test), because error texts are cut to 120
@@ -32,7 +32,6 @@ struct Sample {
     at: Instant,
     http: u64,
     mqtt: u64,
-    wal_bytes: u64,
 }
 
 /// A state document and the part of it whose change is worth a publish.
@@ -118,24 +117,18 @@ impl StateSource {
             at: Instant::now(),
             http: self.accepted("http"),
             mqtt: self.accepted("mqtt"),
-            wal_bytes: stats.live_bytes,
         };
-        let (http_rate, mqtt_rate, growth) = match self.last {
+        let (http_rate, mqtt_rate) = match self.last {
             Some(prev) if now.at > prev.at => {
                 let secs = (now.at - prev.at).as_secs_f64();
                 let rate =
                     |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs * 10.0).round() / 10.0;
-                (
-                    rate(now.http, prev.http),
-                    rate(now.mqtt, prev.mqtt),
-                    (now.wal_bytes as f64 - prev.wal_bytes as f64) / secs,
-                )
+                (rate(now.http, prev.http), rate(now.mqtt, prev.mqtt))
             }
-            _ => (0.0, 0.0, 0.0),
+            _ => (0.0, 0.0),
         };
         self.last = Some(now);
-        let full_in = (growth > 0.0)
-            .then(|| (self.wal_limit.saturating_sub(stats.live_bytes) as f64 / growth) as u64);
+        let full_in = self.metrics.wal_growth.full_in().map(|f| f.seconds);
         let wall_ms = crate::wal::now_ms();
         let mut by_name = serde_json::Map::new();
         let mut significant = Vec::new();

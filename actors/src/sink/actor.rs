@@ -18,7 +18,7 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use tracing::Instrument as _;
 
-use super::{Sink, SinkError};
+use super::{Sent, Sink, SinkError};
 use crate::metrics::Metrics;
 use crate::wal::Batch;
 
@@ -110,10 +110,10 @@ pub struct PublishBatch {
     pub span: tracing::Span,
 }
 impl Message for PublishBatch {
-    type Result = Result<(), SinkError>;
+    type Result = Result<Sent, SinkError>;
 }
 impl Handler<PublishBatch> for SinkActor {
-    type Result = ResponseActFuture<Self, Result<(), SinkError>>;
+    type Result = ResponseActFuture<Self, Result<Sent, SinkError>>;
 
     fn handle(&mut self, msg: PublishBatch, _: &mut Context<Self>) -> Self::Result {
         let fut = match self.ensure_sink() {
@@ -145,6 +145,16 @@ impl Handler<PublishBatch> for SinkActor {
             Ok(r) => {
                 let error = r.as_ref().err().map(ToString::to_string);
                 act.metrics.sink_last_error.set(&act.name, error.as_deref());
+                if let Ok(sent) = &r {
+                    act.metrics
+                        .sink_sent_bytes
+                        .with_label_values(&[&act.name])
+                        .inc_by(sent.wire_bytes);
+                    act.metrics
+                        .sink_payload_bytes
+                        .with_label_values(&[&act.name])
+                        .inc_by(sent.payload_bytes);
+                }
                 r
             }
             Err(panic) => {

@@ -8,6 +8,7 @@
 //! kind is one folder plus one variant in each of the two.
 
 mod actor;
+pub mod compress;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use actor::{PublishBatch, Rebuild, SinkActor, SinkFactory};
+pub use compress::Compression;
 
 use crate::wal::Batch;
 
@@ -58,8 +60,28 @@ impl SinkError {
     }
 }
 
+/// What a delivered batch cost: the bytes of its bodies (HTTP request
+/// bodies, MQTT payloads, objects; headers and framing not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Before compression.
+    pub payload_bytes: u64,
+    /// On the wire, after compression.
+    pub wire_bytes: u64,
+}
+
+impl Sent {
+    /// A body of `payload_bytes` that went out as `wire_bytes`.
+    pub fn new(payload_bytes: usize, wire_bytes: usize) -> Self {
+        Self {
+            payload_bytes: payload_bytes as u64,
+            wire_bytes: wire_bytes as u64,
+        }
+    }
+}
+
 /// The future a sink returns for one batch.
-pub type PublishFuture = Pin<Box<dyn Future<Output = Result<(), SinkError>>>>;
+pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Sent, SinkError>>>>;
 
 /// One kind of delivery target.
 pub trait Sink: 'static {

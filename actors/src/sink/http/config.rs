@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::keys::{secret_key, KeyError};
+use crate::sink::compress::{Compression, GZIP_DEFAULT_LEVEL};
 use crate::sink::SinkContext;
 use crate::Secret;
 
@@ -30,6 +31,8 @@ pub struct HttpSinkConfig {
     pub format: BodyFormat,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// The body's compression, sent as `Content-Encoding`.
+    pub compression: Compression,
 }
 
 /// The `[sinks.NAME]` keys of `kind = "http"` (besides the shared
@@ -43,6 +46,9 @@ pub struct HttpKeys {
     pub token_file: Option<std::path::PathBuf>,
     /// `ndjson` (default) or `json` (a JSON array).
     pub format: Option<String>,
+    /// The request body's compression, named in `Content-Encoding`: `none`
+    /// (default), `gzip` or `zstd`.
+    pub compression: Option<String>,
 }
 
 impl HttpKeys {
@@ -72,6 +78,11 @@ impl HttpKeys {
             token: secret_key("token_file", self.token_file.as_deref())?,
             format,
             timeout: ctx.publish_timeout,
+            compression: Compression::from_key(
+                self.compression.as_deref(),
+                Compression::None,
+                GZIP_DEFAULT_LEVEL,
+            )?,
         })
     }
 }

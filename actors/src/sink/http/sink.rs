@@ -2,6 +2,10 @@
 //! there is one, a W3C `traceparent` (the `sink.publish` span's when traces
 //! are on, else the records' own when the whole batch shares one).
 //!
+//! With `compression = "gzip" | "zstd"` the body is compressed and named
+//! in `Content-Encoding` (DESIGN §6b); the `Idempotency-Key` is the same
+//! whatever the encoding.
+//!
 //! Outcomes: 2xx = delivered; 408, 429, 5xx, timeouts and connection errors
 //! are retried (honouring `Retry-After` in seconds); any other 4xx means the
 //! API will never take this batch: it is dead-lettered at once.
@@ -10,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::{BodyFormat, HttpSinkConfig};
-use crate::sink::{PublishFuture, Sink, SinkError};
+use crate::sink::{Compression, PublishFuture, Sent, Sink, SinkError};
 use crate::wal::Batch;
 
 /// POSTs batches to an analytics API.
@@ -104,11 +108,23 @@ impl Sink for HttpSink {
                 BodyFormat::Ndjson => "application/x-ndjson",
                 BodyFormat::JsonArray => "application/json",
             };
+            let raw = encode(&batch, cfg.format);
+            let payload_bytes = raw.len();
+            let body = match cfg.compression {
+                Compression::None => raw,
+                c => c
+                    .encode(&raw)
+                    .map_err(|e| SinkError::Retryable(format!("{}: {e}", c.encoding())))?,
+            };
+            let sent = Sent::new(payload_bytes, body.len());
             let mut req = client
                 .post(&cfg.url)
                 .header("Content-Type", content_type)
-                .header("Idempotency-Key", &key)
-                .body(encode(&batch, cfg.format));
+                .header("Idempotency-Key", &key);
+            if cfg.compression != Compression::None {
+                req = req.header("Content-Encoding", cfg.compression.encoding());
+            }
+            let mut req = req.body(body);
             if let Some(t) = &cfg.token {
                 req = req.bearer_auth(t.expose());
             }
@@ -133,7 +149,7 @@ impl Sink for HttpSink {
                 .get("Retry-After")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            classify(status, retry_after.as_deref())
+            classify(status, retry_after.as_deref()).map(|()| sent)
         })
     }
 }

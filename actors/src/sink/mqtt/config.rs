@@ -5,7 +5,18 @@ use std::path::PathBuf;
 use crate::keys::KeyError;
 use crate::mqtt::client::Connection;
 use crate::mqtt::{BrokerKeys, MqttVersion};
+use crate::sink::compress::{Compression, GZIP_DEFAULT_LEVEL};
 use crate::sink::SinkContext;
+
+/// What one PUBLISH carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Payload {
+    /// One canonical record per PUBLISH on `{topic_prefix}/{device_id}/telemetry`.
+    #[default]
+    Record,
+    /// A whole batch as (compressed) NDJSON on `{topic_prefix}/{gateway_id}/batch`.
+    Batch,
+}
 
 /// Settings of one `mqtt` sink (`[sinks.NAME]` with `kind = "mqtt"`).
 #[derive(Debug, Clone)]
@@ -16,6 +27,12 @@ pub struct MqttSinkConfig {
     pub conn: Connection,
     /// Records go to `{topic_prefix}/{device_id}/telemetry`.
     pub topic_prefix: String,
+    /// The gateway id (the batch topic is `{topic_prefix}/{gateway_id}/batch`).
+    pub gateway_id: String,
+    /// One record or one batch per PUBLISH.
+    pub payload: Payload,
+    /// The compression of a batch payload (`record` payloads go as they are).
+    pub compression: Compression,
 }
 
 /// The `[sinks.NAME]` keys of `kind = "mqtt"` (besides the shared
@@ -42,6 +59,12 @@ pub struct MqttKeys {
     /// Protocol version: `3.1.1` (default) or `5` (the idempotency key also
     /// travels as the user property `idempotency_key`).
     pub version: Option<String>,
+    /// `record` (default): one PUBLISH per record; `batch`: one PUBLISH of
+    /// NDJSON per batch on `{topic_prefix}/{gateway_id}/batch` (DESIGN §6b).
+    pub payload: Option<String>,
+    /// A batch payload's compression: `none`, `gzip` or `zstd` (default
+    /// `zstd` with `payload = "batch"`; only `none` with `record`).
+    pub compression: Option<String>,
 }
 
 impl MqttKeys {
@@ -67,8 +90,37 @@ impl MqttKeys {
             version: self.version.as_deref(),
         }
         .connection(&client_id, MqttVersion::V311)?;
+        let payload = match self.payload.as_deref().unwrap_or("record") {
+            "record" => Payload::Record,
+            "batch" => Payload::Batch,
+            other => {
+                return Err(KeyError::new(
+                    "payload",
+                    format!("{other:?}: expected record or batch"),
+                ))
+            }
+        };
+        let compression = match payload {
+            Payload::Batch => Compression::from_key(
+                self.compression.as_deref(),
+                Compression::Zstd,
+                GZIP_DEFAULT_LEVEL,
+            )?,
+            Payload::Record => match self.compression.as_deref() {
+                None | Some("none") => Compression::None,
+                Some(_) => {
+                    return Err(KeyError::new(
+                        "compression",
+                        "needs payload = \"batch\" (a record payload is sent as it is)",
+                    ))
+                }
+            },
+        };
         Ok(MqttSinkConfig {
             conn,
+            gateway_id: ctx.gateway_id.to_string(),
+            payload,
+            compression,
             topic_prefix: self
                 .topic_prefix
                 .clone()

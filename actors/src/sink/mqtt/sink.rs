@@ -22,6 +22,15 @@
 //! outage lost (at most the in-flight window). Every copy carries the same
 //! `idempotency_key`, in the payload and, on MQTT 5, as a user property.
 //!
+//! With `payload = "batch"` (DESIGN §6b) a batch goes as one PUBLISH of
+//! NDJSON, compressed as configured, on `{topic_prefix}/{gateway_id}/batch`
+//! (several when its body would pass the broker's packet limit: each part
+//! is a batch of its own for the consumer). On MQTT 5 it carries the user
+//! properties `content-encoding`, `records`, `first-seq` and `last-seq`;
+//! every record inside keeps its `idempotency_key`, so a consumer dedups
+//! per record whatever the batching. The tally counts PUBLISHes, not
+//! records, so resuming works the same for both payloads.
+//!
 //! Known gap: publishes of a batch that was dead-lettered may still be
 //! resent after a reconnect; their acks are told apart from the next
 //! batch's only by packet id.
@@ -32,10 +41,15 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::config::MqttSinkConfig;
+use super::config::{MqttSinkConfig, Payload};
 use crate::mqtt::client::{ClientOptions, Event, MqttClient, PublishExtras};
-use crate::sink::{PublishFuture, Sink, SinkError};
-use crate::wal::Batch;
+use crate::sink::{Compression, PublishFuture, Sent, Sink, SinkError};
+use crate::wal::{Batch, StoredRecord};
+
+/// Raw NDJSON per batch PUBLISH at most: the client's 1 MiB packet limit
+/// less room for the topic and properties (compression only shrinks it;
+/// zstd's worst case on incompressible input adds well under this margin).
+const BATCH_PART_BYTES: usize = (1 << 20) - (64 << 10);
 
 /// Unacknowledged QoS 1 publishes at once (the pipelining window).
 const INFLIGHT: u16 = 1000;
@@ -105,7 +119,108 @@ pub struct MqttSink {
     changed: Arc<Notify>,
     prefix: Arc<str>,
     v5: bool,
+    /// `{topic_prefix}/{gateway_id}/batch`.
+    batch_topic: Arc<str>,
+    payload: Payload,
+    compression: Compression,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// One PUBLISH of a batch.
+struct Message {
+    topic: String,
+    body: Bytes,
+    extras: PublishExtras,
+    /// Its bytes before compression.
+    payload_bytes: usize,
+}
+
+/// The PUBLISHes of `batch`: one per record, or the batch as NDJSON in as
+/// few parts as the packet limit allows. The same batch always gives the
+/// same messages (a resumed attempt goes on from a count).
+fn messages(
+    batch: &Batch,
+    payload: Payload,
+    compression: Compression,
+    prefix: &str,
+    batch_topic: &str,
+    v5: bool,
+) -> Result<Vec<Message>, SinkError> {
+    match payload {
+        Payload::Record => Ok(batch
+            .records
+            .iter()
+            .map(|r| Message {
+                topic: format!("{prefix}/{}/telemetry", r.device_id),
+                body: Bytes::from(r.json.clone().into_bytes()),
+                extras: PublishExtras {
+                    user_properties: if v5 {
+                        vec![("idempotency_key".to_string(), r.idempotency_key.clone())]
+                    } else {
+                        Vec::new()
+                    },
+                    ..PublishExtras::default()
+                },
+                payload_bytes: r.json.len(),
+            })
+            .collect()),
+        Payload::Batch => batch_parts(&batch.records)
+            .into_iter()
+            .map(|part| {
+                let raw: usize = part.iter().map(|r| r.json.len() + 1).sum();
+                let body = compression
+                    .ndjson(part.iter().map(|r| r.json.as_bytes()), raw)
+                    .map_err(|e| {
+                        SinkError::Retryable(format!("{}: {e}", compression.encoding()))
+                    })?;
+                let (first, last) = (
+                    part.first().map_or(0, |r| r.seq),
+                    part.last().map_or(0, |r| r.seq),
+                );
+                let user_properties = if v5 {
+                    vec![
+                        (
+                            "content-encoding".to_string(),
+                            compression.encoding().to_string(),
+                        ),
+                        ("records".to_string(), part.len().to_string()),
+                        ("first-seq".to_string(), first.to_string()),
+                        ("last-seq".to_string(), last.to_string()),
+                    ]
+                } else {
+                    Vec::new()
+                };
+                Ok(Message {
+                    topic: batch_topic.to_string(),
+                    body: Bytes::from(body),
+                    extras: PublishExtras {
+                        user_properties,
+                        ..PublishExtras::default()
+                    },
+                    payload_bytes: raw,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// `records` cut into runs of at most [`BATCH_PART_BYTES`] of NDJSON (a
+/// single larger record is a run of its own).
+fn batch_parts(records: &[StoredRecord]) -> Vec<&[StoredRecord]> {
+    let mut parts = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        let len = r.json.len() + 1;
+        if i > start && size + len > BATCH_PART_BYTES {
+            parts.push(&records[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += len;
+    }
+    if start < records.len() {
+        parts.push(&records[start..]);
+    }
+    parts
 }
 
 impl Drop for MqttSink {
@@ -150,6 +265,14 @@ impl MqttSink {
             changed,
             prefix: cfg.topic_prefix.trim_end_matches('/').into(),
             v5: cfg.conn.version == crate::mqtt::MqttVersion::V5,
+            batch_topic: format!(
+                "{}/{}/batch",
+                cfg.topic_prefix.trim_end_matches('/'),
+                cfg.gateway_id
+            )
+            .into(),
+            payload: cfg.payload,
+            compression: cfg.compression,
             task,
         })
     }
@@ -162,10 +285,16 @@ impl Sink for MqttSink {
             self.tally.clone(),
             self.changed.clone(),
         );
-        let (prefix, v5) = (self.prefix.clone(), self.v5);
+        let (prefix, v5, batch_topic) = (self.prefix.clone(), self.v5, self.batch_topic.clone());
+        let (payload, compression) = (self.payload, self.compression);
         Box::pin(async move {
             let key = (batch.first_seq(), batch.last_seq());
-            let total = batch.records.len();
+            let msgs = messages(&batch, payload, compression, &prefix, &batch_topic, v5)?;
+            let total = msgs.len();
+            let sent = Sent {
+                payload_bytes: msgs.iter().map(|m| m.payload_bytes as u64).sum(),
+                wire_bytes: msgs.iter().map(|m| m.body.len() as u64).sum(),
+            };
             let from = {
                 let mut g = tally.lock().map_err(|_| lock_error())?;
                 // Broker unreachable: fail fast (the dispatcher backs off and
@@ -180,18 +309,9 @@ impl Sink for MqttSink {
                     0
                 }
             };
-            for r in &batch.records[from..] {
-                let topic = format!("{prefix}/{}/telemetry", r.device_id);
-                let extras = PublishExtras {
-                    user_properties: if v5 {
-                        vec![("idempotency_key".to_string(), r.idempotency_key.clone())]
-                    } else {
-                        Vec::new()
-                    },
-                    ..PublishExtras::default()
-                };
+            for m in msgs.into_iter().skip(from) {
                 client
-                    .publish(topic, Bytes::from(r.json.clone().into_bytes()), extras)
+                    .publish(m.topic, m.body, m.extras)
                     .await
                     .map_err(|e| SinkError::Retryable(format!("upstream MQTT client: {e}")))?;
                 tally.lock().map_err(|_| lock_error())?.queued += 1;
@@ -208,7 +328,7 @@ impl Sink for MqttSink {
                         ));
                     }
                     if g.acked >= total {
-                        return Ok(());
+                        return Ok(sent);
                     }
                     // The attempt ends; the next one resumes where this stopped.
                     if g.connected == Some(false) {
@@ -235,6 +355,28 @@ fn lock_error() -> SinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_past_the_packet_limit_goes_in_parts_that_keep_every_record_once() {
+        let record = |seq: u64| StoredRecord {
+            seq,
+            device_id: "d".into(),
+            idempotency_key: format!("d:{seq}"),
+            correlation_id: String::new(),
+            receive_ms: 0,
+            class: crate::route::Class::Normal,
+            json: "x".repeat(100_000),
+        };
+        let records: Vec<StoredRecord> = (1..=25).map(record).collect();
+        let parts = batch_parts(&records);
+        assert_eq!(parts.len(), 3, "25 records of 100 kB in parts under 960 kB");
+        assert!(parts
+            .iter()
+            .all(|p| p.iter().map(|r| r.json.len() + 1).sum::<usize>() <= BATCH_PART_BYTES));
+        let seqs: Vec<u64> = parts.iter().flat_map(|p| p.iter().map(|r| r.seq)).collect();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>());
+        assert_eq!(batch_parts(&records[..1]).len(), 1);
+    }
 
     #[test]
     fn resends_after_a_reconnect_are_counted_once_and_a_new_session_fails_the_batch() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::keeper::KeeperConfig;
 
 use crate::keys::{secret_key, KeyError};
-use crate::sink::{SinkContext, SinkError};
+use crate::sink::{Compression, SinkContext, SinkError};
 use crate::Secret;
 
 /// Settings of one `s3` sink (`[sinks.NAME]` with `kind = "s3"`).
@@ -19,6 +19,9 @@ pub struct S3SinkConfig {
     pub gateway_id: String,
     /// gzip level 0-9 (default 1: fast; telemetry compresses well anyway).
     pub gzip_level: u32,
+    /// The objects' compression: gzip (`.ndjson.gz`, the default) or zstd
+    /// (`.ndjson.zst`, `s3://` only).
+    pub compression: Compression,
     /// S3 API endpoint (MinIO, moto, …); `None` = AWS. An `http://`
     /// endpoint allows plain HTTP.
     pub endpoint: Option<String>,
@@ -114,6 +117,10 @@ pub struct S3Keys {
     pub url: Option<String>,
     /// gzip level 0-9 (default 1).
     pub gzip_level: Option<u32>,
+    /// The objects' compression: `gzip` (default, `.ndjson.gz`) or `zstd`
+    /// (`.ndjson.zst`; `s3://` only: a `file://` archive's hourly merge
+    /// reads gzip).
+    pub compression: Option<String>,
     /// S3 API endpoint (`http://` or `https://`; MinIO, moto, …); none = AWS.
     pub endpoint: Option<String>,
     /// Region (default `us-east-1`, or `AWS_REGION`).
@@ -163,6 +170,19 @@ impl S3Keys {
         if gzip_level > 9 {
             return Err(KeyError::new("gzip_level", "must be 0 to 9"));
         }
+        let compression = match Compression::from_key(
+            self.compression.as_deref(),
+            Compression::Gzip(gzip_level),
+            gzip_level,
+        )? {
+            Compression::None => {
+                return Err(KeyError::new(
+                    "compression",
+                    "\"none\": objects are gzip or zstd",
+                ))
+            }
+            c => c,
+        };
         let interval = self.maintenance_interval_ms.unwrap_or(60_000);
         if interval == 0 {
             return Err(KeyError::new("maintenance_interval_ms", "must be > 0"));
@@ -177,6 +197,7 @@ impl S3Keys {
             url,
             gateway_id: ctx.gateway_id.to_string(),
             gzip_level,
+            compression,
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             path_style: self.path_style,
@@ -193,6 +214,12 @@ impl S3Keys {
         let target = cfg
             .target()
             .map_err(|e| KeyError::new("url", e.to_string()))?;
+        if matches!(target, Target::Local { .. }) && compression == Compression::Zstd {
+            return Err(KeyError::new(
+                "compression",
+                "\"zstd\" applies to s3:// targets only (a file:// archive's hourly merge reads gzip)",
+            ));
+        }
         if let Target::S3 { .. } = target {
             for (key, set) in [
                 ("compact", self.compact.is_some()),
@@ -223,6 +250,7 @@ mod tests {
             url: url.into(),
             gateway_id: "gw".into(),
             gzip_level: 1,
+            compression: Compression::Gzip(1),
             endpoint: None,
             region: None,
             path_style: None,

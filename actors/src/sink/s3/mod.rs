@@ -7,4 +7,4 @@ mod sink;
 
 pub use config::{S3Keys, S3SinkConfig, Target};
 pub use keeper::{ArchiveKeeper, KeeperConfig};
-pub use sink::{encode_batch, object_key, ObjectStoreSink};
+pub use sink::{encode_batch, object_key, object_key_as, ObjectStoreSink};

@@ -1,18 +1,15 @@
-//! The object-store sink: one gzip NDJSON object per batch.
+//! The object-store sink: one gzip (or zstd) NDJSON object per batch.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::config::{S3SinkConfig, Target};
-use crate::sink::{PublishFuture, Sink, SinkError};
+use crate::sink::{Compression, PublishFuture, Sent, Sink, SinkError};
 use crate::wal::Batch;
 
 /// Writes each batch as one object whose key is derived from the batch's
@@ -22,7 +19,7 @@ pub struct ObjectStoreSink {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     gateway_id: Arc<str>,
-    level: u32,
+    compression: Compression,
     /// Bodies above this go up in parts (S3 parts are at least 5 MiB).
     multipart_threshold: usize,
 }
@@ -44,7 +41,7 @@ impl ObjectStoreSink {
                     store: Arc::new(store),
                     prefix: String::new(),
                     gateway_id: cfg.gateway_id.as_str().into(),
-                    level: cfg.gzip_level.min(9),
+                    compression: cfg.compression,
                     multipart_threshold: usize::MAX,
                 })
             }
@@ -77,7 +74,7 @@ impl ObjectStoreSink {
                     store: Arc::new(store),
                     prefix,
                     gateway_id: cfg.gateway_id.as_str().into(),
-                    level: cfg.gzip_level.min(9),
+                    compression: cfg.compression,
                     multipart_threshold: cfg.multipart_threshold_bytes.max(5 << 20),
                 })
             }
@@ -88,14 +85,25 @@ impl ObjectStoreSink {
 /// `{prefix}/dt=YYYY-MM-DD/hour=HH/{gateway_id}-{first_seq}-{last_seq}.ndjson.gz`,
 /// dated by the first record's receive time.
 pub fn object_key(prefix: &str, gateway_id: &str, batch: &Batch) -> String {
+    object_key_as(prefix, gateway_id, batch, Compression::Gzip(1))
+}
+
+/// [`object_key`] ending in `.ndjson.gz` or `.ndjson.zst` as compressed.
+pub fn object_key_as(
+    prefix: &str,
+    gateway_id: &str,
+    batch: &Batch,
+    compression: Compression,
+) -> String {
     let ms = batch.records.first().map_or(0, |r| r.receive_ms);
     let t = Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
     let name = format!(
-        "dt={}/hour={}/{gateway_id}-{}-{}.ndjson.gz",
+        "dt={}/hour={}/{gateway_id}-{}-{}.ndjson{}",
         t.format("%Y-%m-%d"),
         t.format("%H"),
         batch.first_seq(),
-        batch.last_seq()
+        batch.last_seq(),
+        compression.suffix()
     );
     let prefix = prefix.trim_matches('/');
     if prefix.is_empty() {
@@ -107,26 +115,31 @@ pub fn object_key(prefix: &str, gateway_id: &str, batch: &Batch) -> String {
 
 /// gzip-compressed NDJSON: one canonical record per line.
 pub fn encode_batch(batch: &Batch, level: u32) -> std::io::Result<Vec<u8>> {
+    encode_batch_as(batch, Compression::Gzip(level)).map(|(body, _)| body)
+}
+
+/// Compressed NDJSON and the size of the NDJSON before compression.
+fn encode_batch_as(batch: &Batch, c: Compression) -> std::io::Result<(Vec<u8>, usize)> {
     let raw: usize = batch.records.iter().map(|r| r.json.len() + 1).sum();
-    let mut enc = GzEncoder::new(Vec::with_capacity(raw / 4 + 64), Compression::new(level));
-    for r in &batch.records {
-        enc.write_all(r.json.as_bytes())?;
-        enc.write_all(b"\n")?;
-    }
-    enc.finish()
+    let body = c.ndjson(batch.records.iter().map(|r| r.json.as_bytes()), raw)?;
+    Ok((body, raw))
 }
 
 impl Sink for ObjectStoreSink {
     fn publish(&mut self, batch: Arc<Batch>) -> PublishFuture {
         let store = self.store.clone();
-        let key = object_key(&self.prefix, &self.gateway_id, &batch);
-        let level = self.level;
+        let compression = self.compression;
+        let key = object_key_as(&self.prefix, &self.gateway_id, &batch, compression);
         let threshold = self.multipart_threshold;
         Box::pin(async move {
-            let body = tokio::task::spawn_blocking(move || encode_batch(&batch, level))
-                .await
-                .map_err(|e| SinkError::Retryable(format!("encoder task failed: {e}")))?
-                .map_err(|e| SinkError::Retryable(format!("gzip failed: {e}")))?;
+            let (body, raw) =
+                tokio::task::spawn_blocking(move || encode_batch_as(&batch, compression))
+                    .await
+                    .map_err(|e| SinkError::Retryable(format!("encoder task failed: {e}")))?
+                    .map_err(|e| {
+                        SinkError::Retryable(format!("{} failed: {e}", compression.encoding()))
+                    })?;
+            let sent = Sent::new(raw, body.len());
             let path = ObjectPath::from(key.as_str());
             let failed = |e: object_store::Error| SinkError::Retryable(format!("put {key}: {e}"));
             if body.len() <= threshold {
@@ -140,7 +153,7 @@ impl Sink for ObjectStoreSink {
                 w.write(&body);
                 w.finish().await.map_err(failed)?;
             }
-            Ok(())
+            Ok(sent)
         })
     }
 }
