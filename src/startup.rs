@@ -384,7 +384,12 @@ impl Application {
             operator: operator.clone(),
             request_timeout: settings.http.request_timeout,
             cert_identity,
-            status: crate::status::StatusSource::started(&settings, &metrics, &mqtt_status),
+            status: crate::status::StatusSource::started(
+                &settings,
+                &metrics,
+                &mqtt_status,
+                bundles.clone(),
+            ),
         });
 
         // A bundle on probation is watched from now on.

@@ -53,24 +53,29 @@ pub struct StatusSource {
     sinks: Vec<String>,
     wal_max_bytes: u64,
     mqtt: Option<Arc<MqttStatus>>,
+    /// The fleet's config bundles (`None`: the fleet is off).
+    bundles: Option<Arc<gateway_actors::fleet::Bundles>>,
     ring: Mutex<VecDeque<Snapshot>>,
 }
 
 impl StatusSource {
     /// A source over `metrics` for `sinks`; `wal_max_bytes` is `wal.max_bytes`,
-    /// `mqtt` the MQTT ingest state (`None`: MQTT off). Call
+    /// `mqtt` the MQTT ingest state (`None`: MQTT off), `bundles` the
+    /// fleet's config bundles (`None`: the fleet is off). Call
     /// [`StatusSource::start`] to take snapshots.
     pub fn new(
         metrics: Metrics,
         sinks: Vec<String>,
         wal_max_bytes: u64,
         mqtt: Option<Arc<MqttStatus>>,
+        bundles: Option<Arc<gateway_actors::fleet::Bundles>>,
     ) -> Arc<Self> {
         let s = Arc::new(Self {
             metrics,
             sinks,
             wal_max_bytes,
             mqtt,
+            bundles,
             ring: Mutex::new(VecDeque::with_capacity(POINTS + 1)),
         });
         s.take_snapshot();
@@ -83,12 +88,14 @@ impl StatusSource {
         settings: &crate::config::Settings,
         metrics: &Metrics,
         mqtt: &Option<Arc<MqttStatus>>,
+        bundles: Option<Arc<gateway_actors::fleet::Bundles>>,
     ) -> Arc<Self> {
         let s = Self::new(
             metrics.clone(),
             settings.sinks.keys().cloned().collect(),
             settings.wal_config().max_bytes,
             mqtt.clone(),
+            bundles,
         );
         s.start();
         s
@@ -235,9 +242,8 @@ impl StatusSource {
                 "id": operator.gateway_id(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_s": operator.uptime().as_secs(),
-                // TODO(fleet bundles): the active bundle, once the bundle
-                // layer (wt-fleet, `src/config.rs`) exposes it; null = none.
-                "bundle": null,
+                // As in the fleet state (null: the fleet is off).
+                "bundle": self.bundles.as_ref().map(|b| b.report()),
                 "mqtt": mqtt,
             },
             "ingest": {"interval_s": INTERVAL_S, "sources": sources},
@@ -246,11 +252,9 @@ impl StatusSource {
                 "limit_bytes": self.wal_max_bytes,
                 "disk_free_bytes": stats.disk_free_bytes,
                 "backpressure": stats.backpressure,
-                // TODO(gateway_wal_full_in_seconds): another engineer adds
-                // the WAL's time-until-full (metric
-                // `gateway_wal_full_in_seconds`, a `full_in` function); read
-                // it here. Until then: null, "not known" on the page.
-                "full_in_s": null,
+                // `gateway_wal_full_in_seconds`, as in /readyz and the fleet
+                // state (null: the WAL does not grow).
+                "full_in_s": self.metrics.wal_growth.full_in().map(|f| f.seconds),
             },
             "sinks": rows,
             "dead_letters": {"total": dead_total, "recent": recent},
@@ -264,7 +268,13 @@ mod tests {
 
     #[test]
     fn the_ring_keeps_the_last_thirty_intervals() {
-        let s = StatusSource::new(Metrics::unregistered(), vec!["a".into()], 1 << 20, None);
+        let s = StatusSource::new(
+            Metrics::unregistered(),
+            vec!["a".into()],
+            1 << 20,
+            None,
+            None,
+        );
         for _ in 0..100 {
             s.take_snapshot();
         }

@@ -68,4 +68,13 @@ fn a_wal_filling_behind_a_blocked_sink_reports_a_plausible_time_until_full() {
         metric > expected / 2.0 && metric < expected * 2.0,
         "metric {metric}"
     );
+    // The status page's document says the same.
+    let status = app.admin("GET", "/admin/status", None).body;
+    let shown = status["wal"]["full_in_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no full_in_s in /admin/status: {status}"));
+    assert!(
+        shown > expected / 2.0 && shown < expected * 2.0,
+        "status page {shown}"
+    );
 }

@@ -229,6 +229,16 @@ fn a_good_bundle_is_applied_by_re_exec_and_becomes_active_after_its_probation() 
         (json!(1), Value::Null)
     );
     assert!(s.gw.log().contains("config bundle passed its probation"));
+    // The status page shows the bundle the fleet state reports.
+    let status = s.gw.status();
+    assert_eq!(
+        (
+            &status["gateway"]["bundle"]["version"],
+            &status["gateway"]["bundle"]["status"]
+        ),
+        (&json!(1), &json!("active")),
+        "{status}"
+    );
     s.assert_no_acked_record_lost();
 }
 

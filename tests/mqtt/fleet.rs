@@ -45,6 +45,7 @@ pub(crate) struct Gateway {
     pub(crate) process: GatewayProcess,
     pub(crate) http: u16,
     pub(crate) log: PathBuf,
+    pub(crate) data: PathBuf,
 }
 
 fn start_gateway(dir: &Path, id: &str, fleet_url: &str, trusted: &Path, groups: &str) -> Gateway {
@@ -93,10 +94,26 @@ pub(crate) fn start_gateway_env(
         .concat(),
         Some(&log),
     );
-    Gateway { process, http, log }
+    Gateway {
+        process,
+        http,
+        log,
+        data,
+    }
 }
 
 impl Gateway {
+    /// `GET /admin/status` (the status page's document), with the admin token.
+    pub(crate) fn status(&self) -> Value {
+        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
+        ureq::get(&format!("http://127.0.0.1:{}/admin/status", self.http))
+            .set("Authorization", &format!("Bearer {}", token.trim()))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+
     pub(crate) fn metric(&self, series: &str) -> f64 {
         let text = ureq::get(&format!("http://127.0.0.1:{}/metrics", self.http))
             .call()

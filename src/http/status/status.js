@@ -115,7 +115,7 @@
     text($("gw-id"), g.id);
     text($("gw-version"), g.version);
     text($("gw-uptime"), duration(g.uptime_s));
-    text($("gw-bundle"), g.bundle ? (g.bundle.version || g.bundle.status || "active") : "none");
+    text($("gw-bundle"), !g.bundle ? "none" : g.bundle.version ? `${g.bundle.version} (${g.bundle.status})` : g.bundle.status);
     const mq = g.mqtt;
     const mqtt = $("gw-mqtt");
     text(mqtt, mq.state === "connected" ? "Connected" : mq.state === "disabled" ? "Disabled" : "Disconnected" + (mq.detail ? ": " + mq.detail : ""));
