@@ -282,6 +282,8 @@ pub struct Dispatcher {
     /// Changes after every WAL commit that appended: what an idle
     /// dispatcher waits on (none until the WAL answered [`WatchAppends`]).
     appends: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The WAL's head (its last seq) when the last fetch was sent.
+    head_seen: u64,
     /// The byte budget's bucket (`cfg.budget`), charged after each batch.
     bucket: Option<TokenBucket>,
     /// Where the quota's spent bytes are kept (the WAL's directory, the
@@ -324,6 +326,7 @@ impl Dispatcher {
             consecutive_failures: 0,
             circuit_open: false,
             appends: None,
+            head_seen: 0,
         }
     }
 
@@ -404,7 +407,7 @@ impl Dispatcher {
         self.busy = true;
         // Appends from now on wake the wait below, if this fetch finds nothing.
         if let Some(rx) = &mut self.appends {
-            rx.borrow_and_update();
+            self.head_seen = *rx.borrow_and_update();
         }
         let fetch = self.wal.send(FetchBatch {
             sink: self.cfg.sink.clone(),
@@ -420,11 +423,11 @@ impl Dispatcher {
                     act.publish(Arc::new(batch), span, 1, 0, ctx)
                 }
             }
-            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, ctx),
+            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, 1, ctx),
             // A partial batch, younger than `batch_max_wait`: it leaves when
-            // its oldest record has waited that long, or when appends fill
-            // it up first (each append wakes the fetch again).
-            Ok(Ok(Fetched::Wait(after))) => act.wait_for_records(after, ctx),
+            // its oldest record has waited that long, or when enough appends
+            // may have filled it first.
+            Ok(Ok(Fetched::Wait { after, missing })) => act.wait_for_records(after, missing, ctx),
             Ok(Err(e)) => {
                 if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
                     tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
@@ -440,16 +443,28 @@ impl Dispatcher {
         }));
     }
 
-    /// Nothing to send yet: wait for the next append, at most `at_most`
-    /// (nothing at all: a short fallback, as releases, requeues and replays
-    /// do not append; a partial batch: until it is due). Without the WAL's
-    /// append signal (not answered yet), poll.
-    fn wait_for_records(&mut self, at_most: Duration, ctx: &mut Context<Self>) {
+    /// Nothing to send yet: wait until `records` more records were appended
+    /// since the fetch (one: nothing to send; a partial batch: what it
+    /// lacks, so that appends that cannot fill it yet do not wake a fetch
+    /// each), at most `at_most` (nothing at all: a short fallback, as
+    /// releases, requeues and replays do not append; a partial batch: until
+    /// it is due). Without the WAL's append signal (not answered yet), poll.
+    fn wait_for_records(&mut self, at_most: Duration, records: u64, ctx: &mut Context<Self>) {
         match self.appends.clone() {
             Some(mut rx) => {
                 self.busy = false;
+                let from = self.head_seen;
+                let enough = async move {
+                    while rx.changed().await.is_ok() {
+                        if rx.borrow_and_update().saturating_sub(from) >= records {
+                            return;
+                        }
+                    }
+                    // The WAL is gone: wait out the deadline.
+                    std::future::pending::<()>().await
+                };
                 let wait = async move {
-                    let _ = tokio::time::timeout(at_most, rx.changed()).await;
+                    let _ = tokio::time::timeout(at_most, enough).await;
                 };
                 ctx.spawn(wait.into_actor(self).map(|_, act, ctx| act.step(ctx)));
             }
@@ -616,7 +631,7 @@ impl Dispatcher {
                 .into_actor(self)
                 .map(move |_, act, ctx| {
                     if high.records.is_empty() {
-                        act.wait_for_records(Duration::from_secs(1), ctx);
+                        act.wait_for_records(Duration::from_secs(1), 1, ctx);
                     } else {
                         act.publish(Arc::new(high), span, 1, 0, ctx);
                     }

@@ -111,7 +111,7 @@ impl Wal {
     ) -> Result<Option<Batch>, WalError> {
         Ok(match self.fetch_or_wait(sink, max_records, max_wait)? {
             Fetched::Batch(b) => Some(b),
-            Fetched::Nothing | Fetched::Wait(_) => None,
+            Fetched::Nothing | Fetched::Wait { .. } => None,
         })
     }
 
@@ -138,7 +138,10 @@ impl Wal {
                 let age = now_ms() - ms;
                 let wait = max_wait.as_millis() as i64;
                 if age < wait {
-                    return Ok(Fetched::Wait(Duration::from_millis((wait - age) as u64)));
+                    return Ok(Fetched::Wait {
+                        after: Duration::from_millis((wait - age) as u64),
+                        missing: max_records as u64 - available,
+                    });
                 }
             }
         }
@@ -725,7 +728,7 @@ mod tests {
         );
         wal.append(vec![test_record("x")]).unwrap();
         match wal.fetch_or_wait("a", 10, max_wait).unwrap() {
-            Fetched::Wait(d) => assert!(
+            Fetched::Wait { after: d, .. } => assert!(
                 d <= max_wait && d > max_wait - Duration::from_secs(10),
                 "{d:?}"
             ),

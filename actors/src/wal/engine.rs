@@ -165,8 +165,14 @@ pub enum Fetched {
     /// Nothing to send.
     Nothing,
     /// A partial batch whose oldest record is younger than `max_wait`:
-    /// ask again after this long.
-    Wait(std::time::Duration),
+    /// ask again after `after`, or once `missing` more records were
+    /// appended (the batch may be full then).
+    Wait {
+        /// Until the oldest record has waited `max_wait`.
+        after: std::time::Duration,
+        /// Records short of a full batch.
+        missing: u64,
+    },
 }
 
 /// One write inside a group commit.
