@@ -642,9 +642,9 @@ fn the_operator_cli_makes_a_key_sends_a_signed_command_and_reads_the_fleet_statu
     let _gw = start_gateway(tmp.path(), "gw-1", &url, &trusted, "north");
     let key_s = key.display().to_string();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let reply = loop {
-        let (code, out, err) = gateway_cli(
+    // `gateway fleet send ... sink.pause ARGS` to gw-1.
+    let pause = |args: &str| {
+        gateway_cli(
             &[
                 "fleet",
                 "send",
@@ -657,10 +657,14 @@ fn the_operator_cli_makes_a_key_sends_a_signed_command_and_reads_the_fleet_statu
                 "--timeout",
                 "2s",
                 "sink.pause",
-                r#"{"sink":"archive"}"#,
+                args,
             ],
             &[],
-        );
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let (code, out, err) = pause(r#"{"sink":"archive"}"#);
         if code == 0 {
             break out;
         }
@@ -668,23 +672,7 @@ fn the_operator_cli_makes_a_key_sends_a_signed_command_and_reads_the_fleet_statu
     };
     let reply: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply["ok"], true, "{reply}");
-    let (code, out, err) = gateway_cli(
-        &[
-            "fleet",
-            "send",
-            "--url",
-            &url,
-            "--gateway",
-            "gw-1",
-            "--key",
-            &key_s,
-            "--timeout",
-            "2s",
-            "sink.pause",
-            r#"{"sink":"nope"}"#,
-        ],
-        &[],
-    );
+    let (code, out, err) = pause(r#"{"sink":"nope"}"#);
     assert_eq!(code, 1, "{out} {err}");
     assert!(out.contains("unknown_sink"), "{out}");
 
