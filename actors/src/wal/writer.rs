@@ -68,6 +68,8 @@ pub(super) fn writer_loop(
     let mut failed_full = false;
     let scanner = spawn_class_scanner(wal.config().path.clone(), metrics.clone());
     let mut window = CommitWindow::new(wal.config().commit_window);
+    // Acks change the state in memory and are stored later (`ack_flush`).
+    let lazy_acks = !wal.config().ack_flush.is_zero();
     publish_stats(&wal, &metrics, &health);
     loop {
         // Wake for housekeeping, or when acknowledgements held in memory are
@@ -87,7 +89,27 @@ pub(super) fn writer_loop(
         let (mut records, mut appends) = (0, 0);
         let mut next = first;
         while let Some(r) = next {
+            // While a group waits out its window, what a dispatcher asks for
+            // is answered at once: its fetches, releases and acks (held in
+            // memory) would otherwise wait for the window and the commit,
+            // twice a batch (a sink's receive -> ack p99 was ~125 ms at 1k
+            // records/s with a 30 ms window).
+            let waiting = window_end.is_some();
             match r {
+                Request::Write(op @ WriteOp::Ack { .. }, t, tx) if waiting && lazy_acks => {
+                    if let Some(full) = commit_group(&mut wal, vec![(op, t, tx)], &metrics, &health)
+                    {
+                        failed_full = full;
+                    }
+                }
+                r @ (Request::Fetch(..)
+                | Request::Release(..)
+                | Request::ReleaseSink(..)
+                | Request::Stats(..))
+                    if waiting =>
+                {
+                    serve_read(&mut wal, r)
+                }
                 Request::Write(op, t, tx) => {
                     if let WriteOp::Append(r) = &op {
                         records += r.len();
@@ -518,7 +540,7 @@ mod tests {
     use actix::prelude::*;
 
     use super::super::engine::{NewRecord, WalConfig};
-    use super::super::store::{WalStore, WithWal};
+    use super::super::store::{AckBatch, AppendRecords, WalStore, WithWal};
     use super::*;
 
     /// A writer on a fresh WAL with one sink "a" holding acks `ack_flush`,
@@ -558,6 +580,60 @@ mod tests {
                 .unwrap()
         };
         (store, cursor)
+    }
+
+    #[test]
+    fn a_fetch_and_an_ack_are_answered_while_an_append_waits_out_its_commit_window() {
+        use std::sync::Mutex;
+        let sys = actix::System::new();
+        sys.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = WalConfig::new(dir.path().join("w.db"), &["a"]);
+            cfg.commit_window = Duration::from_millis(400);
+            cfg.ack_flush = Duration::from_secs(1);
+            let wal = Wal::open(cfg).unwrap();
+            let store = WalStore::new(wal, Metrics::unregistered(), Arc::default()).start();
+            let record = |i: u32| AppendRecords {
+                records: vec![NewRecord {
+                    idempotency_key: format!("d:{i}"),
+                    correlation_id: format!("c{i}"),
+                    device_id: "d".into(),
+                    receive_ms: now_ms(),
+                    body: format!(r#"{{"idempotency_key":"d:{i}"}}"#),
+                    route: Default::default(),
+                }],
+            };
+            // Appends arriving faster than the window: the next one waits.
+            futures_util::future::join_all((0..12).map(|i| store.send(record(i)))).await;
+            let fetch = FetchBatch {
+                sink: "a".into(),
+                max_records: 100,
+                max_wait: Duration::ZERO,
+            };
+            let Ok(Ok(Fetched::Batch(batch))) = store.send(fetch.clone()).await else {
+                panic!("no batch")
+            };
+            // Past PROBE_EVERY: the window is tried again.
+            actix_rt::time::sleep(Duration::from_millis(1100)).await;
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let (st, o) = (store.clone(), order.clone());
+            let waiting = actix_rt::spawn(async move {
+                let _ = st.send(record(12)).await;
+                o.lock().unwrap().push("append");
+            });
+            actix_rt::time::sleep(Duration::from_millis(30)).await;
+            let _ = store
+                .send(AckBatch {
+                    sink: "a".into(),
+                    ranges: batch.ranges.clone(),
+                })
+                .await;
+            order.lock().unwrap().push("ack");
+            let _ = store.send(fetch).await;
+            order.lock().unwrap().push("fetch");
+            waiting.await.unwrap();
+            assert_eq!(*order.lock().unwrap(), ["ack", "fetch", "append"]);
+        });
     }
 
     #[test]
