@@ -292,6 +292,8 @@ impl Application {
             dispatchers.push((name.clone(), disp));
         }
 
+        // The WAL's growth, for `gateway_wal_full_in_seconds`.
+        gateway_actors::growth::spawn_sampler(wal.downgrade(), metrics.clone());
         let operator = Arc::new(Operator::new(operator_parts(
             &settings,
             wal.clone(),

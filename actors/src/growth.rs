@@ -2,10 +2,10 @@
 //! the one place it is computed. `/readyz`, the fleet state and the metric
 //! all read [`WalGrowth::full_in`].
 //!
-//! A sampler ([`spawn_sampler`], started with the running gateway's
-//! operator) reads the WAL's size and free disk every [`SAMPLE_EVERY`]. The
-//! net growth is the change of the WAL's live bytes over the samples of the
-//! last [`WINDOW`] (growth from ingest less what compaction removed), and
+//! A sampler ([`spawn_sampler`], started with the running gateway) reads
+//! the WAL's size and free disk every [`SAMPLE_EVERY`]. The net growth is
+//! the change of the WAL's live bytes over the samples of the last
+//! [`WINDOW`] (growth from ingest less what compaction removed), and
 //! the time until full is the nearer of the two limits at that rate:
 //! `wal.max_bytes` less the live bytes, and the free disk less
 //! `wal.min_free_disk_bytes` (the WAL's growth is taken as the disk's: other

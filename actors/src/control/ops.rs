@@ -419,10 +419,7 @@ impl Operator {
     /// An operator over `parts`.
     pub fn new(mut parts: OperatorParts) -> Self {
         let runtime = std::mem::take(&mut parts.runtime);
-        // The running gateway (not the offline CLI) samples the WAL's
-        // growth for `gateway_wal_full_in_seconds` (`crate::growth`).
         if parts.router.is_some() {
-            crate::growth::spawn_sampler(parts.wal.downgrade(), parts.metrics.clone());
             // The dispatchers learn the drain order (for `live_share`).
             for (name, (_, d)) in &parts.sinks {
                 if let (Some(d), Some(base)) = (d, parts.base_policies.get(name)) {
@@ -870,19 +867,27 @@ impl Operator {
     }
 }
 
+/// A sink is up: its dispatcher runs (`running`; `None`: the gateway is
+/// not running), its circuit is closed and its last attempt did not fail.
+/// The one definition: the fleet state's `up`, what a bundle's probation
+/// keeps, and [`condition`]'s `up`/`down`.
+pub fn sink_up(running: Option<bool>, state: &Value) -> bool {
+    let circuit_open = state["circuit_open"] == Value::Bool(true);
+    let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
+    running == Some(true) && !circuit_open && !failing
+}
+
 /// A sink's condition in one word, for people (the status page, `gateway
 /// sink list`): `paused`, `circuit_open`, `down` (its dispatcher is not
 /// running, or its last publish failed), `up`, or `stopped` (the gateway is
 /// not running: `running` is null).
 pub fn condition(running: Option<bool>, state: &Value) -> &'static str {
-    let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
     match running {
         None => "stopped",
         Some(_) if state["paused"] == Value::Bool(true) => "paused",
         Some(_) if state["circuit_open"] == Value::Bool(true) => "circuit_open",
-        Some(false) => "down",
-        Some(true) if failing => "down",
-        Some(true) => "up",
+        _ if sink_up(running, state) => "up",
+        _ => "down",
     }
 }
 

@@ -121,11 +121,8 @@ impl Handler<ReloadTls> for FleetClient {
 
     /// Reads the TLS files again and reconnects with them (see [`ReloadTls`]).
     fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
-        if !self.cfg.conn.reload_tls()? {
+        if !crate::mqtt::stop_for_new_tls(&mut self.cfg.conn, &mut self.running, ctx)? {
             return Ok(false);
-        }
-        if let Some(running) = self.running.take() {
-            ctx.cancel_future(running);
         }
         tracing::info!("fleet client TLS files reloaded; reconnecting with them");
         self.started(ctx);

@@ -56,14 +56,9 @@ pub struct StateSource {
     bundles: Option<Arc<Bundles>>,
 }
 
-/// A sink of `GET /admin/sinks` is up: its dispatcher runs, its circuit
-/// is closed and its last attempt did not fail (the state's `up`, and
-/// what a bundle's probation keeps).
+/// A row of `GET /admin/sinks` is up ([`crate::control::ops::sink_up`]).
 pub fn sink_up(s: &Value) -> bool {
-    let state = &s["state"];
-    let circuit_open = state["circuit_open"].as_bool().unwrap_or(false);
-    let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
-    s["running"].as_bool().unwrap_or(false) && !circuit_open && !failing
+    crate::control::ops::sink_up(s["running"].as_bool(), &s["state"])
 }
 
 /// The document the broker publishes for us when we vanish (the last will).

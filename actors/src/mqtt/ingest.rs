@@ -126,15 +126,30 @@ pub struct ReloadTls;
 impl actix::Message for ReloadTls {
     type Result = Result<bool, String>;
 }
+
+/// What every MQTT client actor does first on [`ReloadTls`]: reads `conn`'s
+/// TLS files again and, with TLS on, cancels its connection loop
+/// (`running`), which the caller then starts again. `Ok(false)`: no TLS,
+/// nothing to do.
+pub fn stop_for_new_tls<A: Actor<Context = Context<A>>>(
+    conn: &mut super::client::Connection,
+    running: &mut Option<SpawnHandle>,
+    ctx: &mut Context<A>,
+) -> Result<bool, String> {
+    if !conn.reload_tls()? {
+        return Ok(false);
+    }
+    if let Some(r) = running.take() {
+        ctx.cancel_future(r);
+    }
+    Ok(true)
+}
 impl Handler<ReloadTls> for MqttIngest {
     type Result = Result<bool, String>;
 
     fn handle(&mut self, _: ReloadTls, ctx: &mut Context<Self>) -> Self::Result {
-        if !self.cfg.conn.reload_tls()? {
+        if !stop_for_new_tls(&mut self.cfg.conn, &mut self.running, ctx)? {
             return Ok(false);
-        }
-        if let Some(running) = self.running.take() {
-            ctx.cancel_future(running);
         }
         self.status.connected.store(false, Ordering::SeqCst);
         self.metrics.mqtt_connected.set(0);

@@ -10,5 +10,5 @@ pub mod topics;
 
 pub use client::MqttVersion;
 pub use config::{broker_address, BrokerKeys, MqttIngestConfig};
-pub use ingest::{MqttIngest, MqttStatus, ReloadTls};
+pub use ingest::{stop_for_new_tls, MqttIngest, MqttStatus, ReloadTls};
 pub use tls::{broker_tls, MqttTls, TlsFiles};
