@@ -1600,6 +1600,8 @@ mod tests {
                 toml::toml! { low = ["01:00-05:00"] }.into()
             } else if *k == "live_share" {
                 Value::Float(0.5)
+            } else if *k == "reduce" {
+                toml::toml! { deadband = { t = 1 } }.into()
             } else {
                 Value::Integer(7)
             };

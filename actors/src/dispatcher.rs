@@ -20,7 +20,7 @@
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`SetLive`], [`SetLiveShare`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`SetLive`], [`SetLiveShare`], [`SetReduce`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
 //! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
@@ -34,6 +34,7 @@ use actix::prelude::*;
 use tracing::Span;
 
 use crate::metrics::Metrics;
+use crate::reduce::{Reduce, Reducer, Step};
 use crate::repeats::{self, Kind};
 use crate::route::Class;
 use crate::sink::{PublishBatch, SinkActor, SinkError};
@@ -78,6 +79,8 @@ pub struct DispatchConfig {
     /// With a budget and `drain = "live_first"`: the share of the budget kept
     /// for live records while a backlog drains (0 < share < 1).
     pub live_share: Option<f64>,
+    /// Report-by-exception (DESIGN §6b); `None`: every record as it is.
+    pub reduce: Option<Reduce>,
 }
 
 /// The `[sinks.NAME]` keys every kind shares: batching, retries, timeout,
@@ -122,6 +125,11 @@ pub struct DispatchKeys {
     /// kept for live records while a backlog drains, above 0 and below 1
     /// (default: none, the backlog may use all of it).
     pub live_share: Option<f64>,
+    /// `{ deadband = {...}, heartbeat = "15m", downsample = {...} }`:
+    /// report-by-exception, what this sink sends of each record (the WAL
+    /// and the other sinks keep every record; `high` is never reduced).
+    /// See `actors/src/reduce.rs` (default: none). A runtime setting.
+    pub reduce: Option<serde_json::Value>,
 }
 
 impl DispatchKeys {
@@ -140,6 +148,7 @@ impl DispatchKeys {
         "quota",
         "windows",
         "live_share",
+        "reduce",
     ];
 
     /// Validates the keys into the delivery settings of sink `name`.
@@ -207,6 +216,9 @@ impl DispatchKeys {
             }
             d.live_share = Some(v);
         }
+        if let Some(v) = &self.reduce {
+            d.reduce = Reduce::from_value(v).map_err(|e| KeyError::new("reduce", e))?;
+        }
         Ok(d)
     }
 }
@@ -229,6 +241,7 @@ impl DispatchConfig {
             quota: None,
             windows: None,
             live_share: None,
+            reduce: None,
         }
     }
 
@@ -298,6 +311,12 @@ pub struct Dispatcher {
     /// Bytes on the wire per record, a moving average of the batches sent
     /// (sizes batches under a budget).
     wire_per_record: Option<f64>,
+    /// Report-by-exception with the state stored with this sink's acks;
+    /// `None` until read from the WAL (nothing is fetched before).
+    reducer: Option<Reducer>,
+    /// The reduction of the batch in flight: the reducer takes its state
+    /// once the batch's ack (which stores it) was accepted.
+    step: Option<Step>,
 }
 
 impl Dispatcher {
@@ -317,6 +336,8 @@ impl Dispatcher {
             live_after: None,
             backlog_bucket: None,
             wire_per_record: None,
+            reducer: None,
+            step: None,
             cfg,
             wal,
             sink,
@@ -345,6 +366,11 @@ impl Dispatcher {
         self.set_held("budget", !hold.is_zero());
         if !hold.is_zero() {
             self.idle(hold, ctx);
+            return;
+        }
+        if self.reducer.is_none() {
+            // The reduction state is not read yet: nothing goes before it.
+            self.idle(Duration::from_millis(20), ctx);
             return;
         }
         let allowance = match (self.cfg.quota, self.spent.as_mut()) {
@@ -420,7 +446,7 @@ impl Dispatcher {
                 if allowed != [true; 3] || live_only.is_some() {
                     act.publish_classes(batch, allowed, live_only, span, ctx)
                 } else {
-                    act.publish(Arc::new(batch), span, 1, 0, ctx)
+                    act.deliver(batch, span, ctx)
                 }
             }
             Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, 1, ctx),
@@ -477,21 +503,54 @@ impl Dispatcher {
         ctx.run_later(after, |act, ctx| act.step(ctx));
     }
 
-    /// One attempt at `batch`; `span` is its `dispatch` span.
+    /// Delivers a fetched batch: reduces it if the sink reports by
+    /// exception (once: a retry sends the same reduced batch), then
+    /// publishes it. A batch reduced to nothing is acked at once.
+    fn deliver(&mut self, batch: Batch, span: Span, ctx: &mut Context<Self>) {
+        let batch = Arc::new(batch);
+        let wire = match self.reducer.as_ref().filter(|r| r.active()) {
+            Some(r) => {
+                let mut step = r.reduce(&batch);
+                let wire = Arc::new(std::mem::replace(
+                    &mut step.wire,
+                    Batch {
+                        sink: String::new(),
+                        ranges: Vec::new(),
+                        records: Vec::new(),
+                    },
+                ));
+                self.step = Some(step);
+                wire
+            }
+            None => {
+                self.step = None;
+                batch.clone()
+            }
+        };
+        if wire.records.is_empty() {
+            self.ack(batch, span, 0, ctx);
+        } else {
+            self.publish(batch, wire, span, 1, 0, ctx);
+        }
+    }
+
+    /// One attempt at `batch` (what the WAL gave), sending `wire` (it
+    /// reduced, or the same); `span` is its `dispatch` span.
     fn publish(
         &mut self,
         batch: Arc<Batch>,
+        wire: Arc<Batch>,
         span: Span,
         attempt: u32,
         counted: u32,
         ctx: &mut Context<Self>,
     ) {
         let started = Instant::now();
-        let publish_span = trace::publish_span(&span, &self.cfg.sink, batch.records.len(), attempt);
+        let publish_span = trace::publish_span(&span, &self.cfg.sink, wire.records.len(), attempt);
         let send = self
             .sink
             .send(PublishBatch {
-                batch: batch.clone(),
+                batch: wire.clone(),
                 span: publish_span.clone(),
             })
             .timeout(self.cfg.publish_timeout);
@@ -534,7 +593,7 @@ impl Dispatcher {
                         (act.live_cutoff(), act.backlog_bucket.as_mut())
                     {
                         // The backlog's part of the bytes, by its share of the payload.
-                        let (old, all) = batch.records.iter().fold((0, 0), |(o, a), r| {
+                        let (old, all) = wire.records.iter().fold((0, 0), |(o, a), r| {
                             let n = r.json.len() as u64;
                             (o + if r.receive_ms < cutoff { n } else { 0 }, a + n)
                         });
@@ -586,7 +645,7 @@ impl Dispatcher {
                         trace::retry_span(&span, &sink, attempt, delay.as_millis() as u64, &e);
                     ctx.run_later(delay, move |act, ctx| {
                         drop(retry);
-                        act.publish(batch, span, attempt + 1, counted, ctx)
+                        act.publish(batch, wire, span, attempt + 1, counted, ctx)
                     });
                 }
                 Err(e) => {
@@ -633,7 +692,7 @@ impl Dispatcher {
                     if high.records.is_empty() {
                         act.wait_for_records(Duration::from_secs(1), 1, ctx);
                     } else {
-                        act.publish(Arc::new(high), span, 1, 0, ctx);
+                        act.deliver(high, span, ctx);
                     }
                 }),
         );
@@ -753,6 +812,7 @@ impl Dispatcher {
         let msg = AckBatch {
             sink: self.cfg.sink.clone(),
             ranges: batch.ranges.clone(),
+            reduce: self.step.as_ref().map(Step::rows).unwrap_or_default(),
         };
         ctx.spawn(
             self.wal
@@ -760,6 +820,7 @@ impl Dispatcher {
                 .into_actor(self)
                 .map(move |res, act, ctx| match res {
                     Ok(Ok(())) => {
+                        act.commit_step();
                         let sink = act.cfg.sink.as_str();
                         let now = now_ms();
                         let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
@@ -797,6 +858,8 @@ impl Dispatcher {
                         // WAL restarts first, the batch is delivered again (at least
                         // once). Either way the sink goes on with the next batch, so a
                         // full WAL disk does not stop delivery, which frees space.
+                        // The reduction state went with the ack: taken as well.
+                        act.commit_step();
                         if repeats::admit(Kind::SinkAck, &act.cfg.sink) {
                             tracing::warn!(
                                 sink = %act.cfg.sink,
@@ -813,6 +876,53 @@ impl Dispatcher {
         );
     }
 
+    /// Reads the reduction state stored with this sink's acks (at start and
+    /// after a restart); fetching waits for it.
+    fn load_reducer(&mut self, ctx: &mut Context<Self>) {
+        let sink = self.cfg.sink.clone();
+        ctx.spawn(
+            self.wal
+                .send(WithWal::new(move |w| w.reduce_rows(&sink)))
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    let error = match res {
+                        Ok(Ok(rows)) => {
+                            let cfg = act.cfg.reduce.clone();
+                            act.reducer = Some(Reducer::load(&act.cfg.sink, cfg, rows));
+                            return;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(sink = %act.cfg.sink, error = %error, "cannot read the reduction state; trying again");
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.load_reducer(ctx));
+                }),
+        );
+    }
+
+    /// The batch's ack was taken by the WAL, with its reduction state rows:
+    /// the reducer moves on to that state.
+    fn commit_step(&mut self) {
+        let (Some(step), Some(r)) = (self.step.take(), self.reducer.as_mut()) else {
+            return;
+        };
+        let c = step.counts;
+        let sink = self.cfg.sink.as_str();
+        for (kind, n) in [
+            ("deadband", c.deadband),
+            ("downsample", c.downsample),
+            ("record", c.records),
+        ] {
+            if n > 0 {
+                self.metrics
+                    .sink_reduced
+                    .with_label_values(&[sink, kind])
+                    .inc_by(n);
+            }
+        }
+        r.commit(step);
+    }
+
     fn dead(
         &mut self,
         batch: Arc<Batch>,
@@ -821,6 +931,8 @@ impl Dispatcher {
         error: String,
         ctx: &mut Context<Self>,
     ) {
+        // Not delivered: the state stays as it was before the batch.
+        self.step = None;
         let msg = MarkDead {
             sink: self.cfg.sink.clone(),
             ranges: batch.ranges.clone(),
@@ -880,6 +992,10 @@ impl Actor for Dispatcher {
                     act.quota_dir = Some(dir);
                 }),
         );
+        // The reduction state stored with this sink's acks.
+        self.reducer = None;
+        self.step = None;
+        self.load_reducer(ctx);
         ctx.spawn(
             self.wal
                 .send(WatchAppends)
@@ -1009,6 +1125,9 @@ pub struct SinkState {
     /// Bytes spent of the quota in the current period.
     #[serde(default)]
     pub quota_spent_bytes: Option<u64>,
+    /// Report-by-exception in force (`null`: none).
+    #[serde(default)]
+    pub reduce: Option<serde_json::Value>,
 }
 
 /// Reads the dispatcher's state.
@@ -1032,6 +1151,7 @@ impl Handler<GetSinkState> for Dispatcher {
             windows: self.cfg.windows.as_ref().map(Windows::to_json),
             live_share: self.cfg.live_share.map(serde_json::Value::from),
             quota_spent_bytes: self.cfg.quota.and(self.spent.map(|s| s.spent_bytes)),
+            reduce: self.cfg.reduce.as_ref().map(Reduce::to_json),
         })
     }
 }
@@ -1105,6 +1225,24 @@ impl Handler<SetLiveShare> for Dispatcher {
         self.cfg.live_share = msg.0;
         self.update_backlog_bucket();
         self.step(ctx);
+    }
+}
+
+/// Sets or clears report-by-exception at run time (`config.set
+/// sinks.NAME.reduce`): the windows open under the old settings are sent
+/// with the next record.
+pub struct SetReduce(pub Option<Reduce>);
+impl Message for SetReduce {
+    type Result = ();
+}
+impl Handler<SetReduce> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: SetReduce, _: &mut Context<Self>) {
+        tracing::info!(sink = %self.cfg.sink, reduce = ?msg.0.as_ref().map(Reduce::to_json), "sink reduction changed");
+        if let Some(r) = &mut self.reducer {
+            r.set_config(msg.0.clone());
+        }
+        self.cfg.reduce = msg.0;
     }
 }
 

@@ -12,6 +12,9 @@
 //!   cannot take them (and what is below them) away.
 //! - [`dispatcher`]: one `Dispatcher` per sink: fetch, publish, ack, retry
 //!   with backoff, dead-letter.
+//! - [`uplink`] and [`reduce`]: what a sink may send and when (byte
+//!   budget, quota, send windows) and report-by-exception (deadband,
+//!   downsample), applied by its dispatcher.
 //! - [`sink`]: the `Sink` trait, the `SinkActor` that runs one, and one
 //!   folder per sink kind.
 //! - [`mqtt`]: the `MqttIngest` actor: QoS 1, persistent session, PUBACK
@@ -47,6 +50,7 @@ pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod reduce;
 pub mod repeats;
 pub mod route;
 pub mod secret;

@@ -121,6 +121,11 @@ pub struct MetricSet {
     /// `gateway_sink_held_records{sink,reason}`: records a sink holds back
     /// in the WAL, by reason (`budget`, `quota`).
     pub sink_held_records: IntGaugeVec,
+    /// `gateway_sink_reduced_total{sink,kind}`: what report-by-exception
+    /// kept off the wire: metric values within their deadband (`deadband`),
+    /// metric values folded into an aggregate (`downsample`), and records
+    /// left with nothing to send (`record`).
+    pub sink_reduced: IntCounterVec,
     /// `gateway_sink_quota_remaining_bytes{sink}`: bytes left of a sink's quota this period.
     pub sink_quota_remaining: IntGaugeVec,
     /// `gateway_sink_quota_period_end_timestamp_seconds{sink}`: when a sink's quota period ends.
@@ -324,6 +329,13 @@ impl Metrics {
                 ),
                 &["sink", "reason"],
             )?,
+            sink_reduced: IntCounterVec::new(
+                Opts::new(
+                    "gateway_sink_reduced_total",
+                    "What report-by-exception kept off a sink's wire, by kind (deadband, downsample: metric values; record: records).",
+                ),
+                &["sink", "kind"],
+            )?,
             sink_quota_remaining: IntGaugeVec::new(
                 Opts::new(
                     "gateway_sink_quota_remaining_bytes",
@@ -388,6 +400,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_payload_bytes.clone()))?;
         registry.register(Box::new(m.wal_full_in_seconds.clone()))?;
         registry.register(Box::new(m.sink_held_records.clone()))?;
+        registry.register(Box::new(m.sink_reduced.clone()))?;
         registry.register(Box::new(m.sink_quota_remaining.clone()))?;
         registry.register(Box::new(m.sink_quota_period_end.clone()))?;
         // Pre-create the restart series so a dashboard sees 0, not "no data".

@@ -12,6 +12,7 @@ mod helpers;
 mod http;
 mod kafka;
 mod mqtt;
+mod reduce;
 mod routes;
 mod s3;
 mod secrets;

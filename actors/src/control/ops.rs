@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use super::runtime::{RuntimeOverrides, Setting};
 use crate::dispatcher::{
     DispatchConfig, Dispatcher, GetSinkState, SetBudget, SetLive, SetLiveShare, SetPaused,
-    SetQuota, SetRetry, SetWindows,
+    SetQuota, SetReduce, SetRetry, SetWindows,
 };
 use crate::ingest::validate::is_valid_device_id;
 use crate::ingest::validate::{parse_payload, Enrichment};
@@ -741,6 +741,7 @@ impl Operator {
                         "quota": d.quota,
                         "windows": d.windows.as_ref().map(crate::uplink::Windows::to_json),
                         "live_share": d.live_share,
+                        "reduce": d.reduce.as_ref().map(crate::reduce::Reduce::to_json),
                     })
                 }
             };
@@ -825,6 +826,10 @@ impl Operator {
             },
             Setting::Windows(sink, w) => match self.p.sinks.get(sink) {
                 Some((_, Some(d))) => d.send(SetWindows(w.clone())).await.map_err(unavailable),
+                _ => Ok(()),
+            },
+            Setting::Reduce(sink, r) => match self.p.sinks.get(sink) {
+                Some((_, Some(d))) => d.send(SetReduce(r.clone())).await.map_err(unavailable),
                 _ => Ok(()),
             },
             Setting::Quota(sink, q) => match self.p.sinks.get(sink) {

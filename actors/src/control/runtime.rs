@@ -52,6 +52,9 @@ pub struct SinkOverrides {
     /// `live_share` as set (`null`: cleared; absent: as configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_share: Option<Value>,
+    /// Report-by-exception as set (`null`: cleared; absent: as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce: Option<Value>,
     /// `route`, `ttl`, `drain`, `live_after` as set (validated JSON values;
     /// `null` clears a route or the TTLs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -103,6 +106,8 @@ pub enum Setting {
     Windows(String, Option<crate::uplink::Windows>),
     /// `sinks.NAME.live_share` (above 0 and below 1; `None` clears it).
     LiveShare(String, Option<f64>),
+    /// `sinks.NAME.reduce` (validated; `None` clears it).
+    Reduce(String, Option<crate::reduce::Reduce>),
     /// `sinks.NAME.route|ttl|drain|live_after` (validated).
     Policy(String, String, Value),
     /// `priority`.
@@ -113,7 +118,7 @@ pub enum Setting {
 pub const SETTABLE_KEYS: &str =
     "log.level, ingest.rate_limit_per_device, ingest.rate_limit_burst, priority, \
     sinks.NAME.paused, sinks.NAME.retry_budget, sinks.NAME.retry_base_ms, sinks.NAME.retry_max_ms, \
-    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota, sinks.NAME.windows, sinks.NAME.live_share";
+    sinks.NAME.route, sinks.NAME.ttl, sinks.NAME.drain, sinks.NAME.live_after, sinks.NAME.budget, sinks.NAME.quota, sinks.NAME.windows, sinks.NAME.live_share, sinks.NAME.reduce";
 
 impl Setting {
     /// Parses `key = value`; `sinks` are the configured sink names.
@@ -179,6 +184,9 @@ impl Setting {
                     },
                     "windows" => crate::uplink::Windows::from_value(value)
                         .map(|w| Setting::Windows(sink, w))
+                        .map_err(|e| format!("{key}: {e}")),
+                    "reduce" => crate::reduce::Reduce::from_value(value)
+                        .map(|r| Setting::Reduce(sink, r))
                         .map_err(|e| format!("{key}: {e}")),
                     "quota" => crate::uplink::Quota::from_value(value)
                         .map(|q| Setting::Quota(sink, q))
@@ -258,6 +266,12 @@ impl RuntimeOverrides {
             Setting::LiveShare(sink, v) => {
                 self.sinks.entry(sink.clone()).or_default().live_share =
                     Some(v.map_or(Value::Null, Value::from))
+            }
+            Setting::Reduce(sink, r) => {
+                self.sinks.entry(sink.clone()).or_default().reduce = Some(
+                    r.as_ref()
+                        .map_or(Value::Null, crate::reduce::Reduce::to_json),
+                )
             }
             Setting::Windows(sink, w) => {
                 self.sinks.entry(sink.clone()).or_default().windows = Some(
@@ -378,6 +392,12 @@ impl RuntimeOverrides {
                 Err(e) => {
                     tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime windows")
                 }
+            }
+        }
+        if let Some(v) = &o.reduce {
+            match crate::reduce::Reduce::from_value(v) {
+                Ok(r) => d.reduce = r,
+                Err(e) => tracing::warn!(sink = %d.sink, error = %e, "ignoring the runtime reduce"),
             }
         }
         if let Some(v) = &o.quota {

@@ -162,12 +162,17 @@ impl Wal {
                         }
                         out.push(Ok(WriteResult::Appended(outcomes)));
                     }
-                    WriteOp::Ack { sink, ranges } => match self.sinks.get_mut(sink) {
+                    WriteOp::Ack {
+                        sink,
+                        ranges,
+                        reduce,
+                    } => match self.sinks.get_mut(sink) {
                         None => out.push(Err(WalError::UnknownSink(sink.clone()))),
                         Some(st) => {
                             for &(a, b) in ranges {
                                 st.finish(a, b);
                             }
+                            st.set_reduce_rows(reduce);
                             if st.dirty && self.unstored_since.is_none() {
                                 self.unstored_since = Some(Instant::now());
                             }

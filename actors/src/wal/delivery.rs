@@ -22,6 +22,7 @@ impl Wal {
         let op = WriteOp::Ack {
             sink: sink.to_string(),
             ranges: ranges.to_vec(),
+            reduce: Vec::new(),
         };
         self.write(&[op])?
             .pop()
@@ -47,6 +48,29 @@ impl Wal {
             .pop()
             .unwrap_or(Ok(WriteResult::Done))
             .map(|_| ())
+    }
+
+    /// `sink`'s reduction state rows (device → JSON) as of its last
+    /// acknowledgement, including those held in memory with acks not stored
+    /// yet: the state that goes with the acks the WAL has.
+    pub fn reduce_rows(&self, sink: &str) -> Result<Vec<(String, String)>, WalError> {
+        let st = self
+            .sinks
+            .get(sink)
+            .ok_or_else(|| WalError::UnknownSink(sink.to_string()))?;
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT device, state FROM sink_reduce WHERE sink = ?1")?;
+        let mut rows: std::collections::BTreeMap<String, String> = q
+            .query_map([sink], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (device, state) in &st.reduce {
+            match state {
+                Some(s) => rows.insert(device.clone(), s.clone()),
+                None => rows.remove(device),
+            };
+        }
+        Ok(rows.into_iter().collect())
     }
 
     /// Puts InFlight `ranges` back to Enqueued (a failed or abandoned batch).
@@ -700,6 +724,49 @@ mod tests {
                 correlation_id: "c-k3".into()
             }
         );
+    }
+
+    #[test]
+    fn reduction_rows_are_stored_with_the_ack_they_came_with_and_lost_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a"]);
+        cfg.ack_flush = Duration::from_secs(3600);
+        let mut wal = Wal::open(cfg.clone()).unwrap();
+        wal.append((0..4).map(|i| test_record(&format!("r{i}"))).collect())
+            .unwrap();
+        let ack = |ranges: Vec<(u64, u64)>, rows: &[(&str, Option<&str>)]| WriteOp::Ack {
+            sink: "a".into(),
+            ranges,
+            reduce: rows
+                .iter()
+                .map(|(d, s)| (d.to_string(), s.map(str::to_string)))
+                .collect(),
+        };
+        let row = |d: &str, s: &str| (d.to_string(), s.to_string());
+        wal.write(&[ack(vec![(1, 2)], &[("d", Some("s1")), ("e", Some("e1"))])])
+            .unwrap();
+        wal.flush_acks().unwrap();
+        // Held in memory with its ack (ack_flush): read back, not stored.
+        wal.write(&[ack(vec![(3, 4)], &[("d", Some("s2")), ("e", None)])])
+            .unwrap();
+        assert_eq!(wal.reduce_rows("a").unwrap(), [row("d", "s2")]);
+        assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 4);
+        // A crash loses the ack and the rows together.
+        drop(wal);
+        let mut wal = Wal::open(cfg.clone()).unwrap();
+        assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 2);
+        assert_eq!(
+            wal.reduce_rows("a").unwrap(),
+            [row("d", "s1"), row("e", "e1")]
+        );
+        // Stored, they come back together.
+        wal.write(&[ack(vec![(3, 4)], &[("d", Some("s2")), ("e", None)])])
+            .unwrap();
+        wal.flush_acks().unwrap();
+        drop(wal);
+        let wal = Wal::open(cfg).unwrap();
+        assert_eq!(wal.stats().unwrap().sinks["a"].cursor, 4);
+        assert_eq!(wal.reduce_rows("a").unwrap(), [row("d", "s2")]);
     }
 
     #[test]

@@ -186,6 +186,9 @@ pub enum WriteOp {
         sink: String,
         /// The ranges of the batch.
         ranges: Vec<(u64, u64)>,
+        /// The sink's reduction state rows this batch changed (device →
+        /// JSON, `None`: delete), stored with the ack ([`crate::reduce`]).
+        reduce: Vec<(String, Option<String>)>,
     },
     /// The sink gave up on these ranges: dead letters.
     Dead {
@@ -509,6 +512,7 @@ fn assign_bits(
                     .ok_or_else(|| WalError::Invalid(format!("at most {MAX_SINKS} sinks")))?;
                 conn.execute("DELETE FROM sinks WHERE name = ?1", [stale])?;
                 conn.execute("DELETE FROM sink_done WHERE sink = ?1", [stale])?;
+                conn.execute("DELETE FROM sink_reduce WHERE sink = ?1", [stale])?;
                 b
             }
         };

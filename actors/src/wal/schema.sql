@@ -23,6 +23,9 @@
 -- sink_done: finished ranges above the cursor (out-of-order completions).
 -- sink_forced: ranges reopened by requeue or replay, delivered to the sink
 --   whatever its route says (rows at or below the cursor are stale).
+-- sink_reduce: a sink's report-by-exception state (actors/src/reduce.rs), one
+--   JSON row per device (device '' holds the settings it was kept under),
+--   written in the same transaction as the acknowledgements it goes with.
 -- dead: dead letters, kept until requeued or purged.
 -- meta: schema_version, seq_floor (highest compacted seq), idem_upto (idem
 --   holds the keys of every record up to this seq), and per sink
@@ -51,6 +54,10 @@ CREATE TABLE IF NOT EXISTS sink_done(
 CREATE TABLE IF NOT EXISTS sink_forced(
     sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
     PRIMARY KEY(sink, first)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_reduce(
+    sink TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY(sink, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead(
     sink TEXT NOT NULL, seq INTEGER NOT NULL, attempts INTEGER NOT NULL,

@@ -37,6 +37,9 @@ pub(super) struct SinkState {
     /// Per class: the TTL has judged every record up to here
     /// (`meta` key `ttl/SINK/CLASS`).
     pub(super) ttl_mark: [u64; 3],
+    /// Reduction state rows changed since the last commit (device → JSON,
+    /// `None`: delete), stored with the acks they came with.
+    pub(super) reduce: BTreeMap<String, Option<String>>,
     /// The cursor and done ranges as last committed to disk (`None`:
     /// unknown, rewrite them whole). Lets a commit write only the ranges
     /// that changed: after a requeue of scattered dead letters a sink can
@@ -58,9 +61,22 @@ impl SinkState {
         self.dirty = true;
     }
 
+    /// Takes an ack's reduction state rows (stored with the next commit
+    /// that stores the ack).
+    pub(super) fn set_reduce_rows(&mut self, rows: &[(String, Option<String>)]) {
+        if rows.is_empty() {
+            return;
+        }
+        for (device, state) in rows {
+            self.reduce.insert(device.clone(), state.clone());
+        }
+        self.dirty = true;
+    }
+
     /// The state was committed as it is in memory.
     pub(super) fn mark_persisted(&mut self) {
         self.dirty = false;
+        self.reduce.clear();
         self.forced_dirty = false;
         self.stored = Some((self.cursor, self.done.clone()));
     }
@@ -154,6 +170,19 @@ pub(super) fn persist_dirty(
 /// what changed since the last commit when that is known, else everything.
 /// The caller calls `mark_persisted` once the transaction committed.
 pub(super) fn persist_sink(conn: &Connection, name: &str, st: &SinkState) -> Result<(), WalError> {
+    if !st.reduce.is_empty() {
+        let mut put = conn.prepare_cached(
+            "INSERT OR REPLACE INTO sink_reduce(sink, device, state) VALUES(?1, ?2, ?3)",
+        )?;
+        let mut del =
+            conn.prepare_cached("DELETE FROM sink_reduce WHERE sink = ?1 AND device = ?2")?;
+        for (device, state) in &st.reduce {
+            match state {
+                Some(s) => put.execute(params![name, device, s])?,
+                None => del.execute(params![name, device])?,
+            };
+        }
+    }
     if st.forced_dirty {
         conn.execute("DELETE FROM sink_forced WHERE sink = ?1", [name])?;
         let mut ins =

@@ -296,6 +296,9 @@ pub struct AckBatch {
     pub sink: String,
     /// The batch's ranges.
     pub ranges: Vec<(u64, u64)>,
+    /// The sink's reduction state rows the batch changed, stored with the
+    /// ack (see [`WriteOp::Ack`]).
+    pub reduce: Vec<(String, Option<String>)>,
 }
 impl Message for AckBatch {
     type Result = Result<(), WalError>;
@@ -306,6 +309,7 @@ impl Handler<AckBatch> for WalStore {
         let op = WriteOp::Ack {
             sink: msg.sink,
             ranges: msg.ranges,
+            reduce: msg.reduce,
         };
         let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
         Box::pin(async move { fut.await.map(|_| ()) })

@@ -624,6 +624,7 @@ mod tests {
             actix_rt::time::sleep(Duration::from_millis(30)).await;
             let _ = store
                 .send(AckBatch {
+                    reduce: vec![],
                     sink: "a".into(),
                     ranges: batch.ranges.clone(),
                 })
