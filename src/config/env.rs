@@ -189,6 +189,8 @@ mod tests {
             ("GATEWAY_MQTT_URL", "mqtt://broker:1884"),
             ("GATEWAY_MQTT_VERSION", "5"),
             ("GATEWAY_MQTT_CONTROL", "false"),
+            // Never listed anywhere: a key has its variable by the rule.
+            ("GATEWAY_MQTT_KEEP_ALIVE", "45s"),
             ("GATEWAY_MQTT_USERNAME", "gw"),
             ("GATEWAY_MQTT_PASSWORD_FILE", password.to_str().unwrap()),
             ("GATEWAY_WAL_MAX_BYTES", "2097152"),
@@ -213,6 +215,7 @@ mod tests {
         let mqtt = s.mqtt.ingest().unwrap();
         assert_eq!((mqtt.conn.host.as_str(), mqtt.conn.port), ("broker", 1884));
         assert!(!mqtt.control);
+        assert_eq!(mqtt.conn.keep_alive.as_secs(), 45);
         assert_eq!(mqtt.conn.username.as_deref(), Some("gw"));
         assert_eq!(mqtt.conn.password.as_ref().unwrap().expose(), "s3cr3t");
         assert_eq!(s.wal.max_bytes, 2 << 20);

@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use gateway_actors::ingest::PayloadFormat;
 use gateway_actors::keys::{duration_key, secret_key, socket_addr_key, KeyError};
+use gateway_actors::mqtt::client::{Backoff, Connection};
 use gateway_actors::mqtt::topics::Topics;
 use gateway_actors::mqtt::{broker_address, broker_tls, MqttIngestConfig, MqttVersion};
 use serde::Deserialize;
+
+/// The first reconnect delay (doubling, with jitter, up to `reconnect_max`).
+const RECONNECT_BASE: Duration = Duration::from_millis(200);
 
 /// The `[mqtt]` keys, as merged from every layer (defaults included).
 #[derive(Debug, Clone, Deserialize)]
@@ -152,31 +156,37 @@ impl MqttKeys {
                 }
             })?,
         };
-        let mut cfg = MqttIngestConfig::new(&host, port, &client_id);
-        cfg.conn.version = version;
-        cfg.payload_format = payload_format;
-        cfg.topics = topics;
-        cfg.control = self.control;
-        cfg.conn.max_packet_bytes = max_payload_bytes + 4096;
-        cfg.conn.keep_alive = duration_key("keep_alive", &self.keep_alive)?;
-        if cfg.conn.keep_alive < Duration::from_secs(5) {
+        let mut conn = Connection::new(&host, port, &client_id);
+        conn.version = version;
+        conn.max_packet_bytes = max_payload_bytes + 4096;
+        conn.keep_alive = duration_key("keep_alive", &self.keep_alive)?;
+        if conn.keep_alive < Duration::from_secs(5) {
             return Err(KeyError::new("keep_alive", "must be at least 5s"));
         }
         if self.receive_maximum == 0 {
             return Err(KeyError::new("receive_maximum", "must be at least 1"));
         }
-        cfg.receive_maximum = self.receive_maximum;
-        cfg.session_expiry = duration_key("session_expiry", &self.session_expiry)?;
-        cfg.conn.reconnect.max =
-            duration_key("reconnect_max", &self.reconnect_max)?.max(cfg.conn.reconnect.base);
-        cfg.conn.username = self.username.clone();
-        cfg.conn.password = secret_key("password_file", self.password_file.as_deref())?;
-        cfg.conn.tls = broker_tls(
+        let session_expiry = duration_key("session_expiry", &self.session_expiry)?;
+        conn.reconnect = Backoff {
+            base: RECONNECT_BASE,
+            max: duration_key("reconnect_max", &self.reconnect_max)?.max(RECONNECT_BASE),
+        };
+        conn.username = self.username.clone();
+        conn.password = secret_key("password_file", self.password_file.as_deref())?;
+        conn.tls = broker_tls(
             scheme,
             self.ca_file.as_deref(),
             self.client_cert_file.as_deref(),
             self.client_key_file.as_deref(),
         )?;
+        let mut cfg = MqttIngestConfig {
+            conn,
+            topics,
+            payload_format,
+            receive_maximum: self.receive_maximum,
+            session_expiry,
+            control: self.control,
+        };
         let Some(addr) = embedded else {
             return Ok(MqttMode::Broker(cfg));
         };

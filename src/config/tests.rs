@@ -24,6 +24,18 @@ fn defaults_alone_give_one_archive_sink_on_loopback() {
         other => panic!("default sink is {other:?}"),
     }
     assert!(matches!(s.mqtt, MqttMode::Embedded { .. }));
+    // The MQTT ingest's defaults, all from config/default.toml.
+    let m = s.mqtt.ingest().unwrap();
+    assert_eq!(
+        (m.receive_maximum, m.session_expiry, m.control),
+        (1000, Duration::from_secs(7 * 24 * 3600), true)
+    );
+    assert_eq!(m.conn.keep_alive, Duration::from_secs(30));
+    assert_eq!(
+        (m.conn.reconnect.base, m.conn.reconnect.max),
+        (Duration::from_millis(200), Duration::from_secs(30))
+    );
+    assert_eq!(m.conn.max_packet_bytes, 65536 + 4096);
     assert_eq!(s.wal.retention, Duration::from_secs(86400));
 }
 
@@ -162,6 +174,24 @@ fn a_fleet_without_trusted_keys_or_with_a_bad_url_names_the_key() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("/nonexistent"), "{e}");
+    // With its keys file the fleet is on, with config/default.toml's timings.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("fleet-keys");
+    let (_, public) = gateway_actors::fleet::verify::SigningKey::generate("ops-1").unwrap();
+    std::fs::write(&keys, public).unwrap();
+    let fleet = |extra: &str| {
+        Settings::from_toml(&format!(
+            "[fleet]\nurl = \"mqtt://h:1\"\ntrusted_keys_file = \"{}\"\n{extra}",
+            keys.display()
+        ))
+    };
+    let f = fleet("").unwrap().fleet.unwrap();
+    assert_eq!(
+        (f.probation, f.state_interval, f.groups.len()),
+        (Duration::from_secs(60), Duration::from_secs(300), 0)
+    );
+    let e = fleet("probation = \"soon\"\n").unwrap_err().to_string();
+    assert!(e.starts_with("invalid `fleet.probation`"), "{e}");
 }
 
 #[test]
