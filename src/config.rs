@@ -189,7 +189,7 @@ fn record_origin(v: &Value, key: &str, layer: &str, origin: &mut HashMap<String,
 }
 
 /// Whether `tree`, on top of the defaults, is a valid layer (else why).
-fn fits(defaults: &Value, tree: &Value) -> Result<(), toml::de::Error> {
+pub(crate) fn fits(defaults: &Value, tree: &Value) -> Result<(), toml::de::Error> {
     let mut all = defaults.clone();
     merge_into(&mut all, tree.clone(), "", "", &mut HashMap::new());
     all.try_into::<RawConfig>().map(|_| ())

@@ -266,4 +266,57 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn every_key_of_the_defaults_has_its_variable_by_the_rule() {
+        let defaults: Value = toml::from_str(crate::config::DEFAULTS_TOML).unwrap();
+        let sections: Vec<String> = defaults
+            .as_table()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_table())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut vars = Vec::new();
+        let mut want = Vec::new();
+        for (section, keys) in defaults.as_table().unwrap() {
+            let keys = match keys {
+                Value::Table(t) => t
+                    .iter()
+                    .map(|(k, v)| (format!("{section}_{k}"), v))
+                    .collect(),
+                v => vec![(section.clone(), v)],
+            };
+            for (name, v) in keys {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Array(a) if a.is_empty() => continue,
+                    Value::Array(a) => a
+                        .iter()
+                        .map(|v| v.as_str().unwrap())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    v => v.to_string(),
+                };
+                let var = format!("GATEWAY_{}", name.to_uppercase());
+                want.push((format!("env {var}"), v.clone()));
+                vars.push((var, text));
+            }
+        }
+        assert!(want.len() >= 30, "{want:?}");
+        let fits =
+            |t: &Value| crate::config::fits(&defaults, t).map_err(|e| e.message().to_string());
+        let mut got = layers(vars, &sections, fits).unwrap();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got.len(), want.len());
+        for ((layer, tree), (want_layer, value)) in got.iter().zip(&want) {
+            assert_eq!(layer, want_layer);
+            let mut leaf = tree;
+            while let Value::Table(t) = leaf {
+                leaf = t.values().next().unwrap();
+            }
+            assert_eq!(leaf, value, "{layer}");
+        }
+    }
 }
