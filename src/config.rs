@@ -93,12 +93,19 @@ struct RawConfig {
     gateway_id: Option<String>,
     /// Where the WAL and the default archive live.
     data_dir: PathBuf,
+    /// `[log]`.
     log: log::LogKeys,
+    /// `[http]`: the listener.
     http: http::HttpKeys,
+    /// `[ingest]`: limits on what devices send.
     ingest: ingest::IngestKeys,
+    /// `[mqtt]`: MQTT ingest.
     mqtt: mqtt::MqttKeys,
+    /// `[wal]`.
     wal: wal::WalKeys,
+    /// `[otlp]`: traces.
     otlp: otlp::OtlpKeys,
+    /// `[fleet]`, owned by `gateway_actors::fleet`.
     fleet: FleetKeys,
     /// Each `[sinks.NAME]` table as written: its keys belong to the kind
     /// (`gateway_actors::sink::SinkConfig`) and are checked in validation.
@@ -128,10 +135,15 @@ pub struct FlagLayer {
 /// The layers, read and merged; [`Loaded::settings`] validates them.
 #[derive(Debug, Clone)]
 pub struct Loaded {
+    /// Every layer merged key by key, the highest winning; what `config
+    /// print` shows.
     merged: Value,
+    /// The layer that set each dotted key (`http.addr` → `env
+    /// GATEWAY_HTTP_ADDR`), so that an error names it.
     origin: HashMap<String, String>,
 }
 
+/// Sets `path` in `tree` to `v`, making the tables on the way.
 fn set_path(tree: &mut Value, path: &[String], v: Value) {
     let mut cur = tree;
     for (i, k) in path.iter().enumerate() {
@@ -146,6 +158,8 @@ fn set_path(tree: &mut Value, path: &[String], v: Value) {
     }
 }
 
+/// Merges `top` into `base` key by key, remembering `layer` as the
+/// origin of every key it sets.
 fn merge_into(
     base: &mut Value,
     top: Value,
@@ -179,6 +193,7 @@ fn merge_into(
     }
 }
 
+/// `layer` set `key` (and every key below it).
 fn record_origin(v: &Value, key: &str, layer: &str, origin: &mut HashMap<String, String>) {
     if let Value::Table(t) = v {
         for (k, v) in t {
@@ -195,6 +210,7 @@ pub(crate) fn fits(defaults: &Value, tree: &Value) -> Result<(), toml::de::Error
     all.try_into::<RawConfig>().map(|_| ())
 }
 
+/// A layer that is not valid on its own is an error naming the layer.
 fn check_layer(defaults: &Value, tree: &Value, layer: &str) -> Result<(), ConfigError> {
     fits(defaults, tree).map_err(|e| ConfigError::Layer {
         layer: layer.to_string(),
