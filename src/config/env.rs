@@ -9,7 +9,7 @@
 //!
 //! A variable's text becomes the TOML value its key takes: a string if the
 //! key takes one, else an integer, a float, a boolean or a comma-separated
-//! list (`GATEWAY_FLEET_GROUPS=north,line-3`). Secrets still come from
+//! list (`GATEWAY_FLEET_GROUPS=north,line-3`; empty: an empty list). Secrets still come from
 //! files only: `GATEWAY_MQTT_PASSWORD_FILE` is the `mqtt.password_file` key.
 
 use toml::Value;
@@ -52,8 +52,10 @@ fn candidates(text: &str) -> Vec<Value> {
     if let Ok(b) = text.parse() {
         all.push(Value::Boolean(b));
     }
+    // An empty text is an empty list (`GATEWAY_FLEET_GROUPS=`: no groups).
+    let items = text.split(',').filter(|_| !text.is_empty());
     all.push(Value::Array(
-        text.split(',').map(|s| Value::String(s.into())).collect(),
+        items.map(|s| Value::String(s.into())).collect(),
     ));
     all
 }
@@ -234,7 +236,11 @@ mod tests {
             printed["ingest"]["rate_limit_per_device"],
             Value::Float(2.5)
         );
-        let s = with_env(&[("GATEWAY_INGEST_RATE_LIMIT_PER_DEVICE", "3")]).unwrap();
+        let s = with_env(&[
+            ("GATEWAY_INGEST_RATE_LIMIT_PER_DEVICE", "3"),
+            ("GATEWAY_FLEET_GROUPS", ""),
+        ])
+        .unwrap();
         let printed: toml::Table = toml::from_str(&s.rendered).unwrap();
         assert_eq!(
             printed["ingest"]["rate_limit_per_device"],
@@ -290,7 +296,6 @@ mod tests {
             for (name, v) in keys {
                 let text = match v {
                     Value::String(s) => s.clone(),
-                    Value::Array(a) if a.is_empty() => continue,
                     Value::Array(a) => a
                         .iter()
                         .map(|v| v.as_str().unwrap())
