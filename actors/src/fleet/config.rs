@@ -8,13 +8,14 @@ use serde::{Deserialize, Serialize};
 
 use super::verify::TrustedKeys;
 use crate::ingest::validate::is_valid_device_id;
-use crate::keys::KeyError;
+use crate::keys::{duration_key, KeyError};
 use crate::mqtt::client::{Backoff, Connection};
 use crate::mqtt::{BrokerKeys, MqttVersion};
 
-/// The `[fleet]` keys, as written (every one optional; see
-/// `config/default.toml` for the defaults).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+/// The `[fleet]` keys, as written. The defaults are in the gateway's
+/// `config/default.toml` (the lowest layer, so every key without an
+/// `Option` is always there); an `Option` key has no default.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetKeys {
     /// The fleet broker, `mqtt://host:port` or `mqtts://host:port`; absent:
@@ -22,16 +23,17 @@ pub struct FleetKeys {
     pub url: Option<String>,
     /// Static group membership: group commands on
     /// `fleet/group/{group}/control/+` reach this gateway.
-    pub groups: Option<Vec<String>>,
+    pub groups: Vec<String>,
     /// Ed25519 public keys that may sign commands, one `KEY_ID BASE64` a
     /// line (required with `url`).
     pub trusted_keys_file: Option<PathBuf>,
     /// How long a new config bundle must stay healthy before it is kept
     /// (ready, connected to the fleet broker, every sink that was up still
     /// up; see [`super::apply`]).
-    pub probation: Option<String>,
-    /// The state is published at least this often (and on change).
-    pub state_interval: Option<String>,
+    pub probation: String,
+    /// The state is published at least this often (and on change), at
+    /// least 1s.
+    pub state_interval: String,
     /// Client id (default `gateway-{gateway_id}-fleet`).
     pub client_id: Option<String>,
     /// `5` (default: replies also go to the MQTT 5 response topic) or `3.1.1`.
@@ -86,16 +88,6 @@ impl FleetConfig {
     }
 }
 
-fn duration(key: &str, text: Option<&str>, default: &str) -> Result<Duration, KeyError> {
-    let text = text.unwrap_or(default);
-    humantime::parse_duration(text).map_err(|e| {
-        KeyError::new(
-            key,
-            format!("{text:?} is not a duration like \"60s\" or \"5m\" ({e})"),
-        )
-    })
-}
-
 impl FleetKeys {
     /// Validates the keys: `None` when the fleet is off (no `url`).
     /// `wal_limit` is `wal.max_bytes`.
@@ -121,7 +113,7 @@ impl FleetKeys {
             base: Duration::from_millis(200),
             max: Duration::from_secs(30),
         };
-        let groups = self.groups.clone().unwrap_or_default();
+        let groups = self.groups.clone();
         if let Some(g) = groups.iter().find(|g| !is_valid_device_id(g)) {
             return Err(KeyError::new(
                 "groups",
@@ -136,8 +128,8 @@ impl FleetKeys {
         };
         let trusted =
             TrustedKeys::load(keys_file).map_err(|e| KeyError::new("trusted_keys_file", e))?;
-        let probation = duration("probation", self.probation.as_deref(), "60s")?;
-        let state_interval = duration("state_interval", self.state_interval.as_deref(), "5m")?;
+        let probation = duration_key("probation", &self.probation)?;
+        let state_interval = duration_key("state_interval", &self.state_interval)?;
         if state_interval < Duration::from_secs(1) {
             return Err(KeyError::new("state_interval", "must be at least 1s"));
         }
@@ -157,12 +149,31 @@ impl FleetKeys {
 mod tests {
     use super::*;
 
+    /// The `[fleet]` keys as `config/default.toml` gives them (the
+    /// gateway's config tests check that file against these values).
+    fn defaults() -> FleetKeys {
+        FleetKeys {
+            url: None,
+            groups: Vec::new(),
+            trusted_keys_file: None,
+            probation: "60s".into(),
+            state_interval: "5m".into(),
+            client_id: None,
+            version: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            username: None,
+            password_file: None,
+        }
+    }
+
     #[test]
     fn the_fleet_is_off_without_a_url_and_needs_trusted_keys_with_one() {
-        assert!(FleetKeys::default().build("gw", 1).unwrap().is_none());
+        assert!(defaults().build("gw", 1).unwrap().is_none());
         let keys = FleetKeys {
             url: Some("mqtt://127.0.0.1:1".into()),
-            ..FleetKeys::default()
+            ..defaults()
         };
         assert_eq!(keys.build("gw", 1).unwrap_err().key, "trusted_keys_file");
         let dir = tempfile::tempdir().unwrap();
@@ -178,7 +189,7 @@ mod tests {
         let (_, public) = super::super::verify::SigningKey::generate("ops-1").unwrap();
         std::fs::write(&file, public).unwrap();
         let cfg = FleetKeys {
-            groups: Some(vec!["north".into()]),
+            groups: vec!["north".into()],
             ..keys.clone()
         }
         .build("gw", 1)
@@ -196,7 +207,7 @@ mod tests {
         };
         assert_eq!(bad_url.build("gw", 1).unwrap_err().key, "url");
         let bad_group = FleetKeys {
-            groups: Some(vec!["a/b".into()]),
+            groups: vec!["a/b".into()],
             ..keys
         };
         assert_eq!(bad_group.build("gw", 1).unwrap_err().key, "groups");

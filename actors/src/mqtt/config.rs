@@ -3,13 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::client::{Backoff, ClientOptions, Connection, MqttVersion};
+use super::client::{ClientOptions, Connection, MqttVersion};
 use super::tls::broker_tls;
 use super::topics::Topics;
 use crate::ingest::PayloadFormat;
 use crate::keys::{secret_key, KeyError};
 
-/// Everything `MqttIngest` needs to connect and subscribe.
+/// Everything `MqttIngest` needs to connect and subscribe (built from the
+/// `[mqtt]` keys by the gateway's `config::mqtt::MqttKeys`).
 #[derive(Debug, Clone)]
 pub struct MqttIngestConfig {
     /// The broker connection (shared with the control plane, whose client
@@ -29,26 +30,6 @@ pub struct MqttIngestConfig {
 }
 
 impl MqttIngestConfig {
-    /// Defaults for a broker at `host:port`: MQTT 5, incoming packets up
-    /// to 256 KiB, reconnects from 200 ms to 30 s.
-    pub fn new(host: &str, port: u16, client_id: &str) -> Self {
-        let mut conn = Connection::new(host, port, client_id);
-        conn.version = MqttVersion::V5;
-        conn.max_packet_bytes = 256 * 1024;
-        conn.reconnect = Backoff {
-            base: Duration::from_millis(200),
-            max: Duration::from_secs(30),
-        };
-        Self {
-            conn,
-            topics: Topics::default(),
-            payload_format: PayloadFormat::Auto,
-            receive_maximum: 1000,
-            session_expiry: Duration::from_secs(7 * 24 * 3600),
-            control: true,
-        }
-    }
-
     /// The ingest connection's options: a persistent session, manual acks,
     /// our Receive Maximum, the telemetry subscription.
     pub fn client_options(&self) -> ClientOptions {
