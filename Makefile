@@ -39,8 +39,8 @@ lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, ba
 # The profile measured: dist (what ships); `make bench BENCH_PROFILE=release` measures the quick build.
 BENCH_PROFILE ?= dist
 export BENCH_PROFILE
-BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-cost bench-sinks bench-routes bench-outage bench-soak bench-status
-bench: test-deps ## WAL, HTTP, start-up, MQTT, cost per record (CPU, disk writes, fsyncs at 40 and 1k records/s), sink-drain, routes/live-first, an upstream outage, a 2-minute soak and the status page's cost; results in bench/results/latest.md and latest.json
+BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-cost bench-sinks bench-routes bench-outage bench-soak bench-status bench-uplink
+bench: test-deps ## WAL, HTTP, start-up, MQTT, cost per record (CPU, disk writes, fsyncs at 40 and 1k records/s), sink-drain, routes/live-first, an upstream outage, a 2-minute soak, the status page's cost and the uplink (bytes on the wire, drain rates, reduction, a 10-minute budget, a quota); results in bench/results/latest.md and latest.json
 	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway --bin gateway --bin loadgen
 	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway-actors --example wal_bench --example drain_bench
 	scripts/bench-report.py --reset

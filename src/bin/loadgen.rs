@@ -19,6 +19,11 @@
 //! - Every record has a unique `msg_id` (`{run}-{worker}-{n}`); `--acked FILE`
 //!   gets one line `device_id:msg_id` per acknowledged record, flushed every
 //!   100 ms, so the list is there even when loadgen is killed.
+//! - `--format site` sends realistic telemetry (DESIGN §6b's uplink
+//!   figures): per device three slowly varying floats (a temperature that
+//!   walks ±0.05 a reading, a humidity ±0.1, a pressure ±0.05), a counter,
+//!   a boolean that rarely flips, and two tags; ~200 B of JSON, ~400 B once
+//!   canonical.
 //! - On exit it prints one JSON line: sent, acknowledged, errors, rate and
 //!   the send → acknowledgement latency (p50, p99, max).
 
@@ -110,6 +115,27 @@ struct Common {
 enum Format {
     Json,
     Protobuf,
+    /// Realistic telemetry: slowly varying floats, a counter, a boolean, tags.
+    Site,
+}
+
+/// One device's readings in `--format site`, in hundredths (so the walks
+/// print without float noise).
+#[derive(Clone, Copy, Default)]
+struct Walk {
+    temperature: i64,
+    humidity: i64,
+    pressure: i64,
+    readings: u64,
+    door: bool,
+}
+
+/// A cheap deterministic hash of a record number (splitmix64).
+fn mix(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Shared counters and the acknowledged list.
@@ -172,9 +198,47 @@ struct Payloads {
     size: usize,
     devices: usize,
     prefix: String,
+    /// `--format site`: each device's walk, by device number.
+    walks: Mutex<HashMap<u64, Walk>>,
 }
 
 impl Payloads {
+    /// Record `n` of `--format site`: the next reading of its device.
+    fn site(&self, n: u64, msg_id: &str, ts: i64) -> Vec<u8> {
+        let dev = n % self.devices.max(1) as u64;
+        let r = mix(n);
+        let step = |bits: u64, by: i64| if (r >> bits) & 1 == 0 { by } else { -by };
+        let w = {
+            let mut walks = self.walks.lock().unwrap_or_else(|e| e.into_inner());
+            let w = walks.entry(dev).or_insert_with(|| Walk {
+                temperature: 1800 + (dev % 60) as i64 * 10,
+                humidity: 4000 + (dev % 20) as i64 * 50,
+                pressure: 101_200 + (dev % 10) as i64 * 10,
+                readings: 1000 + dev * 37,
+                door: false,
+            });
+            w.temperature += step(0, 5);
+            w.humidity += step(1, 10);
+            w.pressure += step(2, 5);
+            w.readings += 1;
+            if (r >> 8) % 500 == 0 {
+                w.door = !w.door;
+            }
+            *w
+        };
+        let c = |x: i64| format!("{}.{:02}", x.div_euclid(100), x.rem_euclid(100));
+        format!(
+            r#"{{"msg_id":"{msg_id}","ts":{ts},"metrics":{{"temperature_c":{},"humidity_pct":{},"pressure_hpa":{},"cycles":{},"door_open":{}}},"tags":{{"site":"north","line":"line-{}"}}}}"#,
+            c(w.temperature),
+            c(w.humidity),
+            c(w.pressure),
+            w.readings,
+            w.door,
+            dev % 4
+        )
+        .into_bytes()
+    }
+
     fn device(&self, n: u64) -> String {
         format!("{}-{}", self.prefix, n % self.devices.max(1) as u64)
     }
@@ -186,6 +250,7 @@ impl Payloads {
         let ts = chrono::Utc::now().timestamp_millis();
         let t = (n % 400) as f64 / 10.0;
         let body = match self.format {
+            Format::Site => self.site(n, &msg_id, ts),
             Format::Json => {
                 let mut s = format!(r#"{{"msg_id":"{msg_id}","ts":{ts},"metrics":{{"t":{t}"#);
                 let pad = self.size.saturating_sub(s.len() + 12);
@@ -279,6 +344,7 @@ fn main() -> std::process::ExitCode {
         size: common.size,
         devices: common.devices,
         prefix: common.device_prefix.clone(),
+        walks: Mutex::default(),
     });
     let result = match &cli.mode {
         Mode::Http {
