@@ -11,10 +11,13 @@
 //! - [`durable`]: directories created and synced so that a power cut
 //!   cannot take them (and what is below them) away.
 //! - [`dispatcher`]: one `Dispatcher` per sink: fetch, publish, ack, retry
-//!   with backoff, dead-letter.
+//!   with backoff, dead-letter; its settings (`config.rs`), uplink gating
+//!   (`gate.rs`), reduction glue (`reduction.rs`) and operator messages
+//!   (`admin.rs`) are rooms of their own.
 //! - [`uplink`] and [`reduce`]: what a sink may send and when (byte
 //!   budget, quota, send windows) and report-by-exception (deadband,
-//!   downsample), applied by its dispatcher.
+//!   downsample; its settings in `reduce/settings.rs`), applied by its
+//!   dispatcher.
 //! - [`sink`]: the `Sink` trait, the `SinkActor` that runs one, and one
 //!   folder per sink kind.
 //! - [`mqtt`]: the `MqttIngest` actor: QoS 1, persistent session, PUBACK
