@@ -114,7 +114,8 @@
 //! - `space.rs`: the size counted against `max_bytes`, free disk,
 //!   backpressure and compaction.
 //! - `expiry.rs`: per-sink TTLs.
-//! - `admin.rs`: operator commands (below).
+//! - `admin.rs`: operator commands (below); `dlq.rs`: dead letters read
+//!   (the filter, list, count, export).
 //! - `writer.rs`: the writer thread (group commits, the commit window,
 //!   housekeeping); `store.rs`: its actor ([`WalStore`]) and the ingest's
 //!   direct queue to it; `reader.rs`: read-only connections
@@ -122,9 +123,9 @@
 //!
 //! # Operator actions
 //!
-//! Dead letters (list, export, requeue, purge), replay of a time range to
-//! one sink, the consistency check with safe repair, and compaction on
-//! demand live in `admin.rs`; see its module doc for how requeue and replay
+//! Dead letters (requeue, purge), replay of a time range to one sink, the
+//! consistency check with safe repair, and compaction on demand live in
+//! `admin.rs` (listing and exporting dead letters in `dlq.rs`); see its module doc for how requeue and replay
 //! reopen finished records without leaving the cursor + ranges form. They
 //! run on the writer thread ([`WithWal`]); read-only listings go through
 //! [`WalReader`]. The model test exercises requeue, purge and replay, and
@@ -146,6 +147,7 @@
 mod admin;
 mod append;
 mod delivery;
+mod dlq;
 mod engine;
 mod error;
 mod expiry;
@@ -156,9 +158,9 @@ mod space;
 mod store;
 mod writer;
 
-pub use admin::{
-    count_dead, for_each_dead, integrity_report, list_dead, parse_time_ms, time_ms, CheckReport,
-    DeadLetter, DlqFilter, Problem, ReplayOutcome,
+pub use admin::{integrity_report, CheckReport, Problem, ReplayOutcome};
+pub use dlq::{
+    count_dead, for_each_dead, list_dead, parse_time_ms, time_ms, DeadLetter, DlqFilter,
 };
 pub use engine::{
     now_ms, splice_record, AppendOutcome, BackpressurePolicy, Batch, Fetched, NewRecord, SinkStats,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::OpenFlags;
 
-use super::admin::{count_dead, for_each_dead, list_dead, DeadLetter, DlqFilter};
+use super::dlq::{count_dead, for_each_dead, list_dead, DeadLetter, DlqFilter};
 
 /// How a connection that only reads the WAL opens it: read-write flags, so
 /// SQLite may use the `-shm` file, and then [`make_query_only`].
