@@ -12,7 +12,8 @@
 //!   at `/`, `gateway status`).
 //! - [`telemetry`]: JSON logging.
 //! - [`cli`]: the `gateway` subcommands; [`ops_cli`] runs the operator ones
-//!   (offline on the data dir, or through a running gateway's admin API).
+//!   (offline on the data dir, or through a running gateway's admin API;
+//!   how results print is its room `ops_cli/show.rs`).
 //! - [`fleet_cli`]: `gateway fleet keygen | sign | send | status`, the
 //!   operator's side of the fleet channel.
 //! - [`bundles`]: fleet config bundles: the layer a start runs with, the
