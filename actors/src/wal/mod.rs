@@ -109,8 +109,9 @@
 //!   one commit for appends, acks, dead letters and releases).
 //! - `sink_state.rs`: a sink's delivery state (cursor + done ranges) and
 //!   how it is loaded and stored.
-//! - `delivery.rs`: fetch, ack, dead, release and stats on that state;
-//!   acknowledgements held in memory (`wal.ack_flush`).
+//! - `delivery.rs`: fetch, ack, dead and release on that state;
+//!   acknowledgements held in memory (`wal.ack_flush`); `stats.rs`: the
+//!   counts (`stats`) and the backlog per class, scanned off the writer.
 //! - `space.rs`: the size counted against `max_bytes`, free disk,
 //!   backpressure and compaction.
 //! - `expiry.rs`: per-sink TTLs.
@@ -155,6 +156,7 @@ mod ranges;
 mod reader;
 mod sink_state;
 mod space;
+mod stats;
 mod store;
 mod writer;
 

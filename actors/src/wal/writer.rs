@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::delivery::{class_stats_on, ClassStatsQuery};
 use super::engine::{now_ms, Fetched, Wal, WalStats, WriteOp, WriteResult};
 use super::error::WalError;
 use super::space::COMPACT_CHUNK;
+use super::stats::{class_stats_on, ClassStatsQuery};
 use super::store::{FetchBatch, ReleaseBatch, WalHealth};
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
