@@ -217,7 +217,7 @@ def reduce_run(ctx, args):
     raw, red = chaos.Analytics(work, "raw"), chaos.Analytics(work, "red")
     for a in (raw, red):
         a.start()
-    sinks = (f'[sinks.raw]\n{raw.sink_toml(None)}\n[sinks.red]\n{red.sink_toml(None)}\n'
+    sinks = (f'[sinks.raw]\n{raw.sink_toml(None)}\n[sinks.red]\n{red.sink_toml(None)}compression = "zstd"\n'
              f'[sinks.red.reduce]\n{REDUCE}')
     gw = chaos.Gateway(ctx, work, chaos.gateway_config('[mqtt]\nurl = "off"\n', sinks))
     try:
@@ -226,6 +226,8 @@ def reduce_run(ctx, args):
         chaos.wait_for("the raw sink has every record", 300,
                        lambda: len(read_ndjson(raw.out)) >= args.records, 0.5)
         chaos.wait_for("the reduced sink to drain", 300, lambda: chaos.backlog_gone(gw, "red"), 0.5)
+        raw_stats = http_json(f"http://127.0.0.1:{raw.port}/stats")
+        red_stats = http_json(f"http://127.0.0.1:{red.port}/stats")
     finally:
         gw.stop()
         chaos.CHILDREN.stop_all()
@@ -256,6 +258,8 @@ def reduce_run(ctx, args):
                 bad.append(f"{slot}: {x} rebuilt as {rebuilt}")
     return {"records": len(inp), "values_in": values_in, "values_out": values_out,
             "share": 100.0 * values_out / values_in,
+            "raw_bytes": raw_stats["wire_bytes"] / len(inp), "red_body": red_stats["body_bytes"] / len(inp),
+            "red_wire": red_stats["wire_bytes"] / len(inp), "red_records": len(out),
             "per_metric": {m: 100.0 * per_metric_out.get(m, 0) / n for m, n in per_metric_in.items()},
             "worst": worst, "bad": bad}
 
@@ -479,7 +483,10 @@ def main():
                       f"`[sinks.X.reduce] {REDUCE.strip()}`: the sink sent {r['values_out']} of {r['values_in']} "
                       f"metric values (**{r['share']:.1f} %**; {per}). The far side's rebuild (last value "
                       f"carried forward) against every input value: worst error as a share of the band: {worst}; "
-                      f"{len(r['bad'])} values outside their band{': ' + '; '.join(r['bad'][:3]) if r['bad'] else ''}."]
+                      f"{len(r['bad'])} values outside their band{': ' + '; '.join(r['bad'][:3]) if r['bad'] else ''}. "
+                      f"The reduced sink (zstd) sent {r['red_records']} records; per input record {r['red_body']:.1f} B "
+                      f"of JSON, {r['red_wire']:.1f} B on the wire, against {r['raw_bytes']:.0f} B of raw JSON "
+                      "unreduced."]
             figure("uplink.reduce.values_sent", round(r["share"], 2), "% of metric values",
                    target="<= 10 % of the metric values on slowly varying data (issue 33, target 5)",
                    check="value <= 10", note=f"{r['values_out']} of {r['values_in']}", build=build)

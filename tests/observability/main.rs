@@ -293,6 +293,14 @@ fn every_dashboard_and_alert_expression_evaluates_in_a_real_prometheus() {
          quota = {{ bytes = \"1GB\" }}\n",
         blocker.join("archive").display()
     ));
+    // The healthy gateway's archive reduces (a deadband of 5 on the
+    // temperature the load counts up): the report-by-exception series.
+    let set = app.admin(
+        "POST",
+        "/admin/config",
+        Some(serde_json::json!({"key": "sinks.archive.reduce", "value": {"deadband": {"temperature_c": 5}}})),
+    );
+    assert_eq!(set.status, 200, "{}", set.text);
     load(&app, "a", 30);
     load(&broken, "b", 10);
 
