@@ -96,10 +96,11 @@ def set_key(gw, key, value):
 
 
 def load(ctx, gw, work, count, name="site"):
-    """`count` site records over HTTP as fast as they are acknowledged."""
+    """`count` site records over HTTP as fast as they are acknowledged (64
+    connections: each waits out the WAL's commit window for its answer)."""
     out = Path(work) / f"loadgen-{name}.out"
     with open(out, "w") as f:
-        p = subprocess.run([ctx.loadgen_bin, "http", "--url", gw.url(""), "--connections", "8",
+        p = subprocess.run([ctx.loadgen_bin, "http", "--url", gw.url(""), "--connections", "64",
                             "--devices", str(DEVICES), "--device-prefix", "sensor", "--format", "site",
                             "--count", str(count), "--run-id", f"{ctx.run_tag}{name}"],
                            stdout=f, stderr=subprocess.STDOUT, timeout=1800)
