@@ -392,6 +392,8 @@ def quota_run(ctx, args):
         before = spent()
         gw.stop()
         gw.start()
+        # The dispatcher reads its quota file once it runs.
+        chaos.wait_for("the quota reloaded", 30, lambda: spent() is not None, 0.1)
         after = spent()
         alarm(5)
         chaos.wait_for("an alarm after the restart", 30, lambda: count("alarm-1:") == 6, 0.1)
