@@ -1,32 +1,34 @@
-//! `WalStore`: the actor in front of the [`Wal`] engine.
+//! `WalStore`: the actor that supervises the WAL's writer thread.
 //!
-//! Role: starts the WAL's writer thread ([`super::writer`]) and turns typed
-//! messages into requests for it. SQLite never runs on an async arbiter:
-//! the engine lives on its own OS thread, which group-commits every write
-//! waiting in its queue (one transaction, one fsync) before it answers.
+//! Role: starts the WAL's writer thread ([`super::writer`]) and restarts it
+//! when it dies. SQLite never runs on an async arbiter: the engine lives on
+//! its own OS thread, which group-commits every write waiting in its queue
+//! (one transaction, one fsync) before it answers. Callers do not go
+//! through this actor: they queue to the thread through a
+//! [`super::WalWriter`], which reports a dead writer here.
 //!
 //! Handles: [`AppendRecords`], [`FetchBatch`], [`AckBatch`], [`ReleaseBatch`],
-//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`], [`WithWal`]. Sends nothing.
+//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`], [`WithWal`] (each goes on
+//! through a [`WalWriter`]), `WriterDied` (from a `WalWriter`), and
+//! `InjectWriterPanic` (tests, `fault-injection` feature). Sends nothing.
 //!
 //! Restart policy: supervised. If the writer thread dies (a panic, a lost
-//! database handle) the next message notices, the actor stops itself, and the
-//! supervisor starts it again, which re-opens the database on a new thread.
-//! Lost on restart: the InFlight marks (by design: they become Enqueued
-//! again) and requests queued to the dead thread (their callers get an
-//! error; nothing they asked for was acknowledged).
+//! database handle) the next request notices, the actor stops itself, and
+//! the supervisor starts it again after a backoff, which re-opens the
+//! database on a new thread. Lost on restart: the InFlight marks (by
+//! design: they become Enqueued again) and requests queued to the dead
+//! thread (their callers get an error; nothing they asked for was
+//! acknowledged).
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
 
-use super::engine::{
-    AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalStats, WriteOp, WriteResult,
-};
+use super::engine::{AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalStats};
 use super::error::WalError;
+use super::handle::WalWriter;
 use super::writer::{writer_loop, Request};
 use crate::metrics::Metrics;
 
@@ -42,7 +44,7 @@ pub struct WalHealth {
     /// Last storage error or backpressure reason, for `/readyz`.
     pub last_problem: Mutex<Option<String>>,
     /// The head seq after each commit that appended: idle dispatchers wait
-    /// on it instead of polling ([`WatchAppends`]).
+    /// on it instead of polling ([`super::WalWriter::watch_appends`]).
     pub appended: tokio::sync::watch::Sender<u64>,
     /// The current writer thread's queue; `None` while the writer restarts.
     writer: RwLock<Option<mpsc::Sender<Request>>>,
@@ -54,61 +56,27 @@ impl WalHealth {
             *g = p;
         }
     }
+
+    /// Queues the request `make` builds to the current writer thread:
+    /// `None` while the writer restarts (`make` is not called), `Some(false)`
+    /// if the thread is gone.
+    pub(super) fn send(&self, make: impl FnOnce() -> Request) -> Option<bool> {
+        match self.writer.read() {
+            Ok(g) => g.as_ref().map(|tx| tx.send(make()).is_ok()),
+            Err(_) => Some(false),
+        }
+    }
 }
 
 /// Appends `records` durably, all or nothing, like [`AppendRecords`], but
-/// queues them straight to the writer thread from the caller's thread: the
-/// actor's own thread (which also runs the dispatchers and sinks) is not a
-/// hop on the ingest path. The writer, its group commit and the restart
-/// policy are the same: a dead writer is reported to `wal`, whose
-/// supervisor restarts it.
+/// queues them straight to the writer thread from the caller's thread
+/// ([`WalWriter::append`]).
 pub fn append_direct(
     wal: &Addr<WalStore>,
-    health: &WalHealth,
+    health: &Arc<WalHealth>,
     records: Vec<NewRecord>,
-) -> impl Future<Output = Result<Vec<AppendOutcome>, WalError>> + 'static {
-    let done = to_writer(health, wal.clone(), |reply| {
-        Request::Write(WriteOp::Append(records), Instant::now(), reply)
-    });
-    async move {
-        Ok(match done.await? {
-            WriteResult::Appended(o) => o,
-            WriteResult::Done => Vec::new(),
-        })
-    }
-}
-
-/// Queues the request `make` builds to the current writer thread and awaits
-/// its answer. A writer that is gone (the queue closed, or the answer
-/// dropped) is reported to `wal`, whose supervisor restarts it.
-fn to_writer<T: Send + 'static>(
-    health: &WalHealth,
-    wal: Addr<WalStore>,
-    make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
-) -> impl Future<Output = Result<T, WalError>> + 'static {
-    let (reply, rx) = oneshot::channel();
-    let queued = match health.writer.read() {
-        Ok(g) => g.as_ref().map(|tx| tx.send(make(reply)).is_ok()),
-        Err(_) => Some(false),
-    };
-    async move {
-        match queued {
-            // Between a restart and the end of its backoff.
-            None => Err(WalError::Unavailable("WAL writer is restarting".into())),
-            Some(true) => match rx.await {
-                Ok(r) => r,
-                // The thread died with our request.
-                Err(_) => {
-                    wal.do_send(WriterDied);
-                    Err(WalError::Unavailable("WAL writer stopped".into()))
-                }
-            },
-            Some(false) => {
-                wal.do_send(WriterDied);
-                Err(WalError::Unavailable("WAL writer stopped".into()))
-            }
-        }
-    }
+) -> impl std::future::Future<Output = Result<Vec<AppendOutcome>, WalError>> + 'static {
+    WalWriter::new(wal.clone(), health.clone()).append(records)
 }
 
 /// The WAL actor. Build it with [`WalStore::new`] and start it under a
@@ -127,16 +95,20 @@ pub struct WalStore {
 }
 
 impl WalStore {
-    /// Wraps an opened engine.
+    /// Wraps an opened engine and starts its writer thread at once, so a
+    /// [`super::WalWriter`] made right after the actor is started finds
+    /// the thread (requests do not wait in a mailbox for `started`).
     pub fn new(wal: Wal, metrics: Metrics, health: Arc<WalHealth>) -> Self {
-        Self {
+        let mut store = Self {
             cfg: wal.config().clone(),
             metrics,
             health,
             first: Some(wal),
             restarts_in_a_row: 0,
             writer_started: None,
-        }
+        };
+        store.spawn_writer();
+        store
     }
 
     fn spawn_writer(&mut self) {
@@ -168,19 +140,17 @@ impl WalStore {
         self.set_writer(Some(tx));
     }
 
-    /// The writer's queue, shared through [`WalHealth`] with [`append_direct`].
+    /// A handle to the writer thread (what the messages go through).
+    fn writer(&self, ctx: &Context<Self>) -> WalWriter {
+        WalWriter::new(ctx.address(), self.health.clone())
+    }
+
+    /// The writer's queue, shared through [`WalHealth`] with every
+    /// [`super::WalWriter`].
     fn set_writer(&self, tx: Option<mpsc::Sender<Request>>) {
         if let Ok(mut g) = self.health.writer.write() {
             *g = tx;
         }
-    }
-
-    fn submit<T: Send + 'static>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
-    ) -> ResponseFuture<Result<T, WalError>> {
-        Box::pin(to_writer(&self.health, ctx.address(), make))
     }
 }
 
@@ -190,9 +160,9 @@ impl Actor for WalStore {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Writes wait on fsync; keep a deep mailbox so bursts queue, not fail.
         ctx.set_mailbox_capacity(65_536);
-        if self.restarts_in_a_row == 0 {
-            self.spawn_writer();
-        } else {
+        // The first writer thread was started by `new`; a restarted actor
+        // starts a new one after its backoff.
+        if self.restarts_in_a_row > 0 {
             let delay = restart_backoff(self.restarts_in_a_row);
             tracing::warn!(
                 delay_ms = delay.as_millis() as u64,
@@ -230,7 +200,9 @@ fn restart_backoff(restarts_in_a_row: u32) -> Duration {
         .min(Duration::from_secs(10))
 }
 
-struct WriterDied;
+/// A caller found the writer thread gone ([`super::WalWriter`]): the actor
+/// stops, and its supervisor restarts it with a new thread.
+pub(super) struct WriterDied;
 impl Message for WriterDied {
     type Result = ();
 }
@@ -252,7 +224,7 @@ impl Message for AppendRecords {
 impl Handler<AppendRecords> for WalStore {
     type Result = ResponseFuture<Result<Vec<AppendOutcome>, WalError>>;
     fn handle(&mut self, msg: AppendRecords, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(append_direct(&ctx.address(), &self.health, msg.records))
+        Box::pin(self.writer(ctx).append(msg.records))
     }
 }
 
@@ -286,7 +258,10 @@ impl Message for FetchBatch {
 impl Handler<FetchBatch> for WalStore {
     type Result = ResponseFuture<Result<Fetched, WalError>>;
     fn handle(&mut self, msg: FetchBatch, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, |tx| Request::Fetch(msg, tx))
+        Box::pin(
+            self.writer(ctx)
+                .fetch(msg.sink, msg.max_records, msg.max_wait),
+        )
     }
 }
 
@@ -306,13 +281,7 @@ impl Message for AckBatch {
 impl Handler<AckBatch> for WalStore {
     type Result = ResponseFuture<Result<(), WalError>>;
     fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) -> Self::Result {
-        let op = WriteOp::Ack {
-            sink: msg.sink,
-            ranges: msg.ranges,
-            reduce: msg.reduce,
-        };
-        let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
-        Box::pin(async move { fut.await.map(|_| ()) })
+        Box::pin(self.writer(ctx).ack(msg.sink, msg.ranges, msg.reduce))
     }
 }
 
@@ -333,14 +302,10 @@ impl Message for MarkDead {
 impl Handler<MarkDead> for WalStore {
     type Result = ResponseFuture<Result<(), WalError>>;
     fn handle(&mut self, msg: MarkDead, ctx: &mut Context<Self>) -> Self::Result {
-        let op = WriteOp::Dead {
-            sink: msg.sink,
-            ranges: msg.ranges,
-            error: msg.error,
-            attempts: msg.attempts,
-        };
-        let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
-        Box::pin(async move { fut.await.map(|_| ()) })
+        Box::pin(
+            self.writer(ctx)
+                .dead(msg.sink, msg.ranges, msg.error, msg.attempts),
+        )
     }
 }
 
@@ -358,7 +323,7 @@ impl Message for ReleaseBatch {
 impl Handler<ReleaseBatch> for WalStore {
     type Result = ResponseFuture<Result<(), WalError>>;
     fn handle(&mut self, msg: ReleaseBatch, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, |tx| Request::Release(msg, tx))
+        Box::pin(self.writer(ctx).release(msg.sink, msg.ranges))
     }
 }
 
@@ -373,7 +338,7 @@ impl Message for ReleaseSink {
 impl Handler<ReleaseSink> for WalStore {
     type Result = ResponseFuture<Result<(), WalError>>;
     fn handle(&mut self, msg: ReleaseSink, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, |tx| Request::ReleaseSink(msg.sink, tx))
+        Box::pin(self.writer(ctx).release_sink(msg.sink))
     }
 }
 
@@ -385,7 +350,7 @@ impl Message for GetWalStats {
 impl Handler<GetWalStats> for WalStore {
     type Result = ResponseFuture<Result<WalStats, WalError>>;
     fn handle(&mut self, _: GetWalStats, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, Request::Stats)
+        Box::pin(self.writer(ctx).stats())
     }
 }
 
@@ -408,12 +373,7 @@ impl<R: Send + 'static> Message for WithWal<R> {
 impl<R: Send + 'static> Handler<WithWal<R>> for WalStore {
     type Result = ResponseFuture<Result<R, WalError>>;
     fn handle(&mut self, msg: WithWal<R>, ctx: &mut Context<Self>) -> Self::Result {
-        let f = msg.0;
-        self.submit(ctx, move |tx| {
-            Request::Exec(Box::new(move |wal: &mut Wal| {
-                let _ = tx.send(f(wal));
-            }))
-        })
+        Box::pin(self.writer(ctx).with(msg.0))
     }
 }
 
