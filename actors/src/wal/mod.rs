@@ -185,14 +185,12 @@ pub use store::{
 };
 
 /// A `WalStore` on a fresh WAL in `dir` with unregistered metrics, started
-/// on the current arbiter, and its health (unit tests of its callers).
+/// on the current arbiter, and its handle (unit tests of its callers).
 #[cfg(test)]
-pub(crate) fn start_test_store(
-    dir: &std::path::Path,
-) -> (actix::Addr<WalStore>, std::sync::Arc<WalHealth>) {
+pub(crate) fn start_test_store(dir: &std::path::Path) -> WalWriter {
     use actix::Actor as _;
     let wal = Wal::open(WalConfig::new(dir.join("w.db"), &[])).expect("a WAL in a temp dir");
     let health = std::sync::Arc::new(WalHealth::default());
     let store = WalStore::new(wal, crate::Metrics::unregistered(), health.clone()).start();
-    (store, health)
+    WalWriter::new(store, health)
 }
