@@ -179,10 +179,7 @@ pub use ranges::RangeSet;
 pub use reader::WalReader;
 #[cfg(feature = "fault-injection")]
 pub use store::InjectWriterPanic;
-pub use store::{
-    append_direct, AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch,
-    ReleaseSink, WalHealth, WalStore, WatchAppends, WithWal,
-};
+pub use store::{WalHealth, WalStore};
 
 /// A `WalStore` on a fresh WAL in `dir` with unregistered metrics, started
 /// on the current arbiter, and its handle (unit tests of its callers).

@@ -7,10 +7,8 @@
 //! through this actor: they queue to the thread through a
 //! [`super::WalWriter`], which reports a dead writer here.
 //!
-//! Handles: [`AppendRecords`], [`FetchBatch`], [`AckBatch`], [`ReleaseBatch`],
-//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`], [`WithWal`] (each goes on
-//! through a [`WalWriter`]), `WriterDied` (from a `WalWriter`), and
-//! `InjectWriterPanic` (tests, `fault-injection` feature). Sends nothing.
+//! Handles: `WriterDied` (from a `WalWriter`), and `InjectWriterPanic`
+//! (tests, `fault-injection` feature). Sends nothing.
 //!
 //! Restart policy: supervised. If the writer thread dies (a panic, a lost
 //! database handle) the next request notices, the actor stops itself, and
@@ -26,9 +24,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::engine::{AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalStats};
-use super::error::WalError;
-use super::handle::WalWriter;
+use super::engine::{Wal, WalConfig};
 use super::writer::{writer_loop, Request};
 use crate::metrics::Metrics;
 
@@ -66,17 +62,6 @@ impl WalHealth {
             Err(_) => Some(false),
         }
     }
-}
-
-/// Appends `records` durably, all or nothing, like [`AppendRecords`], but
-/// queues them straight to the writer thread from the caller's thread
-/// ([`WalWriter::append`]).
-pub fn append_direct(
-    wal: &Addr<WalStore>,
-    health: &Arc<WalHealth>,
-    records: Vec<NewRecord>,
-) -> impl std::future::Future<Output = Result<Vec<AppendOutcome>, WalError>> + 'static {
-    WalWriter::new(wal.clone(), health.clone()).append(records)
 }
 
 /// The WAL actor. Build it with [`WalStore::new`] and start it under a
@@ -140,11 +125,6 @@ impl WalStore {
         self.set_writer(Some(tx));
     }
 
-    /// A handle to the writer thread (what the messages go through).
-    fn writer(&self, ctx: &Context<Self>) -> WalWriter {
-        WalWriter::new(ctx.address(), self.health.clone())
-    }
-
     /// The writer's queue, shared through [`WalHealth`] with every
     /// [`super::WalWriter`].
     fn set_writer(&self, tx: Option<mpsc::Sender<Request>>) {
@@ -158,8 +138,6 @@ impl Actor for WalStore {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Writes wait on fsync; keep a deep mailbox so bursts queue, not fail.
-        ctx.set_mailbox_capacity(65_536);
         // The first writer thread was started by `new`; a restarted actor
         // starts a new one after its backoff.
         if self.restarts_in_a_row > 0 {
@@ -210,170 +188,6 @@ impl Handler<WriterDied> for WalStore {
     type Result = ();
     fn handle(&mut self, _: WriterDied, ctx: &mut Context<Self>) {
         ctx.stop();
-    }
-}
-
-/// Appends one request's records durably, all or nothing.
-pub struct AppendRecords {
-    /// The records.
-    pub records: Vec<NewRecord>,
-}
-impl Message for AppendRecords {
-    type Result = Result<Vec<AppendOutcome>, WalError>;
-}
-impl Handler<AppendRecords> for WalStore {
-    type Result = ResponseFuture<Result<Vec<AppendOutcome>, WalError>>;
-    fn handle(&mut self, msg: AppendRecords, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.writer(ctx).append(msg.records))
-    }
-}
-
-/// A receiver that changes after every commit that appended records.
-#[derive(Debug, Clone, Copy)]
-pub struct WatchAppends;
-impl Message for WatchAppends {
-    type Result = tokio::sync::watch::Receiver<u64>;
-}
-impl Handler<WatchAppends> for WalStore {
-    type Result = MessageResult<WatchAppends>;
-
-    fn handle(&mut self, _: WatchAppends, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.health.appended.subscribe())
-    }
-}
-
-/// Takes the next batch for a sink and marks it InFlight.
-#[derive(Debug, Clone)]
-pub struct FetchBatch {
-    /// The sink.
-    pub sink: String,
-    /// At most this many records.
-    pub max_records: usize,
-    /// Wait this long for a full batch (see [`Wal::fetch`]).
-    pub max_wait: Duration,
-}
-impl Message for FetchBatch {
-    type Result = Result<Fetched, WalError>;
-}
-impl Handler<FetchBatch> for WalStore {
-    type Result = ResponseFuture<Result<Fetched, WalError>>;
-    fn handle(&mut self, msg: FetchBatch, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(
-            self.writer(ctx)
-                .fetch(msg.sink, msg.max_records, msg.max_wait),
-        )
-    }
-}
-
-/// Marks a batch delivered for its sink.
-pub struct AckBatch {
-    /// The sink.
-    pub sink: String,
-    /// The batch's ranges.
-    pub ranges: Vec<(u64, u64)>,
-    /// The sink's reduction state rows the batch changed, stored with the
-    /// ack (see [`WriteOp::Ack`]).
-    pub reduce: Vec<(String, Option<String>)>,
-}
-impl Message for AckBatch {
-    type Result = Result<(), WalError>;
-}
-impl Handler<AckBatch> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.writer(ctx).ack(msg.sink, msg.ranges, msg.reduce))
-    }
-}
-
-/// Dead-letters a batch for its sink after the retry budget.
-pub struct MarkDead {
-    /// The sink.
-    pub sink: String,
-    /// The batch's ranges.
-    pub ranges: Vec<(u64, u64)>,
-    /// The last error.
-    pub error: String,
-    /// Attempts made.
-    pub attempts: u32,
-}
-impl Message for MarkDead {
-    type Result = Result<(), WalError>;
-}
-impl Handler<MarkDead> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: MarkDead, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(
-            self.writer(ctx)
-                .dead(msg.sink, msg.ranges, msg.error, msg.attempts),
-        )
-    }
-}
-
-/// Puts an InFlight batch back to Enqueued (it will be fetched again).
-#[derive(Debug, Clone)]
-pub struct ReleaseBatch {
-    /// The sink.
-    pub sink: String,
-    /// The batch's ranges.
-    pub ranges: Vec<(u64, u64)>,
-}
-impl Message for ReleaseBatch {
-    type Result = Result<(), WalError>;
-}
-impl Handler<ReleaseBatch> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: ReleaseBatch, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.writer(ctx).release(msg.sink, msg.ranges))
-    }
-}
-
-/// Puts everything InFlight for a sink back to Enqueued (its dispatcher restarted).
-pub struct ReleaseSink {
-    /// The sink.
-    pub sink: String,
-}
-impl Message for ReleaseSink {
-    type Result = Result<(), WalError>;
-}
-impl Handler<ReleaseSink> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: ReleaseSink, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.writer(ctx).release_sink(msg.sink))
-    }
-}
-
-/// Reads the WAL's counts per sink.
-pub struct GetWalStats;
-impl Message for GetWalStats {
-    type Result = Result<WalStats, WalError>;
-}
-impl Handler<GetWalStats> for WalStore {
-    type Result = ResponseFuture<Result<WalStats, WalError>>;
-    fn handle(&mut self, _: GetWalStats, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.writer(ctx).stats())
-    }
-}
-
-/// Runs an operator action ([`Wal::requeue`], [`Wal::check`], …) on the
-/// writer thread, between group commits, so it sees and updates the same
-/// in-memory delivery state the dispatchers use.
-pub struct WithWal<R>(WalAction<R>);
-
-type WalAction<R> = Box<dyn FnOnce(&mut Wal) -> Result<R, WalError> + Send>;
-
-impl<R> WithWal<R> {
-    /// Wraps `f`.
-    pub fn new(f: impl FnOnce(&mut Wal) -> Result<R, WalError> + Send + 'static) -> Self {
-        Self(Box::new(f))
-    }
-}
-impl<R: Send + 'static> Message for WithWal<R> {
-    type Result = Result<R, WalError>;
-}
-impl<R: Send + 'static> Handler<WithWal<R>> for WalStore {
-    type Result = ResponseFuture<Result<R, WalError>>;
-    fn handle(&mut self, msg: WithWal<R>, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.writer(ctx).with(msg.0))
     }
 }
 
