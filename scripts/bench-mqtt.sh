@@ -519,7 +519,7 @@ SECTION="$WORK/section.md"
     echo "of \`max_inflight_messages\`; groups are capped at 4096 requests)."
     echo
     echo "Gateway CPU by thread name during each run (100% = one core). gateway: the main thread running the actors"
-    echo "(MqttIngest loop, IngestRouter parsing, WalStore front, Dispatcher, SinkActor); wal-writer: SQLite + fsync;"
+    echo "(MqttIngest loop, IngestRouter parsing, Dispatcher, SinkActor); wal-writer: SQLite + fsync;"
     echo "tokio-rt-worker: blocking pool (sink gzip + file writes); actix-rt/system: HTTP workers (/metrics polls)."
     echo
     echo "$THREAD_TABLE"

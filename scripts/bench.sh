@@ -5,7 +5,7 @@
 #
 # 1. Builds the release `gateway` binary and the `wal_bench` example once.
 # 2. WAL bench: durable appends/s of the engine (1/10/100/1000 records per
-#    commit) and of the WalStore actor under concurrent senders (group commit).
+#    commit) and of its writer thread under concurrent senders (group commit).
 # 3. HTTP bench: starts the release gateway on a free loopback port with a
 #    fresh data dir (default config: no rate limit, the default `archive`
 #    sink), drives POST /ingest/{device} with wrk + bench/ingest.lua (unique
@@ -317,7 +317,7 @@ fi
     echo "| check | $VERDICT${PROBLEMS:+ ($PROBLEMS)} |"
     echo
     echo "Gateway CPU by thread name during the wrk run (100% = one core). actix-rt/system: the HTTP workers;"
-    echo "gateway: the main thread running the actors (IngestRouter parsing, WalStore front, Dispatcher, SinkActor);"
+    echo "gateway: the main thread running the actors (IngestRouter parsing, Dispatcher, SinkActor);"
     echo "wal-writer: the WAL group-commit thread (SQLite + fsync); tokio-rt-worker: the blocking pool (sink gzip + file writes)."
     echo
     echo "| thread | count | CPU |"

@@ -32,6 +32,7 @@ use gateway_actors::control::ops::{bits_by_name, route_test, RouteTestContext};
 use gateway_actors::control::{Command, OpError, Operator, RuntimeOverrides};
 use gateway_actors::wal::{
     integrity_report, now_ms, parse_time_ms, DlqFilter, Wal, WalHealth, WalReader, WalStore,
+    WalWriter,
 };
 use gateway_actors::{Metrics, Secret};
 use serde_json::{json, Value};
@@ -357,12 +358,14 @@ async fn offline(settings: &Settings, name: &str, args: Value) -> Result<Value, 
         Err(e) => return Err(OpError::from(e)),
     };
     let metrics = Metrics::unregistered();
-    let store = WalStore::new(wal, metrics.clone(), Arc::new(WalHealth::default())).start();
+    let health = Arc::new(WalHealth::default());
+    let store = WalStore::new(wal, metrics.clone(), health.clone()).start();
+    let writer = WalWriter::new(store, health);
     let reader = WalReader::open(&path, 2)?;
     let runtime = RuntimeOverrides::load(&settings.data_dir).map_err(OpError::BadRequest)?;
     let operator = Operator::new(crate::startup::operator_parts(
         settings,
-        store,
+        writer,
         reader,
         None,
         &[],

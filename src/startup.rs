@@ -21,7 +21,7 @@ use gateway_actors::mqtt::{MqttIngest, MqttStatus, ReloadTls};
 use gateway_actors::route::SinkPolicy;
 use gateway_actors::sink::s3::ArchiveKeeper;
 use gateway_actors::sink::{Rebuild, SinkActor, SinkFactory};
-use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore, WithWal};
+use gateway_actors::wal::{Wal, WalHealth, WalReader, WalStore, WalWriter};
 use gateway_actors::Metrics;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use prometheus::Registry;
@@ -43,8 +43,8 @@ pub struct Application {
 /// Addresses of the running actors.
 #[derive(Clone)]
 pub struct Handles {
-    /// The WAL actor.
-    pub wal: Addr<WalStore>,
+    /// The WAL's writer thread (its supervising actor: [`WalWriter::store`]).
+    pub wal: WalWriter,
     /// The ingest routers (one per ingest thread).
     pub router: IngestRouters,
     /// Dispatchers by sink name.
@@ -85,7 +85,7 @@ pub fn base_policies(settings: &Settings) -> BTreeMap<String, SinkPolicy> {
 /// dispatchers, for the CLI on a stopped one `None` and none.
 pub fn operator_parts(
     settings: &Settings,
-    wal: Addr<WalStore>,
+    wal: WalWriter,
     reader: WalReader,
     router: Option<IngestRouters>,
     dispatchers: &[(String, Addr<Dispatcher>)],
@@ -232,7 +232,8 @@ impl Application {
         // it) runs its `started` outside the runtime and panics.
         let wal = {
             let (m, h) = (metrics.clone(), wal_health.clone());
-            Supervisor::start(move |_| WalStore::new(wal, m, h))
+            let store = Supervisor::start(move |_| WalStore::new(wal, m, h));
+            WalWriter::new(store, wal_health.clone())
         };
         // Parsing, validation and enrichment run on the HTTP worker that
         // read a request, and for MQTT on one router per core (at most 4),
@@ -241,7 +242,6 @@ impl Application {
             std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             IngestCore::new(
                 wal.clone(),
-                wal_health.clone(),
                 &settings.gateway_id,
                 settings.ingest.limits.clone(),
                 runtime.rate_limit(settings.ingest.rate),
@@ -491,17 +491,8 @@ impl Application {
     /// also stores them when its actor stops; this does not race the exit.)
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let res = self.server.await;
-        match self
-            .handles
-            .wal
-            .send(WithWal::new(|w| w.flush_acks()))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "storing the sinks' acknowledgements at stop failed")
-            }
-            Err(e) => tracing::warn!(error = %e, "the WAL was gone at stop"),
+        if let Err(e) = self.handles.wal.with(|w| w.flush_acks()).await {
+            tracing::warn!(error = %e, "storing the sinks' acknowledgements at stop failed")
         }
         res
     }

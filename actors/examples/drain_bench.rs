@@ -14,7 +14,8 @@
 //! ```
 //!
 //! Fills a WAL with N canonical records (made by the gateway's own
-//! `parse_payload`), then starts `WalStore`, a `SinkActor` and a `Dispatcher`
+//! `parse_payload`), then starts `WalStore` (and its `WalWriter`), a
+//! `SinkActor` and a `Dispatcher`
 //! exactly as the gateway wires them and measures the time until the sink's
 //! cursor reaches the head, sampling the process RSS every 100 ms.
 
@@ -32,7 +33,7 @@ use gateway_actors::sink::kafka::KafkaSinkConfig;
 use gateway_actors::sink::mqtt::MqttKeys;
 use gateway_actors::sink::s3::S3SinkConfig;
 use gateway_actors::sink::{factory, SinkActor, SinkConfig, SinkContext, SinkFactory, SinkTarget};
-use gateway_actors::wal::{now_ms, GetWalStats, Wal, WalConfig, WalHealth, WalStore};
+use gateway_actors::wal::{now_ms, Wal, WalConfig, WalHealth, WalStore, WalWriter};
 use gateway_actors::Metrics;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -192,7 +193,8 @@ fn main() {
         let health = Arc::new(WalHealth::default());
         let wal = Wal::open(cfg).expect("open WAL");
         let (m, h) = (metrics.clone(), health.clone());
-        let wal = Supervisor::start(move |_| WalStore::new(wal, m, h));
+        let store = Supervisor::start(move |_| WalStore::new(wal, m, h));
+        let wal = WalWriter::new(store, health);
         let m = metrics.clone();
         let sink = Supervisor::start(move |_| SinkActor::new("bench", factory, m));
         let mut d = DispatchConfig::new("bench");
@@ -207,11 +209,7 @@ fn main() {
         loop {
             actix_rt::time::sleep(Duration::from_millis(100)).await;
             rss.push(rss_kb());
-            let stats = wal
-                .send(GetWalStats)
-                .await
-                .expect("mailbox")
-                .expect("stats");
+            let stats = wal.stats().await.expect("stats");
             dead = stats.sinks["bench"].dead;
             if stats.sinks["bench"].cursor >= stats.head {
                 break;

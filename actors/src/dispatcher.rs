@@ -13,15 +13,16 @@
 //!
 //! Batching is adaptive by default (`batch_max_wait` zero): a dispatcher
 //! with nothing in flight fetches what is there at once, and an idle one
-//! waits for the WAL's next append ([`WatchAppends`]) instead of polling;
+//! waits for the WAL's next append ([`WalWriter::watch_appends`]) instead of polling;
 //! batches grow only while an earlier batch is in flight, up to
 //! `batch_max_records`. A `batch_max_wait` above zero brings back waiting
 //! for a full batch (fewer, larger objects): the WAL says how long the
 //! partial batch may still wait ([`Fetched::Wait`]), and an idle dispatcher
 //! still sleeps until the next append.
 //!
-//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`SetLive`], [`SetLiveShare`], [`SetReduce`], [`GetSinkState`], [`IsRunning`]. Sends: `FetchBatch`, `AckBatch`, `MarkDead`,
-//! `ReleaseSink` to `WalStore`; `PublishBatch` to its `SinkActor`.
+//! Handles: [`SetPaused`], [`SetRetry`], [`SetBudget`], [`SetQuota`], [`SetWindows`], [`SetLive`], [`SetLiveShare`], [`SetReduce`], [`GetSinkState`], [`IsRunning`]. Sends: `PublishBatch` to its `SinkActor`.
+//! Calls the WAL's writer thread through its [`WalWriter`] (fetch, ack,
+//! dead, release, release_sink, with, watch_appends): no actor on the way.
 //!
 //! Restart policy: supervised. On restart it first asks the WAL to release
 //! whatever it had InFlight, then starts fetching again. Lost on restart: the
@@ -46,10 +47,7 @@ use crate::repeats::{self, Kind};
 use crate::sink::{PublishBatch, SinkActor, SinkError};
 use crate::trace;
 use crate::uplink::{QuotaSpent, TokenBucket};
-use crate::wal::{
-    now_ms, AckBatch, Batch, FetchBatch, Fetched, MarkDead, ReleaseSink, WalStore, WatchAppends,
-    WithWal,
-};
+use crate::wal::{now_ms, Batch, Fetched, WalWriter};
 
 mod admin;
 mod config;
@@ -71,7 +69,7 @@ pub struct Dispatcher {
     /// Batching, retries and the circuit; runtime settings change it.
     cfg: DispatchConfig,
     /// Where batches are fetched from and acks and dead letters go.
-    wal: Addr<WalStore>,
+    wal: WalWriter,
     /// The one sink it feeds: a batch at a time, so a sink's failures and
     /// slowness stay with it.
     sink: Addr<SinkActor>,
@@ -87,7 +85,7 @@ pub struct Dispatcher {
     /// The target looks down: attempts become spaced-out probes.
     circuit_open: bool,
     /// Changes after every WAL commit that appended: what an idle
-    /// dispatcher waits on (none until the WAL answered [`WatchAppends`]).
+    /// dispatcher waits on (none until started: [`WalWriter::watch_appends`]).
     appends: Option<tokio::sync::watch::Receiver<u64>>,
     /// The WAL's head (its last seq) when the last fetch was sent.
     head_seen: u64,
@@ -117,7 +115,7 @@ impl Dispatcher {
     /// A dispatcher delivering from `wal` to `sink`.
     pub fn new(
         cfg: DispatchConfig,
-        wal: Addr<WalStore>,
+        wal: WalWriter,
         sink: Addr<SinkActor>,
         metrics: Metrics,
     ) -> Self {
@@ -175,13 +173,13 @@ impl Dispatcher {
         if let Some(rx) = &mut self.appends {
             self.head_seen = *rx.borrow_and_update();
         }
-        let fetch = self.wal.send(FetchBatch {
-            sink: self.cfg.sink.clone(),
-            max_records: self.fetch_size(),
-            max_wait: self.cfg.batch_max_wait,
-        });
+        let fetch = self.wal.fetch(
+            self.cfg.sink.clone(),
+            self.fetch_size(),
+            self.cfg.batch_max_wait,
+        );
         ctx.spawn(fetch.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(Ok(Fetched::Batch(batch))) => {
+            Ok(Fetched::Batch(batch)) => {
                 let span = trace::dispatch_span(&act.cfg.sink, &batch);
                 if allowed != [true; 3] || live_only.is_some() {
                     act.publish_classes(batch, allowed, live_only, span, ctx)
@@ -189,20 +187,14 @@ impl Dispatcher {
                     act.deliver(batch, span, ctx)
                 }
             }
-            Ok(Ok(Fetched::Nothing)) => act.wait_for_records(IDLE_FALLBACK, 1, ctx),
+            Ok(Fetched::Nothing) => act.wait_for_records(IDLE_FALLBACK, 1, ctx),
             // A partial batch, younger than `batch_max_wait`: it leaves when
             // its oldest record has waited that long, or when enough appends
             // may have filled it first.
-            Ok(Ok(Fetched::Wait { after, missing })) => act.wait_for_records(after, missing, ctx),
-            Ok(Err(e)) => {
-                if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
-                    tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
-                }
-                act.idle(Duration::from_secs(1), ctx);
-            }
+            Ok(Fetched::Wait { after, missing }) => act.wait_for_records(after, missing, ctx),
             Err(e) => {
                 if repeats::admit(Kind::SinkFetch, &act.cfg.sink) {
-                    tracing::warn!(sink = %act.cfg.sink, error = %e, "WAL mailbox unavailable");
+                    tracing::warn!(sink = %act.cfg.sink, error = %e, "cannot fetch a batch from the WAL");
                 }
                 act.idle(Duration::from_secs(1), ctx);
             }
@@ -396,71 +388,62 @@ impl Dispatcher {
     }
 
     fn ack(&mut self, batch: Arc<Batch>, span: Span, attempt: u32, ctx: &mut Context<Self>) {
-        let msg = AckBatch {
-            sink: self.cfg.sink.clone(),
-            ranges: batch.ranges.clone(),
-            reduce: self.step.as_ref().map(Step::rows).unwrap_or_default(),
-        };
-        ctx.spawn(
-            self.wal
-                .send(msg)
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(Ok(())) => {
-                        act.commit_step();
-                        let sink = act.cfg.sink.as_str();
-                        let now = now_ms();
-                        let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
-                        for r in &batch.records {
-                            e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
-                        }
-                        act.metrics
-                            .sink_publish
-                            .with_label_values(&[sink, "ok"])
-                            .inc();
-                        act.metrics
-                            .sink_records
-                            .with_label_values(&[sink, "ok"])
-                            .inc_by(batch.records.len() as u64);
-                        tracing::debug!(
-                            sink,
-                            first_seq = batch.first_seq(),
-                            last_seq = batch.last_seq(),
-                            attempt,
-                            "batch delivered"
-                        );
-                        span.record("outcome", "delivered");
-                        act.busy = false;
-                        act.step(ctx);
-                    }
-                    other => {
-                        let err = match other {
-                            Ok(Err(e)) => e.to_string(),
-                            Err(e) => e.to_string(),
-                            Ok(Ok(())) => String::new(),
-                        };
-                        // The batch was delivered; only the commit of its ack failed
-                        // (a full disk, say). The WAL has already applied the ack in
-                        // memory and writes it with its next successful commit; if the
-                        // WAL restarts first, the batch is delivered again (at least
-                        // once). Either way the sink goes on with the next batch, so a
-                        // full WAL disk does not stop delivery, which frees space.
-                        // The reduction state went with the ack: taken as well.
-                        act.commit_step();
-                        if repeats::admit(Kind::SinkAck, &act.cfg.sink) {
-                            tracing::warn!(
-                                sink = %act.cfg.sink,
-                                first_seq = batch.first_seq(),
-                                last_seq = batch.last_seq(),
-                                error = %err,
-                                "ack of a delivered batch not persisted yet; continuing"
-                            );
-                        }
-                        act.busy = false;
-                        ctx.run_later(Duration::from_millis(100), |act, ctx| act.step(ctx));
-                    }
-                }),
+        let ack = self.wal.ack(
+            self.cfg.sink.clone(),
+            batch.ranges.clone(),
+            self.step.as_ref().map(Step::rows).unwrap_or_default(),
         );
+        ctx.spawn(ack.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                act.commit_step();
+                let sink = act.cfg.sink.as_str();
+                let now = now_ms();
+                let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
+                for r in &batch.records {
+                    e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
+                }
+                act.metrics
+                    .sink_publish
+                    .with_label_values(&[sink, "ok"])
+                    .inc();
+                act.metrics
+                    .sink_records
+                    .with_label_values(&[sink, "ok"])
+                    .inc_by(batch.records.len() as u64);
+                tracing::debug!(
+                    sink,
+                    first_seq = batch.first_seq(),
+                    last_seq = batch.last_seq(),
+                    attempt,
+                    "batch delivered"
+                );
+                span.record("outcome", "delivered");
+                act.busy = false;
+                act.step(ctx);
+            }
+            Err(e) => {
+                let err = e.to_string();
+                // The batch was delivered; only the commit of its ack failed
+                // (a full disk, say). The WAL has already applied the ack in
+                // memory and writes it with its next successful commit; if the
+                // WAL restarts first, the batch is delivered again (at least
+                // once). Either way the sink goes on with the next batch, so a
+                // full WAL disk does not stop delivery, which frees space.
+                // The reduction state went with the ack: taken as well.
+                act.commit_step();
+                if repeats::admit(Kind::SinkAck, &act.cfg.sink) {
+                    tracing::warn!(
+                        sink = %act.cfg.sink,
+                        first_seq = batch.first_seq(),
+                        last_seq = batch.last_seq(),
+                        error = %err,
+                        "ack of a delivered batch not persisted yet; continuing"
+                    );
+                }
+                act.busy = false;
+                ctx.run_later(Duration::from_millis(100), |act, ctx| act.step(ctx));
+            }
+        }));
     }
 
     fn dead(
@@ -473,17 +456,23 @@ impl Dispatcher {
     ) {
         // Not delivered: the state stays as it was before the batch.
         self.step = None;
-        let msg = MarkDead {
-            sink: self.cfg.sink.clone(),
-            ranges: batch.ranges.clone(),
-            error: error.clone(),
+        let dead = self.wal.dead(
+            self.cfg.sink.clone(),
+            batch.ranges.clone(),
+            error.clone(),
             attempts,
-        };
-        ctx.spawn(self.wal.send(msg).into_actor(self).map(move |res, act, ctx| match res {
-            Ok(Ok(())) => {
+        );
+        ctx.spawn(dead.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
                 let sink = act.cfg.sink.as_str();
-                act.metrics.sink_publish.with_label_values(&[sink, "dead"]).inc();
-                act.metrics.sink_records.with_label_values(&[sink, "dead"]).inc_by(batch.records.len() as u64);
+                act.metrics
+                    .sink_publish
+                    .with_label_values(&[sink, "dead"])
+                    .inc();
+                act.metrics
+                    .sink_records
+                    .with_label_values(&[sink, "dead"])
+                    .inc_by(batch.records.len() as u64);
                 if repeats::admit(Kind::SinkDead, sink) {
                     tracing::error!(
                         sink,
@@ -499,9 +488,11 @@ impl Dispatcher {
                 act.busy = false;
                 act.step(ctx);
             }
-            _ => {
+            Err(_) => {
                 tracing::warn!(sink = %act.cfg.sink, "cannot record dead letters; retrying");
-                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.dead(batch, span, attempts, error, ctx));
+                ctx.run_later(Duration::from_secs(1), move |act, ctx| {
+                    act.dead(batch, span, attempts, error, ctx)
+                });
             }
         }));
     }
@@ -516,13 +507,11 @@ impl Actor for Dispatcher {
         let sink = self.cfg.sink.clone();
         ctx.spawn(
             self.wal
-                .send(WithWal::new(|w| {
-                    Ok(w.config().path.parent().map(std::path::Path::to_path_buf))
-                }))
+                .with(|w| Ok(w.config().path.parent().map(std::path::Path::to_path_buf)))
                 .into_actor(self)
                 .map(move |res, act, _| {
                     let dir = match res {
-                        Ok(Ok(Some(dir))) => dir,
+                        Ok(Some(dir)) => dir,
                         _ => std::path::PathBuf::from("."),
                     };
                     act.spent = Some(QuotaSpent::load(&dir, &sink).unwrap_or_else(|e| {
@@ -536,12 +525,7 @@ impl Actor for Dispatcher {
         self.reducer = None;
         self.step = None;
         self.load_reducer(ctx);
-        ctx.spawn(
-            self.wal
-                .send(WatchAppends)
-                .into_actor(self)
-                .map(|res, act, _| act.appends = res.ok()),
-        );
+        self.appends = Some(self.wal.watch_appends());
         let sink = self.cfg.sink.as_str();
         self.metrics
             .sink_paused
@@ -568,8 +552,8 @@ impl Supervised for Dispatcher {
             .with_label_values(&["Dispatcher"])
             .inc();
         tracing::warn!(actor = "Dispatcher", sink = %self.cfg.sink, "restarting; releasing its in-flight batch");
-        self.wal.do_send(ReleaseSink {
-            sink: self.cfg.sink.clone(),
-        });
+        // Queued at once, before the restarted dispatcher's first fetch.
+        let release = self.wal.release_sink(self.cfg.sink.clone());
+        actix_rt::spawn(release);
     }
 }

@@ -18,11 +18,10 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use actix::WeakAddr;
 use serde_json::{json, Value};
 
 use crate::metrics::Metrics;
-use crate::wal::{WalStore, WithWal};
+use crate::wal::WeakWalWriter;
 
 /// Time between two samples.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -150,17 +149,17 @@ fn estimate(first: Option<Sample>, last: Sample) -> Option<FullIn> {
 
 /// Samples the WAL every [`SAMPLE_EVERY`] into `metrics`' [`WalGrowth`],
 /// on the current arbiter, until the WAL actor is gone.
-pub fn spawn_sampler(wal: WeakAddr<WalStore>, metrics: Metrics) {
+pub fn spawn_sampler(wal: WeakWalWriter, metrics: Metrics) {
     actix_rt::spawn(async move {
         loop {
-            let Some(addr) = wal.upgrade() else { return };
-            let read = WithWal::new(|w| {
+            let Some(writer) = wal.upgrade() else { return };
+            let read = writer.with(|w| {
                 let stats = w.stats()?;
                 let cfg = w.config();
                 Ok((stats, cfg.max_bytes, cfg.min_free_disk_bytes))
             });
-            match addr.send(read).await {
-                Ok(Ok((stats, max_bytes, min_free_disk))) => metrics.wal_growth.observe(
+            match read.await {
+                Ok((stats, max_bytes, min_free_disk)) => metrics.wal_growth.observe(
                     Sample {
                         at: Instant::now(),
                         live_bytes: stats.live_bytes,
@@ -170,10 +169,10 @@ pub fn spawn_sampler(wal: WeakAddr<WalStore>, metrics: Metrics) {
                     },
                     &metrics,
                 ),
-                Ok(Err(e)) => tracing::debug!(error = %e, "WAL growth sample failed"),
-                Err(_) => return,
+                Err(e) => tracing::debug!(error = %e, "WAL growth sample failed"),
             }
-            drop(addr);
+            // Not kept across the sleep: the sampler does not keep the WAL alive.
+            drop(writer);
             actix_rt::time::sleep(SAMPLE_EVERY).await;
         }
     });

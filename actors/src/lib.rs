@@ -6,8 +6,10 @@
 //!   door into the WAL for HTTP and MQTT (the `IngestRouter` actors run it
 //!   for MQTT).
 //! - [`wal`]: the SQLite write-ahead-log queue — the `Wal` engine (format,
-//!   invariants and recovery are documented there) and the `WalStore` actor
-//!   that group-commits on its own thread.
+//!   invariants and recovery are documented there), its writer thread that
+//!   group-commits, the `WalWriter` handle every caller (ingest,
+//!   dispatchers, operator) queues to that thread through, and the
+//!   `WalStore` actor that supervises (starts and restarts) the thread.
 //! - [`durable`]: directories created and synced so that a power cut
 //!   cannot take them (and what is below them) away.
 //! - [`dispatcher`]: one `Dispatcher` per sink: fetch, publish, ack, retry
@@ -36,7 +38,7 @@
 //!   `traceparent` they travel with; off unless the binary exports traces.
 //!
 //! Every guarantee comes from the WAL: actor mailboxes are not durable, so an
-//! ingest is answered only after `WalStore` committed it, and a batch is
+//! ingest is answered only after the WAL's writer thread committed it, and a batch is
 //! finished for a sink only after the sink acknowledged it.
 //!
 //! This crate never depends on actix-web: HTTP lives in the `gateway` crate.

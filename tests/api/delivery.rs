@@ -174,6 +174,7 @@ fn a_crashed_wal_writer_is_restarted_and_nothing_acknowledged_is_lost() {
     }
     app.handles
         .wal
+        .store()
         .do_send(gateway_actors::wal::InjectWriterPanic);
     for i in 10..30 {
         let body = telemetry(&format!("w{i}"), 1.0);

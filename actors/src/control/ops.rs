@@ -5,9 +5,9 @@
 //! `audit`: who, what, result).
 //!
 //! An `Operator` without live actors (the CLI on a stopped gateway's data
-//! dir) runs the same commands: WAL actions go to a `WalStore` the CLI
-//! started, settings are persisted in `runtime.json` and apply at the next
-//! start.
+//! dir) runs the same commands: WAL actions go to the writer thread of a
+//! `WalStore` the CLI started (through its [`WalWriter`]), settings are
+//! persisted in `runtime.json` and apply at the next start.
 //!
 //! Rooms: this file runs the commands and applies runtime settings;
 //! `ops/command.rs` parses them ([`Command`]), `ops/report.rs` builds what
@@ -34,7 +34,7 @@ use crate::ingest::{IngestLimits, IngestRouters, RateLimit};
 use crate::metrics::Metrics;
 use crate::mqtt::topics::Topics;
 use crate::route::{PriorityRule, Routing, SinkPolicy};
-use crate::wal::{WalError, WalReader, WalStore, WithWal};
+use crate::wal::{WalError, WalReader, WalWriter};
 
 mod command;
 mod report;
@@ -124,8 +124,8 @@ pub struct OperatorParts {
     pub gateway_id: String,
     /// The data dir (`runtime.json` lives there).
     pub data_dir: PathBuf,
-    /// The WAL actor.
-    pub wal: Addr<WalStore>,
+    /// The WAL's writer thread.
+    pub wal: WalWriter,
     /// Read-only WAL connections.
     pub reader: WalReader,
     /// The ingest routers, when the gateway runs.
@@ -249,10 +249,7 @@ impl Operator {
         &self,
         f: impl FnOnce(&mut crate::wal::Wal) -> Result<R, WalError> + Send + 'static,
     ) -> Result<R, OpError> {
-        match self.p.wal.send(WithWal::new(f)).await {
-            Ok(r) => r.map_err(OpError::from),
-            Err(e) => Err(OpError::Unavailable(format!("WAL actor unavailable: {e}"))),
-        }
+        self.p.wal.with(f).await.map_err(OpError::from)
     }
 
     fn known_sink(&self, sink: &str) -> Result<(), OpError> {

@@ -14,7 +14,7 @@ use tracing::Span;
 use super::Dispatcher;
 use crate::route::Class;
 use crate::uplink::{Allowance, Budget, Quota, TokenBucket, Windows};
-use crate::wal::{now_ms, Batch, ReleaseBatch};
+use crate::wal::{now_ms, Batch};
 
 impl Dispatcher {
     /// How long the byte budget holds the backlog (zero: not held); moves
@@ -108,27 +108,21 @@ impl Dispatcher {
             .cloned()
             .collect();
         let seqs: Vec<u64> = high.iter().map(|r| r.seq).collect();
-        let release = ReleaseBatch {
-            sink: self.cfg.sink.clone(),
-            ranges: subtract(&batch.ranges, &seqs),
-        };
+        let release = self
+            .wal
+            .release(self.cfg.sink.clone(), subtract(&batch.ranges, &seqs));
         let high = Batch {
             sink: batch.sink,
             ranges: runs(&seqs),
             records: high,
         };
-        ctx.spawn(
-            self.wal
-                .send(release)
-                .into_actor(self)
-                .map(move |_, act, ctx| {
-                    if high.records.is_empty() {
-                        act.wait_for_records(Duration::from_secs(1), 1, ctx);
-                    } else {
-                        act.deliver(high, span, ctx);
-                    }
-                }),
-        );
+        ctx.spawn(release.into_actor(self).map(move |_, act, ctx| {
+            if high.records.is_empty() {
+                act.wait_for_records(Duration::from_secs(1), 1, ctx);
+            } else {
+                act.deliver(high, span, ctx);
+            }
+        }));
     }
 
     /// Records per batch: `batch_max_records`, and under a budget no more

@@ -12,7 +12,7 @@ use tracing::Span;
 
 use super::Dispatcher;
 use crate::reduce::{Reduce, Reducer};
-use crate::wal::{Batch, WithWal};
+use crate::wal::Batch;
 
 impl Dispatcher {
     /// Delivers a fetched batch: reduces it if the sink reports by
@@ -52,16 +52,15 @@ impl Dispatcher {
         let sink = self.cfg.sink.clone();
         ctx.spawn(
             self.wal
-                .send(WithWal::new(move |w| w.reduce_rows(&sink)))
+                .with(move |w| w.reduce_rows(&sink))
                 .into_actor(self)
                 .map(|res, act, ctx| {
                     let error = match res {
-                        Ok(Ok(rows)) => {
+                        Ok(rows) => {
                             let cfg = act.cfg.reduce.clone();
                             act.reducer = Some(Reducer::load(&act.cfg.sink, cfg, rows));
                             return;
                         }
-                        Ok(Err(e)) => e.to_string(),
                         Err(e) => e.to_string(),
                     };
                     tracing::warn!(sink = %act.cfg.sink, error = %error, "cannot read the reduction state; trying again");

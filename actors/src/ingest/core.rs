@@ -3,7 +3,7 @@
 //! Validates, normalises and enriches a device payload into canonical
 //! records ([`super::validate`]), applies the per-device rate limit and the
 //! backpressure check, appends the records straight to the WAL writer
-//! thread ([`append_direct`]) and answers only after the commit. It is
+//! thread ([`WalWriter::append`]) and answers only after the commit. It is
 //! shared (`Sync`): an HTTP worker runs it on its own thread, the MQTT
 //! ingest through one of the routers ([`super::IngestRouters`]). Rate limit
 //! and routes change on the core, for every path at once.
@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
 use bytes::Bytes;
 use tracing::Instrument as _;
 
@@ -28,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
 use crate::route::Routing;
 use crate::trace;
-use crate::wal::{append_direct, now_ms, AppendOutcome, WalError, WalHealth, WalStore};
+use crate::wal::{now_ms, AppendOutcome, WalError, WalWriter};
 use prometheus::IntCounter;
 
 /// Per-device rate limit: a token bucket refilled at `per_second` records
@@ -68,8 +67,7 @@ pub(crate) fn device_hash(device_id: &str) -> u64 {
 /// Validation, rate limit, backpressure check and append: shared by every
 /// ingest thread (HTTP workers and the MQTT routers).
 pub struct IngestCore {
-    wal: Addr<WalStore>,
-    wal_health: Arc<WalHealth>,
+    wal: WalWriter,
     gateway_id: Arc<str>,
     limits: IngestLimits,
     rate: RwLock<RateLimit>,
@@ -84,8 +82,7 @@ pub struct IngestCore {
 impl IngestCore {
     /// A core appending to `wal`.
     pub fn new(
-        wal: Addr<WalStore>,
-        wal_health: Arc<WalHealth>,
+        wal: WalWriter,
         gateway_id: &str,
         limits: IngestLimits,
         rate: RateLimit,
@@ -94,7 +91,6 @@ impl IngestCore {
     ) -> Self {
         Self {
             wal,
-            wal_health,
             gateway_id: gateway_id.into(),
             limits,
             rate: RwLock::new(rate),
@@ -387,14 +383,15 @@ impl IngestCore {
                 retry_after,
             });
         }
-        if self.wal_health.backpressure.load(Ordering::Relaxed) {
+        if self.wal.health().backpressure.load(Ordering::Relaxed) {
             let r = Rejection {
                 reason: "backpressure",
                 message: "WAL backpressure".into(),
             };
             self.reject(source, &msg.device_id, &msg.correlation_id, &r);
             let why = self
-                .wal_health
+                .wal
+                .health()
                 .last_problem
                 .lock()
                 .ok()
@@ -407,8 +404,8 @@ impl IngestCore {
         let counted = self.counted.clone();
         let append_span = trace::wal_append_span(&msg.span, records.len());
         let unrouted: Vec<bool> = records.iter().map(|r| r.route.sinks == Some(0)).collect();
-        // Straight to the writer thread, not through the WalStore actor.
-        let append = append_direct(&self.wal, &self.wal_health, records);
+        // Straight to the writer thread, from this thread.
+        let append = self.wal.append(records);
         Ok(async move {
             let outcomes = match append.instrument(append_span).await {
                 Ok(o) => o,
@@ -479,10 +476,9 @@ mod tests {
         let sys = actix::System::new();
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let (addr, health) = crate::wal::start_test_store(dir.path());
+            let wal = crate::wal::start_test_store(dir.path());
             let r = IngestCore::new(
-                addr,
-                health,
+                wal,
                 "gw",
                 IngestLimits::default(),
                 RateLimit {

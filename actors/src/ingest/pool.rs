@@ -91,10 +91,9 @@ mod tests {
         let sys = actix::System::new();
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let (wal, health) = crate::wal::start_test_store(dir.path());
+            let wal = crate::wal::start_test_store(dir.path());
             let core = IngestCore::new(
                 wal,
-                health,
                 "gw",
                 Default::default(),
                 RateLimit::OFF,
@@ -139,16 +138,15 @@ mod tests {
         let sys = actix::System::new();
         sys.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let (wal, health) = crate::wal::start_test_store(dir.path());
+            let wal = crate::wal::start_test_store(dir.path());
             let burst = RateLimit {
                 per_second: 0.001,
                 burst: 2.0,
             };
             // Answered once the store has started its writer thread.
-            wal.send(crate::wal::GetWalStats).await.unwrap().unwrap();
+            wal.stats().await.unwrap();
             let core = IngestCore::new(
                 wal,
-                health,
                 "gw",
                 Default::default(),
                 burst,

@@ -87,7 +87,8 @@
 //!
 //! # Group commit
 //!
-//! [`WalStore`] runs the [`Wal`] on a dedicated thread. The thread takes every
+//! [`WalStore`] runs the [`Wal`] on a dedicated thread, and every caller
+//! queues to it through a [`WalWriter`]. The thread takes every
 //! request waiting in its queue, applies all writes (appends, acks, dead
 //! letters) in one transaction, commits once (one fsync), then answers the
 //! waiting callers and serves reads (fetches, stats). Under load the queue
@@ -118,9 +119,11 @@
 //! - `admin.rs`: operator commands (below); `dlq.rs`: dead letters read
 //!   (the filter, list, count, export).
 //! - `writer.rs`: the writer thread (group commits, the commit window,
-//!   housekeeping); `store.rs`: its actor ([`WalStore`]) and the ingest's
-//!   direct queue to it; `reader.rs`: read-only connections
-//!   ([`WalReader`]); `ranges.rs`.
+//!   housekeeping); `handle.rs`: the one handle to it ([`WalWriter`]:
+//!   append, fetch, ack, dead, release, stats, operator actions, the
+//!   append signal), which every caller holds; `store.rs`: the actor that
+//!   supervises the thread ([`WalStore`]) and the [`WalHealth`];
+//!   `reader.rs`: read-only connections ([`WalReader`]); `ranges.rs`.
 //!
 //! # Operator actions
 //!
@@ -128,7 +131,7 @@
 //! consistency check with safe repair, and compaction on demand live in
 //! `admin.rs` (listing and exporting dead letters in `dlq.rs`); see its module doc for how requeue and replay
 //! reopen finished records without leaving the cursor + ranges form. They
-//! run on the writer thread ([`WithWal`]); read-only listings go through
+//! run on the writer thread ([`WalWriter::with`]); read-only listings go through
 //! [`WalReader`]. The model test exercises requeue, purge and replay, and
 //! runs the consistency check after every step.
 //!
@@ -152,6 +155,7 @@ mod dlq;
 mod engine;
 mod error;
 mod expiry;
+mod handle;
 mod ranges;
 mod reader;
 mod sink_state;
@@ -170,24 +174,20 @@ pub use engine::{
 };
 pub use error::WalError;
 pub use expiry::EXPIRED;
+pub use handle::{WalWriter, WeakWalWriter};
 pub use ranges::RangeSet;
 pub use reader::WalReader;
 #[cfg(feature = "fault-injection")]
 pub use store::InjectWriterPanic;
-pub use store::{
-    append_direct, AckBatch, AppendRecords, FetchBatch, GetWalStats, MarkDead, ReleaseBatch,
-    ReleaseSink, WalHealth, WalStore, WatchAppends, WithWal,
-};
+pub use store::{WalHealth, WalStore};
 
 /// A `WalStore` on a fresh WAL in `dir` with unregistered metrics, started
-/// on the current arbiter, and its health (unit tests of its callers).
+/// on the current arbiter, and its handle (unit tests of its callers).
 #[cfg(test)]
-pub(crate) fn start_test_store(
-    dir: &std::path::Path,
-) -> (actix::Addr<WalStore>, std::sync::Arc<WalHealth>) {
+pub(crate) fn start_test_store(dir: &std::path::Path) -> WalWriter {
     use actix::Actor as _;
     let wal = Wal::open(WalConfig::new(dir.join("w.db"), &[])).expect("a WAL in a temp dir");
     let health = std::sync::Arc::new(WalHealth::default());
     let store = WalStore::new(wal, crate::Metrics::unregistered(), health.clone()).start();
-    (store, health)
+    WalWriter::new(store, health)
 }

@@ -1,32 +1,30 @@
-//! `WalStore`: the actor in front of the [`Wal`] engine.
+//! `WalStore`: the actor that supervises the WAL's writer thread.
 //!
-//! Role: starts the WAL's writer thread ([`super::writer`]) and turns typed
-//! messages into requests for it. SQLite never runs on an async arbiter:
-//! the engine lives on its own OS thread, which group-commits every write
-//! waiting in its queue (one transaction, one fsync) before it answers.
+//! Role: starts the WAL's writer thread ([`super::writer`]) and restarts it
+//! when it dies. SQLite never runs on an async arbiter: the engine lives on
+//! its own OS thread, which group-commits every write waiting in its queue
+//! (one transaction, one fsync) before it answers. Callers do not go
+//! through this actor: they queue to the thread through a
+//! [`super::WalWriter`], which reports a dead writer here.
 //!
-//! Handles: [`AppendRecords`], [`FetchBatch`], [`AckBatch`], [`ReleaseBatch`],
-//! [`ReleaseSink`], [`MarkDead`], [`GetWalStats`], [`WithWal`]. Sends nothing.
+//! Handles: `WriterDied` (from a `WalWriter`), and `InjectWriterPanic`
+//! (tests, `fault-injection` feature). Sends nothing.
 //!
 //! Restart policy: supervised. If the writer thread dies (a panic, a lost
-//! database handle) the next message notices, the actor stops itself, and the
-//! supervisor starts it again, which re-opens the database on a new thread.
-//! Lost on restart: the InFlight marks (by design: they become Enqueued
-//! again) and requests queued to the dead thread (their callers get an
-//! error; nothing they asked for was acknowledged).
+//! database handle) the next request notices, the actor stops itself, and
+//! the supervisor starts it again after a backoff, which re-opens the
+//! database on a new thread. Lost on restart: the InFlight marks (by
+//! design: they become Enqueued again) and requests queued to the dead
+//! thread (their callers get an error; nothing they asked for was
+//! acknowledged).
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
 
-use super::engine::{
-    AppendOutcome, Fetched, NewRecord, Wal, WalConfig, WalStats, WriteOp, WriteResult,
-};
-use super::error::WalError;
+use super::engine::{Wal, WalConfig};
 use super::writer::{writer_loop, Request};
 use crate::metrics::Metrics;
 
@@ -42,7 +40,7 @@ pub struct WalHealth {
     /// Last storage error or backpressure reason, for `/readyz`.
     pub last_problem: Mutex<Option<String>>,
     /// The head seq after each commit that appended: idle dispatchers wait
-    /// on it instead of polling ([`WatchAppends`]).
+    /// on it instead of polling ([`super::WalWriter::watch_appends`]).
     pub appended: tokio::sync::watch::Sender<u64>,
     /// The current writer thread's queue; `None` while the writer restarts.
     writer: RwLock<Option<mpsc::Sender<Request>>>,
@@ -54,59 +52,14 @@ impl WalHealth {
             *g = p;
         }
     }
-}
 
-/// Appends `records` durably, all or nothing, like [`AppendRecords`], but
-/// queues them straight to the writer thread from the caller's thread: the
-/// actor's own thread (which also runs the dispatchers and sinks) is not a
-/// hop on the ingest path. The writer, its group commit and the restart
-/// policy are the same: a dead writer is reported to `wal`, whose
-/// supervisor restarts it.
-pub fn append_direct(
-    wal: &Addr<WalStore>,
-    health: &WalHealth,
-    records: Vec<NewRecord>,
-) -> impl Future<Output = Result<Vec<AppendOutcome>, WalError>> + 'static {
-    let done = to_writer(health, wal.clone(), |reply| {
-        Request::Write(WriteOp::Append(records), Instant::now(), reply)
-    });
-    async move {
-        Ok(match done.await? {
-            WriteResult::Appended(o) => o,
-            WriteResult::Done => Vec::new(),
-        })
-    }
-}
-
-/// Queues the request `make` builds to the current writer thread and awaits
-/// its answer. A writer that is gone (the queue closed, or the answer
-/// dropped) is reported to `wal`, whose supervisor restarts it.
-fn to_writer<T: Send + 'static>(
-    health: &WalHealth,
-    wal: Addr<WalStore>,
-    make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
-) -> impl Future<Output = Result<T, WalError>> + 'static {
-    let (reply, rx) = oneshot::channel();
-    let queued = match health.writer.read() {
-        Ok(g) => g.as_ref().map(|tx| tx.send(make(reply)).is_ok()),
-        Err(_) => Some(false),
-    };
-    async move {
-        match queued {
-            // Between a restart and the end of its backoff.
-            None => Err(WalError::Unavailable("WAL writer is restarting".into())),
-            Some(true) => match rx.await {
-                Ok(r) => r,
-                // The thread died with our request.
-                Err(_) => {
-                    wal.do_send(WriterDied);
-                    Err(WalError::Unavailable("WAL writer stopped".into()))
-                }
-            },
-            Some(false) => {
-                wal.do_send(WriterDied);
-                Err(WalError::Unavailable("WAL writer stopped".into()))
-            }
+    /// Queues the request `make` builds to the current writer thread:
+    /// `None` while the writer restarts (`make` is not called), `Some(false)`
+    /// if the thread is gone.
+    pub(super) fn send(&self, make: impl FnOnce() -> Request) -> Option<bool> {
+        match self.writer.read() {
+            Ok(g) => g.as_ref().map(|tx| tx.send(make()).is_ok()),
+            Err(_) => Some(false),
         }
     }
 }
@@ -127,16 +80,20 @@ pub struct WalStore {
 }
 
 impl WalStore {
-    /// Wraps an opened engine.
+    /// Wraps an opened engine and starts its writer thread at once, so a
+    /// [`super::WalWriter`] made right after the actor is started finds
+    /// the thread (requests do not wait in a mailbox for `started`).
     pub fn new(wal: Wal, metrics: Metrics, health: Arc<WalHealth>) -> Self {
-        Self {
+        let mut store = Self {
             cfg: wal.config().clone(),
             metrics,
             health,
             first: Some(wal),
             restarts_in_a_row: 0,
             writer_started: None,
-        }
+        };
+        store.spawn_writer();
+        store
     }
 
     fn spawn_writer(&mut self) {
@@ -168,19 +125,12 @@ impl WalStore {
         self.set_writer(Some(tx));
     }
 
-    /// The writer's queue, shared through [`WalHealth`] with [`append_direct`].
+    /// The writer's queue, shared through [`WalHealth`] with every
+    /// [`super::WalWriter`].
     fn set_writer(&self, tx: Option<mpsc::Sender<Request>>) {
         if let Ok(mut g) = self.health.writer.write() {
             *g = tx;
         }
-    }
-
-    fn submit<T: Send + 'static>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        make: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Request,
-    ) -> ResponseFuture<Result<T, WalError>> {
-        Box::pin(to_writer(&self.health, ctx.address(), make))
     }
 }
 
@@ -188,11 +138,9 @@ impl Actor for WalStore {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Writes wait on fsync; keep a deep mailbox so bursts queue, not fail.
-        ctx.set_mailbox_capacity(65_536);
-        if self.restarts_in_a_row == 0 {
-            self.spawn_writer();
-        } else {
+        // The first writer thread was started by `new`; a restarted actor
+        // starts a new one after its backoff.
+        if self.restarts_in_a_row > 0 {
             let delay = restart_backoff(self.restarts_in_a_row);
             tracing::warn!(
                 delay_ms = delay.as_millis() as u64,
@@ -230,7 +178,9 @@ fn restart_backoff(restarts_in_a_row: u32) -> Duration {
         .min(Duration::from_secs(10))
 }
 
-struct WriterDied;
+/// A caller found the writer thread gone ([`super::WalWriter`]): the actor
+/// stops, and its supervisor restarts it with a new thread.
+pub(super) struct WriterDied;
 impl Message for WriterDied {
     type Result = ();
 }
@@ -238,182 +188,6 @@ impl Handler<WriterDied> for WalStore {
     type Result = ();
     fn handle(&mut self, _: WriterDied, ctx: &mut Context<Self>) {
         ctx.stop();
-    }
-}
-
-/// Appends one request's records durably, all or nothing.
-pub struct AppendRecords {
-    /// The records.
-    pub records: Vec<NewRecord>,
-}
-impl Message for AppendRecords {
-    type Result = Result<Vec<AppendOutcome>, WalError>;
-}
-impl Handler<AppendRecords> for WalStore {
-    type Result = ResponseFuture<Result<Vec<AppendOutcome>, WalError>>;
-    fn handle(&mut self, msg: AppendRecords, ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(append_direct(&ctx.address(), &self.health, msg.records))
-    }
-}
-
-/// A receiver that changes after every commit that appended records.
-#[derive(Debug, Clone, Copy)]
-pub struct WatchAppends;
-impl Message for WatchAppends {
-    type Result = tokio::sync::watch::Receiver<u64>;
-}
-impl Handler<WatchAppends> for WalStore {
-    type Result = MessageResult<WatchAppends>;
-
-    fn handle(&mut self, _: WatchAppends, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.health.appended.subscribe())
-    }
-}
-
-/// Takes the next batch for a sink and marks it InFlight.
-#[derive(Debug, Clone)]
-pub struct FetchBatch {
-    /// The sink.
-    pub sink: String,
-    /// At most this many records.
-    pub max_records: usize,
-    /// Wait this long for a full batch (see [`Wal::fetch`]).
-    pub max_wait: Duration,
-}
-impl Message for FetchBatch {
-    type Result = Result<Fetched, WalError>;
-}
-impl Handler<FetchBatch> for WalStore {
-    type Result = ResponseFuture<Result<Fetched, WalError>>;
-    fn handle(&mut self, msg: FetchBatch, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, |tx| Request::Fetch(msg, tx))
-    }
-}
-
-/// Marks a batch delivered for its sink.
-pub struct AckBatch {
-    /// The sink.
-    pub sink: String,
-    /// The batch's ranges.
-    pub ranges: Vec<(u64, u64)>,
-    /// The sink's reduction state rows the batch changed, stored with the
-    /// ack (see [`WriteOp::Ack`]).
-    pub reduce: Vec<(String, Option<String>)>,
-}
-impl Message for AckBatch {
-    type Result = Result<(), WalError>;
-}
-impl Handler<AckBatch> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) -> Self::Result {
-        let op = WriteOp::Ack {
-            sink: msg.sink,
-            ranges: msg.ranges,
-            reduce: msg.reduce,
-        };
-        let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
-        Box::pin(async move { fut.await.map(|_| ()) })
-    }
-}
-
-/// Dead-letters a batch for its sink after the retry budget.
-pub struct MarkDead {
-    /// The sink.
-    pub sink: String,
-    /// The batch's ranges.
-    pub ranges: Vec<(u64, u64)>,
-    /// The last error.
-    pub error: String,
-    /// Attempts made.
-    pub attempts: u32,
-}
-impl Message for MarkDead {
-    type Result = Result<(), WalError>;
-}
-impl Handler<MarkDead> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: MarkDead, ctx: &mut Context<Self>) -> Self::Result {
-        let op = WriteOp::Dead {
-            sink: msg.sink,
-            ranges: msg.ranges,
-            error: msg.error,
-            attempts: msg.attempts,
-        };
-        let fut = self.submit(ctx, |tx| Request::Write(op, Instant::now(), tx));
-        Box::pin(async move { fut.await.map(|_| ()) })
-    }
-}
-
-/// Puts an InFlight batch back to Enqueued (it will be fetched again).
-#[derive(Debug, Clone)]
-pub struct ReleaseBatch {
-    /// The sink.
-    pub sink: String,
-    /// The batch's ranges.
-    pub ranges: Vec<(u64, u64)>,
-}
-impl Message for ReleaseBatch {
-    type Result = Result<(), WalError>;
-}
-impl Handler<ReleaseBatch> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: ReleaseBatch, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, |tx| Request::Release(msg, tx))
-    }
-}
-
-/// Puts everything InFlight for a sink back to Enqueued (its dispatcher restarted).
-pub struct ReleaseSink {
-    /// The sink.
-    pub sink: String,
-}
-impl Message for ReleaseSink {
-    type Result = Result<(), WalError>;
-}
-impl Handler<ReleaseSink> for WalStore {
-    type Result = ResponseFuture<Result<(), WalError>>;
-    fn handle(&mut self, msg: ReleaseSink, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, |tx| Request::ReleaseSink(msg.sink, tx))
-    }
-}
-
-/// Reads the WAL's counts per sink.
-pub struct GetWalStats;
-impl Message for GetWalStats {
-    type Result = Result<WalStats, WalError>;
-}
-impl Handler<GetWalStats> for WalStore {
-    type Result = ResponseFuture<Result<WalStats, WalError>>;
-    fn handle(&mut self, _: GetWalStats, ctx: &mut Context<Self>) -> Self::Result {
-        self.submit(ctx, Request::Stats)
-    }
-}
-
-/// Runs an operator action ([`Wal::requeue`], [`Wal::check`], …) on the
-/// writer thread, between group commits, so it sees and updates the same
-/// in-memory delivery state the dispatchers use.
-pub struct WithWal<R>(WalAction<R>);
-
-type WalAction<R> = Box<dyn FnOnce(&mut Wal) -> Result<R, WalError> + Send>;
-
-impl<R> WithWal<R> {
-    /// Wraps `f`.
-    pub fn new(f: impl FnOnce(&mut Wal) -> Result<R, WalError> + Send + 'static) -> Self {
-        Self(Box::new(f))
-    }
-}
-impl<R: Send + 'static> Message for WithWal<R> {
-    type Result = Result<R, WalError>;
-}
-impl<R: Send + 'static> Handler<WithWal<R>> for WalStore {
-    type Result = ResponseFuture<Result<R, WalError>>;
-    fn handle(&mut self, msg: WithWal<R>, ctx: &mut Context<Self>) -> Self::Result {
-        let f = msg.0;
-        self.submit(ctx, move |tx| {
-            Request::Exec(Box::new(move |wal: &mut Wal| {
-                let _ = tx.send(f(wal));
-            }))
-        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The WAL's writer thread: the one thread that runs the [`Wal`] engine.
 //!
-//! It takes requests from one queue ([`Request`]: the `WalStore` actor's
-//! messages and the ingest's appends, [`super::store::append_direct`]),
+//! It takes requests from one queue ([`Request`]: every caller's, queued
+//! through a [`super::WalWriter`]; the `WalStore` actor only starts it),
 //! group-commits every write waiting in it (one transaction, one fsync),
 //! waiting a short while for more appends when that pays ([`CommitWindow`],
 //! `wal.commit_window`), answers each, serves the reads between commits,
@@ -17,9 +17,10 @@ use tokio::sync::oneshot;
 
 use super::engine::{now_ms, Fetched, Wal, WalStats, WriteOp, WriteResult};
 use super::error::WalError;
+use super::handle::{Fetch, Release};
 use super::space::COMPACT_CHUNK;
 use super::stats::{class_stats_on, ClassStatsQuery};
-use super::store::{FetchBatch, ReleaseBatch, WalHealth};
+use super::store::WalHealth;
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
 use crate::route::Class;
@@ -44,8 +45,8 @@ pub(super) enum Request {
         Instant,
         oneshot::Sender<Result<WriteResult, WalError>>,
     ),
-    Fetch(FetchBatch, oneshot::Sender<Result<Fetched, WalError>>),
-    Release(ReleaseBatch, oneshot::Sender<Result<(), WalError>>),
+    Fetch(Fetch, oneshot::Sender<Result<Fetched, WalError>>),
+    Release(Release, oneshot::Sender<Result<(), WalError>>),
     ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
     Stats(oneshot::Sender<Result<WalStats, WalError>>),
     Exec(Box<dyn FnOnce(&mut Wal) + Send>),
@@ -540,8 +541,16 @@ mod tests {
     use actix::prelude::*;
 
     use super::super::engine::{NewRecord, WalConfig};
-    use super::super::store::{AckBatch, AppendRecords, WalStore, WithWal};
+    use super::super::handle::WalWriter;
+    use super::super::store::WalStore;
     use super::*;
+
+    /// A started `WalStore` on `wal` and its handle.
+    fn start(wal: Wal) -> WalWriter {
+        let health = Arc::new(WalHealth::default());
+        let store = WalStore::new(wal, Metrics::unregistered(), health.clone()).start();
+        WalWriter::new(store, health)
+    }
 
     /// A writer on a fresh WAL with one sink "a" holding acks `ack_flush`,
     /// one record appended, fetched and acked; and the stored cursor of "a",
@@ -549,13 +558,12 @@ mod tests {
     async fn acked_one(
         dir: &std::path::Path,
         ack_flush: Duration,
-    ) -> (Addr<WalStore>, impl Fn() -> u64) {
+    ) -> (WalWriter, impl Fn() -> u64) {
         let mut cfg = WalConfig::new(dir.join("w.db"), &["a"]);
         cfg.ack_flush = ack_flush;
-        let wal = Wal::open(cfg).unwrap();
-        let store = WalStore::new(wal, Metrics::unregistered(), Arc::default()).start();
+        let store = start(Wal::open(cfg).unwrap());
         store
-            .send(WithWal::new(|w| {
+            .with(|w| {
                 w.append(vec![NewRecord {
                     idempotency_key: "d:1".into(),
                     correlation_id: "c1".into(),
@@ -566,9 +574,8 @@ mod tests {
                 }])?;
                 let batch = w.fetch("a", 10, Duration::ZERO)?.expect("the record");
                 w.ack("a", &batch.ranges)
-            }))
+            })
             .await
-            .unwrap()
             .unwrap();
         let path = dir.join("w.db");
         let cursor = move || -> u64 {
@@ -591,26 +598,21 @@ mod tests {
             let mut cfg = WalConfig::new(dir.path().join("w.db"), &["a"]);
             cfg.commit_window = Duration::from_millis(400);
             cfg.ack_flush = Duration::from_secs(1);
-            let wal = Wal::open(cfg).unwrap();
-            let store = WalStore::new(wal, Metrics::unregistered(), Arc::default()).start();
-            let record = |i: u32| AppendRecords {
-                records: vec![NewRecord {
+            let store = start(Wal::open(cfg).unwrap());
+            let record = |i: u32| {
+                vec![NewRecord {
                     idempotency_key: format!("d:{i}"),
                     correlation_id: format!("c{i}"),
                     device_id: "d".into(),
                     receive_ms: now_ms(),
                     body: format!(r#"{{"idempotency_key":"d:{i}"}}"#),
                     route: Default::default(),
-                }],
+                }]
             };
             // Appends arriving faster than the window: the next one waits.
-            futures_util::future::join_all((0..12).map(|i| store.send(record(i)))).await;
-            let fetch = FetchBatch {
-                sink: "a".into(),
-                max_records: 100,
-                max_wait: Duration::ZERO,
-            };
-            let Ok(Ok(Fetched::Batch(batch))) = store.send(fetch.clone()).await else {
+            futures_util::future::join_all((0..12).map(|i| store.append(record(i)))).await;
+            let fetch = || store.fetch("a".into(), 100, Duration::ZERO);
+            let Ok(Fetched::Batch(batch)) = fetch().await else {
                 panic!("no batch")
             };
             // Past PROBE_EVERY: the window is tried again.
@@ -618,19 +620,13 @@ mod tests {
             let order = Arc::new(Mutex::new(Vec::new()));
             let (st, o) = (store.clone(), order.clone());
             let waiting = actix_rt::spawn(async move {
-                let _ = st.send(record(12)).await;
+                let _ = st.append(record(12)).await;
                 o.lock().unwrap().push("append");
             });
             actix_rt::time::sleep(Duration::from_millis(30)).await;
-            let _ = store
-                .send(AckBatch {
-                    reduce: vec![],
-                    sink: "a".into(),
-                    ranges: batch.ranges.clone(),
-                })
-                .await;
+            let _ = store.ack("a".into(), batch.ranges.clone(), vec![]).await;
             order.lock().unwrap().push("ack");
-            let _ = store.send(fetch).await;
+            let _ = fetch().await;
             order.lock().unwrap().push("fetch");
             waiting.await.unwrap();
             assert_eq!(*order.lock().unwrap(), ["ack", "fetch", "append"]);
@@ -655,8 +651,8 @@ mod tests {
         let sys = actix::System::new();
         let (store, cursor) = sys.block_on(acked_one(dir.path(), Duration::from_secs(10)));
         assert_eq!(cursor(), 0);
-        // With its last address gone the actor stops, and its writer thread
-        // ends once the queue is dropped.
+        // With its last handle (and so its last address) gone the actor
+        // stops, and its writer thread ends once the queue is dropped.
         drop(store);
         sys.block_on(async { actix_rt::time::sleep(Duration::from_millis(100)).await });
         let deadline = Instant::now() + Duration::from_secs(5);
