@@ -569,6 +569,47 @@ fn a_spent_quota_lets_only_high_through_from_the_reserve_and_is_still_spent_afte
     assert!(app.metric(r#"gateway_sink_held_records{reason="quota",sink="api"}"#) > 0.0);
 }
 
+#[test]
+fn a_backlog_in_large_batches_stops_at_the_normal_share_and_leaves_the_reserve_to_high() {
+    let api = Analytics::start();
+    // 100 kB, 40 kB of it for high; a paused sink's backlog of 600 records
+    // (~240 kB) in batches of up to 500: one such batch would spend the
+    // whole quota, reserve and all.
+    let app = spawn_app(&format!(
+        "{}[[priority]]\nclass = \"high\"\nmatch = {{ metrics_any = [\"alarm\"] }}\n",
+        http_sink(
+            &api.url(),
+            "paused = true\nquota = { bytes = 100000, period = \"1d\", reserve_high = 40000 }\n"
+        )
+    ));
+    send_readings(&app, 600);
+    let r = app.admin(
+        "POST",
+        "/admin/config",
+        Some(serde_json::json!({"key": "sinks.api.paused", "value": false})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_until(
+        "normal records held at the quota",
+        Duration::from_secs(10),
+        || app.metric(r#"gateway_sink_held_records{reason="quota",sink="api"}"#) > 0.0,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let wire: usize = api.seen().iter().map(|s| s.raw.len()).sum();
+    assert!(
+        (55_000..=61_000).contains(&wire),
+        "{wire} bytes sent for a normal share of 60000"
+    );
+    for i in 0..5 {
+        assert_eq!(app.post_json("pump-1", &alarm(i)).status, 202);
+    }
+    wait_until(
+        "high records delivered from the reserve",
+        Duration::from_secs(5),
+        || accepted_with(&api, "pump-1:").len() == 5,
+    );
+}
+
 /// `HH:MM-HH:MM` from `from` to `to` minutes after the local time now.
 fn window_from_now(from: i64, to: i64) -> String {
     use chrono::Timelike;

@@ -16,6 +16,10 @@ use crate::route::Class;
 use crate::uplink::{Allowance, Budget, Quota, TokenBucket, Windows};
 use crate::wal::{now_ms, Batch};
 
+/// Under a quota, the first batch's records (its wire bytes per record
+/// size the batches after it).
+const QUOTA_PROBE_RECORDS: usize = 16;
+
 impl Dispatcher {
     /// How long the byte budget holds the backlog (zero: not held); moves
     /// `gateway_sink_held_records{reason="budget"}`.
@@ -125,20 +129,40 @@ impl Dispatcher {
         }));
     }
 
-    /// Records per batch: `batch_max_records`, and under a budget no more
-    /// than its burst holds at the recent bytes per record, so one batch's
-    /// debt (and the wait of a `high` record behind it) stays near
-    /// `burst_bytes / bytes_per_s`.
+    /// Records per batch: `batch_max_records`, and at the recent wire bytes
+    /// per record:
+    /// - under a budget no more than its burst holds, so one batch's debt
+    ///   (and the wait of a `high` record behind it) stays near
+    ///   `burst_bytes / bytes_per_s`;
+    /// - under a quota no more than what is left of the share the batch may
+    ///   spend (the normal share, or the reserve once only `high` goes), so
+    ///   a large batch never spends the reserve that `high` is kept for
+    ///   (until the bytes per record are known, [`QUOTA_PROBE_RECORDS`]).
     pub(super) fn fetch_size(&self) -> usize {
         let max = self.cfg.batch_max_records;
-        match (&self.bucket, self.wire_per_record) {
-            (Some(b), per) => {
-                // Before the first batch: ~300 B a record (uncompressed telemetry).
-                let per = per.unwrap_or(300.0).max(1.0);
-                ((b.budget().burst_bytes as f64 / per) as usize).clamp(1, max)
-            }
-            (None, _) => max,
+        // Before the first batch: ~300 B a record (uncompressed telemetry).
+        let per = self.wire_per_record.unwrap_or(300.0).max(1.0);
+        let mut n = max;
+        if let Some(b) = &self.bucket {
+            n = n.min((b.budget().burst_bytes as f64 / per) as usize);
         }
+        if let (Some(q), Some(s)) = (self.cfg.quota, self.spent) {
+            let normal_left = q
+                .bytes
+                .saturating_sub(q.reserve_high)
+                .saturating_sub(s.spent_bytes);
+            let left = if normal_left > 0 {
+                normal_left
+            } else {
+                q.bytes.saturating_sub(s.spent_bytes)
+            };
+            n = n.min((left as f64 / per).ceil() as usize);
+            if self.wire_per_record.is_none() {
+                // Learn the bytes per record on a small batch first.
+                n = n.min(QUOTA_PROBE_RECORDS);
+            }
+        }
+        n.clamp(1, max)
     }
 
     /// Records received before this (epoch ms) are the backlog, while the

@@ -73,8 +73,8 @@ impl CheckReport {
 }
 
 /// SQLite's own integrity check of the database at `path`, for a WAL that
-/// [`Wal::open`] refuses (a damaged file): the report says what SQLite
-/// found instead of only "malformed".
+/// [`Wal::open`] refuses or that a check could not read (a damaged file):
+/// the report says what SQLite found instead of only "malformed".
 pub fn integrity_report(path: &std::path::Path, open_error: &WalError) -> CheckReport {
     let mut rep = CheckReport::default();
     let found: Result<Vec<String>, rusqlite::Error> = (|| {
@@ -90,13 +90,22 @@ pub fn integrity_report(path: &std::path::Path, open_error: &WalError) -> CheckR
     rep.add(
         "integrity",
         format!(
-            "the WAL cannot be opened ({open_error}); SQLite integrity check: {detail}. \
+            "the WAL cannot be read ({open_error}); SQLite integrity check: {detail}. \
              Restore from a copy or export what is readable with `gateway dlq export`"
         ),
         false,
         false,
     );
     rep
+}
+
+/// Whether SQLite failed because the file is damaged (not, say, because
+/// the disk is full).
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 impl SinkState {
@@ -287,7 +296,20 @@ impl Wal {
     /// stored state against the records, and the dead letters. With
     /// `repair`, fixes what can be fixed without losing or re-ordering
     /// anything acknowledged.
+    ///
+    /// A file so damaged that reading it fails part-way (SQLite says
+    /// "malformed") is reported as an `integrity` problem, like one that
+    /// cannot be opened, not as an error of the check.
     pub fn check(&mut self, repair: bool) -> Result<CheckReport, WalError> {
+        match self.check_readable(repair) {
+            Err(WalError::Storage(e)) if is_damage(&e) => {
+                Ok(integrity_report(&self.cfg.path, &WalError::Storage(e)))
+            }
+            other => other,
+        }
+    }
+
+    fn check_readable(&mut self, repair: bool) -> Result<CheckReport, WalError> {
         let mut rep = CheckReport::default();
         // Whatever memory holds that the disk does not yet, store first.
         self.flush_acks()?;
