@@ -473,10 +473,10 @@ def main():
                        target=f"<= {limit} % of the raw JSON (issue 33, target 1)", check=f"value <= {limit}",
                        note=f"{r['wire']:.1f} of {r['raw']:.0f} B a record at the far side", build=build)
             if vs is not None and r["compression"] == "zstd":
-                figure(f"{name}.drain_vs_none", round(100 * vs, 1), "% of the uncompressed drain rate",
+                figure(f"{name}.drain", round(r["rate"]), "records/s",
                        ceiling=(f"uplink.{r['kind']}.none.drain", round(base[r['kind']]['rate'])),
-                       target=">= 50 % of the uncompressed drain rate (issue 33, target 6)", check="value >= 50",
-                       note=f"{r['rate']:.0f} records/s", build=build)
+                       target=">= 50 % of the uncompressed drain rate (issue 33, target 6)", check="ratio >= 0.5",
+                       note=f"{100 * vs:.0f} % of the uncompressed drain rate", build=build)
     if "reduce" in only:
         r = guarded("reduce", lambda: reduce_run(ctx, args))
         if r:
