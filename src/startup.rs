@@ -227,6 +227,17 @@ impl Application {
             .transpose()
             .map_err(|e| anyhow::anyhow!("fleet: {e}"))?;
 
+        // The local archives' upkeep threads (a thread that cannot start
+        // stops start-up).
+        let mut keepers = Vec::new();
+        for (name, s) in &settings.sinks {
+            if let SinkTarget::S3(c) = &s.target {
+                if let Some(k) = c.keeper(name) {
+                    keepers.push(ArchiveKeeper::start(k, metrics.clone())?);
+                }
+            }
+        }
+
         // Every step that can fail has run: only now start the actors. An
         // actor started and then dropped unpolled (start-up failed after
         // it) runs its `started` outside the runtime and panics.
@@ -270,13 +281,7 @@ impl Application {
         };
         let mut dispatchers = Vec::new();
         let mut sinks = Vec::new();
-        let mut keepers = Vec::new();
         for (name, s) in &settings.sinks {
-            if let SinkTarget::S3(c) = &s.target {
-                if let Some(k) = c.keeper(name) {
-                    keepers.push(ArchiveKeeper::start(k, metrics.clone())?);
-                }
-            }
             let factory = make_sink(name, &s.target);
             let sink = {
                 let (n, m) = (name.clone(), metrics.clone());

@@ -28,6 +28,8 @@
 //!   and runtime settings persisted in the data dir.
 //! - [`fleet`]: the `FleetClient`: signed commands from the fleet broker,
 //!   run by the same `Operator`, and the state reported there.
+//! - [`backoff`]: the one retry policy with jitter (MQTT reconnects, sink
+//!   retries and circuit probes).
 //! - [`keys`]: the error a section's own validation returns (`KeyError`).
 //! - [`metrics`]: the Prometheus metrics every actor moves.
 //! - [`repeats`]: rate limits for repeated log events (one broken device
@@ -45,6 +47,7 @@
 
 #![deny(missing_docs)]
 
+pub mod backoff;
 pub mod control;
 pub mod dispatcher;
 pub mod durable;

@@ -36,10 +36,18 @@ use crate::repeats::{self, Kind};
 
 /// The control plane actor.
 pub struct ControlPlane {
+    /// The ingest broker's connection settings with a `-control` client id:
+    /// commands come over the site's broker, on a session of their own so
+    /// that a flood of telemetry cannot hold them up.
     cfg: MqttIngestConfig,
+    /// Names this gateway's command and reply topics.
     gateway_id: String,
+    /// Runs each command, the same one the admin API and the CLI use, so
+    /// a command does the same whichever way it came.
     operator: Arc<Operator>,
+    /// Counts its own restarts under supervision.
     metrics: Metrics,
+    /// The running session loop; a TLS reload cancels it and starts anew.
     running: Option<SpawnHandle>,
 }
 

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::reduce::Reduce;
 use crate::uplink::{Budget, Quota, Windows};
 
@@ -212,17 +213,21 @@ impl DispatchConfig {
     /// exponential, capped, with "equal jitter" (half fixed, half random) so
     /// that many gateways do not retry in lockstep yet never spin.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .retry_base
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-        let d = exp.min(self.retry_max).max(Duration::from_millis(1));
-        let half = d / 2;
-        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+        Backoff {
+            base: self.retry_base,
+            max: self.retry_max,
+        }
+        .delay(attempt)
     }
 
+    /// The wait before an open circuit lets one probe through: the
+    /// cooldown with the same jitter (half fixed, half random).
     pub(super) fn circuit_probe_delay(&self) -> Duration {
-        let half = self.circuit_cooldown / 2;
-        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+        Backoff {
+            base: self.circuit_cooldown,
+            max: self.circuit_cooldown,
+        }
+        .delay(1)
     }
 
     pub(super) fn idle_poll(&self) -> Duration {

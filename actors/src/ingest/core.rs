@@ -67,12 +67,22 @@ pub(crate) fn device_hash(device_id: &str) -> u64 {
 /// Validation, rate limit, backpressure check and append: shared by every
 /// ingest thread (HTTP workers and the MQTT routers).
 pub struct IngestCore {
+    /// The WAL writer's queue: a record is acknowledged only once it is
+    /// committed there.
     wal: WalWriter,
+    /// Stamped into every record (`gateway_id` of the canonical form).
     gateway_id: Arc<str>,
+    /// Sizes and counts a body may have; fixed for the process's life.
     limits: IngestLimits,
+    /// Per-device rate limit, a runtime setting (`ingest.rate_limit_*`).
     rate: RwLock<RateLimit>,
+    /// Each device's token bucket, sharded by device id so that HTTP
+    /// workers and the MQTT client rarely wait on one lock.
     buckets: [Mutex<HashMap<String, Bucket>>; BUCKET_SHARDS],
+    /// Routes and priority classes in force, swapped whole when an
+    /// operator changes them (a record sees one consistent set).
     routing: RwLock<Arc<Routing>>,
+    /// Accepted, duplicate and rejected records, by source and reason.
     pub(super) metrics: Metrics,
     /// `gateway_ingest_records_total` accepted and duplicate, per source
     /// (HTTP, MQTT): resolved once, not per message.

@@ -32,28 +32,7 @@ pub enum MqttVersion {
     V5,
 }
 
-/// The one reconnect policy: exponential from `base`, capped at `max`,
-/// with jitter (a delay is drawn from its upper half) so that many
-/// gateways or clients do not reconnect in step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// First delay.
-    pub base: Duration,
-    /// Largest delay.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The wait after `failures` failed attempts in a row (1 = the first).
-    pub fn delay(&self, failures: u32) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        let d = exp.min(self.max);
-        let half = d / 2;
-        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
-    }
-}
+pub use crate::backoff::Backoff;
 
 /// Where and how to reach a broker: what every MQTT connection of the
 /// gateway has (the ingest and the control plane share one; each upstream
@@ -565,28 +544,5 @@ async fn run<P: Poll>(mut polled: P, opts: ClientOptions, tx: mpsc::Sender<Event
         if tx.send(event).await.is_err() {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let b = Backoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-        };
-        for failures in 1..40 {
-            let cap = (Duration::from_millis(100) * (1 << (failures - 1).min(16))).min(b.max);
-            let d = b.delay(failures);
-            assert!(
-                d >= cap / 2 && d <= cap,
-                "{failures}: {d:?} outside {cap:?}/2..={cap:?}"
-            );
-        }
-        let draws: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
-        assert!(draws.len() > 1, "no jitter");
     }
 }

@@ -68,10 +68,17 @@ pub struct MqttStatus {
 
 /// The MQTT ingest actor.
 pub struct MqttIngest {
+    /// The broker, topics and TLS it connects with; kept so that a restart
+    /// or a TLS reload reconnects with the same settings.
     cfg: MqttIngestConfig,
+    /// Where each message goes: the ingest core's one door (validation,
+    /// rejects, the durable append), so MQTT and HTTP refuse alike.
     router: IngestRouters,
+    /// Connected or not and why, shared with `/readyz` and the status page.
     status: Arc<MqttStatus>,
+    /// `gateway_mqtt_connected` and its restarts under supervision.
     metrics: Metrics,
+    /// The running session loop; a TLS reload cancels it and starts anew.
     running: Option<SpawnHandle>,
 }
 

@@ -260,13 +260,25 @@ impl WalStats {
 
 /// The WAL engine: one SQLite connection plus the in-memory delivery state.
 pub struct Wal {
+    /// The one writing connection, owned by the writer thread (readers
+    /// have a pool of their own).
     pub(super) conn: Connection,
+    /// Path, limits and timings it was opened with.
     pub(super) cfg: WalConfig,
+    /// Each sink's delivery state, in memory and ahead of the stored one
+    /// by at most `ack_flush` (fetches and acks never touch the disk).
     pub(super) sinks: BTreeMap<String, SinkState>,
+    /// The seq the next appended record gets.
     pub(super) next_seq: u64,
+    /// Records in the `records` table, kept so that stats and the per-record
+    /// size estimate ([`WalStats::estimate_bytes`]) need no COUNT.
     pub(super) stored_records: u64,
+    /// Why appends are refused now (size or disk limit), if they are.
     pub(super) backpressure: Option<String>,
+    /// Bytes of the database's pages in use (free pages not counted), as of
+    /// the last space check: what `wal.max_bytes` is held against.
     pub(super) live_bytes: u64,
+    /// Free bytes on the data disk, as of the last space check.
     pub(super) disk_free: u64,
     /// Idempotency key -> latest seq of the records above `idem_upto`:
     /// the dedup keys not merged into the `idem` table yet.

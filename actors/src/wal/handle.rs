@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 
 use super::engine::{AppendOutcome, Fetched, NewRecord, Wal, WalStats, WriteOp, WriteResult};
 use super::error::WalError;
-use super::store::{WalHealth, WalStore, WriterDied};
-use super::writer::Request;
+use super::queue::{Fetch, Release, Request, WalHealth};
+use super::store::{WalStore, WriterDied};
 
 /// A cloneable handle to the WAL's writer thread. Build it with
 /// [`WalWriter::new`] from the started [`WalStore`] and its health.
@@ -226,19 +226,4 @@ impl WalWriter {
             }
         }
     }
-}
-
-/// What a fetch asks for (see [`WalWriter::fetch`]).
-#[derive(Debug)]
-pub(super) struct Fetch {
-    pub(super) sink: String,
-    pub(super) max_records: usize,
-    pub(super) max_wait: Duration,
-}
-
-/// What a release puts back (see [`WalWriter::release`]).
-#[derive(Debug)]
-pub(super) struct Release {
-    pub(super) sink: String,
-    pub(super) ranges: Vec<(u64, u64)>,
 }

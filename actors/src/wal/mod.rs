@@ -121,8 +121,9 @@
 //! - `writer.rs`: the writer thread (group commits, the commit window,
 //!   housekeeping); `handle.rs`: the one handle to it ([`WalWriter`]:
 //!   append, fetch, ack, dead, release, stats, operator actions, the
-//!   append signal), which every caller holds; `store.rs`: the actor that
-//!   supervises the thread ([`WalStore`]) and the [`WalHealth`];
+//!   append signal), which every caller holds; `queue.rs`: the requests
+//!   the thread takes and the [`WalHealth`] that holds its queue;
+//!   `store.rs`: the actor that supervises the thread ([`WalStore`]);
 //!   `reader.rs`: read-only connections ([`WalReader`]); `ranges.rs`.
 //!
 //! # Operator actions
@@ -156,6 +157,7 @@ mod engine;
 mod error;
 mod expiry;
 mod handle;
+mod queue;
 mod ranges;
 mod reader;
 mod sink_state;
@@ -175,11 +177,12 @@ pub use engine::{
 pub use error::WalError;
 pub use expiry::EXPIRED;
 pub use handle::{WalWriter, WeakWalWriter};
+pub use queue::WalHealth;
 pub use ranges::RangeSet;
 pub use reader::WalReader;
 #[cfg(feature = "fault-injection")]
 pub use store::InjectWriterPanic;
-pub use store::{WalHealth, WalStore};
+pub use store::WalStore;
 
 /// A `WalStore` on a fresh WAL in `dir` with unregistered metrics, started
 /// on the current arbiter, and its handle (unit tests of its callers).

@@ -18,51 +18,16 @@
 //! thread (their callers get an error; nothing they asked for was
 //! acknowledged).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::engine::{Wal, WalConfig};
-use super::writer::{writer_loop, Request};
+use super::queue::{Request, WalHealth};
+use super::writer::writer_loop;
 use crate::metrics::Metrics;
-
-/// Health of the WAL, shared with `/readyz`.
-#[derive(Debug, Default)]
-pub struct WalHealth {
-    /// The writer thread is running.
-    pub alive: AtomicBool,
-    /// The last commit that appended records succeeded (no commit has failed since).
-    pub writable: AtomicBool,
-    /// Appends are being refused.
-    pub backpressure: AtomicBool,
-    /// Last storage error or backpressure reason, for `/readyz`.
-    pub last_problem: Mutex<Option<String>>,
-    /// The head seq after each commit that appended: idle dispatchers wait
-    /// on it instead of polling ([`super::WalWriter::watch_appends`]).
-    pub appended: tokio::sync::watch::Sender<u64>,
-    /// The current writer thread's queue; `None` while the writer restarts.
-    writer: RwLock<Option<mpsc::Sender<Request>>>,
-}
-
-impl WalHealth {
-    pub(super) fn set_problem(&self, p: Option<String>) {
-        if let Ok(mut g) = self.last_problem.lock() {
-            *g = p;
-        }
-    }
-
-    /// Queues the request `make` builds to the current writer thread:
-    /// `None` while the writer restarts (`make` is not called), `Some(false)`
-    /// if the thread is gone.
-    pub(super) fn send(&self, make: impl FnOnce() -> Request) -> Option<bool> {
-        match self.writer.read() {
-            Ok(g) => g.as_ref().map(|tx| tx.send(make()).is_ok()),
-            Err(_) => Some(false),
-        }
-    }
-}
 
 /// The WAL actor. Build it with [`WalStore::new`] and start it under a
 /// `Supervisor`.

@@ -15,12 +15,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::engine::{now_ms, Fetched, Wal, WalStats, WriteOp, WriteResult};
+use super::engine::{now_ms, Wal, WalStats, WriteOp, WriteResult};
 use super::error::WalError;
-use super::handle::{Fetch, Release};
+use super::queue::{Request, WalHealth};
 use super::space::COMPACT_CHUNK;
 use super::stats::{class_stats_on, ClassStatsQuery};
-use super::store::WalHealth;
 use crate::metrics::Metrics;
 use crate::repeats::{self, Kind};
 use crate::route::Class;
@@ -37,22 +36,6 @@ const MAX_GROUP_REQUESTS: usize = 4096;
 const GROUP_FULL: usize = 32;
 /// How often a passive checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
-
-/// A request to the writer thread.
-pub(super) enum Request {
-    Write(
-        WriteOp,
-        Instant,
-        oneshot::Sender<Result<WriteResult, WalError>>,
-    ),
-    Fetch(Fetch, oneshot::Sender<Result<Fetched, WalError>>),
-    Release(Release, oneshot::Sender<Result<(), WalError>>),
-    ReleaseSink(String, oneshot::Sender<Result<(), WalError>>),
-    Stats(oneshot::Sender<Result<WalStats, WalError>>),
-    Exec(Box<dyn FnOnce(&mut Wal) + Send>),
-    #[cfg(feature = "fault-injection")]
-    Panic,
-}
 
 pub(super) fn writer_loop(
     mut wal: Wal,
@@ -540,7 +523,7 @@ fn publish_class_stats(conn: &rusqlite::Connection, q: &ClassStatsQuery, metrics
 mod tests {
     use actix::prelude::*;
 
-    use super::super::engine::{NewRecord, WalConfig};
+    use super::super::engine::{Fetched, NewRecord, WalConfig};
     use super::super::handle::WalWriter;
     use super::super::store::WalStore;
     use super::*;
