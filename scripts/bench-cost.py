@@ -65,18 +65,6 @@ FSYNC_EVENTS = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync"
 RECORD_BYTES = 400  # the floor's record
 
 
-class Ctx:
-    """What chaos.Gateway and chaos.Loadgen use."""
-
-    def __init__(self, args):
-        bin_dir = Path(args.bin_dir).resolve()
-        self.gateway_bin = bin_dir / "gateway"
-        self.loadgen_bin = bin_dir / "loadgen"
-        self.scale = chaos.QUICK
-        self.run_tag = time.strftime("c%H%M%S")
-        self.run_dir = ROOT / "target" / f"bench-cost-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def perf_works():
     if not shutil.which("perf"):
         return False
@@ -276,7 +264,7 @@ def main():
     ap.add_argument("--runs", default="default-http,default-mqtt,before-http,five-http,window")
     ap.add_argument("--windows", default="50ms,100ms,200ms")
     args = ap.parse_args()
-    ctx = Ctx(args)
+    ctx = chaos.BenchCtx(args.bin_dir, "cost", "c")
     for p in (ctx.gateway_bin, ctx.loadgen_bin):
         if not p.exists():
             sys.exit(f"bench-cost: {p} is missing (make bench builds it)")

@@ -40,18 +40,6 @@ RESULTS = ROOT / "bench/results/latest.md"
 FIGURES = Path(os.environ.get("BENCH_FIGURES", ROOT / "bench/results/figures.jsonl"))
 
 
-class Ctx:
-    """What chaos.Gateway, chaos.Loadgen and chaos.check use."""
-
-    def __init__(self, args):
-        bin_dir = Path(args.bin_dir).resolve()
-        self.gateway_bin = bin_dir / "gateway"
-        self.loadgen_bin = bin_dir / "loadgen"
-        self.scale = chaos.QUICK  # drain_timeout only
-        self.run_tag = time.strftime("o%H%M%S")
-        self.run_dir = ROOT / "target" / f"bench-outage-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def status_kb(pid, field):
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -149,7 +137,7 @@ def main():
     ap.add_argument("--after-secs", type=int, default=25)
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
     args = ap.parse_args()
-    ctx = Ctx(args)
+    ctx = chaos.BenchCtx(args.bin_dir, "outage", "o")
     chaos.preflight(ctx)
     build = os.popen(f"'{ctx.gateway_bin}' --version 2>/dev/null").read().strip() or None
     rows = []

@@ -70,16 +70,6 @@ BANDS = {"temperature_c": 0.2, "humidity_pct": 0.5, "pressure_hpa": 0.5, "cycles
 HIGH = '[[priority]]\nclass = "high"\nmatch = { devices = ["alarm-*"] }\n'
 
 
-class Ctx:
-    def __init__(self, args):
-        bin_dir = Path(args.bin_dir).resolve()
-        self.gateway_bin = bin_dir / "gateway"
-        self.loadgen_bin = bin_dir / "loadgen"
-        self.scale = chaos.QUICK
-        self.run_tag = time.strftime("u%H%M%S")
-        self.run_dir = ROOT / "target" / f"bench-uplink-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def cpu_secs(pid):
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -409,12 +399,9 @@ def quota_run(ctx, args):
 
 
 def sink_state(gw):
-    doc = json.loads(gw._get("/admin/sinks", token=True))
-    sinks = doc["sinks"] if isinstance(doc, dict) and "sinks" in doc else doc
-    for s in sinks:
-        if s.get("name") == "up":
-            return s["state"]
-    raise chaos.ChaosFailure(f"no sink up in /admin/sinks: {str(doc)[:200]}")
+    """The `state` of sink `up` in GET /admin/sinks (a list, one per sink)."""
+    sinks = json.loads(gw._get("/admin/sinks", token=True))
+    return next(s["state"] for s in sinks if s["name"] == "up")
 
 
 def figure(name, value, unit, **kw):
@@ -431,7 +418,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
     args = ap.parse_args()
     only = {s.strip() for s in args.only.split(",")}
-    ctx = Ctx(args)
+    ctx = chaos.BenchCtx(args.bin_dir, "uplink", "u")
     chaos.preflight(ctx)
     build = os.popen(f"'{ctx.gateway_bin}' --version 2>/dev/null").read().strip() or None
     failed = []

@@ -783,6 +783,20 @@ class Gateway:
         return self.proc.pid
 
 
+class BenchCtx:
+    """What chaos.Gateway, chaos.Loadgen and chaos.check need, for a bench
+    script: the binaries in BIN_DIR, a run tag and a scratch dir
+    target/bench-NAME-{time}."""
+
+    def __init__(self, bin_dir, name, tag):
+        bin_dir = Path(bin_dir).resolve()
+        self.gateway_bin = bin_dir / "gateway"
+        self.loadgen_bin = bin_dir / "loadgen"
+        self.scale = QUICK  # drain_timeout only
+        self.run_tag = time.strftime(f"{tag}%H%M%S")
+        self.run_dir = ROOT / "target" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def gateway_config(mqtt, sinks, extra=""):
     return f'gateway_id = "chaos"\n{mqtt}{extra}{sinks}'
 

@@ -23,14 +23,7 @@ impl Dispatcher {
         let wire = match self.reducer.as_ref().filter(|r| r.active()) {
             Some(r) => {
                 let mut step = r.reduce(&batch);
-                let wire = Arc::new(std::mem::replace(
-                    &mut step.wire,
-                    Batch {
-                        sink: String::new(),
-                        ranges: Vec::new(),
-                        records: Vec::new(),
-                    },
-                ));
+                let wire = Arc::new(std::mem::take(&mut step.wire));
                 self.step = Some(step);
                 wire
             }

@@ -136,7 +136,7 @@ pub struct StoredRecord {
 }
 
 /// A batch of records InFlight for one sink.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
     /// The sink.
     pub sink: String,
