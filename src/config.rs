@@ -28,6 +28,7 @@ use gateway_actors::dispatcher::{DispatchConfig, DispatchKeys};
 use gateway_actors::fleet::{FleetConfig, FleetKeys};
 use gateway_actors::keys::KeyError;
 use gateway_actors::route::{self, PriorityRule, SinkPolicy, MAX_SINKS};
+use gateway_actors::sink::s3::{default_archive, DEFAULT_ARCHIVE};
 pub use gateway_actors::sink::SinkTarget;
 use gateway_actors::sink::{SinkConfig, SinkContext};
 use gateway_actors::wal::WalConfig;
@@ -47,14 +48,6 @@ pub use ingest::IngestSettings;
 pub use log::LogRepeats;
 pub use mqtt::MqttMode;
 pub use wal::{WalSettings, MAX_ACK_FLUSH, MAX_COMMIT_WINDOW};
-
-/// `max_bytes` of the zero-config archive (no `[sinks.*]`): 1 GiB.
-pub const DEFAULT_ARCHIVE_MAX_BYTES: u64 = 1 << 30;
-/// `batch_max_wait_ms` of the zero-config archive: a local archive has no
-/// latency target, and every object costs a file creation, an fsync, a
-/// rename and a directory fsync (about 12 KB written per object), so it
-/// batches for a second.
-pub const DEFAULT_ARCHIVE_BATCH_MAX_WAIT_MS: u64 = 1000;
 
 /// The compiled-in defaults (also what `gateway config print` starts from).
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
@@ -415,25 +408,7 @@ impl Loaded {
 
         let mut raw_sinks = raw.sinks.clone();
         if raw_sinks.is_empty() {
-            let mut archive = toml::Table::new();
-            archive.insert("kind".into(), Value::String("s3".into()));
-            archive.insert(
-                "url".into(),
-                Value::String(format!("file://{}", data_dir.join("archive").display())),
-            );
-            // Bounded: left alone for months, an edge host's disk must not fill.
-            archive.insert(
-                "max_bytes".into(),
-                Value::Integer(DEFAULT_ARCHIVE_MAX_BYTES as i64),
-            );
-            // A local file per batch: a second of records per object
-            // (issue 31: at 40 records/s a 5 ms linger made ~21 objects a
-            // second and cost ~12 KB written and ~7 % of a core a record).
-            archive.insert(
-                "batch_max_wait_ms".into(),
-                Value::Integer(DEFAULT_ARCHIVE_BATCH_MAX_WAIT_MS as i64),
-            );
-            raw_sinks.insert("archive".into(), archive);
+            raw_sinks.insert(DEFAULT_ARCHIVE.into(), default_archive_table(&data_dir));
         }
         if raw_sinks.len() > MAX_SINKS {
             return Err(self.invalid(
@@ -566,26 +541,22 @@ impl Loaded {
             // default archive: show it.
             if !t.contains_key("sinks") {
                 let mut sinks = toml::map::Map::new();
-                for (name, s) in &settings.sinks {
-                    if let SinkTarget::S3(c) = &s.target {
-                        let mut m = toml::map::Map::new();
-                        m.insert("kind".into(), Value::String("s3".into()));
-                        m.insert("url".into(), Value::String(c.url.clone()));
-                        if let Some(max) = c.max_bytes {
-                            m.insert("max_bytes".into(), Value::Integer(max as i64));
-                        }
-                        m.insert(
-                            "batch_max_wait_ms".into(),
-                            Value::Integer(s.dispatch.batch_max_wait.as_millis() as i64),
-                        );
-                        sinks.insert(name.clone(), Value::Table(m));
-                    }
-                }
+                let archive = default_archive_table(&settings.data_dir);
+                sinks.insert(DEFAULT_ARCHIVE.into(), Value::Table(archive));
                 t.insert("sinks".into(), Value::Table(sinks));
             }
         }
         redact(&mut tree);
         toml::to_string_pretty(&tree).unwrap_or_default()
+    }
+}
+
+/// The zero-config archive's keys ([`default_archive`]) as a TOML table.
+fn default_archive_table(data_dir: &Path) -> toml::Table {
+    let keys = serde_json::Value::Object(default_archive(data_dir));
+    match Value::try_from(keys) {
+        Ok(Value::Table(t)) => t,
+        _ => unreachable!("a JSON object of strings and integers is a TOML table"),
     }
 }
 

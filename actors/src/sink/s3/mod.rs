@@ -5,6 +5,6 @@ mod config;
 pub mod keeper;
 mod sink;
 
-pub use config::{S3Keys, S3SinkConfig, Target};
+pub use config::{default_archive, S3Keys, S3SinkConfig, Target, DEFAULT_ARCHIVE};
 pub use keeper::{ArchiveKeeper, KeeperConfig};
 pub use sink::{encode_batch, object_key, object_key_as, ObjectStoreSink};
