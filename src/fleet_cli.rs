@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use gateway_actors::fleet::verify::SigningKey;
-use gateway_actors::mqtt::client::{ClientOptions, Event, MqttClient, PublishExtras};
-use gateway_actors::mqtt::{BrokerKeys, MqttVersion};
+use gateway_actors::mqtt::client::{Event, MqttClient, PublishExtras};
 use serde_json::Value;
 
 use crate::cli::{FleetBroker, FleetCommand, FleetTarget};
+use crate::fleet_client::connect_filters;
 
 /// Runs a `gateway fleet` subcommand; `json`: machine-readable output.
 pub fn run(cmd: &FleetCommand, json: bool) -> ExitCode {
@@ -147,31 +147,6 @@ fn signed(
         chrono::Utc::now().timestamp_millis(),
     );
     Ok((topic, env))
-}
-
-/// A clean-session client of the fleet broker subscribed to `filters`.
-pub(crate) fn connect_filters(
-    b: &FleetBroker,
-    filters: Vec<String>,
-) -> anyhow::Result<(MqttClient, tokio::sync::mpsc::Receiver<Event>)> {
-    let client_id = format!(
-        "fleet-cli-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let conn = BrokerKeys {
-        url: &b.url,
-        ca_file: b.ca_file.as_ref(),
-        client_cert_file: b.client_cert_file.as_ref(),
-        client_key_file: b.client_key_file.as_ref(),
-        username: b.username.as_deref(),
-        password_file: b.password_file.as_ref(),
-        version: None,
-    }
-    .connection(&client_id, MqttVersion::V5)
-    .map_err(|e| anyhow::anyhow!("--{}: {}", e.key.replace('_', "-"), e.message))?;
-    let mut opts = ClientOptions::new(conn);
-    opts.subscribe = filters;
-    MqttClient::connect(&opts).map_err(anyhow::Error::msg)
 }
 
 /// A clean-session client of the fleet broker subscribed to `filter`.

@@ -32,7 +32,7 @@ use gateway_actors::mqtt::client::{Event, MqttClient, PublishExtras};
 use serde_json::{json, Value};
 
 use crate::cli::FleetBroker;
-use crate::fleet_cli::connect_filters;
+use crate::fleet_client::connect_filters;
 
 /// What to roll out, to whom and how.
 #[derive(Debug, Clone)]

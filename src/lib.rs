@@ -30,6 +30,7 @@ pub mod bundles;
 pub mod cli;
 pub mod config;
 pub mod fleet_cli;
+pub mod fleet_client;
 pub mod fleet_rollout;
 pub mod fuzzing;
 pub mod healthcheck;

@@ -298,7 +298,9 @@ impl Application {
         }
 
         // The WAL's growth, for `gateway_wal_full_in_seconds`.
-        gateway_actors::growth::spawn_sampler(wal.downgrade(), metrics.clone());
+        let m = metrics.clone();
+        wal.downgrade()
+            .sample_growth(move |s| m.wal_growth.observe(s, &m.wal_full_in_seconds));
         let operator = Arc::new(Operator::new(operator_parts(
             &settings,
             wal.clone(),

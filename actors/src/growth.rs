@@ -2,7 +2,8 @@
 //! the one place it is computed. `/readyz`, the fleet state and the metric
 //! all read [`WalGrowth::full_in`].
 //!
-//! A sampler ([`spawn_sampler`], started with the running gateway) reads
+//! A sampler ([`crate::wal::WeakWalWriter::sample_growth`], started with
+//! the running gateway) reads
 //! the WAL's size and free disk every [`SAMPLE_EVERY`]. The net growth is
 //! the change of the WAL's live bytes over the samples of the last
 //! [`WINDOW`] (growth from ingest less what compaction removed), and
@@ -20,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::metrics::Metrics;
-use crate::wal::WeakWalWriter;
+use prometheus::IntGaugeVec;
 
 /// Time between two samples.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -84,13 +84,14 @@ impl FullIn {
     }
 }
 
-/// The recent samples (shared through [`Metrics`]).
+/// The recent samples (shared through [`crate::metrics::Metrics`]).
 #[derive(Debug, Default)]
 pub struct WalGrowth(Mutex<VecDeque<Sample>>);
 
 impl WalGrowth {
-    /// Adds a sample, forgets those older than [`WINDOW`], and moves the metric.
-    pub fn observe(&self, s: Sample, metrics: &Metrics) {
+    /// Adds a sample, forgets those older than [`WINDOW`], and moves the
+    /// metric `gauge` (`gateway_wal_full_in_seconds`).
+    pub fn observe(&self, s: Sample, gauge: &IntGaugeVec) {
         let full_in = {
             let Ok(mut q) = self.0.lock() else { return };
             while q
@@ -102,7 +103,7 @@ impl WalGrowth {
             q.push_back(s);
             estimate(q.front().copied(), s)
         };
-        let g = &metrics.wal_full_in_seconds;
+        let g = gauge;
         for l in [Limit::MaxBytes, Limit::DiskFree] {
             if full_in.map(|f| f.limit) != Some(l) {
                 let _ = g.remove_label_values(&[l.as_str()]);
@@ -147,40 +148,10 @@ fn estimate(first: Option<Sample>, last: Sample) -> Option<FullIn> {
     })
 }
 
-/// Samples the WAL every [`SAMPLE_EVERY`] into `metrics`' [`WalGrowth`],
-/// on the current arbiter, until the WAL actor is gone.
-pub fn spawn_sampler(wal: WeakWalWriter, metrics: Metrics) {
-    actix_rt::spawn(async move {
-        loop {
-            let Some(writer) = wal.upgrade() else { return };
-            let read = writer.with(|w| {
-                let stats = w.stats()?;
-                let cfg = w.config();
-                Ok((stats, cfg.max_bytes, cfg.min_free_disk_bytes))
-            });
-            match read.await {
-                Ok((stats, max_bytes, min_free_disk)) => metrics.wal_growth.observe(
-                    Sample {
-                        at: Instant::now(),
-                        live_bytes: stats.live_bytes,
-                        disk_free: stats.disk_free_bytes,
-                        max_bytes,
-                        min_free_disk,
-                    },
-                    &metrics,
-                ),
-                Err(e) => tracing::debug!(error = %e, "WAL growth sample failed"),
-            }
-            // Not kept across the sleep: the sampler does not keep the WAL alive.
-            drop(writer);
-            actix_rt::time::sleep(SAMPLE_EVERY).await;
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
 
     fn sample(at: Instant, live: u64, free: u64) -> Sample {
         Sample {
@@ -197,10 +168,13 @@ mod tests {
         let m = Metrics::unregistered();
         let g = WalGrowth::default();
         let t0 = Instant::now();
-        g.observe(sample(t0, 100_000, 10_000_000), &m);
+        g.observe(sample(t0, 100_000, 10_000_000), &m.wal_full_in_seconds);
         assert_eq!(g.full_in(), None, "one sample says nothing");
         // 1000 B/s: 900 s to max_bytes, far more to the disk.
-        g.observe(sample(t0 + Duration::from_secs(10), 110_000, 9_990_000), &m);
+        g.observe(
+            sample(t0 + Duration::from_secs(10), 110_000, 9_990_000),
+            &m.wal_full_in_seconds,
+        );
         let f = g.full_in().unwrap();
         assert_eq!((f.seconds, f.limit), (890, Limit::MaxBytes));
         assert_eq!(
@@ -210,11 +184,17 @@ mod tests {
             890
         );
         // A small disk comes first.
-        g.observe(sample(t0 + Duration::from_secs(20), 120_000, 200_000), &m);
+        g.observe(
+            sample(t0 + Duration::from_secs(20), 120_000, 200_000),
+            &m.wal_full_in_seconds,
+        );
         let f = g.full_in().unwrap();
         assert_eq!((f.seconds, f.limit), (100, Limit::DiskFree));
         // Shrinking over the window: no value, no series.
-        g.observe(sample(t0 + Duration::from_secs(30), 50_000, 200_000), &m);
+        g.observe(
+            sample(t0 + Duration::from_secs(30), 50_000, 200_000),
+            &m.wal_full_in_seconds,
+        );
         assert_eq!(g.full_in(), None);
         use prometheus::core::Collector;
         let series: usize = m
@@ -226,8 +206,11 @@ mod tests {
         assert_eq!(series, 0);
         // Samples older than the window are forgotten.
         let later = t0 + WINDOW + Duration::from_secs(40);
-        g.observe(sample(later, 60_000, 200_000), &m);
-        g.observe(sample(later + Duration::from_secs(10), 70_000, 200_000), &m);
+        g.observe(sample(later, 60_000, 200_000), &m.wal_full_in_seconds);
+        g.observe(
+            sample(later + Duration::from_secs(10), 70_000, 200_000),
+            &m.wal_full_in_seconds,
+        );
         let f = g.full_in().unwrap();
         assert_eq!((f.seconds, f.growth_bytes_per_s), (100, 1000.0));
     }

@@ -41,7 +41,7 @@ mod report;
 mod route_test;
 
 pub use command::Command;
-pub use report::{condition, sink_up};
+pub use report::{condition, sink_row_up, sink_up};
 pub use route_test::{bits_by_name, route_test, RouteTestContext};
 
 /// Most dead letters one `dlq.list` returns.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::bundle::{check_apply, Bundle, BundleStore, Refusal, StoreState};
-use super::state::sink_up;
+use crate::control::ops::sink_row_up;
 use crate::control::Operator;
 use crate::metrics::Metrics;
 
@@ -122,7 +122,7 @@ impl Bundles {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|s| sink_up(s))
+                .filter(|s| sink_row_up(s))
                 .filter_map(|s| s["name"].as_str().map(str::to_string))
                 .collect(),
             Err(e) => return Err(Refusal::Storage(format!("cannot read the sinks: {e}"))),
@@ -233,7 +233,7 @@ impl Bundles {
             Ok((_, sinks)) => {
                 for s in sinks.as_array().into_iter().flatten() {
                     let name = s["name"].as_str().unwrap_or_default();
-                    if bundle.sinks_up.iter().any(|n| n == name) && !sink_up(s) {
+                    if bundle.sinks_up.iter().any(|n| n == name) && !sink_row_up(s) {
                         let why = s["last_error"]
                             .as_str()
                             .map(|e| crate::secret::redact(e, 100))

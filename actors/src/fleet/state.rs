@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::apply::Bundles;
+use crate::control::ops::sink_row_up;
 use crate::control::{OpError, Operator};
 use crate::metrics::Metrics;
 
@@ -54,11 +55,6 @@ pub struct StateSource {
     metrics: Metrics,
     last: Option<Sample>,
     bundles: Option<Arc<Bundles>>,
-}
-
-/// A row of `GET /admin/sinks` is up ([`crate::control::ops::sink_up`]).
-pub fn sink_up(s: &Value) -> bool {
-    crate::control::ops::sink_up(s["running"].as_bool(), &s["state"])
 }
 
 /// The document the broker publishes for us when we vanish (the last will).
@@ -133,7 +129,7 @@ impl StateSource {
             let wal = &s["wal"];
             let paused = state["paused"].as_bool().unwrap_or(false);
             let circuit_open = state["circuit_open"].as_bool().unwrap_or(false);
-            let up = sink_up(s);
+            let up = sink_row_up(s);
             let backlog =
                 wal["enqueued"].as_u64().unwrap_or(0) + wal["inflight"].as_u64().unwrap_or(0);
             let oldest = wal["oldest_pending_ms"]

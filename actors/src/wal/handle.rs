@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use actix::{Addr, WeakAddr};
 use tokio::sync::oneshot;
 
+use crate::growth::{Sample, SAMPLE_EVERY};
+
 use super::engine::{AppendOutcome, Fetched, NewRecord, Wal, WalStats, WriteOp, WriteResult};
 use super::error::WalError;
 use super::queue::{Fetch, Release, Request, WalHealth};
@@ -43,6 +45,36 @@ pub struct WeakWalWriter {
 }
 
 impl WeakWalWriter {
+    /// Samples the WAL every [`SAMPLE_EVERY`] and hands each sample to
+    /// `observe` (the gateway's: [`crate::growth::WalGrowth::observe`] of
+    /// its metrics), on the current arbiter, until the WAL actor is gone.
+    pub fn sample_growth(self, observe: impl Fn(Sample) + 'static) {
+        let wal = self;
+        actix_rt::spawn(async move {
+            loop {
+                let Some(writer) = wal.upgrade() else { return };
+                let read = writer.with(|w| {
+                    let stats = w.stats()?;
+                    let cfg = w.config();
+                    Ok((stats, cfg.max_bytes, cfg.min_free_disk_bytes))
+                });
+                match read.await {
+                    Ok((stats, max_bytes, min_free_disk)) => observe(Sample {
+                        at: Instant::now(),
+                        live_bytes: stats.live_bytes,
+                        disk_free: stats.disk_free_bytes,
+                        max_bytes,
+                        min_free_disk,
+                    }),
+                    Err(e) => tracing::debug!(error = %e, "WAL growth sample failed"),
+                }
+                // Not kept across the sleep: the sampler does not keep the WAL alive.
+                drop(writer);
+                actix_rt::time::sleep(SAMPLE_EVERY).await;
+            }
+        });
+    }
+
     /// The handle, while the store lives.
     pub fn upgrade(&self) -> Option<WalWriter> {
         Some(WalWriter {

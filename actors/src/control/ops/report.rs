@@ -118,6 +118,12 @@ pub fn sink_up(running: Option<bool>, state: &Value) -> bool {
     running == Some(true) && !circuit_open && !failing
 }
 
+/// A row of `GET /admin/sinks` (its `running` and `state`) is up
+/// ([`sink_up`]).
+pub fn sink_row_up(row: &Value) -> bool {
+    sink_up(row["running"].as_bool(), &row["state"])
+}
+
 /// A sink's condition in one word, for people (the status page, `gateway
 /// sink list`): `paused`, `circuit_open`, `down` (its dispatcher is not
 /// running, or its last publish failed), `up`, or `stopped` (the gateway is
