@@ -185,7 +185,11 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
             # Receive -> sink acknowledgement, per sink (ms), over the same window.
             "sink_p99": {s: None if q is None else 1000 * q for s, q in (
                 (s, chaos.quantile(0.99, chaos.histogram(m0, E2E, sink=s), chaos.histogram(m1, E2E, sink=s)))
-                for s in sorted({dict(pairs).get("sink") for (n, pairs) in m1 if n == E2E + "_bucket"} - {None}))},
+                for s in sinks_of(m1))},
+            # The share within 50 ms, read off the 50 ms bucket: "p99 <= 50 ms"
+            # without interpolating inside the 50-80 ms bucket.
+            "sink_within_50ms": {s: share_within(0.05, chaos.histogram(m0, E2E, sink=s), chaos.histogram(m1, E2E, sink=s))
+                                 for s in sinks_of(m1)},
         }
     finally:
         gw.stop()
@@ -193,6 +197,19 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
 
 
 E2E = "gateway_e2e_latency_seconds"
+
+
+def sinks_of(metrics):
+    return sorted({dict(pairs).get("sink") for (n, pairs) in metrics if n == E2E + "_bucket"} - {None})
+
+
+def share_within(le, before, after):
+    """The share of a histogram's observations between two snapshots that
+    fell in buckets up to `le` (a bucket bound); None if none."""
+    prev = dict(before)
+    delta = dict((b, c - prev.get(b, 0)) for b, c in after)
+    total = delta.get(float("inf"), 0)
+    return None if total <= 0 or le not in delta else delta[le] / total
 
 
 FLOOR_CHILD = r"""
@@ -253,6 +270,10 @@ def figure(name, value, unit, **kw):
 
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def pct(share):
+    return None if share is None else 100 * share
 
 
 def main():
@@ -323,8 +344,9 @@ def main():
                      f"| {fmt(vs, '.2f')}× | {r['syscw']:.1f} | {fmt(r['fsyncs'], '.2f')} | {r['commits_s']:.0f} "
                      f"| {fmt(r['p50'], '.1f')} / {fmt(r['p99'], '.1f')} ms |")
     lines += ["", "Receive → sink acknowledgement p99 (`gateway_e2e_latency_seconds`, same window):", ""]
-    lines += [f"- {r['run']} at {r['rate']}/s: " + ", ".join(f"{s} {fmt(v, '.0f')} ms" for s, v in r["sink_p99"].items())
-              for r in rows if r["sink_p99"]]
+    lines += [f"- {r['run']} at {r['rate']}/s: " + ", ".join(
+        f"{s} {fmt(v, '.0f')} ms ({fmt(pct(r['sink_within_50ms'].get(s)), '.2f')} % within 50 ms)"
+        for s, v in r["sink_p99"].items()) for r in rows if r["sink_p99"]]
     lines += [f"- FAILED: {f}" for f in failures]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as f:
@@ -362,10 +384,13 @@ def main():
             figure(f"{key}.ack_p99", r["p99"], "ms", target=f"device ack p99 <= {limit} ms (issue 31)",
                    check=f"value <= {limit}", note=note, build=build)
         cloud = r["sink_p99"].get("cloud")
-        if r["run"] == "five-http" and r["rate"] == hi and cloud is not None:
-            figure(f"{key}.mqtt_sink_p99", round(cloud, 1), "ms",
-                   target="MQTT sink receive -> ack p99 <= 50 ms at 1,000 records/s (issue 31)",
-                   check="value <= 50", note=note, build=build)
+        within = pct(r["sink_within_50ms"].get("cloud"))
+        if r["run"] == "five-http" and r["rate"] == hi and within is not None:
+            # p99 <= 50 ms is 99 % within 50 ms: read off the 50 ms bucket
+            # (the interpolated p99 is in the note).
+            figure(f"{key}.mqtt_sink_within_50ms", round(within, 2), "% of records",
+                   target="MQTT sink receive -> ack p99 <= 50 ms at 1,000 records/s (issue 31): >= 99 % within 50 ms",
+                   check="value >= 99", note=f"{note}; interpolated p99 {fmt(cloud, '.1f')} ms", build=build)
     for fl in floors.values():
         figure(f"cost.floor.{fl['rate']}.bytes", round(fl["bytes"]), "B/record",
                note="bare SQLite: one 400-byte record per commit, WAL, synchronous=FULL, rowid table, no index", build=build)

@@ -304,6 +304,7 @@ impl Dispatcher {
                     act.spend_quota(sent.wire_bytes);
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
                     act.close_circuit();
+                    act.observe_e2e(&batch);
                     act.ack(batch, span, attempt, ctx);
                 }
                 Err(e) if e.is_retryable() => {
@@ -387,6 +388,21 @@ impl Dispatcher {
         }
     }
 
+    /// `gateway_e2e_latency_seconds`: receipt -> the sink's acknowledgement
+    /// of `batch` (its target acknowledged it, or the reduction sent none
+    /// of it), before the WAL's ack: that is our bookkeeping, held in memory
+    /// for `wal.ack_flush`, not part of the delivery.
+    fn observe_e2e(&self, batch: &Batch) {
+        let now = now_ms();
+        let e2e = self
+            .metrics
+            .e2e_latency_seconds
+            .with_label_values(&[&self.cfg.sink]);
+        for r in &batch.records {
+            e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
+        }
+    }
+
     fn ack(&mut self, batch: Arc<Batch>, span: Span, attempt: u32, ctx: &mut Context<Self>) {
         let ack = self.wal.ack(
             self.cfg.sink.clone(),
@@ -397,11 +413,6 @@ impl Dispatcher {
             Ok(()) => {
                 act.commit_step();
                 let sink = act.cfg.sink.as_str();
-                let now = now_ms();
-                let e2e = act.metrics.e2e_latency_seconds.with_label_values(&[sink]);
-                for r in &batch.records {
-                    e2e.observe((now - r.receive_ms).max(0) as f64 / 1000.0);
-                }
                 act.metrics
                     .sink_publish
                     .with_label_values(&[sink, "ok"])

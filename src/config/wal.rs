@@ -113,7 +113,7 @@ mod tests {
         let s = Settings::from_toml("").unwrap();
         let w = s.wal_config();
         assert_eq!(w.ack_flush, Duration::from_secs(1));
-        assert_eq!(w.commit_window, Duration::from_millis(30));
+        assert_eq!(w.commit_window, Duration::from_millis(25));
         let s =
             Settings::from_toml("[wal]\nack_flush = \"0s\"\ncommit_window = \"200ms\"\n").unwrap();
         assert_eq!(s.wal.ack_flush, Duration::ZERO);

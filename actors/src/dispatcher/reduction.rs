@@ -33,6 +33,7 @@ impl Dispatcher {
             }
         };
         if wire.records.is_empty() {
+            self.observe_e2e(&batch);
             self.ack(batch, span, 0, ctx);
         } else {
             self.publish(batch, wire, span, 1, 0, ctx);

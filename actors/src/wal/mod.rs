@@ -151,6 +151,7 @@
 
 mod admin;
 mod append;
+mod checkpoint;
 mod delivery;
 mod dlq;
 mod engine;

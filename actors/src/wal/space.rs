@@ -207,6 +207,13 @@ impl Wal {
         Ok(compacted)
     }
 
+    /// Turns off SQLite's automatic checkpoint on the writer's connection:
+    /// the checkpointer's thread runs them ([`super::checkpoint`]).
+    pub fn stop_auto_checkpoint(&mut self) -> Result<(), WalError> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
     /// Runs a passive checkpoint so the -wal file does not grow without bound.
     pub fn checkpoint(&mut self) -> Result<(), WalError> {
         self.conn

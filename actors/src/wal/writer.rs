@@ -6,8 +6,9 @@
 //! waiting a short while for more appends when that pays ([`CommitWindow`],
 //! `wal.commit_window`), answers each, serves the reads between commits,
 //! stores acknowledgements held in memory once `wal.ack_flush` has passed,
-//! and runs housekeeping (space, stats, compaction, checkpoints). A second
-//! thread counts the backlog per sink and class on a read-only connection.
+//! and runs housekeeping (space, stats, compaction). Two more threads, each
+//! on a connection of its own: one counts the backlog per sink and class,
+//! the other checkpoints ([`super::checkpoint`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::checkpoint::Checkpointer;
 use super::engine::{now_ms, Wal, WalStats, WriteOp, WriteResult};
 use super::error::WalError;
 use super::queue::{Request, WalHealth};
@@ -34,8 +36,6 @@ const MAX_GROUP_REQUESTS: usize = 4096;
 /// once it holds this many records (about 13 KB of typical records: the
 /// block a commit leaves partly written is then a small share of it).
 const GROUP_FULL: usize = 32;
-/// How often a passive checkpoint runs.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) fn writer_loop(
     mut wal: Wal,
@@ -46,11 +46,18 @@ pub(super) fn writer_loop(
     health.alive.store(true, Ordering::SeqCst);
     health.writable.store(true, Ordering::SeqCst);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
-    let mut last_checkpoint = Instant::now();
     let mut passes = 0u64;
     // The last group commit failed because the disk was full.
     let mut failed_full = false;
     let scanner = spawn_class_scanner(wal.config().path.clone(), metrics.clone());
+    // Checkpoints leave the commits' way: the checkpointer's thread runs them.
+    let checkpointer = match wal.stop_auto_checkpoint() {
+        Ok(()) => Checkpointer::spawn(wal.config().path.clone(), health.clone()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand the WAL's checkpoints to their own thread; they stay in the commits");
+            None
+        }
+    };
     let mut window = CommitWindow::new(wal.config().commit_window);
     // Acks change the state in memory and are stored later (`ack_flush`).
     let lazy_acks = !wal.config().ack_flush.is_zero();
@@ -145,15 +152,10 @@ pub(super) fn writer_loop(
                     let _ = scanner.try_send(wal.class_stats_query());
                 }
             }
-            if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                last_checkpoint = Instant::now();
-                if let Err(e) = wal.checkpoint() {
-                    tracing::warn!(error = %e, "WAL checkpoint failed");
-                }
-            }
         }
     }
     flush_acks(&mut wal);
+    drop(checkpointer);
     health.alive.store(false, Ordering::SeqCst);
     tracing::info!("WAL writer stopped");
 }

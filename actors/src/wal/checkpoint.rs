@@ -1,0 +1,113 @@
+//! The checkpointer: copies the pages committed to the `-wal` file into the
+//! database file from a connection of its own thread, so that a group
+//! commit never waits for it.
+//!
+//! SQLite's automatic checkpoint runs inside the commit that takes the
+//! `-wal` file past 1,000 pages: at 1k records/s every few seconds one group
+//! commit (and every device waiting for it) also waited for megabytes copied
+//! and the database file's fsync. The writer's connection turns that off
+//! ([`super::Wal::stop_auto_checkpoint`]) and this thread runs a passive
+//! checkpoint every [`CHECKPOINT_EVERY`] instead; a passive checkpoint takes
+//! no lock that the writer or a reader waits for.
+//!
+//! A passive checkpoint cannot copy what is committed while it runs, and
+//! SQLite starts the `-wal` file again at its beginning only after one
+//! copied everything. So when a pass leaves frames behind, the writer
+//! finishes it between two commits ([`Request::Exec`]): by then only a few
+//! commits' pages are left to copy, and the file stays bounded.
+//!
+//! Ends with the writer (when its [`Checkpointer`] is dropped). A failing
+//! checkpoint (a full disk, say) is logged and tried again next time;
+//! nothing is lost by it (the pages stay in the `-wal` file).
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use rusqlite::OpenFlags;
+
+use super::queue::{Request, WalHealth};
+use crate::repeats::{self, Kind};
+
+/// Time between two checkpoints.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// The running checkpointer thread; it stops when this is dropped.
+pub(super) struct Checkpointer {
+    _stop: mpsc::Sender<()>,
+}
+
+impl Checkpointer {
+    /// Starts the thread for the WAL at `path`, whose writer's queue
+    /// `health` holds. `None` if the thread could not be spawned (logged:
+    /// the `-wal` file then grows until the writer's connection closes).
+    pub(super) fn spawn(path: PathBuf, health: Arc<WalHealth>) -> Option<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("wal-checkpoint".into())
+            .spawn(move || {
+                let mut conn = None;
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if conn.is_none() {
+                        conn = open(&path).map_err(|e| failed(&e)).ok();
+                    }
+                    let Some(c) = &conn else { continue };
+                    match passive(c) {
+                        Ok(true) => {}
+                        Ok(false) => finish_on_writer(&health),
+                        Err(e) => {
+                            failed(&e);
+                            conn = None;
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Self { _stop: stop }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot spawn the WAL checkpoint thread; the -wal file is copied back only when the WAL closes");
+                None
+            }
+        }
+    }
+}
+
+/// A connection of its own (it writes the database file: not query-only).
+fn open(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let c = rusqlite::Connection::open_with_flags(path, flags)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    // Never checkpoints on its own either (it commits nothing anyway).
+    c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(c)
+}
+
+/// One passive checkpoint; whether it copied every frame of the `-wal` file.
+fn passive(c: &rusqlite::Connection) -> rusqlite::Result<bool> {
+    c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let (log, copied): (i64, i64) = (r.get(1)?, r.get(2)?);
+        Ok(copied >= log)
+    })
+}
+
+/// The writer copies what was committed during the pass, between two of
+/// its commits.
+fn finish_on_writer(health: &WalHealth) {
+    health.send(|| {
+        Request::Exec(Box::new(|wal| {
+            if let Err(e) = wal.checkpoint() {
+                if repeats::admit(Kind::WalCommit, "checkpoint") {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; the pages stay in the -wal file");
+                }
+            }
+        }))
+    });
+}
+
+fn failed(e: &rusqlite::Error) {
+    if repeats::admit(Kind::WalCommit, "checkpoint") {
+        tracing::warn!(error = %e, "WAL checkpoint failed; the pages stay in the -wal file");
+    }
+}
