@@ -658,6 +658,7 @@ impl Settings {
             policy: self.wal.policy,
             ack_flush: self.wal.ack_flush,
             commit_window: self.wal.commit_window,
+            checkpoint_every: WalConfig::CHECKPOINT_EVERY,
         }
     }
 

@@ -7,14 +7,17 @@
 //! commit (and every device waiting for it) also waited for megabytes copied
 //! and the database file's fsync. The writer's connection turns that off
 //! ([`super::Wal::stop_auto_checkpoint`]) and this thread runs a passive
-//! checkpoint every [`CHECKPOINT_EVERY`] instead; a passive checkpoint takes
+//! checkpoint every `checkpoint_every` ([`super::WalConfig::CHECKPOINT_EVERY`])
+//! instead; a passive checkpoint takes
 //! no lock that the writer or a reader waits for.
 //!
 //! A passive checkpoint cannot copy what is committed while it runs, and
-//! SQLite starts the `-wal` file again at its beginning only after one
-//! copied everything. So when a pass leaves frames behind, the writer
-//! finishes it between two commits ([`Request::Exec`]): by then only a few
-//! commits' pages are left to copy, and the file stays bounded.
+//! SQLite starts the `-wal` file again at its beginning only when a write
+//! transaction begins after one copied everything: under steady appends
+//! that never happens by itself, and the file would grow without bound. So
+//! after each pass the writer finishes it between two of its commits
+//! ([`Request::Exec`]): only the pages committed during the pass are left
+//! to copy, and its next commit starts the file again.
 //!
 //! Ends with the writer (when its [`Checkpointer`] is dropped). A failing
 //! checkpoint (a full disk, say) is logged and tried again next time;
@@ -29,34 +32,30 @@ use rusqlite::OpenFlags;
 use super::queue::{Request, WalHealth};
 use crate::repeats::{self, Kind};
 
-/// Time between two checkpoints.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
-
 /// The running checkpointer thread; it stops when this is dropped.
 pub(super) struct Checkpointer {
     _stop: mpsc::Sender<()>,
 }
 
 impl Checkpointer {
-    /// Starts the thread for the WAL at `path`, whose writer's queue
-    /// `health` holds. `None` if the thread could not be spawned (logged:
-    /// the `-wal` file then grows until the writer's connection closes).
-    pub(super) fn spawn(path: PathBuf, health: Arc<WalHealth>) -> Option<Self> {
+    /// Starts the thread for the WAL at `path`, checkpointing `every`, whose
+    /// writer's queue `health` holds. `None` if the thread could not be
+    /// spawned (logged: the `-wal` file then grows until the writer's
+    /// connection closes).
+    pub(super) fn spawn(path: PathBuf, every: Duration, health: Arc<WalHealth>) -> Option<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name("wal-checkpoint".into())
             .spawn(move || {
                 let mut conn = None;
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     if conn.is_none() {
                         conn = open(&path).map_err(|e| failed(&e)).ok();
                     }
                     let Some(c) = &conn else { continue };
                     match passive(c) {
-                        Ok(true) => {}
-                        Ok(false) => finish_on_writer(&health),
+                        Ok(false) => {}
+                        Ok(true) => finish_on_writer(&health),
                         Err(e) => {
                             failed(&e);
                             conn = None;
@@ -84,11 +83,13 @@ fn open(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     Ok(c)
 }
 
-/// One passive checkpoint; whether it copied every frame of the `-wal` file.
+/// One passive checkpoint; whether the `-wal` file holds frames (those
+/// committed while it ran are not copied yet, and the count it reports
+/// does not include them).
 fn passive(c: &rusqlite::Connection) -> rusqlite::Result<bool> {
     c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        let (log, copied): (i64, i64) = (r.get(1)?, r.get(2)?);
-        Ok(copied >= log)
+        let log: i64 = r.get(1)?;
+        Ok(log > 0)
     })
 }
 

@@ -62,9 +62,19 @@ pub struct WalConfig {
     /// commit writes whole pages, so a window trades acknowledgement latency
     /// for bytes written. Zero commits as soon as the writer is free.
     pub commit_window: Duration,
+    /// Time between two checkpoints ([`super::checkpoint`]; not a key:
+    /// [`WalConfig::CHECKPOINT_EVERY`], shorter in tests).
+    pub checkpoint_every: Duration,
 }
 
 impl WalConfig {
+    /// Time between two checkpoints: the pages they copy into the database
+    /// file again are those changed since the last one (the b-tree's inner
+    /// and last pages, the sinks' state), so rarer ones write less; the
+    /// `-wal` file holds what is committed in between (~3 MB at 1k
+    /// records/s).
+    pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
     /// Defaults for a WAL at `path` with the given sinks (used by tests and tools).
     pub fn new(path: impl Into<PathBuf>, sinks: &[&str]) -> Self {
         Self {
@@ -77,6 +87,7 @@ impl WalConfig {
             policy: BackpressurePolicy::Block,
             ack_flush: Duration::ZERO,
             commit_window: Duration::ZERO,
+            checkpoint_every: Self::CHECKPOINT_EVERY,
         }
     }
 }

@@ -52,7 +52,10 @@ pub(super) fn writer_loop(
     let scanner = spawn_class_scanner(wal.config().path.clone(), metrics.clone());
     // Checkpoints leave the commits' way: the checkpointer's thread runs them.
     let checkpointer = match wal.stop_auto_checkpoint() {
-        Ok(()) => Checkpointer::spawn(wal.config().path.clone(), health.clone()),
+        Ok(()) => {
+            let cfg = wal.config();
+            Checkpointer::spawn(cfg.path.clone(), cfg.checkpoint_every, health.clone())
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot hand the WAL's checkpoints to their own thread; they stay in the commits");
             None
@@ -572,6 +575,39 @@ mod tests {
                 .unwrap()
         };
         (store, cursor)
+    }
+
+    #[test]
+    fn the_checkpointer_keeps_the_wal_file_bounded_under_steady_appends() {
+        let sys = actix::System::new();
+        sys.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = WalConfig::new(dir.path().join("w.db"), &["a"]);
+            cfg.checkpoint_every = Duration::from_millis(50);
+            let w = start(Wal::open(cfg).unwrap());
+            let pad = "x".repeat(2000);
+            // 1,500 commits of a 2 KB record each: ~9 MB of WAL frames.
+            for i in 0..1500 {
+                w.append(vec![NewRecord {
+                    idempotency_key: format!("d:{i}"),
+                    correlation_id: format!("c{i}"),
+                    device_id: "d".into(),
+                    receive_ms: now_ms(),
+                    body: format!(r#"{{"idempotency_key":"d:{i}","pad":"{pad}"}}"#),
+                    route: Default::default(),
+                }])
+                .await
+                .unwrap();
+            }
+            let len = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().len();
+            // Without checkpoints the -wal file would hold every frame.
+            assert!(
+                len("w.db-wal") < 2 << 20,
+                "-wal file {} bytes",
+                len("w.db-wal")
+            );
+            assert!(len("w.db") > 3 << 20, "database file {} bytes", len("w.db"));
+        });
     }
 
     #[test]
