@@ -31,7 +31,7 @@ pub struct WalKeys {
     /// (0s: each at once; at most 10s): a crash delivers at most this long
     /// of records again.
     pub ack_flush: String,
-    /// While appends come faster than this, one waits up to this long (or
+    /// While appends come at least every two of these, one waits up to this long (or
     /// until 32 records) for others to share its commit (0s: never; at most
     /// 1s): ack latency for disk wear.
     pub commit_window: String,

@@ -8,8 +8,8 @@
 //! and the database file's fsync. The writer's connection turns that off
 //! ([`super::Wal::stop_auto_checkpoint`]) and this thread runs a passive
 //! checkpoint every `checkpoint_every` ([`super::WalConfig::CHECKPOINT_EVERY`])
-//! instead; a passive checkpoint takes
-//! no lock that the writer or a reader waits for.
+//! instead; a passive checkpoint takes no lock that the writer or a reader
+//! waits for.
 //!
 //! A passive checkpoint cannot copy what is committed while it runs, and
 //! SQLite starts the `-wal` file again at its beginning only when a write
@@ -99,15 +99,13 @@ fn finish_on_writer(health: &WalHealth) {
     health.send(|| {
         Request::Exec(Box::new(|wal| {
             if let Err(e) = wal.checkpoint() {
-                if repeats::admit(Kind::WalCommit, "checkpoint") {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; the pages stay in the -wal file");
-                }
+                failed(&e);
             }
         }))
     });
 }
 
-fn failed(e: &rusqlite::Error) {
+fn failed(e: &dyn std::fmt::Display) {
     if repeats::admit(Kind::WalCommit, "checkpoint") {
         tracing::warn!(error = %e, "WAL checkpoint failed; the pages stay in the -wal file");
     }
