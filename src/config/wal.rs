@@ -31,8 +31,8 @@ pub struct WalKeys {
     /// (0s: each at once; at most 10s): a crash delivers at most this long
     /// of records again.
     pub ack_flush: String,
-    /// While appends come at least every two of these, one waits up to this long (or
-    /// until 32 records) for others to share its commit (0s: never; at most
+    /// While appends come faster than this, one waits up to this long (or
+    /// until 24 records) for others to share its commit (0s: never; at most
     /// 1s): ack latency for disk wear.
     pub commit_window: String,
 }
@@ -113,7 +113,7 @@ mod tests {
         let s = Settings::from_toml("").unwrap();
         let w = s.wal_config();
         assert_eq!(w.ack_flush, Duration::from_secs(1));
-        assert_eq!(w.commit_window, Duration::from_millis(25));
+        assert_eq!(w.commit_window, Duration::from_millis(30));
         let s =
             Settings::from_toml("[wal]\nack_flush = \"0s\"\ncommit_window = \"200ms\"\n").unwrap();
         assert_eq!(s.wal.ack_flush, Duration::ZERO);
