@@ -5,8 +5,9 @@
 //! SQLite's automatic checkpoint runs inside the commit that takes the
 //! `-wal` file past 1,000 pages: at 1k records/s every few seconds one group
 //! commit (and every device waiting for it) also waited for megabytes copied
-//! and the database file's fsync. The writer's connection turns that off
-//! ([`super::Wal::stop_auto_checkpoint`]) and this thread runs a passive
+//! and the database file's fsync. The writer's connection moves that to
+//! 4,096 pages, which only a burst reaches
+//! ([`super::Wal::defer_auto_checkpoint`]), and this thread runs a passive
 //! checkpoint every `checkpoint_every` ([`super::WalConfig::CHECKPOINT_EVERY`])
 //! instead; a passive checkpoint takes no lock that the writer or a reader
 //! waits for.
@@ -47,19 +48,13 @@ impl Checkpointer {
         let spawned = std::thread::Builder::new()
             .name("wal-checkpoint".into())
             .spawn(move || {
-                let mut conn = None;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    if conn.is_none() {
-                        conn = open(&path).map_err(|e| failed(&e)).ok();
-                    }
-                    let Some(c) = &conn else { continue };
-                    match passive(c) {
+                    // A connection for each pass: between passes it holds
+                    // no memory (an idle gateway's RSS).
+                    match open(&path).and_then(|c| passive(&c)) {
                         Ok(false) => {}
                         Ok(true) => finish_on_writer(&health),
-                        Err(e) => {
-                            failed(&e);
-                            conn = None;
-                        }
+                        Err(e) => failed(&e),
                     }
                 }
             });
@@ -73,11 +68,13 @@ impl Checkpointer {
     }
 }
 
-/// A connection of its own (it writes the database file: not query-only).
+/// A connection of its own (it writes the database file: not query-only),
+/// with a small page cache (a checkpoint copies through its own buffer).
 fn open(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let c = rusqlite::Connection::open_with_flags(path, flags)?;
     c.busy_timeout(Duration::from_secs(5))?;
+    c.pragma_update(None, "cache_size", 16)?;
     // Never checkpoints on its own either (it commits nothing anyway).
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(c)

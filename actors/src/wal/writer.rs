@@ -55,7 +55,7 @@ pub(super) fn writer_loop(
     let mut failed_full = false;
     let scanner = spawn_class_scanner(wal.config().path.clone(), metrics.clone());
     // Checkpoints leave the commits' way: the checkpointer's thread runs them.
-    let checkpointer = match wal.stop_auto_checkpoint() {
+    let checkpointer = match wal.defer_auto_checkpoint() {
         Ok(()) => {
             let cfg = wal.config();
             Checkpointer::spawn(cfg.path.clone(), cfg.checkpoint_every, health.clone())
