@@ -544,6 +544,18 @@ mod tests {
         WalWriter::new(store, health)
     }
 
+    /// Record `d:{i}` of device "d"; `more` goes into its body after the key.
+    fn record(i: u32, more: &str) -> NewRecord {
+        NewRecord {
+            idempotency_key: format!("d:{i}"),
+            correlation_id: format!("c{i}"),
+            device_id: "d".into(),
+            receive_ms: now_ms(),
+            body: format!(r#"{{"idempotency_key":"d:{i}"{more}}}"#),
+            route: Default::default(),
+        }
+    }
+
     /// A writer on a fresh WAL with one sink "a" holding acks `ack_flush`,
     /// one record appended, fetched and acked; and the stored cursor of "a",
     /// read through a connection of its own.
@@ -556,14 +568,7 @@ mod tests {
         let store = start(Wal::open(cfg).unwrap());
         store
             .with(|w| {
-                w.append(vec![NewRecord {
-                    idempotency_key: "d:1".into(),
-                    correlation_id: "c1".into(),
-                    device_id: "d".into(),
-                    receive_ms: now_ms(),
-                    body: r#"{"idempotency_key":"d:1"}"#.into(),
-                    route: Default::default(),
-                }])?;
+                w.append(vec![record(1, "")])?;
                 let batch = w.fetch("a", 10, Duration::ZERO)?.expect("the record");
                 w.ack("a", &batch.ranges)
             })
@@ -589,19 +594,10 @@ mod tests {
             let mut cfg = WalConfig::new(dir.path().join("w.db"), &["a"]);
             cfg.checkpoint_every = Duration::from_millis(50);
             let w = start(Wal::open(cfg).unwrap());
-            let pad = "x".repeat(2000);
+            let pad = format!(r#","pad":"{}""#, "x".repeat(2000));
             // 1,500 commits of a 2 KB record each: ~9 MB of WAL frames.
             for i in 0..1500 {
-                w.append(vec![NewRecord {
-                    idempotency_key: format!("d:{i}"),
-                    correlation_id: format!("c{i}"),
-                    device_id: "d".into(),
-                    receive_ms: now_ms(),
-                    body: format!(r#"{{"idempotency_key":"d:{i}","pad":"{pad}"}}"#),
-                    route: Default::default(),
-                }])
-                .await
-                .unwrap();
+                w.append(vec![record(i, &pad)]).await.unwrap();
             }
             let len = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().len();
             // Without checkpoints the -wal file would hold every frame.
@@ -625,18 +621,9 @@ mod tests {
             cfg.commit_window = Duration::from_millis(400);
             cfg.ack_flush = Duration::from_secs(1);
             let store = start(Wal::open(cfg).unwrap());
-            let record = |i: u32| {
-                vec![NewRecord {
-                    idempotency_key: format!("d:{i}"),
-                    correlation_id: format!("c{i}"),
-                    device_id: "d".into(),
-                    receive_ms: now_ms(),
-                    body: format!(r#"{{"idempotency_key":"d:{i}"}}"#),
-                    route: Default::default(),
-                }]
-            };
             // Appends arriving faster than the window: the next one waits.
-            futures_util::future::join_all((0..12).map(|i| store.append(record(i)))).await;
+            futures_util::future::join_all((0..12).map(|i| store.append(vec![record(i, "")])))
+                .await;
             let fetch = || store.fetch("a".into(), 100, Duration::ZERO);
             let Ok(Fetched::Batch(batch)) = fetch().await else {
                 panic!("no batch")
@@ -646,7 +633,7 @@ mod tests {
             let order = Arc::new(Mutex::new(Vec::new()));
             let (st, o) = (store.clone(), order.clone());
             let waiting = actix_rt::spawn(async move {
-                let _ = st.append(record(12)).await;
+                let _ = st.append(vec![record(12, "")]).await;
                 o.lock().unwrap().push("append");
             });
             actix_rt::time::sleep(Duration::from_millis(30)).await;
