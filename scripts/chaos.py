@@ -688,8 +688,6 @@ class Gateway:
         self.cfg.write_text(config)
         self.log = self.work / "gateway.log"
         self.proc = None
-        # A command the gateway runs under (bench-cost.py: perf stat).
-        self.wrapper = []
 
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
@@ -700,8 +698,8 @@ class Gateway:
         env["MIMALLOC_ARENA_EAGER_COMMIT"] = "0"
         t0 = time.monotonic()
         self.proc = CHILDREN.spawn(
-            self.wrapper + [self.ctx.gateway_bin, "run", "--config", self.cfg, "--data-dir", self.data,
-                            "--http-addr", f"127.0.0.1:{self.port}", "--log-level", "warn"], self.log, env=env)
+            [self.ctx.gateway_bin, "run", "--config", self.cfg, "--data-dir", self.data,
+             "--http-addr", f"127.0.0.1:{self.port}", "--log-level", "warn"], self.log, env=env)
         wait_for("the gateway to be ready", timeout, self.ready, 0.05)
         return time.monotonic() - t0
 

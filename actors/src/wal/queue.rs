@@ -60,7 +60,25 @@ pub struct WalHealth {
     /// on it instead of polling ([`super::WalWriter::watch_appends`]).
     pub appended: tokio::sync::watch::Sender<u64>,
     /// The current writer thread's queue; `None` while the writer restarts.
-    pub(super) writer: RwLock<Option<mpsc::Sender<Request>>>,
+    pub(super) writer: RwLock<Option<Queue>>,
+}
+
+/// The current writer thread's end of the queue, and the thread.
+#[derive(Clone, Debug)]
+pub(super) struct Queue {
+    pub(super) tx: mpsc::Sender<Request>,
+    /// Unparked after each request that must not wait while a group commit
+    /// waits out its window ([`Request::wakes_writer`]): the writer sleeps
+    /// through the window instead of waking for every append.
+    pub(super) thread: Option<std::thread::Thread>,
+}
+
+impl Request {
+    /// Whether the writer should wake for it while a group waits for more
+    /// appends: everything but an append (which only joins the group).
+    pub(super) fn wakes_writer(&self) -> bool {
+        !matches!(self, Request::Write(WriteOp::Append(_), ..))
+    }
 }
 
 impl WalHealth {
@@ -75,7 +93,15 @@ impl WalHealth {
     /// if the thread is gone.
     pub(super) fn send(&self, make: impl FnOnce() -> Request) -> Option<bool> {
         match self.writer.read() {
-            Ok(g) => g.as_ref().map(|tx| tx.send(make()).is_ok()),
+            Ok(g) => g.as_ref().map(|q| {
+                let r = make();
+                let wake = r.wakes_writer();
+                let sent = q.tx.send(r).is_ok();
+                if let (true, Some(t)) = (wake, &q.thread) {
+                    t.unpark();
+                }
+                sent
+            }),
             Err(_) => Some(false),
         }
     }

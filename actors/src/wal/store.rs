@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::engine::{Wal, WalConfig};
-use super::queue::{Request, WalHealth};
+#[cfg(feature = "fault-injection")]
+use super::queue::Request;
+use super::queue::{Queue, WalHealth};
 use super::writer::writer_loop;
 use crate::metrics::Metrics;
 
@@ -84,17 +86,21 @@ impl WalStore {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot spawn the WAL writer thread");
-        }
-        self.set_writer(Some(tx));
+        let thread = match spawned {
+            Ok(h) => Some(h.thread().clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot spawn the WAL writer thread");
+                None
+            }
+        };
+        self.set_writer(Some(Queue { tx, thread }));
     }
 
     /// The writer's queue, shared through [`WalHealth`] with every
     /// [`super::WalWriter`].
-    fn set_writer(&self, tx: Option<mpsc::Sender<Request>>) {
+    fn set_writer(&self, queue: Option<Queue>) {
         if let Ok(mut g) = self.health.writer.write() {
-            *g = tx;
+            *g = queue;
         }
     }
 }
@@ -168,8 +174,8 @@ impl Message for InjectWriterPanic {
 impl Handler<InjectWriterPanic> for WalStore {
     type Result = ();
     fn handle(&mut self, _: InjectWriterPanic, _: &mut Context<Self>) {
-        if let Some(tx) = self.health.writer.read().ok().and_then(|g| g.clone()) {
-            let _ = tx.send(Request::Panic);
+        if let Some(q) = self.health.writer.read().ok().and_then(|g| g.clone()) {
+            let _ = q.tx.send(Request::Panic);
         }
     }
 }
