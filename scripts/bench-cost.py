@@ -223,7 +223,7 @@ b0 = None
 while True:
     now = time.monotonic()
     if b0 is None and now - start >= warmup:
-        b0, w0, t0, n0 = *io(), now, n
+        b0, w0, t0, n0, c0 = *io(), now, n, time.process_time()
     if now - start >= warmup + secs:
         break
     due = start + n / rate
@@ -232,19 +232,22 @@ while True:
     db.execute("INSERT INTO t(body) VALUES(?)", (body,))
     n += 1
 b1, w1 = io()
-print(f"{(b1 - b0) / (n - n0)} {(w1 - w0) / (n - n0)} {n - n0}")
+cpu = time.process_time() - c0
+print(f"{(b1 - b0) / (n - n0)} {(w1 - w0) / (n - n0)} {n - n0} {100 * cpu / (time.monotonic() - t0)}")
 """
 
 
 def floor(ctx, args, rate):
-    """Bare SQLite, one RECORD_BYTES record per commit at `rate`: bytes and write syscalls per record."""
+    """Bare SQLite, one RECORD_BYTES record per commit at `rate`: bytes and
+    write syscalls per record, and its CPU (a share of one core; Python's
+    loop included)."""
     work = ctx.run_dir / f"floor-{rate}"
     work.mkdir(parents=True, exist_ok=True)
     out = subprocess.run([sys.executable, "-c", FLOOR_CHILD, str(work / "floor.db"), str(rate),
                           str(args.warmup), str(args.secs), str(RECORD_BYTES)],
                          capture_output=True, text=True, check=True)
-    b, w, n = out.stdout.split()
-    return {"rate": rate, "bytes": float(b), "syscw": float(w), "records": int(n)}
+    b, w, n, cpu = out.stdout.split()
+    return {"rate": rate, "bytes": float(b), "syscw": float(w), "records": int(n), "cpu_pct": float(cpu)}
 
 
 def default_config(mqtt_port, window=None):
@@ -328,7 +331,8 @@ def main():
         + (f"fsyncs counted by `perf stat -p` over the {FSYNC_SECS} s after (not while CPU is measured: it costs CPU)."
            if perf else "no fsync count (perf cannot count syscalls here)."), "",
         "Floor (same run): bare SQLite, one 400-byte record per commit, WAL mode, synchronous=FULL, no index: "
-        + ", ".join(f"{f['rate']}/s: **{f['bytes']:.0f} B** and {f['syscw']:.1f} write syscalls a record" for f in floors.values()),
+        + ", ".join(f"{f['rate']}/s: **{f['bytes']:.0f} B** and {f['syscw']:.1f} write syscalls a record, "
+                    f"{f['cpu_pct']:.2f} % of a core" for f in floors.values()),
         "",
         "| run | rate | gateway CPU | CPU per record | written per record | vs floor | write syscalls | fsyncs | WAL commits/s | ack p50 / p99 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -396,6 +400,8 @@ def main():
     for fl in floors.values():
         figure(f"cost.floor.{fl['rate']}.bytes", round(fl["bytes"]), "B/record",
                note="bare SQLite: one 400-byte record per commit, WAL, synchronous=FULL, rowid table, no index", build=build)
+        figure(f"cost.floor.{fl['rate']}.cpu", round(fl["cpu_pct"], 3), "% of a core",
+               note="the same bare SQLite loop in Python: its insert + commit (fsync) per record", build=build)
     return 1 if failures else 0
 
 
