@@ -32,7 +32,7 @@ pub struct WalKeys {
     /// of records again.
     pub ack_flush: String,
     /// While appends come faster than this, one waits up to this long (or
-    /// until 24 records) for others to share its commit (0s: never; at most
+    /// until 28 records) for others to share its commit (0s: never; at most
     /// 1s): ack latency for disk wear.
     pub commit_window: String,
 }

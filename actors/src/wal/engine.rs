@@ -58,7 +58,7 @@ pub struct WalConfig {
     pub ack_flush: Duration,
     /// How long the first append of a group commit may wait for more
     /// appends to share its commit (`wal.commit_window`): only while appends
-    /// arrive faster than this, and until the group holds 24 records. Each
+    /// arrive faster than this, and until the group holds 28 records. Each
     /// commit writes whole pages, so a window trades acknowledgement latency
     /// for bytes written. Zero commits as soon as the writer is free.
     pub commit_window: Duration,
