@@ -207,13 +207,21 @@ fn differences(
 
 /// A slowly varying reading of device `d`, the `i`th.
 fn reading(i: usize, d: usize, walk: &mut [f64; 2]) -> String {
-    // A cheap deterministic generator: drifts of ±0.05 and ±2.
+    // A cheap deterministic generator: drifts of ±0.05 and ±2, and a step
+    // of 0.3 in temperature every 35th reading (every 7th of a device of
+    // five): at any speed of the run some temperatures pass the deadband
+    // between two heartbeats. (Without the steps, a run slowed to 150 ms
+    // between a device's readings, as under `make test`'s load, sent every
+    // temperature and pressure only with the 3 s heartbeat.)
     let r = ((i as u64)
         .wrapping_mul(6364136223846793005)
         .wrapping_add(d as u64)
         >> 33)
         % 1000;
     walk[0] += if r % 2 == 0 { 0.05 } else { -0.05 };
+    if i % 35 >= 30 {
+        walk[0] += 0.3;
+    }
     walk[1] += (r % 5) as f64 - 2.0;
     format!(
         r#"{{"msg_id":"m{i}","ts":{ts},"metrics":{{"temperature_c":{t:.2},"pressure_hpa":{p},"vibration_x":{v}}}}}"#,
