@@ -121,8 +121,8 @@ def proc_counters(pid):
             "write_bytes": int(io["write_bytes"]), "syscw": int(io["syscw"])}
 
 
-def accepted_and_commits(gw):
-    m = gw.metrics()
+def accepted_and_commits(m):
+    """Records accepted and WAL commits so far, from one /metrics scrape."""
     return (chaos.metric_sum(m, "gateway_ingest_records_total", outcome="accepted"),
             chaos.metric_sum(m, "gateway_wal_commits_total"))
 
@@ -148,16 +148,16 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
         load.start()
         time.sleep(args.warmup)
         m0 = gw.metrics()
-        t0, c0, (a0, k0) = time.monotonic(), proc_counters(pid), accepted_and_commits(gw)
+        t0, c0, (a0, k0) = time.monotonic(), proc_counters(pid), accepted_and_commits(m0)
         time.sleep(args.secs)
-        t1, c1, (a1, k1) = time.monotonic(), proc_counters(pid), accepted_and_commits(gw)
+        t1, c1 = time.monotonic(), proc_counters(pid)
         m1 = gw.metrics()
+        a1, k1 = accepted_and_commits(m1)
         # fsyncs a record, over a window of their own just after.
         fsyncs = None
         if fsync_secs:
-            a2 = accepted_and_commits(gw)[0]
             n = count_fsyncs(pid, fsync_secs)
-            done = accepted_and_commits(gw)[0] - a2
+            done = accepted_and_commits(gw.metrics())[0] - a1
             fsyncs = None if n is None or done <= 0 else n / done
         summary = load.finish(30)
         gw.check_alive()

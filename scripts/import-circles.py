@@ -4,79 +4,128 @@
     scripts/import-circles.py actors/src
     scripts/import-circles.py src
 
-Reads `use crate::…`, `use super::…` and `crate::…` paths per file (doc and
-line comments and `#[cfg(test)] mod tests` left out), resolves each to the
+Reads `use crate::…`, `use super::…` and `crate::…` paths per file (line
+comments and `#[cfg(test)] mod tests` left out), resolves each to the
 longest module path that exists, and prints every strongly connected
 component of more than one module with its edges. No output: no circle.
 A child using its parent is not counted (a folder and its rooms).
 """
-import os,re,sys,collections
-root=sys.argv[1]
-mods={}
-for dp,dn,fn in os.walk(root):
-    for f in fn:
-        if not f.endswith('.rs'): continue
-        p=os.path.join(dp,f); rel=os.path.relpath(p,root)[:-3]
-        parts=rel.split('/')
-        if parts[-1] in('mod','lib','main'): parts=parts[:-1]
-        mods['::'.join(parts)]=p
-def resolve(cur, path):
-    # cur: module path list; path: list of segments after use
-    segs=path
-    if segs[0]=='crate': base=[]; segs=segs[1:]
-    elif segs[0]=='super':
-        base=cur[:]
-        while segs and segs[0]=='super': base=base[:-1]; segs=segs[1:]
-    elif segs[0]=='self': base=cur[:]; segs=segs[1:]
-    else: return None
-    # longest prefix that is a module
-    best=None
-    for i in range(len(segs),-1,-1):
-        m='::'.join(base+segs[:i])
-        if m in mods: best=m;break
-    return best
-edges=collections.defaultdict(set)
-for m,p in mods.items():
-    cur=m.split('::') if m else []
-    src=open(p).read()
-    # strip test modules roughly
-    src=re.split(r'#\[cfg\(test\)\]\s*mod tests',src)[0]
-    src="\n".join(l for l in src.split("\n") if not l.strip().startswith("//"))
-    for u in re.finditer(r'\buse\s+((?:crate|super|self)(?:::[A-Za-z_0-9]+)*)(?:::\{([^;]*)\})?',src):
-        segs=u.group(1).split('::')
-        targets=[]
-        if u.group(2):
-            for item in re.split(r',',u.group(2)):
-                item=item.strip().split(' as ')[0]
-                if not item: continue
-                targets.append(segs+[s for s in re.split(r'::',item.replace('{','').replace('}','')) if s and s!='self'])
-        else: targets.append(segs)
-        for t in targets:
-            r=resolve(cur,t)
-            if r is not None and r!=m and not m.startswith(r+'::') and r!='':
+import collections
+import os
+import re
+import sys
+
+USE = re.compile(r"\buse\s+((?:crate|super|self)(?:::[A-Za-z_0-9]+)*)(?:::\{([^;]*)\})?")
+PATH = re.compile(r"\b((?:crate|super)(?:::[A-Za-z_0-9]+)+)")
+
+
+def modules(root):
+    """Module path ("a::b", "" for the crate root) -> its file."""
+    mods = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".rs"):
+                continue
+            path = os.path.join(dirpath, f)
+            parts = os.path.relpath(path, root)[:-3].split("/")
+            if parts[-1] in ("mod", "lib", "main"):
+                parts = parts[:-1]
+            mods["::".join(parts)] = path
+    return mods
+
+
+def resolve(mods, cur, segs):
+    """The longest existing module that path `segs`, used in module `cur`
+    (a list of segments), names; None for a path outside the crate."""
+    if segs[0] == "crate":
+        base, segs = [], segs[1:]
+    elif segs[0] == "super":
+        base = cur[:]
+        while segs and segs[0] == "super":
+            base, segs = base[:-1], segs[1:]
+    elif segs[0] == "self":
+        base, segs = cur[:], segs[1:]
+    else:
+        return None
+    for i in range(len(segs), -1, -1):
+        m = "::".join(base + segs[:i])
+        if m in mods:
+            return m
+    return None
+
+
+def used_paths(src):
+    """Every crate-relative path a source (tests and line comments left out) uses."""
+    src = re.split(r"#\[cfg\(test\)\]\s*mod tests", src)[0]
+    src = "\n".join(line for line in src.split("\n") if not line.strip().startswith("//"))
+    for u in USE.finditer(src):
+        segs = u.group(1).split("::")
+        if not u.group(2):
+            yield segs
+            continue
+        for item in u.group(2).split(","):
+            item = item.strip().split(" as ")[0]
+            if item:
+                yield segs + [s for s in item.replace("{", "").replace("}", "").split("::") if s and s != "self"]
+    for u in PATH.finditer(src):
+        yield u.group(1).split("::")
+
+
+def edges_of(mods):
+    edges = collections.defaultdict(set)
+    for m, path in mods.items():
+        cur = m.split("::") if m else []
+        with open(path) as f:
+            src = f.read()
+        for segs in used_paths(src):
+            r = resolve(mods, cur, segs)
+            if r and r != m and not m.startswith(r + "::"):
                 edges[m].add(r)
-    for u in re.finditer(r'\b((?:crate|super)(?:::[A-Za-z_0-9]+)+)',src):
-        r=resolve(cur,u.group(1).split('::'))
-        if r is not None and r!=m and not m.startswith(r+'::') and r!='':
-            edges[m].add(r)
-# Tarjan SCC
-idx={};low={};st=[];on=set();res=[];c=[0]
-sys.setrecursionlimit(10000)
-def sc(v):
-    idx[v]=low[v]=c[0];c[0]+=1;st.append(v);on.add(v)
-    for w in edges.get(v,()):
-        if w not in idx: sc(w);low[v]=min(low[v],low[w])
-        elif w in on: low[v]=min(low[v],idx[w])
-    if low[v]==idx[v]:
-        comp=[]
-        while True:
-            w=st.pop();on.discard(w);comp.append(w)
-            if w==v:break
-        if len(comp)>1: res.append(comp)
-for v in list(mods):
-    if v not in idx: sc(v)
-for comp in res:
-    print("CYCLE:",sorted(comp))
-    for a in comp:
-        for b in edges[a]:
-            if b in comp: print("   ",a,"->",b)
+    return edges
+
+
+def components(nodes, edges):
+    """Tarjan's strongly connected components of more than one node."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    sys.setrecursionlimit(10000)
+    for v in nodes:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def main():
+    mods = modules(sys.argv[1])
+    edges = edges_of(mods)
+    for comp in components(list(mods), edges):
+        print("CYCLE:", sorted(comp))
+        for a in comp:
+            for b in edges[a]:
+                if b in comp:
+                    print("   ", a, "->", b)
+
+
+if __name__ == "__main__":
+    main()
