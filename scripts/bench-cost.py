@@ -37,9 +37,15 @@ Runs:
   acknowledgement committed at once, `wal.ack_flush = "0s"`; the archive
   batching for 5 ms), for a comparison in the same run.
 
-The floor beside them, in the same run: bare SQLite (Python's sqlite3, WAL
-mode, synchronous=FULL, default page size) inserting one 400-byte record per
-commit into a rowid table with no secondary index, at each rate.
+The floors beside them, in the same run, at each rate:
+- bare SQLite (Python's sqlite3, WAL mode, synchronous=FULL, default page
+  size) inserting one 400-byte record per commit into a rowid table with no
+  secondary index (bytes written);
+- the stack's floor (examples/cost_floor.rs, `cost.stack-floor-*`; CPU):
+  actix-web taking the same HTTP records from the same loadgen with nothing
+  of the gateway, with and without a bare SQLite writer thread that
+  group-commits over the default commit window and answers after the commit
+  (the gateway's thread hops: worker -> writer -> worker).
 
 Appends a section to bench/results/latest.md and one JSON line per figure to
 bench/results/figures.jsonl (scripts/bench-report.py). Exit status 1 when a
@@ -53,6 +59,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -250,6 +257,54 @@ def floor(ctx, args, rate):
     return {"rate": rate, "bytes": float(b), "syscw": float(w), "records": int(n), "cpu_pct": float(cpu)}
 
 
+# The gateway's default `wal.commit_window`: the stack floor groups its
+# commits over the same window.
+DEFAULT_WINDOW_MS = 30
+
+
+def stack_floor(ctx, args, mode, rate):
+    """The stack's floor (examples/cost_floor.rs): actix-web answering the
+    same HTTP records from the same loadgen, with nothing of the gateway;
+    `mode` "wal" also inserts each record into a bare SQLite table from one
+    writer thread that group-commits over DEFAULT_WINDOW_MS and answers
+    after the commit (the gateway's thread hops), "http" answers at once.
+    Its CPU (a share of one core) and device ack p99 (ms)."""
+    work = ctx.run_dir / f"stack-{mode}-{rate}"
+    work.mkdir(parents=True, exist_ok=True)
+    port = chaos.free_port()
+    proc = chaos.CHILDREN.spawn([ctx.floor_bin, f"127.0.0.1:{port}", mode, work / "floor.db", DEFAULT_WINDOW_MS],
+                                work / "floor.log")
+    ready = f"http://127.0.0.1:{port}/readyz"
+
+    def up():
+        if proc.poll() is not None:
+            raise chaos.ChaosFailure(f"cost_floor exited: {chaos.tail(work / 'floor.log', 5)}")
+        try:
+            with urllib.request.urlopen(ready, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        chaos.wait_for("cost_floor to be ready", 30, up, 0.05)
+        load = chaos.Loadgen(ctx, work, "http", f"http://127.0.0.1:{port}", rate, args.warmup + args.secs + 2,
+                             f"floor{mode}", 50)
+        i = load.args.index("--connections")
+        load.args[i + 1] = 50
+        load.start()
+        time.sleep(args.warmup)
+        t0, c0 = time.monotonic(), thread_cpu_ns(proc.pid)
+        time.sleep(args.secs)
+        t1, c1 = time.monotonic(), thread_cpu_ns(proc.pid)
+        summary = load.finish(30)
+        if proc.poll() is not None or not set(c0) <= set(c1):
+            raise chaos.ChaosFailure(f"cost_floor {mode} at {rate}/s: a thread ended while measuring")
+        return {"mode": mode, "rate": rate, "cpu_pct": 100.0 * sum(c1[k] - c0[k] for k in c0) / 1e9 / (t1 - t0),
+                "p99": (summary.get("latency_ms") or {}).get("p99")}
+    finally:
+        chaos.CHILDREN.stop_all()
+
+
 def default_config(mqtt_port, window=None):
     wal = f'[wal]\ncommit_window = "{window}"\n' if window else ""
     return f'gateway_id = "cost"\n[mqtt]\nurl = "embedded"\nembedded_addr = "127.0.0.1:{mqtt_port}"\n{wal}'
@@ -292,6 +347,19 @@ def main():
     build = os.popen(f"'{ctx.gateway_bin}' --version 2>/dev/null").read().strip() or None
     floors = {r: floor(ctx, args, r) for r in rates}
     rows, failures = [], []
+    # The stack's floor at each rate: (rate, mode) -> figures.
+    stack = {}
+    ctx.floor_bin = Path(args.bin_dir).resolve() / "examples" / "cost_floor"
+    if not ctx.floor_bin.exists():
+        failures.append(f"stack floor: {ctx.floor_bin} is missing (make bench builds it)")
+    else:
+        for rate in rates:
+            for mode in ("wal", "http"):
+                try:
+                    stack[(rate, mode)] = stack_floor(ctx, args, mode, rate)
+                    chaos.log(f"cost: stack floor ({mode}) at {rate}/s: {stack[(rate, mode)]['cpu_pct']:.2f} % CPU")
+                except (chaos.ChaosFailure, OSError, subprocess.SubprocessError) as e:
+                    failures.append(f"stack floor ({mode}) at {rate}/s: {e}")
 
     def run(name, config, kind, rate, devices):
         try:
@@ -334,6 +402,14 @@ def main():
         + ", ".join(f"{f['rate']}/s: **{f['bytes']:.0f} B** and {f['syscw']:.1f} write syscalls a record, "
                     f"{f['cpu_pct']:.2f} % of a core" for f in floors.values()),
         "",
+        "Stack floor (same run, examples/cost_floor.rs): actix-web answering the same HTTP records from the same "
+        "loadgen, with nothing of the gateway; with a bare SQLite insert from one writer thread that group-commits "
+        f"over {DEFAULT_WINDOW_MS} ms (the default `wal.commit_window`) and answers after the commit: "
+        + ", ".join(f"{r}/s: **{f['cpu_pct']:.2f} %** of a core (ack p99 {fmt(f['p99'], '.1f')} ms)"
+                    for (r, m), f in stack.items() if m == "wal")
+        + "; answering at once, with no SQLite: "
+        + ", ".join(f"{r}/s: {f['cpu_pct']:.2f} %" for (r, m), f in stack.items() if m == "http"),
+        "",
         "| run | rate | gateway CPU | CPU per record | written per record | vs floor | write syscalls | fsyncs | WAL commits/s | ack p50 / p99 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -358,16 +434,18 @@ def main():
         fl = floors.get(r["rate"])
         key = f"cost.{r['run']}.{r['rate']}"
         note = f"{r['records']} records in {r['secs']:.0f} s; ack p99 {fmt(r['p99'], '.1f')} ms"
+        sf = stack.get((r["rate"], "wal"))
+        cpu_note = note if sf is None else f"{note}; the stack floor at this rate: {sf['cpu_pct']:.2f} % of a core"
         default = r["run"] in ("default-http", "default-mqtt")
         window = r["run"].startswith("window-")
         if default and r["rate"] == lo:
             figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", target="<= 1 % of a core at 40 records/s (issue 31)",
-                   check="value <= 1", note=note, build=build)
+                   check="value <= 1", note=cpu_note, build=build)
         elif default and r["rate"] == hi:
             figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", target="<= 15 % of a core at 1,000 records/s (issue 31)",
-                   check="value <= 15", note=note, build=build)
+                   check="value <= 15", note=cpu_note, build=build)
         else:
-            figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", note=note, build=build)
+            figure(f"{key}.cpu", round(r["cpu_pct"], 3), "% of a core", note=cpu_note, build=build)
         if fl and default and r["rate"] == lo:
             figure(f"{key}.bytes", round(r["bytes"]), "B/record", ceiling=("bare SQLite, 1 record a commit", round(fl["bytes"])),
                    target="<= 1.0 x the bare-SQLite floor at 40 records/s (issue 31)", check="ratio <= 1.0", note=note, build=build)
@@ -402,6 +480,11 @@ def main():
                note="bare SQLite: one 400-byte record per commit, WAL, synchronous=FULL, rowid table, no index", build=build)
         figure(f"cost.floor.{fl['rate']}.cpu", round(fl["cpu_pct"], 3), "% of a core",
                note="the same bare SQLite loop in Python: its insert + commit (fsync) per record", build=build)
+    for (rate, mode), f in stack.items():
+        what = ("actix-web + a bare SQLite writer thread, groups over the default commit window" if mode == "wal"
+                else "actix-web answering at once, no SQLite")
+        figure(f"cost.stack-floor-{mode}.{rate}.cpu", round(f["cpu_pct"], 3), "% of a core",
+               note=f"examples/cost_floor.rs {mode}: {what}; ack p99 {fmt(f['p99'], '.1f')} ms", build=build)
     return 1 if failures else 0
 
 
