@@ -84,6 +84,9 @@ pub struct Dispatcher {
     consecutive_failures: u32,
     /// The target looks down: attempts become spaced-out probes.
     circuit_open: bool,
+    /// Its last batch went to the dead letters (the target refused it for
+    /// good, or it used up its retry budget), and none was delivered since.
+    rejecting: bool,
     /// Changes after every WAL commit that appended: what an idle
     /// dispatcher waits on (none until started: [`WalWriter::watch_appends`]).
     appends: Option<tokio::sync::watch::Receiver<u64>>,
@@ -138,6 +141,7 @@ impl Dispatcher {
             busy: false,
             consecutive_failures: 0,
             circuit_open: false,
+            rejecting: false,
             appends: None,
             head_seen: 0,
         }
@@ -303,6 +307,7 @@ impl Dispatcher {
                     }
                     act.spend_quota(sent.wire_bytes);
                     act.metrics.sink_up.with_label_values(&[&sink]).set(1);
+                    act.rejecting = false;
                     act.close_circuit();
                     act.observe_e2e(&batch);
                     act.ack(batch, span, attempt, ctx);
@@ -475,6 +480,7 @@ impl Dispatcher {
         );
         ctx.spawn(dead.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
+                act.rejecting = true;
                 let sink = act.cfg.sink.as_str();
                 act.metrics
                     .sink_publish
@@ -537,6 +543,8 @@ impl Actor for Dispatcher {
         self.step = None;
         self.load_reducer(ctx);
         self.appends = Some(self.wal.watch_appends());
+        // Up until an attempt says otherwise, as `gateway_sink_up` below.
+        self.rejecting = false;
         let sink = self.cfg.sink.as_str();
         self.metrics
             .sink_paused

@@ -203,22 +203,18 @@ pub(super) fn show_status(v: &Value) {
 
 pub(super) fn show_sinks(v: &Value) {
     println!(
-        "{:<16} {:<8} {:<8} {:>10} {:>9} {:>9}",
-        "SINK", "PAUSED", "CIRCUIT", "PENDING", "INFLIGHT", "DEAD"
+        "{:<16} {:<13} {:>10} {:>9} {:>9}  LAST ERROR",
+        "SINK", "STATE", "PENDING", "INFLIGHT", "DEAD"
     );
     for s in v.as_array().cloned().unwrap_or_default() {
         println!(
-            "{:<16} {:<8} {:<8} {:>10} {:>9} {:>9}",
+            "{:<16} {:<13} {:>10} {:>9} {:>9}  {}",
             s["name"].as_str().unwrap_or(""),
-            cell(&s["state"]["paused"]),
-            if s["state"]["circuit_open"] == Value::Bool(true) {
-                "open"
-            } else {
-                "closed"
-            },
+            s["condition"].as_str().unwrap_or("?"),
             cell(&s["wal"]["enqueued"]),
             cell(&s["wal"]["inflight"]),
-            cell(&s["wal"]["dead"])
+            cell(&s["wal"]["dead"]),
+            s["last_error"].as_str().unwrap_or("-"),
         );
     }
 }

@@ -119,6 +119,33 @@ fn a_4xx_answer_dead_letters_the_batch_at_once() {
     wait_until("dead gauge", Duration::from_secs(5), || {
         app.metric(r#"gateway_wal_records{sink="api",state="dead"}"#) == 10.0
     });
+    // The target answers, but with a refusal: the operator sees it, in the
+    // admin API's condition (the status page, `gateway sink list`) as in
+    // `gateway_sink_up`, until a batch is delivered again.
+    let row = api_row(&app);
+    assert_eq!(row["condition"], "rejecting", "{row}");
+    assert!(
+        row["last_error"].as_str().unwrap_or("").contains("400"),
+        "{row}"
+    );
+    assert_eq!(app.metric(r#"gateway_sink_up{sink="api"}"#), 0.0);
+    api.set(Mode::Accept);
+    assert_eq!(app.post_json("dev-1", &telemetry("m10", 1.0)).status, 202);
+    wait_until("up again", Duration::from_secs(10), || {
+        api_row(&app)["condition"] == "up"
+    });
+    assert_eq!(app.metric(r#"gateway_sink_up{sink="api"}"#), 1.0);
+}
+
+/// Sink `api`'s row of `GET /admin/sinks`.
+fn api_row(app: &crate::helpers::TestApp) -> serde_json::Value {
+    let r = app.admin("GET", "/admin/sinks", None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "api"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no sink api in {}", r.text))
 }
 
 #[test]

@@ -80,6 +80,11 @@ pub struct SinkState {
     pub circuit_open: bool,
     /// Failed attempts in a row.
     pub consecutive_failures: u32,
+    /// Its last batch went to the dead letters (refused for good, or out
+    /// of retries) and none was delivered since: the target answers, but
+    /// not with an acceptance.
+    #[serde(default)]
+    pub rejecting: bool,
     /// A batch is being fetched or published.
     pub busy: bool,
     /// Attempts per batch before Dead.
@@ -120,6 +125,7 @@ impl Handler<GetSinkState> for Dispatcher {
             paused: self.paused,
             circuit_open: self.circuit_open,
             consecutive_failures: self.consecutive_failures,
+            rejecting: self.rejecting,
             busy: self.busy,
             retry_budget: self.cfg.retry_budget,
             retry_base_ms: self.cfg.retry_base.as_millis() as u64,

@@ -63,6 +63,7 @@
     down: "Down",
     paused: "Paused",
     circuit_open: "Circuit open",
+    rejecting: "Rejecting",
     stopped: "Stopped",
   };
 

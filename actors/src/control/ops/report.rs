@@ -109,13 +109,15 @@ impl Operator {
 }
 
 /// A sink is up: its dispatcher runs (`running`; `None`: the gateway is
-/// not running), its circuit is closed and its last attempt did not fail.
-/// The one definition: the fleet state's `up`, what a bundle's probation
-/// keeps, and [`condition`]'s `up`/`down`.
+/// not running), its circuit is closed, its last attempt did not fail and
+/// its last batch was not dead-lettered (as `gateway_sink_up`). The one
+/// definition: the fleet state's `up`, what a bundle's probation keeps,
+/// and [`condition`]'s `up`.
 pub fn sink_up(running: Option<bool>, state: &Value) -> bool {
     let circuit_open = state["circuit_open"] == Value::Bool(true);
     let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
-    running == Some(true) && !circuit_open && !failing
+    let rejecting = state["rejecting"] == Value::Bool(true);
+    running == Some(true) && !circuit_open && !failing && !rejecting
 }
 
 /// A row of `GET /admin/sinks` (its `running` and `state`) is up
@@ -125,14 +127,18 @@ pub fn sink_row_up(row: &Value) -> bool {
 }
 
 /// A sink's condition in one word, for people (the status page, `gateway
-/// sink list`): `paused`, `circuit_open`, `down` (its dispatcher is not
-/// running, or its last publish failed), `up`, or `stopped` (the gateway is
-/// not running: `running` is null).
+/// sink list`): `paused`, `circuit_open`, `rejecting` (its target
+/// answers, but its last batch went to the dead letters: refused for good,
+/// as with HTTP 400 or 401, or out of retries), `down` (its dispatcher is
+/// not running, or its last publish failed), `up`, or `stopped` (the
+/// gateway is not running: `running` is null).
 pub fn condition(running: Option<bool>, state: &Value) -> &'static str {
+    let failing = state["consecutive_failures"].as_u64().unwrap_or(0) > 0;
     match running {
         None => "stopped",
         Some(_) if state["paused"] == Value::Bool(true) => "paused",
         Some(_) if state["circuit_open"] == Value::Bool(true) => "circuit_open",
+        Some(true) if state["rejecting"] == Value::Bool(true) && !failing => "rejecting",
         _ if sink_up(running, state) => "up",
         _ => "down",
     }
@@ -163,6 +169,12 @@ mod tests {
     #[test]
     fn a_sinks_condition_says_paused_before_circuit_before_down() {
         let st = |paused: bool, open: bool, fails: u64| json!({"paused": paused, "circuit_open": open, "consecutive_failures": fails});
+        let rejecting = |fails: u64| json!({"paused": false, "circuit_open": false, "consecutive_failures": fails, "rejecting": true});
+        assert_eq!(condition(Some(true), &rejecting(0)), "rejecting");
+        assert!(!sink_up(Some(true), &rejecting(0)));
+        // Failing again (a retry): down, as any failing sink.
+        assert_eq!(condition(Some(true), &rejecting(1)), "down");
+        assert_eq!(condition(Some(false), &rejecting(0)), "down");
         assert_eq!(condition(Some(true), &st(false, false, 0)), "up");
         assert_eq!(condition(Some(true), &st(false, false, 2)), "down");
         assert_eq!(condition(Some(false), &st(false, false, 0)), "down");
