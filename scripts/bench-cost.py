@@ -148,10 +148,7 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
         gw.start()
         pid = gw.proc.pid
         url = gw.url("") if kind == "http" else f"mqtt://127.0.0.1:{args.mqtt_port}"
-        load = chaos.Loadgen(ctx, work, kind, url, rate, args.warmup + args.secs + fsync_secs + 2, kind, devices)
-        if kind == "http":  # one keep-alive connection a device, as a fleet sends
-            i = load.args.index("--connections")
-            load.args[i + 1] = devices
+        load = loadgen(ctx, work, kind, url, rate, args.warmup + args.secs + fsync_secs + 2, kind, devices)
         load.start()
         time.sleep(args.warmup)
         m0 = gw.metrics()
@@ -198,6 +195,16 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
 
 
 E2E = "gateway_e2e_latency_seconds"
+
+
+def loadgen(ctx, work, kind, url, rate, secs, name, devices):
+    """A loadgen run; over HTTP one keep-alive connection a device, as a
+    fleet sends (a device waits for its answer before it sends again)."""
+    load = chaos.Loadgen(ctx, work, kind, url, rate, secs, name, devices)
+    if kind == "http":
+        i = load.args.index("--connections")
+        load.args[i + 1] = devices
+    return load
 
 
 def sinks_of(metrics):
@@ -287,10 +294,8 @@ def stack_floor(ctx, args, mode, rate):
 
     try:
         chaos.wait_for("cost_floor to be ready", 30, up, 0.05)
-        load = chaos.Loadgen(ctx, work, "http", f"http://127.0.0.1:{port}", rate, args.warmup + args.secs + 2,
-                             f"floor{mode}", 50)
-        i = load.args.index("--connections")
-        load.args[i + 1] = 50
+        load = loadgen(ctx, work, "http", f"http://127.0.0.1:{port}", rate, args.warmup + args.secs + 2,
+                       f"floor{mode}", 50)
         load.start()
         time.sleep(args.warmup)
         t0, c0 = time.monotonic(), thread_cpu_ns(proc.pid)
