@@ -31,6 +31,11 @@ Runs:
   Mosquitto, Kafka on tansu: the chaos rig), over HTTP; with each sink's
   receive -> acknowledgement p99 over the same window (the `cloud` sink's
   is the MQTT sink's latency figure);
+- `steady-http`: default-http at the last rate from 200 devices, on a WAL
+  first filled for --prefill-secs (60) as fast as loadgen sends (~0.7-1M
+  records): what a record costs once the dedup index holds hours of keys
+  (each merge of the keys held in memory then rewrites many of its leaf
+  pages), where the other runs start from an empty WAL;
 - `window`: default-http at the first rate with `wal.commit_window` at each
   of --windows (the wear / latency curve);
 - `before-http`: default-http with the settings before issue 31 (every
@@ -73,6 +78,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 FSYNC_EVENTS = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync"
 RECORD_BYTES = 400  # the floor's record
 FSYNC_SECS = 10  # the window fsyncs are counted over, after the others
+PREFILL_RATE = 30000  # steady-http's fill: as fast as the gateway takes them
+STEADY_DEVICES = 200  # steady-http's devices: the seed's site
 
 
 def perf_works():
@@ -134,8 +141,11 @@ def accepted_and_commits(m):
             chaos.metric_sum(m, "gateway_wal_commits_total"))
 
 
-def measure(ctx, args, name, config, kind, rate, perf, devices):
-    """One gateway at one rate: the figures of its last `secs` seconds."""
+def measure(ctx, args, name, config, kind, rate, perf, devices, prefill_secs=0):
+    """One gateway at one rate: the figures of its last `secs` seconds.
+    With `prefill_secs`, the WAL is first filled as fast as loadgen sends
+    for that long (its dedup index then holds as many keys as after hours
+    of a site), then the steady rate starts."""
     work = ctx.run_dir / f"{name}-{rate}"
     work.mkdir(parents=True, exist_ok=True)
     rig = None
@@ -148,6 +158,16 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
         gw.start()
         pid = gw.proc.pid
         url = gw.url("") if kind == "http" else f"mqtt://127.0.0.1:{args.mqtt_port}"
+        prefilled = 0
+        if prefill_secs:
+            fill = loadgen(ctx, work, kind, url, PREFILL_RATE, prefill_secs, "fill", devices)
+            # The same devices as the measured run: their keys land among the fill's.
+            i = fill.args.index("--device-prefix")
+            fill.args[i + 1] = kind
+            fill.start()
+            fill.finish(prefill_secs + 60)
+            time.sleep(5)  # the archive's last batch, the checkpointer's pass
+            prefilled = int(accepted_and_commits(gw.metrics())[0])
         load = loadgen(ctx, work, kind, url, rate, args.warmup + args.secs + fsync_secs + 2, kind, devices)
         load.start()
         time.sleep(args.warmup)
@@ -171,7 +191,7 @@ def measure(ctx, args, name, config, kind, rate, perf, devices):
             raise chaos.ChaosFailure(f"{name} at {rate}/s: no record accepted while measuring")
         cpu = cpu_between(c0, c1)
         return {
-            "run": name, "rate": rate, "records": int(records), "secs": wall,
+            "run": name, "rate": rate, "records": int(records), "secs": wall, "prefilled": prefilled,
             "cpu_pct": 100.0 * cpu / wall,
             "cpu_us": 1e6 * cpu / records,
             "bytes": (c1["write_bytes"] - c0["write_bytes"]) / records,
@@ -339,8 +359,9 @@ def main():
     ap.add_argument("--rates", default="40,1000")
     ap.add_argument("--secs", type=float, default=float(os.environ.get("BENCH_COST_SECS", 30)))
     ap.add_argument("--warmup", type=float, default=8)
-    ap.add_argument("--runs", default="default-http,default-mqtt,before-http,five-http,window")
+    ap.add_argument("--runs", default="default-http,default-mqtt,before-http,five-http,steady-http,window")
     ap.add_argument("--windows", default="50ms,100ms,200ms")
+    ap.add_argument("--prefill-secs", type=int, default=60)
     args = ap.parse_args()
     ctx = chaos.BenchCtx(args.bin_dir, "cost", "c")
     for p in (ctx.gateway_bin, ctx.loadgen_bin):
@@ -366,9 +387,9 @@ def main():
                 except (chaos.ChaosFailure, OSError, subprocess.SubprocessError) as e:
                     failures.append(f"stack floor ({mode}) at {rate}/s: {e}")
 
-    def run(name, config, kind, rate, devices):
+    def run(name, config, kind, rate, devices, prefill_secs=0):
         try:
-            row = measure(ctx, args, name, config, kind, rate, perf, devices)
+            row = measure(ctx, args, name, config, kind, rate, perf, devices, prefill_secs)
             rows.append(row)
             chaos.log(f"cost: {name} at {rate}/s: {row['cpu_pct']:.1f} % CPU, {row['bytes']:.0f} B/record")
         except (chaos.ChaosFailure, OSError, subprocess.SubprocessError) as e:
@@ -390,6 +411,9 @@ def main():
                 run("five-http", None, "http", rate, 50)
             else:
                 failures.append("five-http: tansu or .venv-test missing (scripts/deps.sh test)")
+    if "steady-http" in runs:
+        args.mqtt_port = chaos.free_port()
+        run("steady-http", default_config(args.mqtt_port), "http", rates[-1], STEADY_DEVICES, args.prefill_secs)
     if "window" in runs:
         for w in [w.strip() for w in args.windows.split(",") if w.strip()]:
             args.mqtt_port = chaos.free_port()
@@ -421,7 +445,8 @@ def main():
     for r in rows:
         fl = floors.get(r["rate"])
         vs = r["bytes"] / fl["bytes"] if fl and fl["bytes"] else None
-        lines.append(f"| {r['run']} | {r['rate']}/s | {r['cpu_pct']:.2f} % | {r['cpu_us']:.0f} µs | {r['bytes']:.0f} B "
+        run = f"{r['run']} ({r['prefilled']:,} records in the WAL)" if r["prefilled"] else r["run"]
+        lines.append(f"| {run} | {r['rate']}/s | {r['cpu_pct']:.2f} % | {r['cpu_us']:.0f} µs | {r['bytes']:.0f} B "
                      f"| {fmt(vs, '.2f')}× | {r['syscw']:.1f} | {fmt(r['fsyncs'], '.2f')} | {r['commits_s']:.0f} "
                      f"| {fmt(r['p50'], '.1f')} / {fmt(r['p99'], '.1f')} ms |")
     lines += ["", "Receive → sink acknowledgement p99 (`gateway_e2e_latency_seconds`, same window):", ""]
@@ -439,6 +464,8 @@ def main():
         fl = floors.get(r["rate"])
         key = f"cost.{r['run']}.{r['rate']}"
         note = f"{r['records']} records in {r['secs']:.0f} s; ack p99 {fmt(r['p99'], '.1f')} ms"
+        if r["prefilled"]:
+            note += f"; after a fill of {r['prefilled']:,} records from {STEADY_DEVICES} devices"
         sf = stack.get((r["rate"], "wal"))
         cpu_note = note if sf is None else f"{note}; the stack floor at this rate: {sf['cpu_pct']:.2f} % of a core"
         default = r["run"] in ("default-http", "default-mqtt")
