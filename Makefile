@@ -42,7 +42,7 @@ export BENCH_PROFILE
 BENCH_SCRIPTS := bench bench-startup bench-mqtt bench-cost bench-sinks bench-routes bench-outage bench-soak bench-status bench-uplink
 bench: test-deps ## WAL, HTTP, start-up, MQTT, cost per record (CPU, disk writes, fsyncs at 40 and 1k records/s), sink-drain, routes/live-first, an upstream outage, a 2-minute soak, the status page's cost and the uplink (bytes on the wire, drain rates, reduction, a 10-minute budget, a quota); results in bench/results/latest.md and latest.json
 	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway --bin gateway --bin loadgen
-	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway-actors --example wal_bench --example drain_bench
+	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway-actors --example wal_bench --example wal_steady --example drain_bench
 # Its own command: an example brings the dev-dependencies (their features must not reach the gateway built above).
 	$(CARGO) build --profile $(BENCH_PROFILE) -p gateway --example cost_floor
 	scripts/bench-report.py --reset

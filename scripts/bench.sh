@@ -72,9 +72,11 @@ NGINX=""
 
 # ------------------------------------------------------------------ build
 release_gateway
-cargo_build --profile "$BENCH_PROFILE" -p gateway-actors --example wal_bench
+cargo_build --profile "$BENCH_PROFILE" -p gateway-actors --example wal_bench --example wal_steady
 WAL_BENCH_BIN="$BIN_DIR/examples/wal_bench"
+WAL_STEADY_BIN="$BIN_DIR/examples/wal_steady"
 [ -x "$WAL_BENCH_BIN" ] || die "$WAL_BENCH_BIN was not built"
+[ -x "$WAL_STEADY_BIN" ] || die "$WAL_STEADY_BIN was not built"
 
 # ------------------------------------------------------------------ work dir
 mkdir -p "$TARGET_DIR" "$RESULTS_DIR"
@@ -128,6 +130,32 @@ while IFS=$'\t' read -r path batch rate; do
     figure "wal.$name" "$rate" records/s --ceiling "fsync baseline (fsyncs/s)" "$FSYNC_BASE" \
         --note "$path, $batch: durable appends; ratio = its records/s over the raw fsyncs/s"
 done < <(sed -n 's/^RESULT path="\([^"]*\)" batch="\([^"]*\)" records_per_s=\([0-9.]*\).*/\1\t\2\t\3/p' "$WORK/wal_bench.txt")
+
+# ------------------------------------------------------------------ WAL steady state
+# What the engine writes per record once the WAL holds a retention period of
+# records and deletes one for each it appends (a virtual clock: a day of the
+# seed's site fills in under a minute). 1k/s is held to 2 h: wal.max_bytes
+# (4 GiB) bounds a WAL to ~10M records whatever its retention.
+log "WAL steady state (wal_steady) in $WORK/steady"
+{
+    echo
+    echo "## WAL steady state (bytes written per record by the engine, a retention period of records in the WAL)"
+    echo
+    echo "\`actors/examples/wal_steady.rs\`: appends G records a commit with the sink's acknowledgement, compaction and a step of the dedup index's sweep every 500 ms and a checkpoint every 10 s of a virtual clock, from \`/proc/self/io\` \`write_bytes\`; the sweep (once half a WAL's worth of records were deleted) is run whole and counted per record of that half."
+    echo
+    echo "| rate | in the WAL before | measured | compacted meanwhile | written per record | sweep per record | total per record |"
+    echo "|---:|---|---|---:|---:|---|---:|"
+} >>"$OUT"
+for spec in "40 24 2" "1000 2 28"; do
+    read -r rate hours group <<<"$spec"
+    "$WAL_STEADY_BIN" "$WORK/steady" --rate "$rate" --retention-hours "$hours" --group "$group" \
+        --records $((rate >= 1000 ? 300000 : 100000)) --out "$OUT" | tee "$WORK/wal_steady.txt" \
+        || { log "wal_steady at $rate/s failed"; continue; }
+    rm -rf "$WORK/steady"
+    total="$(sed -n 's/^RESULT .* bytes_per_record=\([0-9]*\) sweep_per_record=\([0-9]*\).*/\1 \2/p' "$WORK/wal_steady.txt" | awk '{print $1 + $2}')"
+    [ -z "$total" ] || figure "wal.steady.$rate.bytes_per_record" "$total" B/record \
+        --note "the engine at $rate records/s, $group a commit, on a WAL holding $hours h of records (retention = dedup window = $hours h), compacting as it appends; sweep included"
+done
 
 # ------------------------------------------------------------------ HTTP ceiling: nginx
 # The "does nothing" HTTP server: nginx answering 202 '{}' to every POST on a

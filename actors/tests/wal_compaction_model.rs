@@ -21,10 +21,12 @@
 //! Every sink still receives every record it has not finished: a final
 //! fetch of each sink returns exactly its unfinished seqs.
 //!
-//! After every step the dedup table `idem` holds exactly the keys of the
-//! stored records up to `meta.idem_upto`, each with its record's seq:
-//! compaction takes a record's key with it, and a merge leaves out the
-//! keys of records compacted while they were held in memory.
+//! After every step the rows of the dedup table `idem` whose record is
+//! stored are exactly the keys of the stored records up to
+//! `meta.idem_upto`, each with its record's seq (a merge leaves out the
+//! keys of records compacted while they were held in memory); compaction
+//! leaves a deleted record's row to the sweep (`Sweep`), after which no
+//! row is left whose record is gone.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -46,6 +48,8 @@ enum Op {
     },
     Compact,
     MergeKeys,
+    /// A whole sweep of `idem` (`Wal::sweep_keys`).
+    Sweep,
     Restart,
 }
 
@@ -56,6 +60,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(sink, max, dead)| Op::Deliver { sink, max, dead }),
         2 => Just(Op::Compact),
         1 => Just(Op::MergeKeys),
+        1 => Just(Op::Sweep),
         1 => Just(Op::Restart),
     ]
 }
@@ -100,7 +105,9 @@ fn stored_seqs(cfg: &WalConfig) -> BTreeSet<u64> {
 /// The `idem` rows against the stored records up to `meta.idem_upto`:
 /// (key, seq) pairs of each, read with SQLite.
 type KeySeqs = BTreeSet<(String, u64)>;
-fn idem_and_records(cfg: &WalConfig) -> (KeySeqs, KeySeqs) {
+/// (rows of `idem` whose record is stored, the stored records' keys up to
+/// `meta.idem_upto`, rows of `idem` whose record is gone).
+fn idem_and_records(cfg: &WalConfig) -> (KeySeqs, KeySeqs, KeySeqs) {
     let conn = rusqlite::Connection::open(&cfg.path).expect("read connection");
     let pairs = |sql: &str| -> KeySeqs {
         let mut stmt = conn.prepare(sql).unwrap();
@@ -112,11 +119,12 @@ fn idem_and_records(cfg: &WalConfig) -> (KeySeqs, KeySeqs) {
         rows
     };
     (
-        pairs("SELECT key, seq FROM idem"),
+        pairs("SELECT i.key, i.seq FROM idem i JOIN records r ON r.seq = i.seq"),
         pairs(
             "SELECT idem_key, seq FROM records WHERE seq <= \
              COALESCE((SELECT value FROM meta WHERE key = 'idem_upto'), 0)",
         ),
+        pairs("SELECT key, seq FROM idem WHERE seq NOT IN (SELECT seq FROM records)"),
     )
 }
 
@@ -138,6 +146,7 @@ fn run(ops: Vec<Op>, size_limited: bool) -> Result<(), TestCaseError> {
     let mut wal = Wal::open(cfg.clone()).map_err(|e| fail("open", e))?;
     let mut m = Model::default();
     for (step, op) in ops.into_iter().enumerate() {
+        let swept = matches!(op, Op::Sweep);
         match op {
             Op::Append(n) => {
                 let recs: Vec<NewRecord> = (0..n)
@@ -225,18 +234,24 @@ fn run(ops: Vec<Op>, size_limited: bool) -> Result<(), TestCaseError> {
                 m.stored = now;
             }
             Op::MergeKeys => wal.merge_keys().map_err(|e| fail("merge_keys", e))?,
+            Op::Sweep => {
+                wal.sweep_keys().map_err(|e| fail("sweep_keys", e))?;
+            }
             Op::Restart => {
                 drop(wal);
                 wal = Wal::open(cfg.clone()).map_err(|e| fail("reopen", e))?;
             }
         }
-        let (idem, records) = idem_and_records(&cfg);
+        let (idem, records, gone) = idem_and_records(&cfg);
         prop_assert_eq!(
             idem,
             records,
             "idem against the records after step {}",
             step
         );
+        if swept {
+            prop_assert!(gone.is_empty(), "step {}: swept, yet {:?} left", step, gone);
+        }
         prop_assert_eq!(
             wal.stats().map_err(|e| fail("stats", e))?.stored_records,
             m.stored.len() as u64,

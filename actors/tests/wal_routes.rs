@@ -361,5 +361,5 @@ fn a_wal_of_the_first_schema_opens_and_its_records_go_to_every_sink() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(v, 3);
+    assert_eq!(v, 4);
 }

@@ -1,41 +1,17 @@
 //! Appends with dedup, and the group write: appends, acks, dead letters and
 //! releases applied in one transaction with one commit (one fsync).
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::hash::BuildHasher;
+use std::time::Instant;
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 
 use super::engine::{now_ms, AppendOutcome, NewRecord, Wal, WriteOp, WriteResult};
 use super::error::WalError;
+use super::idem::{write_keys, MERGE_KEYS_AT};
 use super::ranges::RangeSet;
 use super::sink_state::{held_acks_due, persist_dirty};
 use super::space::COMPACT_CHUNK;
-
-/// Dedup keys held in memory before a group commit merges them into the
-/// `idem` table (~100 bytes each).
-pub(super) const MERGE_KEYS_AT: usize = 8192;
-/// An idle writer merges the keys it holds after this long without appends.
-const MERGE_KEYS_IDLE: Duration = Duration::from_secs(2);
-
-/// Writes `keys` (idempotency key -> latest seq, all above the `idem` table's
-/// mark) into `idem` in key order, so each leaf page is written once per
-/// merge, and moves the mark to `upto`. Their records all exist: a record is
-/// deleted only after its key was merged ([`Wal::merge_keys_upto`]), and the
-/// trigger `records_forget_idem` then takes the key with it.
-fn write_keys(tx: &Transaction, keys: &HashMap<String, u64>, upto: u64) -> Result<(), WalError> {
-    let mut sorted: Vec<(&String, &u64)> = keys.iter().collect();
-    sorted.sort_unstable();
-    let mut put = tx.prepare_cached("INSERT OR REPLACE INTO idem(key, seq) VALUES(?1, ?2)")?;
-    for (key, seq) in sorted {
-        put.execute(params![key, seq])?;
-    }
-    tx.execute(
-        "INSERT INTO meta(key, value) VALUES('idem_upto', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
-        [upto],
-    )?;
-    Ok(())
-}
 
 impl Wal {
     /// Applies `ops` in one transaction with one commit (one fsync).
@@ -94,7 +70,7 @@ impl Wal {
     fn write_inner(
         &mut self,
         ops: &[WriteOp],
-        undo: &mut Vec<(String, Option<u64>)>,
+        undo: &mut Vec<(u64, Option<u64>)>,
     ) -> Result<(Vec<Result<WriteResult, WalError>>, bool), WalError> {
         let window_start = now_ms() - self.cfg.dedup_window.as_millis() as i64;
         let tx = self.conn.transaction()?;
@@ -123,13 +99,17 @@ impl Wal {
                         let mut outcomes = Vec::with_capacity(records.len());
                         for rec in records {
                             let row = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
-                            let prior: Option<(u64, String, i64)> = match self
-                                .recent_keys
-                                .get(&rec.idempotency_key)
-                            {
+                            let hash = self.key_hasher.hash_one(&rec.idempotency_key);
+                            let held = match self.recent_keys.get(&hash) {
                                 Some(&seq) => find_seq
                                     .query_row(params![seq, rec.idempotency_key], row)
                                     .optional()?,
+                                None => None,
+                            };
+                            // Not held in memory (or another key of the same
+                            // hash is): the `idem` table knows.
+                            let prior: Option<(u64, String, i64)> = match held {
+                                Some(p) => Some(p),
                                 None => find.query_row([&rec.idempotency_key], row).optional()?,
                             };
                             match prior {
@@ -153,9 +133,8 @@ impl Wal {
                                     ])?;
                                     self.next_seq += 1;
                                     self.stored_records += 1;
-                                    let before =
-                                        self.recent_keys.insert(rec.idempotency_key.clone(), seq);
-                                    undo.push((rec.idempotency_key.clone(), before));
+                                    let before = self.recent_keys.insert(hash, seq);
+                                    undo.push((hash, before));
                                     outcomes.push(AppendOutcome::Appended { seq });
                                 }
                             }
@@ -218,50 +197,13 @@ impl Wal {
         }
         let merged = self.recent_keys.len() >= MERGE_KEYS_AT;
         if merged {
-            write_keys(&tx, &self.recent_keys, self.next_seq - 1)?;
+            write_keys(&tx, self.idem_upto, self.next_seq - 1)?;
         }
         tx.commit()?;
         if merged {
             self.keys_merged();
         }
         Ok((out, store))
-    }
-
-    /// Merges the dedup keys held in memory into the `idem` table, in their
-    /// own transaction, when no record was appended for [`MERGE_KEYS_IDLE`]:
-    /// an idle gateway holds no keys in memory, and a restart reads few back.
-    pub fn merge_keys_if_idle(&mut self) -> Result<(), WalError> {
-        if self.recent_keys.is_empty() || self.last_append.elapsed() < MERGE_KEYS_IDLE {
-            return Ok(());
-        }
-        self.merge_keys()
-    }
-
-    /// Before records up to `upto` are deleted: merges the keys held in
-    /// memory if some of them are of those records.
-    pub(super) fn merge_keys_upto(&mut self, upto: u64) -> Result<(), WalError> {
-        if upto > self.idem_upto && !self.recent_keys.is_empty() {
-            self.merge_keys()?;
-        }
-        Ok(())
-    }
-
-    /// Merges the dedup keys held in memory into the `idem` table now, in
-    /// their own transaction.
-    pub fn merge_keys(&mut self) -> Result<(), WalError> {
-        let tx = self.conn.transaction()?;
-        write_keys(&tx, &self.recent_keys, self.next_seq - 1)?;
-        tx.commit()?;
-        self.keys_merged();
-        // Outside a burst of appends the memory goes back.
-        self.recent_keys.shrink_to_fit();
-        Ok(())
-    }
-
-    /// After `write_keys` committed: every key up to the head is in `idem`.
-    fn keys_merged(&mut self) {
-        self.recent_keys.clear();
-        self.idem_upto = self.next_seq - 1;
     }
 
     /// Appends one request's records in their own transaction (tools, tests).
@@ -277,160 +219,8 @@ impl Wal {
 
 #[cfg(test)]
 mod tests {
-    use rusqlite::Connection;
-
     use super::*;
-    use crate::wal::engine::test_record;
-    use crate::wal::WalConfig;
-
-    fn open(dir: &tempfile::TempDir) -> Wal {
-        Wal::open(WalConfig::new(dir.path().join("wal.db"), &["a"])).expect("open")
-    }
-
-    fn outcome(wal: &mut Wal, key: &str) -> AppendOutcome {
-        wal.append(vec![test_record(key)])
-            .expect("append")
-            .remove(0)
-    }
-
-    /// (rows of `idem`, `meta.idem_upto`), read as another connection would.
-    fn idem_on_disk(dir: &tempfile::TempDir) -> (u64, u64) {
-        let conn = Connection::open(dir.path().join("wal.db")).unwrap();
-        let rows = conn
-            .query_row("SELECT COUNT(*) FROM idem", [], |r| r.get(0))
-            .unwrap();
-        let upto = conn
-            .query_row(
-                "SELECT COALESCE((SELECT value FROM meta WHERE key = 'idem_upto'), 0)",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        (rows, upto)
-    }
-
-    #[test]
-    fn a_key_is_a_duplicate_in_memory_after_a_merge_and_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = open(&dir);
-        let original = |seq| AppendOutcome::Duplicate {
-            seq,
-            correlation_id: format!("c-k{seq}"),
-        };
-        // A group that repeats a key of its own.
-        let out = wal
-            .append(vec![test_record("k1"), test_record("k1")])
-            .unwrap();
-        assert_eq!(out[1], original(1));
-        assert_eq!(outcome(&mut wal, "k2"), AppendOutcome::Appended { seq: 2 });
-        assert_eq!(outcome(&mut wal, "k2"), original(2), "held in memory");
-        assert_eq!(idem_on_disk(&dir), (0, 0), "nothing merged yet");
-
-        // Keys held in memory are read back from the records at open.
-        drop(wal);
-        let mut wal = open(&dir);
-        assert_eq!(outcome(&mut wal, "k1"), original(1), "after a restart");
-
-        wal.merge_keys().unwrap();
-        assert_eq!(idem_on_disk(&dir), (2, 2));
-        assert!(wal.recent_keys.is_empty());
-        assert_eq!(outcome(&mut wal, "k2"), original(2), "merged");
-        assert_eq!(outcome(&mut wal, "k3"), AppendOutcome::Appended { seq: 3 });
-        drop(wal);
-        let mut wal = open(&dir);
-        assert_eq!(wal.recent_keys.len(), 1, "only k3 is read back");
-        for (key, seq) in [("k1", 1), ("k2", 2), ("k3", 3)] {
-            assert_eq!(
-                outcome(&mut wal, key),
-                original(seq),
-                "{key} after a restart"
-            );
-        }
-    }
-
-    #[test]
-    fn a_group_commit_merges_the_keys_once_enough_are_held_and_they_still_dedup() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = open(&dir);
-        let mut seq = 0;
-        while idem_on_disk(&dir).1 == 0 {
-            let recs: Vec<NewRecord> = (0..500)
-                .map(|_| {
-                    seq += 1;
-                    test_record(&format!("k{seq}"))
-                })
-                .collect();
-            wal.append(recs).unwrap();
-            assert!(
-                seq <= MERGE_KEYS_AT as u64 + 500,
-                "no merge after {seq} keys"
-            );
-        }
-        assert!(seq >= MERGE_KEYS_AT as u64);
-        assert_eq!(idem_on_disk(&dir), (seq, seq));
-        assert!(wal.recent_keys.is_empty());
-        for k in [1, seq / 2, seq] {
-            assert!(
-                matches!(outcome(&mut wal, &format!("k{k}")), AppendOutcome::Duplicate { seq: s, .. } if s == k),
-                "k{k}"
-            );
-        }
-    }
-
-    #[test]
-    fn an_idle_writer_merges_the_keys_it_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = open(&dir);
-        outcome(&mut wal, "k1");
-        wal.merge_keys_if_idle().unwrap();
-        assert_eq!(idem_on_disk(&dir), (0, 0), "appends have not paused yet");
-        wal.last_append = Instant::now() - MERGE_KEYS_IDLE;
-        wal.merge_keys_if_idle().unwrap();
-        assert_eq!(idem_on_disk(&dir), (1, 1));
-        assert_eq!(wal.recent_keys.capacity(), 0, "its memory is freed");
-        assert!(matches!(
-            outcome(&mut wal, "k1"),
-            AppendOutcome::Duplicate { seq: 1, .. }
-        ));
-    }
-
-    #[test]
-    fn a_wal_of_schema_2_moves_its_dedup_index_to_the_idem_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = open(&dir);
-        for k in ["k1", "k2", "k3"] {
-            outcome(&mut wal, k);
-        }
-        drop(wal);
-        // What schema 2 left: an index on records.idem_key, no idem table.
-        let conn = Connection::open(dir.path().join("wal.db")).unwrap();
-        conn.execute_batch(
-            "DROP TRIGGER records_forget_idem; DROP TABLE idem; DELETE FROM meta WHERE key = 'idem_upto';
-             CREATE INDEX records_idem ON records(idem_key);
-             UPDATE meta SET value = 2 WHERE key = 'schema_version';",
-        )
-        .unwrap();
-        drop(conn);
-
-        let mut wal = open(&dir);
-        assert_eq!(idem_on_disk(&dir), (3, 3));
-        assert!(wal.recent_keys.is_empty());
-        let conn = Connection::open(dir.path().join("wal.db")).unwrap();
-        let index: Option<String> = conn
-            .query_row(
-                "SELECT name FROM sqlite_master WHERE name = 'records_idem'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .unwrap();
-        assert_eq!(index, None, "the old index is dropped");
-        assert!(matches!(
-            outcome(&mut wal, "k2"),
-            AppendOutcome::Duplicate { seq: 2, .. }
-        ));
-        assert!(wal.check(false).unwrap().problems.is_empty());
-    }
+    use crate::wal::engine::{test_append as outcome, test_record, test_wal as open};
 
     #[test]
     fn a_failed_group_commit_forgets_the_keys_it_would_have_stored() {

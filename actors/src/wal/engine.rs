@@ -5,20 +5,24 @@
 //! commands). See the module doc of [`crate::wal`] for the format, the
 //! invariants and the recovery steps.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension};
 
 use super::error::WalError;
+use super::idem::Sweep;
 use super::sink_state::{load_sink, SinkState};
 use crate::route::{Class, RecordRoute, MAX_SINKS};
 
 /// 2: records.class, records.sinks, sinks.bit (routes and priorities).
 /// 3: the dedup index is the `idem` table, merged in bulk (was an index on
 /// records.idem_key).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// 4: a deleted record leaves its `idem` row to a sweep (no trigger).
+pub(super) const SCHEMA_VERSION: i64 = 4;
 /// The on-disk schema (the one copy; the module doc of [`crate::wal`] shows it).
 const SCHEMA: &str = include_str!("schema.sql");
 
@@ -291,11 +295,20 @@ pub struct Wal {
     pub(super) live_bytes: u64,
     /// Free bytes on the data disk, as of the last space check.
     pub(super) disk_free: u64,
-    /// Idempotency key -> latest seq of the records above `idem_upto`:
-    /// the dedup keys not merged into the `idem` table yet.
-    pub(super) recent_keys: HashMap<String, u64>,
+    /// Hash of an idempotency key (`key_hasher`) -> latest seq of the
+    /// records above `idem_upto`: the dedup keys not merged into the `idem`
+    /// table yet. A hit is checked against the record's key; two keys of one
+    /// hash (a chance of ~1e-10 in a merge's worth) only cost a dedup miss.
+    pub(super) recent_keys: HashMap<u64, u64>,
+    /// The random hasher of `recent_keys`' keys.
+    pub(super) key_hasher: RandomState,
     /// The `idem` table holds the keys of every record up to this seq.
     pub(super) idem_upto: u64,
+    /// Records deleted since the last sweep of `idem` started, whose rows
+    /// may still be there (`meta.idem_stale`).
+    pub(super) idem_stale: u64,
+    /// The sweep of `idem` under way, if one is.
+    pub(super) idem_sweep: Option<Sweep>,
     /// When records were last appended (an idle writer merges its keys).
     pub(super) last_append: Instant,
     /// Since when some sink's delivery state in memory is ahead of the
@@ -384,13 +397,21 @@ impl Wal {
             })
             .optional()?
             .unwrap_or(0);
+        let idem_stale: u64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'idem_stale'", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        let key_hasher = RandomState::new();
         let mut recent_keys = HashMap::new();
         {
             let mut q =
                 conn.prepare("SELECT idem_key, seq FROM records WHERE seq > ?1 ORDER BY seq")?;
-            for row in q.query_map([idem_upto], |r| Ok((r.get(0)?, r.get(1)?)))? {
-                let (key, seq) = row?;
-                recent_keys.insert(key, seq);
+            let mut rows = q.query([idem_upto])?;
+            while let Some(row) = rows.next()? {
+                let key = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+                recent_keys.insert(key_hasher.hash_one(key), row.get(1)?);
             }
         }
 
@@ -404,7 +425,10 @@ impl Wal {
             live_bytes: 0,
             disk_free: u64::MAX,
             recent_keys,
+            key_hasher,
             idem_upto,
+            idem_stale,
+            idem_sweep: None,
             last_append: Instant::now(),
             unstored_since: None,
         };
@@ -574,6 +598,20 @@ pub(super) fn test_record(key: &str) -> NewRecord {
         body: format!("{{\"idempotency_key\":\"{key}\"}}"),
         route: RecordRoute::default(),
     }
+}
+
+/// A WAL in `dir` with one sink, `a` (tests of every room).
+#[cfg(test)]
+pub(super) fn test_wal(dir: &tempfile::TempDir) -> Wal {
+    Wal::open(WalConfig::new(dir.path().join("wal.db"), &["a"])).expect("open")
+}
+
+/// Appends [`test_record`]`(key)` alone: its outcome (tests of every room).
+#[cfg(test)]
+pub(super) fn test_append(wal: &mut Wal, key: &str) -> AppendOutcome {
+    wal.append(vec![test_record(key)])
+        .expect("append")
+        .remove(0)
 }
 
 #[cfg(test)]

@@ -158,6 +158,7 @@ mod engine;
 mod error;
 mod expiry;
 mod handle;
+mod idem;
 mod queue;
 mod ranges;
 mod reader;

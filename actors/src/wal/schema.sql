@@ -13,11 +13,13 @@
 --   without reading the normal ones.
 -- idem: the dedup index. An idempotency key's latest seq, for the records
 --   up to meta.idem_upto. The keys of newer records live in the writer's
---   memory and are merged here in sorted bulk, every few thousand records
---   or when appends pause: one page write per leaf page a merge touches, not
---   one per record (an index on records.idem_key wrote ~1 page per record).
---   At open they are read back from records. A row whose record is deleted
---   goes with it (records_forget_idem); a lookup also checks the record.
+--   memory (as hashes) and are merged here in sorted bulk, every 57,344
+--   records or when appends pause: one page write per leaf page a merge
+--   touches, not one per record (an index on records.idem_key wrote ~1 page
+--   per record). At open they are read back from records. A deleted
+--   record's row stays until a sweep (idem.rs) passes over the table in key
+--   order and deletes the rows whose record is gone, once meta.idem_stale
+--   records were deleted since the last one; a lookup checks the record.
 -- sinks: every seq <= cursor is finished (acked or dead) for the sink; bit
 --   is the sink's bit in records.sinks (0..62, kept for the sink's life).
 -- sink_done: finished ranges above the cursor (out-of-order completions).
@@ -28,7 +30,8 @@
 --   written in the same transaction as the acknowledgements it goes with.
 -- dead: dead letters, kept until requeued or purged.
 -- meta: schema_version, seq_floor (highest compacted seq), idem_upto (idem
---   holds the keys of every record up to this seq), and per sink
+--   holds the keys of every record up to this seq), idem_stale (records
+--   deleted since the last sweep of idem started), and per sink
 --   and class the TTL mark 'ttl/SINK/CLASS' (records at or below it were
 --   judged by the TTL already: requeued expired records do not expire again).
 CREATE TABLE IF NOT EXISTS records(
@@ -43,9 +46,8 @@ CREATE TABLE IF NOT EXISTS records(
 );
 CREATE INDEX IF NOT EXISTS records_prio ON records(class, seq) WHERE class <> 1;
 CREATE TABLE IF NOT EXISTS idem(key TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS records_forget_idem AFTER DELETE ON records BEGIN
-    DELETE FROM idem WHERE key = old.idem_key AND seq = old.seq;
-END;
+-- Schema 3 deleted a record's key with the record (a random leaf each).
+DROP TRIGGER IF EXISTS records_forget_idem;
 CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, cursor INTEGER NOT NULL, bit INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_done(
     sink TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,

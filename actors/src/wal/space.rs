@@ -7,10 +7,14 @@ use rusqlite::{params, OptionalExtension};
 
 use super::engine::{BackpressurePolicy, Wal};
 use super::error::WalError;
+use super::idem::store_stale;
 
 /// The writer's automatic checkpoint: only a burst reaches it
 /// ([`Wal::defer_auto_checkpoint`]).
 const AUTO_CHECKPOINT_PAGES: i64 = 4096;
+
+/// The longest a record past retention waits for the others of its batch.
+const RETENTION_BATCH_MAX_MS: i64 = 60_000;
 
 /// Records compacted per step (keeps commit latency low).
 pub(crate) const COMPACT_CHUNK: usize = 5000;
@@ -88,7 +92,22 @@ impl Wal {
     /// On `Ok` the size, free disk and backpressure are fresh.
     pub fn compact(&mut self, now: i64, chunk: usize) -> Result<(u64, u64), WalError> {
         let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
-        let mut compacted = self.compact_delivered(now - keep, chunk)?;
+        // Past retention, records go in batches: one commit a minute at
+        // most (a record is kept up to 1 % of retention longer), not one a
+        // housekeeping pass for the few that aged since the last.
+        self.compact_batched(now, chunk, (keep / 100).min(RETENTION_BATCH_MAX_MS))
+    }
+
+    /// [`Self::compact`], with records past retention compacted once the
+    /// oldest is `batch` ms past it.
+    pub(super) fn compact_batched(
+        &mut self,
+        now: i64,
+        chunk: usize,
+        batch: i64,
+    ) -> Result<(u64, u64), WalError> {
+        let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
+        let mut compacted = self.compact_delivered(now - keep, now - keep - batch, chunk)?;
         // Room is made on the size as it is now: appends since the last
         // refresh may have crossed the mark.
         self.refresh_space()?;
@@ -106,6 +125,7 @@ impl Wal {
                 self.merge_keys_upto(upto)?;
                 let tx = self.conn.transaction()?;
                 dropped = tx.execute("DELETE FROM records WHERE seq <= ?1", [upto])? as u64;
+                store_stale(&tx, self.idem_stale + dropped)?;
                 tx.execute("DELETE FROM dead WHERE seq <= ?1", [upto])?;
                 tx.execute(
                     "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
@@ -139,6 +159,7 @@ impl Wal {
                     )?;
                 }
                 self.stored_records = self.stored_records.saturating_sub(dropped);
+                self.stale_counted(dropped);
                 self.refresh_space()?;
             }
         }
@@ -153,7 +174,7 @@ impl Wal {
     pub(super) fn make_room(&mut self, chunk: usize) -> Result<u64, WalError> {
         let mut total = 0;
         while self.live_bytes > self.room_mark() {
-            let n = self.compact_delivered(i64::MAX, chunk)?;
+            let n = self.compact_delivered(i64::MAX, i64::MAX, chunk)?;
             if n == 0 {
                 break;
             }
@@ -165,8 +186,9 @@ impl Wal {
 
     /// Deletes up to `chunk` of the oldest records that every sink finished,
     /// that are not dead letters and that were received before `cutoff`
-    /// (epoch ms); moves the seq floor up. Returns how many it deleted.
-    fn compact_delivered(&mut self, cutoff: i64, chunk: usize) -> Result<u64, WalError> {
+    /// (epoch ms), if the oldest record was received before `due` (at or
+    /// before `cutoff`); moves the seq floor up. Returns how many it deleted.
+    fn compact_delivered(&mut self, cutoff: i64, due: i64, chunk: usize) -> Result<u64, WalError> {
         // Mostly nothing is old enough: the oldest record says so from one
         // index lookup, where the scan below would read up to `chunk`
         // records every housekeeping pass.
@@ -175,7 +197,7 @@ impl Wal {
             .prepare_cached("SELECT receive_ms FROM records ORDER BY seq LIMIT 1")?
             .query_row([], |r| r.get(0))
             .optional()?;
-        if oldest.is_none_or(|ms| ms >= cutoff) {
+        if oldest.is_none_or(|ms| ms >= due) {
             return Ok(0);
         }
         let min_cursor = self
@@ -199,6 +221,7 @@ impl Wal {
             "DELETE FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead WHERE seq <= ?1)",
             [upto],
         )? as u64;
+        store_stale(&tx, self.idem_stale + compacted)?;
         tx.execute(
             "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
             [upto],
@@ -208,6 +231,7 @@ impl Wal {
         // record there, and its next fetch moves it past them.
         tx.commit()?;
         self.stored_records = self.stored_records.saturating_sub(compacted);
+        self.stale_counted(compacted);
         Ok(compacted)
     }
 
@@ -356,6 +380,35 @@ mod tests {
             (1, 0),
             "past retention"
         );
+    }
+
+    #[test]
+    fn records_past_retention_go_in_batches_a_minute_apart_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path().join("wal.db"), &["a"]);
+        cfg.retention = Duration::from_secs(24 * 3600);
+        cfg.dedup_window = Duration::from_secs(60);
+        let mut wal = Wal::open(cfg).unwrap();
+        let t0 = now_ms();
+        let mut old = test_record("old");
+        old.receive_ms = t0 - 30_000;
+        let mut new = test_record("new");
+        new.receive_ms = t0 + 40_000;
+        wal.append(vec![old, new]).unwrap();
+        wal.ack("a", &[(1, 2)]).unwrap();
+        let day = 24 * 3600 * 1000;
+        assert_eq!(
+            wal.compact(t0 + day + 29_000, 100).unwrap(),
+            (0, 0),
+            "the oldest is 59 s past retention: its batch is not due"
+        );
+        assert_eq!(
+            wal.compact(t0 + day + 31_000, 100).unwrap(),
+            (1, 0),
+            "61 s past: it goes, the one still in retention stays"
+        );
+        assert_eq!(wal.compact(t0 + day + 99_000, 100).unwrap(), (0, 0));
+        assert_eq!(wal.compact(t0 + day + 101_000, 100).unwrap(), (1, 0));
     }
 
     #[test]

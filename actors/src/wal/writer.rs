@@ -417,6 +417,9 @@ fn housekeeping(wal: &mut Wal, metrics: &Metrics, health: &WalHealth) {
             }
         }
     }
+    if let Err(e) = wal.sweep_keys_step() {
+        tracing::warn!(error = %e, "sweeping the WAL's dedup index failed");
+    }
     if let Err(e) = wal.merge_keys_if_idle() {
         tracing::warn!(error = %e, "merging the WAL's dedup keys failed");
     }
