@@ -207,7 +207,9 @@ fn main() {
     // The sweep, whole, and what it costs per record of the half WAL of
     // deletions that starts one.
     let before_sweep = written();
+    let sweep_started = Instant::now();
     let swept = sweep_all(&mut wal);
+    let sweep_secs = sweep_started.elapsed().as_secs_f64();
     wal.checkpoint().expect("checkpoint");
     let sweep_bytes = written() - before_sweep;
     let stats = wal.stats().expect("stats");
@@ -221,12 +223,12 @@ fn main() {
         o.fill_hours.unwrap_or(o.retention_hours),
         o.records,
         o.group,
-        sweep_per_record.map_or("–".into(), |b| format!("{b:.0} B ({} rows, {:.1} MB, per {per_sweep} deleted)", swept.unwrap_or(0), sweep_bytes as f64 / 1e6)),
+        sweep_per_record.map_or("–".into(), |b| format!("{b:.0} B ({} rows, {:.1} MB in {sweep_secs:.1} s, per {per_sweep} deleted)", swept.unwrap_or(0), sweep_bytes as f64 / 1e6)),
         sweep_per_record.map_or(format!("{per_record:.0} B"), |b| format!("{:.0} B", per_record + b)),
     );
     println!("{line}");
     println!(
-        "RESULT rate={} fill={fill} records={} bytes_per_record={per_record:.0} sweep_per_record={:.0} fill_secs={fill_secs:.0} measured_secs={measured_secs:.0} sweep_steps_during={swept_steps}",
+        "RESULT rate={} fill={fill} records={} bytes_per_record={per_record:.0} sweep_per_record={:.0} fill_secs={fill_secs:.0} measured_secs={measured_secs:.0} sweep_secs={sweep_secs:.1} sweep_steps_during={swept_steps}",
         o.rate,
         o.records,
         sweep_per_record.unwrap_or(0.0)
