@@ -4,11 +4,11 @@
 //! Both write `idem` in key order, a run of neighbouring leaf pages at a
 //! time. Written per record, the index would cost a page or two per key
 //! once it holds hours of keys: a random key lands on a random leaf, and
-//! every leaf a commit touches is written whole (measured on a WAL holding
-//! a day of the seed's site, 3.4M keys: ~4.8 KB written per record for the
-//! merges every 8,192 keys and a delete per compacted record, against
-//! ~340 B for merges of 57,344 keys and a sweep; bench/results/
-//! cost-2026-12-07-stop41.md).
+//! every leaf a commit touches is written whole. The engine with a day of
+//! the seed's site in the WAL (3.46M keys) wrote 12.4 KB a record with
+//! merges of 8,192 keys and a delete per compacted record, 7.1 KB with
+//! merges of 57,344 and the sweep (5.7 KB on an empty WAL;
+//! `examples/wal_steady.rs`, bench/results/cost-2026-12-08-stop42.md).
 
 use std::time::Duration;
 
