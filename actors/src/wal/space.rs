@@ -206,15 +206,20 @@ impl Wal {
             .map(|s| s.cursor)
             .min()
             .unwrap_or_else(|| self.head());
-        // Find the highest seq that is both finished everywhere and old enough.
-        let boundary: Option<u64> = self.conn.query_row(
-            "SELECT MAX(seq) FROM (SELECT seq, receive_ms FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead) ORDER BY seq LIMIT ?2) WHERE receive_ms < ?3",
+        // Find the highest seq that is both finished everywhere and old
+        // enough, and whether the oldest of those is due (the oldest record
+        // above may be a dead letter, which stays).
+        let (boundary, oldest): (Option<u64>, Option<i64>) = self.conn.query_row(
+            "SELECT MAX(seq), MIN(receive_ms) FROM (SELECT seq, receive_ms FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead) ORDER BY seq LIMIT ?2) WHERE receive_ms < ?3",
             params![min_cursor, chunk as i64, cutoff],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let Some(upto) = boundary else {
+        let (Some(upto), Some(oldest)) = (boundary, oldest) else {
             return Ok(0);
         };
+        if oldest >= due {
+            return Ok(0);
+        }
         self.merge_keys_upto(upto)?;
         let tx = self.conn.transaction()?;
         let compacted = tx.execute(
@@ -390,12 +395,17 @@ mod tests {
         cfg.dedup_window = Duration::from_secs(60);
         let mut wal = Wal::open(cfg).unwrap();
         let t0 = now_ms();
+        // A dead letter ahead of them, received long before: it stays, and
+        // does not make every pass compact what just aged.
+        let mut dead = test_record("dead");
+        dead.receive_ms = t0 - 3_600_000;
         let mut old = test_record("old");
         old.receive_ms = t0 - 30_000;
         let mut new = test_record("new");
         new.receive_ms = t0 + 40_000;
-        wal.append(vec![old, new]).unwrap();
-        wal.ack("a", &[(1, 2)]).unwrap();
+        wal.append(vec![dead, old, new]).unwrap();
+        wal.dead("a", &[(1, 1)], "refused", 3).unwrap();
+        wal.ack("a", &[(2, 3)]).unwrap();
         let day = 24 * 3600 * 1000;
         assert_eq!(
             wal.compact(t0 + day + 29_000, 100).unwrap(),
