@@ -160,10 +160,8 @@ def measure(ctx, args, name, config, kind, rate, perf, devices, prefill_secs=0):
         url = gw.url("") if kind == "http" else f"mqtt://127.0.0.1:{args.mqtt_port}"
         prefilled = 0
         if prefill_secs:
-            fill = loadgen(ctx, work, kind, url, PREFILL_RATE, prefill_secs, "fill", devices)
             # The same devices as the measured run: their keys land among the fill's.
-            i = fill.args.index("--device-prefix")
-            fill.args[i + 1] = kind
+            fill = loadgen(ctx, work, kind, url, PREFILL_RATE, prefill_secs, "fill", devices, prefix=kind)
             fill.start()
             fill.finish(prefill_secs + 60)
             time.sleep(5)  # the archive's last batch, the checkpointer's pass
@@ -217,13 +215,19 @@ def measure(ctx, args, name, config, kind, rate, perf, devices, prefill_secs=0):
 E2E = "gateway_e2e_latency_seconds"
 
 
-def loadgen(ctx, work, kind, url, rate, secs, name, devices):
+def loadgen(ctx, work, kind, url, rate, secs, name, devices, prefix=None):
     """A loadgen run; over HTTP one keep-alive connection a device, as a
-    fleet sends (a device waits for its answer before it sends again)."""
+    fleet sends (a device waits for its answer before it sends again).
+    Its devices are named after `prefix` (default: its name)."""
     load = chaos.Loadgen(ctx, work, kind, url, rate, secs, name, devices)
+
+    def set_arg(flag, value):
+        load.args[load.args.index(flag) + 1] = value
+
     if kind == "http":
-        i = load.args.index("--connections")
-        load.args[i + 1] = devices
+        set_arg("--connections", devices)
+    if prefix is not None:
+        set_arg("--device-prefix", prefix)
     return load
 
 

@@ -34,7 +34,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use gateway_actors::route::RecordRoute;
+use gateway_actors::ingest::validate::{parse_payload, Enrichment};
+use gateway_actors::ingest::{IngestLimits, Source};
 use gateway_actors::wal::{NewRecord, Wal, WalConfig, WriteOp};
 
 const DEVICES: u64 = 200;
@@ -102,23 +103,35 @@ fn written() -> u64 {
         .expect("write_bytes in /proc/self/io")
 }
 
-/// Record `i`, received at `ms`: a body like the gateway's canonical one.
+/// Record `i`, received at `ms`: made by the gateway's own `parse_payload`
+/// from a device payload, as `wal_bench`'s are.
 fn record(run: u64, i: u64, ms: i64) -> NewRecord {
     let device = format!("sensor-{:03}", i % DEVICES);
-    let key = format!("{device}:{run}-{i}");
-    let body = format!(
-        r#"{{"idempotency_key":"{key}","correlation_id":"{run:08x}-0000-4000-8000-{i:012x}","gateway_id":"edge-bench","device_id":"{device}","source":"http","receive_ts":"2026-12-07T00:00:00.000Z","device_ts":"2026-12-07T00:00:00.000Z","metrics":{{"rh":{},"t":{:.1}}},"tags":{{"fw":"1.4.2"}}}}"#,
-        30 + i % 50,
-        15.0 + (i % 200) as f64 / 10.0
+    let payload = format!(
+        r#"{{"msg_id":"{run}-{i}","ts":{ms},"metrics":{{"t":{:.1},"rh":{}}},"tags":{{"fw":"1.4.2"}}}}"#,
+        15.0 + (i % 200) as f64 / 10.0,
+        30 + i % 50
     );
-    NewRecord {
-        idempotency_key: key,
-        correlation_id: format!("{run:08x}-0000-4000-8000-{i:012x}"),
-        device_id: device,
+    let corr = format!("{run:08x}-0000-4000-8000-{i:012x}");
+    let enrich = Enrichment {
+        gateway_id: "edge-bench",
+        correlation_id: &corr,
         receive_ms: ms,
-        body,
-        route: RecordRoute::default(),
-    }
+        source: Source::Http,
+        idempotency_key: None,
+        traceparent: None,
+        topic_tags: &[],
+        routing: None,
+    };
+    parse_payload(
+        &device,
+        payload.as_bytes(),
+        &IngestLimits::default(),
+        &enrich,
+    )
+    .expect("the bench payload is valid")
+    .pop()
+    .expect("one record")
 }
 
 fn main() {
@@ -193,7 +206,7 @@ fn main() {
         if now >= next_housekeeping {
             next_housekeeping = now + HOUSEKEEPING_MS;
             compacted += wal.compact(now, COMPACT_CHUNK).expect("compact").0;
-            swept_steps += sweep_step(&mut wal);
+            swept_steps += u64::from(wal.sweep_keys_step().expect("sweep") > 0);
         }
         if now >= next_checkpoint {
             next_checkpoint = now + CHECKPOINT_MS;
@@ -208,7 +221,7 @@ fn main() {
     // deletions that starts one.
     let before_sweep = written();
     let sweep_started = Instant::now();
-    let swept = sweep_all(&mut wal);
+    let swept = wal.sweep_keys().expect("sweep");
     let sweep_secs = sweep_started.elapsed().as_secs_f64();
     wal.checkpoint().expect("checkpoint");
     let sweep_bytes = written() - before_sweep;
@@ -216,22 +229,23 @@ fn main() {
     let per_sweep = (stats.stored_records / 2).max(65_536);
 
     let per_record = bytes as f64 / o.records as f64;
-    let sweep_per_record = swept.map(|_| sweep_bytes as f64 / per_sweep as f64);
+    let sweep_per_record = sweep_bytes as f64 / per_sweep as f64;
     let line = format!(
-        "| {:.0}/s | {:.1} h ({fill} records) | {} records, {} a commit | {compacted} | {per_record:.0} B | {} | {} |",
+        "| {:.0}/s | {:.1} h ({fill} records) | {} records, {} a commit | {compacted} | {per_record:.0} B \
+         | {sweep_per_record:.0} B ({swept} rows, {:.1} MB in {sweep_secs:.1} s, per {per_sweep} deleted) | {:.0} B |",
         o.rate,
         o.fill_hours.unwrap_or(o.retention_hours),
         o.records,
         o.group,
-        sweep_per_record.map_or("–".into(), |b| format!("{b:.0} B ({} rows, {:.1} MB in {sweep_secs:.1} s, per {per_sweep} deleted)", swept.unwrap_or(0), sweep_bytes as f64 / 1e6)),
-        sweep_per_record.map_or(format!("{per_record:.0} B"), |b| format!("{:.0} B", per_record + b)),
+        sweep_bytes as f64 / 1e6,
+        per_record + sweep_per_record,
     );
     println!("{line}");
     println!(
         "RESULT rate={} fill={fill} records={} bytes_per_record={per_record:.0} sweep_per_record={:.0} fill_secs={fill_secs:.0} measured_secs={measured_secs:.0} sweep_secs={sweep_secs:.1} sweep_steps_during={swept_steps}",
         o.rate,
         o.records,
-        sweep_per_record.unwrap_or(0.0)
+        sweep_per_record
     );
     if let Some(out) = &o.out {
         use std::io::Write as _;
@@ -246,14 +260,4 @@ fn main() {
     if own_dir && !o.keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
-}
-
-/// A housekeeping pass's step of the dedup index's sweep (1 if it ran).
-fn sweep_step(wal: &mut Wal) -> u64 {
-    u64::from(wal.sweep_keys_step().expect("sweep") > 0)
-}
-
-/// The whole sweep now: the rows it deleted.
-fn sweep_all(wal: &mut Wal) -> Option<u64> {
-    Some(wal.sweep_keys().expect("sweep"))
 }

@@ -279,7 +279,7 @@ impl Wal {
     pub fn compact_now(&mut self) -> Result<(u64, u64), WalError> {
         let (mut compacted, mut dropped) = (0, 0);
         loop {
-            let (c, d) = self.compact_batched(super::engine::now_ms(), 50_000, 0)?;
+            let (c, d) = self.compact_with(super::engine::now_ms(), 50_000, false)?;
             compacted += c;
             dropped += d;
             if c + d == 0 {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::error::WalError;
-use super::idem::Sweep;
+use super::idem::{keys_above, Sweep, IDEM_STALE};
 use super::sink_state::{load_sink, SinkState};
 use crate::route::{Class, RecordRoute, MAX_SINKS};
 
@@ -372,12 +372,7 @@ impl Wal {
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
                 r.get(0)
             })?;
-        let floor: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'seq_floor'", [], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .unwrap_or(0);
+        let floor = read_meta(&conn, "seq_floor")?;
         let max_cursor: u64 =
             conn.query_row("SELECT COALESCE(MAX(cursor), 0) FROM sinks", [], |r| {
                 r.get(0)
@@ -391,29 +386,13 @@ impl Wal {
             sinks.insert(name.clone(), load_sink(&conn, name, head)?);
         }
         assign_bits(&conn, &cfg.sinks, &mut sinks)?;
-        let idem_upto: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'idem_upto'", [], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .unwrap_or(0);
-        let idem_stale: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'idem_stale'", [], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .unwrap_or(0);
+        let idem_upto = read_meta(&conn, "idem_upto")?;
+        let idem_stale = read_meta(&conn, IDEM_STALE)?;
         let key_hasher = RandomState::new();
         let mut recent_keys = HashMap::new();
-        {
-            let mut q =
-                conn.prepare("SELECT idem_key, seq FROM records WHERE seq > ?1 ORDER BY seq")?;
-            let mut rows = q.query([idem_upto])?;
-            while let Some(row) = rows.next()? {
-                let key = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
-                recent_keys.insert(key_hasher.hash_one(key), row.get(1)?);
-            }
-        }
+        keys_above(&conn, idem_upto, |key, seq| {
+            recent_keys.insert(key_hasher.hash_one(key), seq);
+        })?;
 
         let mut wal = Self {
             conn,
@@ -470,6 +449,24 @@ impl Wal {
             .get_mut(sink)
             .ok_or_else(|| WalError::UnknownSink(sink.to_string()))
     }
+}
+
+/// A `meta` value (0 if unset).
+pub(super) fn read_meta(conn: &Connection, key: &str) -> Result<u64, WalError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Sets a `meta` value.
+pub(super) fn write_meta(conn: &Connection, key: &str, value: u64) -> Result<(), WalError> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+    )?
+    .execute(rusqlite::params![key, value])?;
+    Ok(())
 }
 
 /// Brings a database of an earlier schema up to this one (adds the routing

@@ -12,7 +12,7 @@
 
 use rusqlite::params;
 
-use super::engine::{Wal, WriteOp};
+use super::engine::{write_meta, Wal, WriteOp};
 use super::error::WalError;
 use super::ranges::RangeSet;
 use super::sink_state::ttl_mark_key;
@@ -59,10 +59,7 @@ impl Wal {
                     .unwrap_or(Ok(super::engine::WriteResult::Done))?;
                     out.push((sink.clone(), class, n));
                 }
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES(?1, ?2)",
-                    params![ttl_mark_key(&sink, class), mark],
-                )?;
+                write_meta(&self.conn, &ttl_mark_key(&sink, class), mark)?;
                 self.sink_mut(&sink)?.ttl_mark[class as usize] = mark;
             }
         }

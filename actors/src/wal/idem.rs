@@ -12,9 +12,9 @@
 
 use std::time::Duration;
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::engine::Wal;
+use super::engine::{write_meta, Wal};
 use super::error::WalError;
 
 /// Dedup keys held in memory before a group commit merges them into the
@@ -26,6 +26,10 @@ pub(super) const MERGE_KEYS_AT: usize = 57_344;
 pub(super) const MERGE_KEYS_IDLE: Duration = Duration::from_secs(2);
 /// Rows of `idem` one sweep step passes over (one a housekeeping pass).
 const SWEEP_SLICE: i64 = 4096;
+/// The `meta` key counting the records deleted since the last sweep of
+/// `idem` started, whose rows there may still be; stored in the
+/// transaction that deletes them.
+pub(super) const IDEM_STALE: &str = "idem_stale";
 /// A sweep starts once this many records were deleted since the last one
 /// started, and at least half as many as the WAL holds: the table then
 /// holds at most ~1.5 rows a record, and a sweep rewrites each of its leaves
@@ -42,6 +46,16 @@ pub(super) struct Sweep {
     stale_at_start: u64,
 }
 
+impl Sweep {
+    /// A sweep from the first key, started when `stale` records were counted.
+    fn start(stale: u64) -> Self {
+        Self {
+            from: String::new(),
+            stale_at_start: stale,
+        }
+    }
+}
+
 /// Writes the keys of the records above `above` (each key's latest seq)
 /// into `idem` in key order, so each leaf page is written once per merge,
 /// and moves the mark to `upto`. The keys are read back from the records:
@@ -52,16 +66,11 @@ pub(super) fn write_keys(tx: &Transaction, above: u64, upto: u64) -> Result<(), 
     // handed back whole, not one per key.
     let mut text = String::new();
     let mut keys: Vec<(u32, u32, u64)> = Vec::new();
-    {
-        let mut q = tx.prepare_cached("SELECT idem_key, seq FROM records WHERE seq > ?1")?;
-        let mut rows = q.query([above])?;
-        while let Some(row) = rows.next()? {
-            let key = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
-            let start = text.len() as u32;
-            text.push_str(key);
-            keys.push((start, text.len() as u32, row.get(1)?));
-        }
-    }
+    keys_above(tx, above, |key, seq| {
+        let start = text.len() as u32;
+        text.push_str(key);
+        keys.push((start, text.len() as u32, seq));
+    })?;
     let key = |&(a, b, _): &(u32, u32, u64)| &text[a as usize..b as usize];
     // By key, then seq: the last write of a key is its latest record.
     keys.sort_unstable_by(|x, y| key(x).cmp(key(y)).then(x.2.cmp(&y.2)));
@@ -69,21 +78,24 @@ pub(super) fn write_keys(tx: &Transaction, above: u64, upto: u64) -> Result<(), 
     for k in &keys {
         put.execute(params![key(k), k.2])?;
     }
-    tx.execute(
-        "INSERT INTO meta(key, value) VALUES('idem_upto', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
-        [upto],
-    )?;
-    Ok(())
+    write_meta(tx, "idem_upto", upto)
 }
 
-/// Stores `meta.idem_stale` (records deleted since the last sweep started,
-/// whose rows in `idem` may still be there), in the transaction that
-/// deletes them.
-pub(super) fn store_stale(tx: &Transaction, stale: u64) -> Result<(), WalError> {
-    tx.execute(
-        "INSERT INTO meta(key, value) VALUES('idem_stale', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
-        [stale],
-    )?;
+/// Calls `f(key, seq)` for the idempotency key of each record above `above`,
+/// in seq order (the keys not merged into `idem` yet: read back at open and
+/// by a merge; a key stored twice ends at its latest record).
+pub(super) fn keys_above(
+    conn: &Connection,
+    above: u64,
+    mut f: impl FnMut(&str, u64),
+) -> Result<(), WalError> {
+    let mut q =
+        conn.prepare_cached("SELECT idem_key, seq FROM records WHERE seq > ?1 ORDER BY seq")?;
+    let mut rows = q.query([above])?;
+    while let Some(row) = rows.next()? {
+        let key = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+        f(key, row.get(1)?);
+    }
     Ok(())
 }
 
@@ -126,7 +138,7 @@ impl Wal {
     }
 
     /// After a transaction that deleted `n` records (and stored
-    /// [`store_stale`] of `idem_stale + n`) committed.
+    /// [`IDEM_STALE`] as `idem_stale + n`) committed.
     pub(super) fn stale_counted(&mut self, n: u64) {
         self.idem_stale += n;
     }
@@ -135,10 +147,7 @@ impl Wal {
     /// (tools, benchmarks). Returns the rows it deleted.
     pub fn sweep_keys(&mut self) -> Result<u64, WalError> {
         if self.idem_sweep.is_none() {
-            self.idem_sweep = Some(Sweep {
-                from: String::new(),
-                stale_at_start: self.idem_stale,
-            });
+            self.idem_sweep = Some(Sweep::start(self.idem_stale));
         }
         let mut deleted = 0;
         while self.idem_sweep.is_some() {
@@ -159,10 +168,7 @@ impl Wal {
             if self.idem_stale < SWEEP_AT.max(self.stored_records / 2) {
                 return Ok(0);
             }
-            self.idem_sweep = Some(Sweep {
-                from: String::new(),
-                stale_at_start: self.idem_stale,
-            });
+            self.idem_sweep = Some(Sweep::start(self.idem_stale));
         }
         let sweep = self.idem_sweep.as_ref().expect("started above");
         // The first key of the next slice; none: this slice is the last.
@@ -188,7 +194,7 @@ impl Wal {
         let stale_left = self.idem_stale.saturating_sub(sweep.stale_at_start);
         if next.is_none() {
             // Records deleted during the sweep count towards the next one.
-            store_stale(&tx, stale_left)?;
+            write_meta(&tx, IDEM_STALE, stale_left)?;
         }
         tx.commit()?;
         match next {
@@ -229,6 +235,19 @@ mod tests {
             .unwrap()
     }
 
+    /// Whether the WAL in `dir` has a table, index or trigger named `name`.
+    fn in_schema(dir: &tempfile::TempDir, name: &str) -> bool {
+        Connection::open(dir.path().join("wal.db"))
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = ?1",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            > 0
+    }
+
     /// The rows of `idem` (key, seq) in seq order.
     fn idem_rows(dir: &tempfile::TempDir) -> Vec<(String, u64)> {
         Connection::open(dir.path().join("wal.db"))
@@ -248,7 +267,7 @@ mod tests {
 
     /// (rows of `idem`, `meta.idem_stale`).
     fn idem_rows_and_stale(dir: &tempfile::TempDir) -> (Vec<(String, u64)>, u64) {
-        (idem_rows(dir), meta(dir, "idem_stale"))
+        (idem_rows(dir), meta(dir, IDEM_STALE))
     }
 
     #[test]
@@ -357,16 +376,7 @@ mod tests {
         let mut wal = open(&dir);
         assert_eq!(idem_on_disk(&dir), (3, 3));
         assert!(wal.recent_keys.is_empty());
-        let conn = Connection::open(dir.path().join("wal.db")).unwrap();
-        let index: Option<String> = conn
-            .query_row(
-                "SELECT name FROM sqlite_master WHERE name = 'records_idem'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .unwrap();
-        assert_eq!(index, None, "the old index is dropped");
+        assert!(!in_schema(&dir, "records_idem"), "the old index is dropped");
         assert!(matches!(
             outcome(&mut wal, "k2"),
             AppendOutcome::Duplicate { seq: 2, .. }
@@ -399,17 +409,6 @@ mod tests {
     fn a_wal_of_schema_3_loses_the_trigger_that_deleted_a_key_with_its_record() {
         let dir = tempfile::tempdir().unwrap();
         drop(open(&dir));
-        let trigger = || -> Option<String> {
-            Connection::open(dir.path().join("wal.db"))
-                .unwrap()
-                .query_row(
-                    "SELECT name FROM sqlite_master WHERE name = 'records_forget_idem'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
-                .unwrap()
-        };
         Connection::open(dir.path().join("wal.db"))
             .unwrap()
             .execute_batch(
@@ -418,9 +417,9 @@ mod tests {
                  END;",
             )
             .unwrap();
-        assert!(trigger().is_some());
+        assert!(in_schema(&dir, "records_forget_idem"));
         drop(open(&dir));
-        assert_eq!(trigger(), None);
+        assert!(!in_schema(&dir, "records_forget_idem"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::engine::read_meta;
 use super::error::WalError;
 use super::ranges::RangeSet;
 use crate::route::{Class, SinkPolicy};
@@ -129,14 +130,7 @@ pub(super) fn load_sink(conn: &Connection, name: &str, head: u64) -> Result<Sink
     st.forced.remove_upto(st.cursor);
     st.policy = SinkPolicy::new();
     for class in Class::ALL {
-        st.ttl_mark[class as usize] = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                [ttl_mark_key(name, class)],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
+        st.ttl_mark[class as usize] = read_meta(conn, &ttl_mark_key(name, class))?;
     }
     Ok(st)
 }

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use rusqlite::{params, OptionalExtension};
 
-use super::engine::{BackpressurePolicy, Wal};
+use super::engine::{write_meta, BackpressurePolicy, Wal};
 use super::error::WalError;
-use super::idem::store_stale;
+use super::idem::IDEM_STALE;
 
 /// The writer's automatic checkpoint: only a burst reaches it
 /// ([`Wal::defer_auto_checkpoint`]).
@@ -91,22 +91,26 @@ impl Wal {
     /// oldest records while over `max_bytes`. Returns (compacted, dropped).
     /// On `Ok` the size, free disk and backpressure are fresh.
     pub fn compact(&mut self, now: i64, chunk: usize) -> Result<(u64, u64), WalError> {
+        self.compact_with(now, chunk, true)
+    }
+
+    /// [`Self::compact`]; without `batched`, records past retention go at
+    /// once (an operator's `compact_now`).
+    pub(super) fn compact_with(
+        &mut self,
+        now: i64,
+        chunk: usize,
+        batched: bool,
+    ) -> Result<(u64, u64), WalError> {
         let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
         // Past retention, records go in batches: one commit a minute at
         // most (a record is kept up to 1 % of retention longer), not one a
         // housekeeping pass for the few that aged since the last.
-        self.compact_batched(now, chunk, (keep / 100).min(RETENTION_BATCH_MAX_MS))
-    }
-
-    /// [`Self::compact`], with records past retention compacted once the
-    /// oldest is `batch` ms past it.
-    pub(super) fn compact_batched(
-        &mut self,
-        now: i64,
-        chunk: usize,
-        batch: i64,
-    ) -> Result<(u64, u64), WalError> {
-        let keep = self.cfg.retention.max(self.cfg.dedup_window).as_millis() as i64;
+        let batch = if batched {
+            (keep / 100).min(RETENTION_BATCH_MAX_MS)
+        } else {
+            0
+        };
         let mut compacted = self.compact_delivered(now - keep, now - keep - batch, chunk)?;
         // Room is made on the size as it is now: appends since the last
         // refresh may have crossed the mark.
@@ -125,7 +129,7 @@ impl Wal {
                 self.merge_keys_upto(upto)?;
                 let tx = self.conn.transaction()?;
                 dropped = tx.execute("DELETE FROM records WHERE seq <= ?1", [upto])? as u64;
-                store_stale(&tx, self.idem_stale + dropped)?;
+                write_meta(&tx, IDEM_STALE, self.idem_stale + dropped)?;
                 tx.execute("DELETE FROM dead WHERE seq <= ?1", [upto])?;
                 tx.execute(
                     "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
@@ -226,7 +230,7 @@ impl Wal {
             "DELETE FROM records WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM dead WHERE seq <= ?1)",
             [upto],
         )? as u64;
-        store_stale(&tx, self.idem_stale + compacted)?;
+        write_meta(&tx, IDEM_STALE, self.idem_stale + compacted)?;
         tx.execute(
             "INSERT INTO meta(key, value) VALUES('seq_floor', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
             [upto],
